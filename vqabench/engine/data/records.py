@@ -1,0 +1,68 @@
+"""Records that every data source produces: preference pairs, images, a quality report."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; the message is one sentence for the user."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One question about one image with a preferred and a dispreferred answer.
+
+    For test items `chosen` is the reference answer and `rejected` may be empty.
+    """
+
+    image_id: str
+    question: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class QualityReport:
+    """What loading did: rows read, pairs built, rows skipped and why."""
+
+    rows_read: int = 0
+    pairs_built: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    # answer length percentiles in tokens and how many answers max_answer_tokens truncated
+    token_stats: dict[str, Any] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows_read": self.rows_read, "pairs_built": self.pairs_built,
+                "skipped": dict(self.skipped), "skipped_total": self.skipped_total,
+                "token_stats": dict(self.token_stats)}
+
+
+@dataclass
+class DataSplits:
+    """Everything a run trains and scores on, with the images loaded once as RGB.
+
+    `base` is only used to make the embedded model's base checkpoint (disjoint from the rest).
+    """
+
+    train: list[PreferencePair]
+    eval: list[PreferencePair]
+    test: list[PreferencePair]
+    images: dict[str, Image.Image]
+    base: list[PreferencePair] = field(default_factory=list)
+    report: QualityReport = field(default_factory=QualityReport)
+    name: str = ""
+    fingerprint: str = ""  # stable hash of the pairs, keys reference caches
+
+    def sizes(self) -> dict[str, int]:
+        return {"base": len(self.base), "train": len(self.train), "eval": len(self.eval),
+                "test": len(self.test), "images": len(self.images)}

@@ -1,0 +1,181 @@
+"""The event protocol between a worker and its host: one JSON object per stdout line.
+
+This module is the single contract: the worker emits these dataclasses with
+:func:`encode_event`, the runner reads them back with :func:`parse_event`. Every line
+carries ``"type"`` and the schema version ``"v"``. Documented in ``docs/events.md``.
+Fields that cannot be measured on this machine (GPU memory without a GPU) are ``None``,
+never a fake zero.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+
+
+class EventError(ValueError):
+    """A line that is not a valid event of this schema version."""
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = ""
+
+
+@dataclass
+class RunStarted(Event):
+    """The run's resolved configuration and what it runs on."""
+
+    type: ClassVar[str] = "run_started"
+    run: str
+    method: str
+    config: dict[str, Any]
+    device: str
+    torch_version: str
+    trainable_params: int
+    total_params: int
+    reference_strategy: str | None  # None for reference-free methods
+    reference_bytes: int  # reference parameters+buffers resident while training
+    epochs: int
+    steps_per_epoch: int
+    telemetry: str  # "nvml" or "n/a: <reason>"
+    data: dict[str, Any] = field(default_factory=dict)  # split sizes and the quality report
+    pid: int = 0
+
+
+@dataclass
+class Progress(Event):
+    """Throttled progress inside a phase (a few per second at most)."""
+
+    type: ClassVar[str] = "progress"
+    phase: str  # "base", "reference", "train", "eval", "generate", "judge"
+    epoch: int  # 1-based; 0 outside the training epochs
+    step: int
+    steps: int
+    running_loss: float | None = None
+    message: str = ""
+
+
+@dataclass
+class EpochEnded(Event):
+    """One finished training epoch with its losses, cost and preference metrics."""
+
+    type: ClassVar[str] = "epoch_end"
+    epoch: int
+    epochs: int
+    train_loss: float
+    eval_loss: float
+    epoch_seconds: float  # wall clock of the training steps of this epoch (eval excluded)
+    eval_seconds: float
+    samples_per_s: float
+    lr: float
+    peak_rss_mib: float  # process peak resident set size so far
+    reference_bytes: int
+    chosen_logp: float  # eval split, mean summed log-prob of chosen answers
+    rejected_logp: float
+    reward_margin: float  # mean (chosen - rejected) log-ratio vs the reference, or log-prob margin
+    pref_accuracy: float  # share of eval pairs whose chosen answer scores higher
+    is_best: bool
+    cuda_max_allocated_mib: float | None = None
+    cuda_max_reserved_mib: float | None = None
+    gpu_process_peak_mib: float | None = None  # NVML, this worker's pid
+    gpu_device_peak_mib: float | None = None
+    gpu_util_mean: float | None = None  # percent
+    gpu_power_mean_w: float | None = None
+    em: float | None = None  # with eval_every_epoch: scores on N eval answers
+    f1: float | None = None
+    judge_score: float | None = None
+    scored_n: int | None = None
+
+
+@dataclass
+class Evaluated(Event):
+    """Final answer quality on the test split, from the best checkpoint."""
+
+    type: ClassVar[str] = "eval"
+    split: str
+    n: int
+    em: float
+    f1: float
+    judge: str | None = None
+    judge_score: float | None = None
+    judge_n: int = 0
+    unparseable: int = 0
+    predictions: str | None = None  # path of the predictions JSONL
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunFinished(Event):
+    type: ClassVar[str] = "run_finished"
+    best_epoch: int
+    best_eval_loss: float
+    checkpoint: str
+    total_seconds: float
+    train_seconds: float  # sum of epoch_seconds
+
+
+@dataclass
+class RunFailed(Event):
+    type: ClassVar[str] = "run_failed"
+    error_kind: str  # "config", "data", "model", "numerics", "judge", "internal", "killed", ...
+    message: str  # one sentence for the user
+    traceback: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls for cls in (RunStarted, Progress, EpochEnded, Evaluated, RunFinished, RunFailed)
+}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    data = {"type": event.type, "v": SCHEMA_VERSION}
+    data.update(_clean(dataclasses.asdict(event)))
+    return data
+
+
+def encode_event(event: Event) -> str:
+    """One JSON line, no trailing newline; NaN becomes null so the line stays strict JSON."""
+    return json.dumps(event_to_dict(event), allow_nan=False, separators=(",", ":"))
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    if not isinstance(data, dict):
+        raise EventError("an event must be a JSON object")
+    kind = data.get("type")
+    if kind not in EVENT_TYPES:
+        raise EventError(f"unknown event type {kind!r}")
+    if data.get("v") != SCHEMA_VERSION:
+        raise EventError(f"event schema version {data.get('v')!r}, expected {SCHEMA_VERSION}")
+    cls = EVENT_TYPES[kind]
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    required = {n for n, f in names.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    payload = {k: v for k, v in data.items() if k in names}
+    missing = required - payload.keys()
+    if missing:
+        raise EventError(f"{kind} event lacks {', '.join(sorted(missing))}")
+    return cls(**payload)
+
+
+def parse_event(line: str) -> Event:
+    """Parse one stdout line of a worker; raise EventError if it is not an event."""
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EventError(f"not JSON: {exc.msg}") from None
+    return event_from_dict(data)

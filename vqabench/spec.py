@@ -1,0 +1,239 @@
+"""The run specification: one training run, validated, shared by host and worker.
+
+A preset TOML file becomes a :class:`RunSpec` here; the runner writes it as JSON for the
+worker, which reads it back with :func:`spec_from_dict`. Validation errors are one
+sentence naming where, which key, which value and what is allowed (:class:`SpecError`).
+Pure Python: no torch, no textual.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
+#: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
+REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
+REFERENCE_STRATEGIES = ("copy", "precompute")
+TRAIN_PARTS = ("decoder", "all")
+DEVICES = ("auto", "cpu", "cuda")
+JUDGES = ("auto", "exact", "semantic", "together")
+SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
+#: Model names built by the package itself; anything else is a hub id or a local path.
+BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
+
+#: Method-specific defaults from each method's paper (used when the preset leaves them out).
+METHOD_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+class SpecError(ValueError):
+    """A preset or spec that cannot run; the message is one sentence for the user."""
+
+
+@dataclass
+class DatasetSpec:
+    """Where the preference pairs come from and how they are split."""
+
+    source: str = "easyvqa"  # "easyvqa" | "hf:NAME" | a local file or folder
+    config: str | None = None  # hub dataset configuration name
+    split: str | None = None  # hub/local split to read (default: "train")
+    revision: str | None = None
+    image_root: str | None = None  # folder that relative image paths are resolved against
+    schema: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> dataset column
+    eval_size: int = 256  # pairs held out for eval loss and checkpoint choice
+    test_size: int = 1000  # questions for final EM/F1/judge; 0 = the whole test split
+    max_skip_share: float = 0.2  # fail the run when more rows than this are unusable
+    aspect_weights: dict[str, float] = field(default_factory=dict)  # VLFeedback rating aspects
+    min_margin: float = 0.0  # VLFeedback: skip pairs whose rating gap is smaller
+
+
+@dataclass
+class JudgeSpec:
+    """Which judge grades the final answers, and its knobs."""
+
+    name: str = "auto"
+    limit: int | None = None  # cap on judged test answers; None = all
+    threshold: float = 0.8  # semantic judge: cosine similarity counted as correct
+    model: str = "meta-llama/Llama-3-8b-chat-hf"  # together judge model
+    base_url: str | None = None
+    concurrency: int = 4
+    requests_per_minute: int = 60
+    max_attempts: int = 6
+    timeout_s: float = 60.0
+
+
+@dataclass
+class RunSpec:
+    """One training run: method, model, data and every hyperparameter, fully resolved."""
+
+    name: str
+    method: str
+    description: str = ""
+    model: str = "embedded"
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    judge: JudgeSpec = field(default_factory=JudgeSpec)
+    train: str = "decoder"  # which part is trained; encoders frozen by default, as in the paper
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 16
+    lr_decay: float = 0.9  # ExponentialLR gamma, stepped once per epoch
+    weight_decay: float = 0.01
+    seed: int = 0
+    limit: int | None = None  # cap on training pairs
+    beta: float | None = None  # None = the method's default (METHOD_DEFAULT_BETA)
+    lam: float = 0.5  # ORPO's lambda
+    simpo_gamma: float = 1.0  # SimPO's target reward margin
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    reference: str = "copy"
+    after: str | None = None  # name of the preset whose best checkpoint this run starts from
+    init_checkpoint: str | None = None  # resolved by the runner from `after`, or set by hand
+    max_question_tokens: int = 32
+    max_answer_tokens: int = 16
+    eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
+    base_samples: int = 12000  # embedded model: samples used to make the base checkpoint
+    device: str = "auto"
+    telemetry_interval: float = 0.2
+    output_dir: str | None = None  # where the worker writes checkpoints and predictions
+    cache_dir: str | None = None  # base checkpoints and reference caches; None = user cache
+
+    @property
+    def resolved_beta(self) -> float:
+        if self.beta is not None:
+            return self.beta
+        return METHOD_DEFAULT_BETA.get(self.method, 0.1)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method in REFERENCE_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "reference": REFERENCE_STRATEGIES,
+    "train": TRAIN_PARTS,
+    "device": DEVICES,
+    "judge.name": JUDGES,
+    "dataset.schema": SCHEMAS,
+}
+_POSITIVE = {"epochs", "batch_size", "max_question_tokens", "max_answer_tokens", "base_samples",
+             "judge.concurrency", "judge.requests_per_minute", "judge.max_attempts"}
+_NON_NEGATIVE = {"eval_every_epoch", "dataset.eval_size", "dataset.test_size", "seed",
+                 "dataset.min_margin", "weight_decay"}
+
+
+def _type_name(tp: Any) -> str:
+    names = []
+    for t in typing.get_args(tp) or (tp,):
+        if t is type(None):
+            continue
+        origin = typing.get_origin(t)
+        if origin is dict:
+            names.append("table")
+        else:
+            names.append({int: "integer", float: "number", str: "string", bool: "true/false"}.get(t, str(t)))
+    return " or ".join(names)
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise SpecError(f"{where}: key '{key}' must be a {_type_name(tp)}, not empty.")
+    base = next((a for a in args if a is not type(None)), tp) if optional else tp
+    origin = typing.get_origin(base)
+    ok = False
+    if origin is dict:
+        val_tp = typing.get_args(base)[1]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            out = {}
+            for k, v in value.items():
+                if val_tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[k] = float(v)
+                elif isinstance(v, val_tp) and not isinstance(v, bool):
+                    out[k] = v
+                else:
+                    raise SpecError(f"{where}: key '{key}.{k}' has value {v!r}, which must be a {_type_name(val_tp)}.")
+            return out
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise SpecError(f"{where}: key '{key}' has value {value!r}; it must be a finite number.")
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is bool:
+        ok = isinstance(value, bool)
+    elif base is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise SpecError(f"{where}: key '{key}' has value {value!r}, which must be a {_type_name(tp)}.")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise SpecError(f"{where}: unknown key '{full}'; allowed keys are {allowed}.")
+        tp = hints[key]
+        if tp in (DatasetSpec, JudgeSpec):
+            if isinstance(value, str) and tp is DatasetSpec:
+                value = {"source": value}
+            elif isinstance(value, str) and tp is JudgeSpec:
+                value = {"name": value}
+            if not isinstance(value, dict):
+                raise SpecError(f"{where}: key '{full}' must be a table or a string, not {value!r}.")
+            kwargs[key] = _build(tp, value, where, f"{full}.")
+            continue
+        value = _coerce(value, tp, where, full)
+        if full in _CHOICES and value not in _CHOICES[full]:
+            raise SpecError(f"{where}: key '{full}' has value {value!r}; allowed values are {', '.join(_CHOICES[full])}.")
+        if full in _POSITIVE and value is not None and value <= 0:
+            raise SpecError(f"{where}: key '{full}' has value {value!r}; it must be at least 1.")
+        if full in _NON_NEGATIVE and value is not None and value < 0:
+            raise SpecError(f"{where}: key '{full}' has value {value!r}; it must not be negative.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
+    """Validate a plain dict (parsed TOML or JSON) into a RunSpec; raise SpecError."""
+    for required in ("name", "method"):
+        if required not in data:
+            raise SpecError(f"{where}: key '{required}' is missing; every run needs a {required}.")
+    spec = _build(RunSpec, data, where, "")
+    if spec.lr <= 0:
+        raise SpecError(f"{where}: key 'lr' has value {spec.lr!r}; it must be greater than 0.")
+    if not 0 < spec.lr_decay <= 1:
+        raise SpecError(f"{where}: key 'lr_decay' has value {spec.lr_decay!r}; it must be in (0, 1].")
+    if spec.limit is not None and spec.limit <= 0:
+        raise SpecError(f"{where}: key 'limit' has value {spec.limit!r}; it must be at least 1.")
+    if spec.beta is not None and spec.beta <= 0:
+        raise SpecError(f"{where}: key 'beta' has value {spec.beta!r}; it must be greater than 0.")
+    if not 0 <= spec.dataset.max_skip_share <= 1:
+        raise SpecError(f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; it must be between 0 and 1.")
+    if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
+        raise SpecError(
+            f"{where}: method '{spec.method}' needs an SFT checkpoint as its start and reference; "
+            f"set 'after' to an SFT preset's name or 'init_checkpoint' to a checkpoint folder."
+        )
+    return spec
