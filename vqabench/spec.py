@@ -38,6 +38,7 @@ class DatasetSpec:
     """Where the preference pairs come from and how they are split."""
 
     source: str = "easyvqa"  # "easyvqa" | "hf:NAME" | a local file or folder
+    seed: int = 0  # pairs and splits; fixed while the run's own seed varies
     config: str | None = None  # hub dataset configuration name
     split: str | None = None  # hub/local split to read (default: "train")
     revision: str | None = None
@@ -95,7 +96,7 @@ class RunSpec:
     max_question_tokens: int = 32
     max_answer_tokens: int = 16
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
-    base_samples: int = 12000  # embedded model: samples used to make the base checkpoint
+    base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
     device: str = "auto"
     telemetry_interval: float = 0.2
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
@@ -128,7 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _POSITIVE = {"epochs", "batch_size", "max_question_tokens", "max_answer_tokens", "base_samples",
              "judge.concurrency", "judge.requests_per_minute", "judge.max_attempts"}
-_NON_NEGATIVE = {"eval_every_epoch", "dataset.eval_size", "dataset.test_size", "seed",
+_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.eval_size", "dataset.test_size", "seed",
                  "dataset.min_margin", "weight_decay"}
 
 

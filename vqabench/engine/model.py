@@ -1,0 +1,273 @@
+"""BLIP VQA loading, freezing, checkpoints and per-sequence log-probabilities.
+
+BLIP VQA is vision encoder -> question encoder (cross-attends to the image) -> answer
+decoder (cross-attends to the question encoding). Its ``forward`` returns a mean loss but
+no per-sequence scores, so the engine calls the three parts itself: the encoders run once
+per batch and their output is shared by the chosen and the rejected answer (one
+concatenated decoder pass) and by a reference decoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: BLIP's image normalisation (the OpenAI CLIP statistics its processor uses).
+BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+BLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+META_FILE = "vqabench.json"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message is one sentence for the user."""
+
+
+@dataclass
+class LoadedModel:
+    """A BLIP VQA model with what it needs to turn text and images into tensors."""
+
+    model: Any  # transformers.BlipForQuestionAnswering
+    tokenizer: Any
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    source: str  # what was loaded, for the run_started event
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(self.model.config.text_config.bos_token_id)
+
+    @property
+    def sep_token_id(self) -> int:
+        return int(self.model.config.text_config.sep_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.model.config.text_config.pad_token_id)
+
+
+def _asset(*parts: str) -> Path:
+    return Path(str(resources.files("vqabench").joinpath("assets", *parts)))
+
+
+def embedded_config() -> Any:
+    """The shipped config of the small embedded BLIP (64x64 images, 1.5M parameters)."""
+    from transformers import BlipConfig
+
+    data = json.loads(_asset("embedded", "config.json").read_text())
+    data.pop("_comment", None)
+    return BlipConfig.from_dict(data)
+
+
+def embedded_tokenizer() -> Any:
+    """A BERT word-piece tokenizer over the shipped easy-VQA vocabulary."""
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer(str(_asset("embedded", "vocab.txt")), do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+def embedded_fingerprint() -> str:
+    """Hash of the shipped config and vocabulary, part of the base checkpoint's cache key."""
+    h = hashlib.sha256()
+    for name in ("config.json", "vocab.txt"):
+        h.update(_asset("embedded", name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_embedded(seed: int) -> LoadedModel:
+    """The embedded small BLIP with freshly initialised weights (deterministic for a seed)."""
+    from transformers import BlipForQuestionAnswering
+
+    config = embedded_config()
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(config)
+    size = int(config.vision_config.image_size)
+    return LoadedModel(model, embedded_tokenizer(), size, BLIP_IMAGE_MEAN, BLIP_IMAGE_STD,
+                       "embedded small BLIP (random init)")
+
+
+def build_random_blip_vqa_base(seed: int) -> LoadedModel:
+    """BLIP with Salesforce/blip-vqa-base's architecture and sizes and random weights.
+
+    Timing and memory do not depend on weight values, so this measures efficiency at real
+    scale with no hub access. Text is tokenized with the embedded word vocabulary, whose
+    ids all lie inside blip-vqa-base's vocabulary.
+    """
+    from transformers import BlipForQuestionAnswering
+
+    from vqabench.engine.model_configs import blip_vqa_base_config
+
+    config = blip_vqa_base_config()
+    torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(config)
+    tok = embedded_tokenizer()
+    # Keep BLIP's own frame tokens so generation starts and stops like the real model.
+    return LoadedModel(model, tok, int(config.vision_config.image_size), BLIP_IMAGE_MEAN,
+                       BLIP_IMAGE_STD, "blip-vqa-base architecture (random weights)")
+
+
+def load_pretrained(name_or_path: str) -> LoadedModel:
+    """Any BLIP VQA checkpoint by hub id or local folder, via ``from_pretrained``."""
+    from transformers import AutoTokenizer, BlipForQuestionAnswering
+
+    path = Path(name_or_path)
+    local = path.exists()
+    if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise ModelError(f"model '{name_or_path}' is neither an existing folder nor a hub id like 'Salesforce/blip-vqa-base'.")
+    try:
+        model = BlipForQuestionAnswering.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load BLIP VQA model '{name_or_path}': {first}") from exc
+    size = int(model.config.vision_config.image_size)
+    mean, std = BLIP_IMAGE_MEAN, BLIP_IMAGE_STD
+    meta_path = path / META_FILE if local else None
+    if meta_path is not None and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        mean, std = tuple(meta["image_mean"]), tuple(meta["image_std"])
+    else:
+        try:
+            from transformers import BlipImageProcessor
+
+            proc = BlipImageProcessor.from_pretrained(name_or_path)
+            mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+            size = int(proc.size.get("height", size)) if isinstance(proc.size, dict) else size
+        except (OSError, ValueError):
+            log.info("no image processor config in %s; using BLIP's defaults", name_or_path)
+    return LoadedModel(model, tokenizer, size, mean, std, f"{name_or_path}")
+
+
+def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
+    """Save model, tokenizer and preprocessing facts so ``load_pretrained`` reads them back."""
+    folder.mkdir(parents=True, exist_ok=True)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    meta = {"image_size": loaded.image_size, "image_mean": list(loaded.image_mean),
+            "image_std": list(loaded.image_std), "source": loaded.source}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """Hash of a checkpoint's weight files: keys caches derived from those weights."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise ModelError(f"checkpoint folder '{folder}' has no weight files (.safetensors or .bin).")
+    for p in files:
+        h.update(p.name.encode())
+        with p.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def trainable_part(model: nn.Module, train: str) -> nn.Module:
+    """The module that trains: the answer decoder (the paper's setting) or the whole model."""
+    return model.text_decoder if train == "decoder" else model
+
+
+def freeze_for_training(model: nn.Module, train: str) -> None:
+    """Freeze everything outside the trainable part; frozen encoders stay in eval mode."""
+    part = trainable_part(model, train)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in part.parameters():
+        p.requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, train: str) -> None:
+    model.eval()
+    trainable_part(model, train).train()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def encode_questions(model: nn.Module, pixel_values: torch.Tensor, question_ids: torch.Tensor,
+                     question_mask: torch.Tensor) -> torch.Tensor:
+    """Vision encoder then question encoder: the question encoding the decoder attends to."""
+    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    out = model.text_encoder(input_ids=question_ids, attention_mask=question_mask,
+                             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                             return_dict=True)
+    return out.last_hidden_state
+
+
+def answer_logps(decoder: nn.Module, question_embeds: torch.Tensor, question_mask: torch.Tensor,
+                 answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each answer and its token count (the first token, BOS, is given)."""
+    logits = decoder(input_ids=answer_ids, attention_mask=answer_mask,
+                     encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
+                     return_logits=True, use_cache=False)
+    targets = answer_ids[:, 1:]
+    mask = answer_mask[:, 1:].to(torch.float32)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - ids.shape[1]
+    if extra <= 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
+            torch.nn.functional.pad(mask, (0, extra), value=0))
+
+
+def pair_logps(decoder: nn.Module, question_embeds: torch.Tensor, question_mask: torch.Tensor,
+               chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen and rejected answers scored in ONE decoder pass, concatenated along the batch.
+
+    Returns (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths).
+    """
+    n = question_embeds.shape[0]
+    length = max(chosen[0].shape[1], rejected[0].shape[1])
+    c_ids, c_mask = pad_to(*chosen, length, pad_id)
+    r_ids, r_mask = pad_to(*rejected, length, pad_id)
+    logps, lengths = answer_logps(decoder, torch.cat([question_embeds, question_embeds]),
+                                  torch.cat([question_mask, question_mask]),
+                                  torch.cat([c_ids, r_ids]), torch.cat([c_mask, r_mask]))
+    return logps[:n], logps[n:], lengths[:n], lengths[n:]
+
+
+@torch.no_grad()
+def greedy_answers(loaded: LoadedModel, pixel_values: torch.Tensor, question_ids: torch.Tensor,
+                   question_mask: torch.Tensor, max_tokens: int) -> list[str]:
+    """Greedy decoding from BOS until SEP, for a batch; returns decoded answer strings."""
+    model = loaded.model
+    q = encode_questions(model, pixel_values, question_ids, question_mask)
+    seq = torch.full((q.shape[0], 1), loaded.bos_token_id, dtype=torch.long, device=q.device)
+    done = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    for _ in range(max_tokens):
+        logits = model.text_decoder(input_ids=seq, attention_mask=torch.ones_like(seq),
+                                    encoder_hidden_states=q, encoder_attention_mask=question_mask,
+                                    use_cache=False, return_dict=True).logits
+        nxt = logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, loaded.pad_token_id), nxt)
+        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+        done |= nxt == loaded.sep_token_id
+        if bool(done.all()):
+            break
+    answers = []
+    for row in seq[:, 1:].tolist():
+        if loaded.sep_token_id in row:
+            row = row[: row.index(loaded.sep_token_id)]
+        answers.append(loaded.tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers

@@ -1,0 +1,206 @@
+"""One training run inside the worker: data → model → reference → epochs → test scores.
+
+Everything is reported as events through `emit`; nothing here writes to stdout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vqabench import events as ev
+from vqabench import metrics
+from vqabench.engine import model as blip
+from vqabench.engine.base_checkpoint import ensure_base_checkpoint
+from vqabench.engine.data import easyvqa
+from vqabench.engine.data.batching import EncodedData, encode
+from vqabench.engine.data.records import DataError, DataSplits
+from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.scoring import score_answers
+from vqabench.engine.telemetry import Telemetry, module_bytes
+from vqabench.engine.trainer import Trainer, pick_device
+from vqabench.spec import RunSpec
+
+log = logging.getLogger(__name__)
+Emit = Callable[[ev.Event], None]
+
+
+def default_cache_dir() -> Path:
+    """Base checkpoints, reference log-probs and judgments: $VQABENCH_CACHE or ~/.cache/vqabench."""
+    env = os.environ.get("VQABENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vqabench"
+
+
+class Throttled:
+    """Progress events at most every `interval` seconds (always the last step)."""
+
+    def __init__(self, emit: Emit, interval: float = 0.25):
+        self.emit, self.interval, self.last = emit, interval, 0.0
+
+    def __call__(self, phase: str, epoch: int, step: int, steps: int, loss: float | None,
+                 message: str = "") -> None:
+        now = time.monotonic()
+        if step >= steps or now - self.last >= self.interval:
+            self.last = now
+            self.emit(ev.Progress(phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss,
+                                  message=message))
+
+
+def load_data(spec: RunSpec, count_tokens: Callable[[str], int]) -> DataSplits:
+    if spec.dataset.source == "easyvqa":
+        return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
+    from vqabench.engine.data.hub import load_splits
+
+    return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, count_tokens=count_tokens,
+                       max_answer_tokens=spec.max_answer_tokens)
+
+
+def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
+                        progress: Throttled) -> tuple[blip.LoadedModel, DataSplits]:
+    """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
+    builds_base = spec.init_checkpoint is None and spec.model == "embedded"
+    loaded: blip.LoadedModel | None = None
+    if spec.init_checkpoint is not None:
+        if not Path(spec.init_checkpoint).is_dir():
+            raise blip.ModelError(f"the starting checkpoint '{spec.init_checkpoint}' does not exist; "
+                                  f"run the preset named in 'after' first.")
+        loaded = blip.load_pretrained(spec.init_checkpoint)
+    elif spec.model == "blip-vqa-base-random":
+        loaded = blip.build_random_blip_vqa_base(spec.seed)
+    elif not builds_base:
+        loaded = blip.load_pretrained(spec.model)
+    tokenizer = loaded.tokenizer if loaded is not None else blip.embedded_tokenizer()
+    data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    if builds_base:
+        def on_base(step: int, steps: int, loss: float) -> None:
+            progress("base", 0, step, steps, loss, "building the embedded base checkpoint (once, then cached)")
+
+        folder, _ = ensure_base_checkpoint(data, seed=spec.dataset.seed, samples=spec.base_samples,
+                                           cache_dir=cache_dir, device=device, progress=on_base)
+        loaded = blip.load_pretrained(str(folder))
+    assert loaded is not None
+    return loaded, data
+
+
+def token_stats(encoded: EncodedData, data: DataSplits) -> dict:
+    """Answer lengths in tokens (BOS and SEP excluded) and how many max_answer_tokens cut."""
+    lengths = sorted(int(n) - 2 for s in encoded.splits.values()
+                     for mask in (s.chosen_mask, s.rejected_mask) for n in mask.sum(1))
+    if not lengths:
+        return {}
+    pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": lengths[-1],
+            "truncated": encoded.answers_truncated}
+
+
+def execute(spec: RunSpec, emit: Emit) -> None:
+    """Run one spec end to end, emitting events; raises on failure (the worker reports it)."""
+    t_start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    device = pick_device(spec.device)
+    cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    out_dir = Path(spec.output_dir) if spec.output_dir else Path("vqabench-results") / "runs" / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Throttled(emit)
+
+    loaded, data = load_model_and_data(spec, cache_dir, device, progress)
+    loaded.model.to(device)
+    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
+    if not data.report.token_stats:
+        data.report.token_stats = token_stats(encoded, data)
+    torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
+
+    reference = None
+    reference_seconds = None
+    if spec.needs_reference:
+        if spec.reference == "copy":
+            reference = CopyReference(loaded, spec.train)
+            reference.part.to(device)
+        else:
+            ckpt = spec.init_checkpoint
+            key = blip.checkpoint_fingerprint(Path(ckpt)) if ckpt else f"{spec.model}:{spec.seed}"
+            reference = PrecomputedReference.build(
+                loaded, encoded, batch_size=spec.batch_size, device=device, cache_dir=cache_dir,
+                checkpoint_key=key, data_key=data.fingerprint,
+                progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"))
+            reference_seconds = reference.seconds
+    trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
+    trainable, total = blip.count_parameters(loaded.model)
+    ref_bytes = reference.resident_bytes if reference is not None else 0
+    telemetry = Telemetry(str(device), interval=spec.telemetry_interval)
+    data_info = {"dataset": data.name, "sizes": data.sizes(), "quality": data.report.to_dict(),
+                 "fingerprint": data.fingerprint, "model_source": loaded.source,
+                 "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
+                 "reference_seconds": reference_seconds}
+    emit(ev.RunStarted(run=spec.name, method=spec.method, config=spec.to_dict(), device=_describe(device),
+                       torch_version=torch.__version__, trainable_params=trainable, total_params=total,
+                       reference_strategy=spec.reference if reference is not None else None,
+                       reference_bytes=ref_bytes, epochs=spec.epochs, steps_per_epoch=trainer.steps_per_epoch,
+                       telemetry=telemetry.status, data=data_info, pid=os.getpid()))
+
+    best_dir = out_dir / "best"
+    best_state: dict[str, torch.Tensor] | None = None
+    train_seconds = 0.0
+    part = blip.trainable_part(loaded.model, spec.train)
+    with telemetry:
+        for epoch in range(1, spec.epochs + 1):
+            telemetry.begin_epoch()
+            result = trainer.run_epoch(epoch)
+            tel = telemetry.end_epoch()
+            train_seconds += result.epoch_seconds
+            if result.is_best:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
+                blip.save_checkpoint(loaded, best_dir)
+            scored = {}
+            if spec.eval_every_epoch:
+                answers = trainer.answers("eval", spec.eval_every_epoch)
+                summary = score_answers(spec, cache_dir, encoded.splits["eval"].pairs[: len(answers)], answers,
+                                        progress=None, with_intervals=False)
+                scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score,
+                          "scored_n": summary.n}
+            e = result.eval
+            emit(ev.EpochEnded(epoch=epoch, epochs=spec.epochs, train_loss=result.train_loss, eval_loss=e.loss,
+                               epoch_seconds=result.epoch_seconds, eval_seconds=e.seconds,
+                               samples_per_s=result.samples / result.epoch_seconds if result.epoch_seconds else 0.0,
+                               lr=result.lr, reference_bytes=ref_bytes, chosen_logp=e.chosen_logp,
+                               rejected_logp=e.rejected_logp, reward_margin=e.reward_margin,
+                               pref_accuracy=e.pref_accuracy, is_best=result.is_best, **tel.event_fields(),
+                               **scored))
+
+    if best_state is not None:
+        part.load_state_dict(best_state)
+    answers = trainer.answers("test")
+    pairs = encoded.splits["test"].pairs
+    summary = score_answers(spec, cache_dir, pairs, answers,
+                            progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"),
+                            with_intervals=True)
+    predictions = out_dir / "predictions.jsonl"
+    with predictions.open("w") as fh:
+        for i, (pair, answer) in enumerate(zip(pairs, answers)):
+            row = {"image_id": pair.image_id, "question": pair.question, "reference": pair.chosen,
+                   "prediction": answer, "em": metrics.exact_match(answer, pair.chosen),
+                   "f1": metrics.token_f1(answer, pair.chosen)}
+            if i < len(summary.verdicts):
+                row["verdict"] = summary.verdicts[i]
+            fh.write(json.dumps(row) + "\n")
+    emit(ev.Evaluated(split="test", n=summary.n, em=summary.em, f1=summary.f1, judge=summary.judge,
+                      judge_score=summary.judge_score, judge_n=summary.judge_n, unparseable=summary.unparseable,
+                      predictions=str(predictions), extra=summary.extra))
+    emit(ev.RunFinished(best_epoch=trainer.best_epoch, best_eval_loss=trainer.best_loss, checkpoint=str(best_dir),
+                        total_seconds=time.perf_counter() - t_start, train_seconds=train_seconds))
+
+
+def _describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+__all__ = ["execute", "default_cache_dir", "DataError"]

@@ -1,0 +1,240 @@
+"""The training loop: one method's loss, AdamW, exponential LR decay, eval, best checkpoint.
+
+One obvious loop: every epoch trains on the shuffled train split, then scores the eval
+split (eval loss = the method's own loss; preference metrics on plain log-probs, so they
+compare across methods), steps the LR schedule, and keeps the checkpoint with the lowest
+eval loss. The caller owns the events; the trainer reports through callbacks.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from vqabench import objectives
+from vqabench.engine import model as blip
+from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.spec import RunSpec
+
+
+class NumericsError(RuntimeError):
+    """A loss that is not finite; the message names the epoch and step."""
+
+
+class Reference(Protocol):
+    strategy: str
+
+    @property
+    def resident_bytes(self) -> int: ...
+
+    def logps(self, encoded: EncodedData, split: str, batch: Batch, question_embeds: torch.Tensor,
+              with_mismatched: bool = False) -> ReferenceLogps: ...
+
+
+@dataclass
+class StepOutput:
+    losses: torch.Tensor  # [batch], per-example loss of the method
+    chosen_logps: torch.Tensor  # detached
+    rejected_logps: torch.Tensor | None
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    chosen_logp: float
+    rejected_logp: float
+    reward_margin: float
+    pref_accuracy: float
+    seconds: float
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    epoch_seconds: float
+    samples: int
+    lr: float
+    eval: EvalResult
+    is_best: bool
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class MethodStep:
+    """Computes one method's per-example losses for a batch: the step every run and benchmark shares."""
+
+    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData,
+                 reference: Reference | None):
+        self.spec = spec
+        self.loaded = loaded
+        self.encoded = encoded
+        self.reference = reference
+        self.needs = objectives.OBJECTIVE_INPUTS[spec.method]
+        if self.needs.needs_reference and reference is None:
+            raise ValueError(f"method '{spec.method}' needs a reference model")
+
+    def __call__(self, split: str, batch: Batch) -> StepOutput:
+        spec, model = self.spec, self.loaded.model
+        if spec.train == "decoder":
+            with torch.no_grad():
+                q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        else:
+            q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        decoder = model.text_decoder
+        if not self.needs.needs_rejected:
+            c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
+            return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None)
+        c, r, c_len, r_len = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected,
+                                             self.loaded.pad_token_id)
+        method, beta = spec.method, spec.resolved_beta
+        ref = None
+        if self.needs.needs_reference:
+            assert self.reference is not None
+            ref = self.reference.logps(self.encoded, split, batch, q, self.needs.needs_mismatched_kl)
+        if method == "orpo":
+            losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam)
+        elif method == "simpo":
+            losses = objectives.simpo_loss(c, r, c_len, r_len, beta, spec.simpo_gamma)
+        elif method == "dpo":
+            losses = objectives.dpo_loss(c, r, ref.chosen, ref.rejected, beta)
+        elif method == "ipo":
+            losses = objectives.ipo_loss(c, r, ref.chosen, ref.rejected, c_len, r_len, beta)
+        elif method == "kto":
+            with torch.no_grad():
+                mm, _ = blip.answer_logps(decoder, q.detach(), batch.question_mask,
+                                          *mismatched_answers(self.encoded, split, batch))
+            kl = objectives.kto_kl_estimate(mm, ref.mismatched)
+            losses = objectives.kto_loss(c, r, ref.chosen, ref.rejected, kl, beta,
+                                         spec.kto_desirable_weight, spec.kto_undesirable_weight)
+        else:
+            raise ValueError(f"unknown method '{method}'")
+        return StepOutput(losses, c.detach(), r.detach())
+
+
+class Trainer:
+    """Trains `loaded.model` on `encoded` with the spec's method; reports through callbacks."""
+
+    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData,
+                 reference: Reference | None, device: torch.device,
+                 on_progress: Callable[[str, int, int, int, float | None], None] | None = None):
+        self.spec = spec
+        self.loaded = loaded
+        self.encoded = encoded
+        self.device = device
+        self.on_progress = on_progress or (lambda *a: None)
+        blip.freeze_for_training(loaded.model, spec.train)
+        self.step_fn = MethodStep(spec, loaded, encoded, reference)
+        params = [p for p in loaded.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.best_loss = math.inf
+        self.best_epoch = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.encoded.splits["train"]) // self.spec.batch_size)
+
+    def train_step(self, batch: Batch) -> float:
+        out = self.step_fn("train", batch)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            raise NumericsError("non-finite")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """One pass over the shuffled train split: (mean loss, seconds, samples)."""
+        n = len(self.encoded.splits["train"])
+        order = torch.randperm(n, generator=self.generator)
+        bs = self.spec.batch_size
+        blip.set_train_mode(self.loaded.model, self.spec.train)
+        total, count, last = 0.0, 0, 0.0
+        steps = self.steps_per_epoch
+        synchronize(self.device)
+        start = time.perf_counter()
+        for step in range(steps):
+            rows = order[step * bs:(step + 1) * bs]
+            batch = self.encoded.batch("train", rows, self.device)
+            try:
+                loss = self.train_step(batch)
+            except NumericsError:
+                raise NumericsError(
+                    f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {step + 1} of {steps}; "
+                    f"lower lr (now {self.spec.lr:g}) or check the data.") from None
+            total += loss * len(batch)
+            count += len(batch)
+            now = time.perf_counter()
+            if now - last >= 0.25 or step + 1 == steps:
+                last = now
+                self.on_progress("train", epoch, step + 1, steps, total / count)
+        synchronize(self.device)
+        return total / max(count, 1), time.perf_counter() - start, count
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "eval") -> EvalResult:
+        start = time.perf_counter()
+        self.loaded.model.eval()
+        s = self.encoded.splits[split]
+        losses, chosen, rejected = [], [], []
+        for lo in range(0, len(s), self.spec.batch_size):
+            batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.spec.batch_size, len(s))), self.device)
+            out = self.step_fn(split, batch)
+            losses.append(out.losses.float().cpu())
+            chosen.append(out.chosen_logps.float().cpu())
+            if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
+                q = blip.encode_questions(self.loaded.model, batch.pixel_values, batch.question_ids,
+                                          batch.question_mask)
+                r, _ = blip.answer_logps(self.loaded.model.text_decoder, q, batch.question_mask, *batch.rejected)
+                rejected.append(r.float().cpu())
+            else:
+                rejected.append(out.rejected_logps.float().cpu())
+        c, r = torch.cat(chosen), torch.cat(rejected)
+        margins = objectives.reward_margins(c, r)
+        return EvalResult(float(torch.cat(losses).mean()), float(c.mean()), float(r.mean()),
+                          float(margins.mean()), objectives.preference_accuracy(margins),
+                          time.perf_counter() - start)
+
+    def run_epoch(self, epoch: int) -> EpochResult:
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss, seconds, samples = self.train_epoch(epoch)
+        ev = self.evaluate("eval")
+        if not math.isfinite(ev.loss):
+            raise NumericsError(f"the {self.spec.method} eval loss became non-finite after epoch {epoch}.")
+        self.scheduler.step()
+        is_best = ev.loss < self.best_loss
+        if is_best:
+            self.best_loss, self.best_epoch = ev.loss, epoch
+        return EpochResult(epoch, train_loss, seconds, samples, lr, ev, is_best)
+
+    @torch.no_grad()
+    def answers(self, split: str, limit: int | None = None) -> list[str]:
+        """Greedy answers for the first `limit` items of a split."""
+        self.loaded.model.eval()
+        s = self.encoded.splits[split]
+        n = len(s) if limit is None else min(limit, len(s))
+        out: list[str] = []
+        bs = max(self.spec.batch_size, 32)
+        steps = -(-n // bs)
+        for i, lo in enumerate(range(0, n, bs)):
+            batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
+            out += blip.greedy_answers(self.loaded, batch.pixel_values, batch.question_ids,
+                                       batch.question_mask, self.spec.max_answer_tokens)
+            self.on_progress("generate", 0, i + 1, steps, None)
+        return out
