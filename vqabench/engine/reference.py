@@ -21,19 +21,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
-
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.telemetry import module_bytes
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
-
-
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def mismatched_rows(split_rows: torch.Tensor, split_size: int) -> torch.Tensor:

@@ -64,7 +64,10 @@ class EncodedData:
             width = max(int(mask.sum(1).max()), 1)
             return ids[:, :width].to(device), mask[:, :width].to(device)
 
-        q_ids, q_mask = trimmed(s.question_ids, s.question_mask)
+        # Questions keep the split's full width: transformers 5's BLIP decoder ignores the
+        # cross-attention mask, so the number of padded question positions would otherwise
+        # change an answer's score with the batch it happens to be in.
+        q_ids, q_mask = s.question_ids[rows].to(device), s.question_mask[rows].to(device)
         return Batch(pixels, q_ids, q_mask, trimmed(s.chosen_ids, s.chosen_mask),
                      trimmed(s.rejected_ids, s.rejected_mask), rows)
 

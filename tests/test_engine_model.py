@@ -1,0 +1,157 @@
+"""The model layer: shared-encoder log-probs, checkpoints by path, reference strategies."""
+from __future__ import annotations
+
+import torch
+
+from vqabench import objectives
+from vqabench.engine import model as blip
+from vqabench.engine.data import easyvqa
+from vqabench.engine.data.batching import encode
+from vqabench.engine.data.records import DataSplits
+from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.telemetry import module_bytes
+from vqabench.engine.trainer import MethodStep
+from vqabench.spec import DatasetSpec, RunSpec
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = easyvqa.load_splits(DatasetSpec(eval_size=24, test_size=8), seed=0, limit=40)
+    data = DataSplits(train=data.train, eval=data.eval, test=data.test, images=data.images,
+                      name=data.name, fingerprint=data.fingerprint)
+    loaded = blip.build_embedded(seed=0)
+    loaded.model.eval()
+    return loaded, encode(data, loaded, 32, 16), data
+
+
+def test_concatenated_pass_equals_two_separate_passes(tiny):
+    loaded, encoded, _ = tiny
+    batch = encoded.batch("train", torch.arange(12), torch.device("cpu"))
+    with torch.no_grad():
+        q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        c, r, c_len, r_len = blip.pair_logps(loaded.model.text_decoder, q, batch.question_mask,
+                                             batch.chosen, batch.rejected, loaded.pad_token_id)
+        c2, c_len2 = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)
+        r2, r_len2 = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.rejected)
+    torch.testing.assert_close(c, c2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, r2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c_len, c_len2) and torch.equal(r_len, r_len2)
+    assert bool((c < 0).all()) and not torch.equal(c, r)
+
+
+def test_answer_logps_ignore_padding(tiny):
+    loaded, encoded, _ = tiny
+    batch = encoded.batch("train", torch.arange(4), torch.device("cpu"))
+    with torch.no_grad():
+        q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        a = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)[0]
+        padded = blip.pad_to(*batch.chosen, batch.chosen[0].shape[1] + 5, loaded.pad_token_id)
+        b = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *padded)[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_saved_to_a_folder_loads_back_by_path(tiny, tmp_path):
+    loaded, encoded, _ = tiny
+    blip.save_checkpoint(loaded, tmp_path / "ckpt")
+    again = blip.load_pretrained(str(tmp_path / "ckpt"))
+    assert again.image_size == loaded.image_size and again.bos_token_id == loaded.bos_token_id
+    batch = encoded.batch("eval", torch.arange(6), torch.device("cpu"))
+    again.model.eval()
+    with torch.no_grad():
+        outs = []
+        for m in (loaded, again):
+            q = blip.encode_questions(m.model, batch.pixel_values, batch.question_ids, batch.question_mask)
+            outs.append(blip.answer_logps(m.model.text_decoder, q, batch.question_mask, *batch.chosen)[0])
+    torch.testing.assert_close(outs[0], outs[1])
+    assert len(blip.checkpoint_fingerprint(tmp_path / "ckpt")) == 16
+
+
+def test_missing_model_path_is_one_sentence():
+    with pytest.raises(blip.ModelError, match="neither an existing folder nor a hub id"):
+        blip.load_pretrained("./no/such/checkpoint")
+
+
+def test_frozen_encoders_leave_only_the_decoder_trainable(tiny):
+    loaded, _, _ = tiny
+    blip.freeze_for_training(loaded.model, "decoder")
+    trainable, total = blip.count_parameters(loaded.model)
+    assert trainable == sum(p.numel() for p in loaded.model.text_decoder.parameters())
+    assert 0 < trainable < total
+    blip.freeze_for_training(loaded.model, "all")
+    assert blip.count_parameters(loaded.model)[0] == total
+
+
+def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
+    loaded, encoded, data = tiny
+    spec = RunSpec(name="dpo", method="dpo", init_checkpoint="x", batch_size=8)
+    copy_ref = CopyReference(loaded, "decoder")
+    pre_ref = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
+                                         cache_dir=tmp_path, checkpoint_key="k", data_key=data.fingerprint)
+    # Move the policy away from the reference so the loss is not simply log 2.
+    with torch.no_grad():
+        for p in loaded.model.text_decoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loaded.model.eval()
+    batch = encoded.batch("train", torch.tensor([3, 0, 7, 11, 5]), torch.device("cpu"))
+    with torch.no_grad():
+        a = MethodStep(spec, loaded, encoded, copy_ref)("train", batch).losses
+        b = MethodStep(spec, loaded, encoded, pre_ref)("train", batch).losses
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a, torch.full_like(a, 0.6931), atol=1e-4)
+    # The table is cached on disk and reused by a later run.
+    again = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
+                                       cache_dir=tmp_path, checkpoint_key="k", data_key=data.fingerprint)
+    assert again.from_cache and torch.equal(again.table["eval"]["chosen"], pre_ref.table["eval"]["chosen"])
+
+
+def test_reference_bytes_copy_is_the_trainable_part_and_precompute_is_zero(tiny, tmp_path):
+    loaded, encoded, data = tiny
+    copy_ref = CopyReference(loaded, "decoder")
+    assert copy_ref.resident_bytes == module_bytes(loaded.model.text_decoder)
+    assert CopyReference(loaded, "all").resident_bytes == module_bytes(loaded.model)
+    pre = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
+                                     cache_dir=None, checkpoint_key="k", data_key=data.fingerprint)
+    assert pre.resident_bytes == 0
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference(tiny):
+    loaded, encoded, _ = tiny
+    spec = RunSpec(name="dpo", method="dpo", init_checkpoint="x")
+    ref = CopyReference(loaded, "decoder")
+    loaded.model.eval()
+    batch = encoded.batch("train", torch.arange(8), torch.device("cpu"))
+    with torch.no_grad():
+        losses = MethodStep(spec, loaded, encoded, ref)("train", batch).losses
+    torch.testing.assert_close(losses, torch.full_like(losses, float(torch.log(torch.tensor(2.0)))),
+                               atol=1e-5, rtol=0)
+
+
+def test_greedy_answers_are_strings_without_special_tokens(tiny):
+    loaded, encoded, _ = tiny
+    batch = encoded.batch("test", torch.arange(4), torch.device("cpu"))
+    answers = blip.greedy_answers(loaded, batch.pixel_values, batch.question_ids, batch.question_mask, 3)
+    assert len(answers) == 4
+    assert all("[" not in a for a in answers)
+
+
+def test_orpo_step_stays_finite_when_the_model_is_certain(tiny):
+    loaded, encoded, _ = tiny
+    spec = RunSpec(name="orpo", method="orpo")
+    batch = encoded.batch("train", torch.arange(8), torch.device("cpu"))
+    # Make the decoder near-certain of every chosen answer: a huge bias on those tokens.
+    bias = loaded.model.text_decoder.cls.predictions.bias
+    saved = bias.detach().clone()
+    with torch.no_grad():
+        bias[batch.chosen[0][:, 1:].unique()] = 200.0
+    try:
+        out = MethodStep(spec, loaded, encoded, None)("train", batch)
+        loss = out.losses.mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in loaded.model.text_decoder.parameters() if p.grad is not None)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+        loaded.model.zero_grad(set_to_none=True)
