@@ -1,0 +1,132 @@
+"""Bootstrap intervals, paired differences, Cohen's kappa, t intervals and win rates."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vqabench.judges import JudgeItem
+from vqabench.judges.exact import ExactJudge
+from vqabench.stats import (
+    bootstrap_ci, cohen_kappa, mean_ci_across_seeds, paired_bootstrap, student_t_quantile, win_rate,
+)
+
+
+def test_bootstrap_intervals_cover_a_known_mean_in_a_seeded_simulation():
+    rng = np.random.default_rng(1234)
+    true_mean = 0.3
+    covered = 0
+    for trial in range(100):
+        sample = (rng.random(200) < true_mean).astype(float)  # per-item EM of a 30% model
+        mean, low, high = bootstrap_ci(sample, n_resamples=1000, seed=trial)
+        assert low <= mean <= high
+        covered += low <= true_mean <= high
+    assert 90 <= covered <= 100
+
+
+def test_bootstrap_is_reproducible_and_shrinks_with_more_items():
+    rng = np.random.default_rng(7)
+    small, large = rng.random(50), rng.random(5000)
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+    assert bootstrap_ci(small, seed=3) != bootstrap_ci(small, seed=4)
+    width = lambda ci: ci.high - ci.low
+    assert width(bootstrap_ci(large)) < width(bootstrap_ci(small)) / 5
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_ci([])
+
+
+def test_paired_bootstrap_sees_a_small_consistent_gain_that_unpaired_intervals_miss():
+    rng = np.random.default_rng(0)
+    difficulty = rng.random(300)  # items differ a lot, methods differ a little
+    sft = difficulty
+    orpo = difficulty + 0.03 + rng.normal(0, 0.02, 300)
+    result = paired_bootstrap(orpo, sft, seed=0)
+    assert result.mean_diff == pytest.approx(float(np.mean(orpo - sft)))
+    assert 0 < result.low < result.mean_diff < result.high
+    assert result.p_value < 0.01 and result.n == 300
+    _, sft_low, sft_high = bootstrap_ci(sft)
+    _, orpo_low, orpo_high = bootstrap_ci(orpo)
+    assert orpo_low < sft_high  # the separate intervals overlap
+    flipped = paired_bootstrap(sft, orpo, seed=0)
+    assert flipped.mean_diff == pytest.approx(-result.mean_diff)
+    assert flipped.p_value == result.p_value
+
+
+def test_paired_bootstrap_finds_nothing_between_equal_methods():
+    rng = np.random.default_rng(5)
+    a, b = (rng.random(400) < 0.5).astype(float), (rng.random(400) < 0.5).astype(float)
+    result = paired_bootstrap(a, b, seed=1)
+    assert result.low < 0 < result.high and result.p_value > 0.05
+    assert paired_bootstrap([1.0, 0.0], [1.0, 0.0]).p_value == 1.0
+    with pytest.raises(ValueError, match="one value per item"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+
+
+def test_cohen_kappa_on_a_hand_computed_table():
+    # judge\EM    correct  incorrect
+    # correct        20        5
+    # incorrect      10       15
+    # p_o = 35/50 = 0.7; p_e = 0.5*0.6 + 0.5*0.4 = 0.5; kappa = 0.2/0.5 = 0.4
+    judge = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
+    em = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
+    assert cohen_kappa(judge, em) == pytest.approx(0.4)
+    assert cohen_kappa([True, False, True], [True, False, True]) == pytest.approx(1.0)
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)
+    assert cohen_kappa([1, 1, 1], [1, 1, 1]) is None  # chance agreement is 1: undefined
+
+
+def test_student_t_quantiles_match_published_tables():
+    for df, expected in [(1, 12.7062047), (2, 4.30265273), (4, 2.77644511), (10, 2.22813885),
+                         (30, 2.04227246)]:
+        assert student_t_quantile(0.975, df) == pytest.approx(expected, rel=1e-7)
+    assert student_t_quantile(0.025, 4) == pytest.approx(-2.77644511, rel=1e-7)
+    assert student_t_quantile(0.95, 1000) == pytest.approx(1.64637934, rel=1e-6)
+
+
+def test_mean_ci_across_seeds_is_a_t_interval():
+    mean, low, high = mean_ci_across_seeds([1.0, 2.0, 3.0])
+    half = 4.30265273 * 1.0 / math.sqrt(3)
+    assert mean == 2.0
+    assert (low, high) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert mean_ci_across_seeds([0.4]) == (0.4, None, None)
+
+
+def items(answers):
+    return [JudgeItem(f"question {i}", "red", answer) for i, answer in enumerate(answers)]
+
+
+def test_win_rate_cancels_a_judge_that_always_prefers_the_first_answer():
+    always_first = lambda question, reference, first, second: "A"
+    result = win_rate(always_first, items(["red", "blue"]), items(["blue", "red"]))
+    assert (result.a_wins, result.b_wins, result.ties) == (0, 0, 2)
+    assert result.first_position_rate == 1.0 and result.a_score == 0.5
+
+
+def test_win_rate_keeps_real_preferences_and_ties_position_biased_guesses():
+    def biased(question, reference, first, second):
+        first_right, second_right = first == reference, second == reference
+        if first_right != second_right:
+            return "A" if first_right else "B"
+        return "A"  # when it cannot tell, it picks the first answer shown
+
+    a = items(["red", "red", "blue", "green"])
+    b = items(["blue", "red", "red", "blue"])
+    result = win_rate(biased, a, b)
+    assert result.outcomes == ["A", "tie", "B", "tie"]
+    assert (result.a_wins, result.b_wins, result.ties, result.n) == (1, 1, 2, 4)
+    assert result.a_rate == 0.25 and result.tie_rate == 0.5
+
+
+def test_win_rate_counts_unparseable_replies_as_ties_and_checks_alignment():
+    confused = lambda question, reference, first, second: "unparseable"
+    result = win_rate(confused, items(["red"]), items(["blue"]))
+    assert (result.ties, result.unparseable, result.first_position_rate) == (1, 1, None)
+    with pytest.raises(ValueError, match="item 0"):
+        win_rate(confused, items(["red"]), [JudgeItem("another question", "red", "red")])
+
+
+def test_win_rate_with_a_real_judge_compare():
+    result = win_rate(ExactJudge().compare, items(["red", "blue", "red"]), items(["blue", "red", "red"]))
+    assert result.outcomes == ["A", "B", "tie"]

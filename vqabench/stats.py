@@ -1,0 +1,276 @@
+"""How sure a number is: bootstrap intervals, paired differences, Cohen's kappa, win rates.
+
+Pure Python and numpy (no torch, no scipy) so the host-side report can use it. All
+resampling is seeded: the same inputs give the same intervals on every machine.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+DEFAULT_RESAMPLES = 2000
+_MAX_RESAMPLE_CELLS = 4_000_000  # resample in chunks so memory stays small for big n
+
+
+class Interval(NamedTuple):
+    """A point estimate with the bounds of its confidence interval (None when undefined)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of a - b over the same items, its bootstrap interval and a bootstrap p-value."""
+
+    mean_diff: float
+    low: float
+    high: float
+    p_value: float  # two-sided; see paired_bootstrap
+    n: int
+
+
+def _as_values(values: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size == 0:
+        raise ValueError(f"{what} needs at least one value; got none.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{what} got a NaN or infinite value; every value must be a finite number.")
+    return array
+
+
+def _check_level(level: float) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level is {level!r}; a confidence level must be between 0 and 1 (e.g. 0.95).")
+
+
+def _resampled_means(values: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Means of `n_resamples` bootstrap resamples (items drawn with replacement)."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples is {n_resamples!r}; it must be at least 1.")
+    rng = np.random.default_rng(seed)
+    n = values.size
+    chunk = max(1, _MAX_RESAMPLE_CELLS // n)
+    means = np.empty(n_resamples, dtype=np.float64)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = values[idx].mean(axis=1)
+    return means
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = 0, level: float = 0.95) -> Interval:
+    """The mean and its percentile-bootstrap interval (e.g. per-item EM of 0/1 values)."""
+    _check_level(level)
+    array = _as_values(values, "bootstrap_ci")
+    means = _resampled_means(array, n_resamples, seed)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return Interval(float(array.mean()), float(low), float(high))
+
+
+def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+                     level: float = 0.95) -> PairedDifference:
+    """Is method a better than b on the same items? Resamples items, keeping pairs together.
+
+    The p-value is twice the share of resampled mean differences that are zero or on the
+    other side of zero from the observed difference, with the usual +1 correction
+    ((count + 1) / (n_resamples + 1)) so it is never exactly 0, capped at 1. An observed
+    difference of exactly 0 has p = 1.
+    """
+    _check_level(level)
+    first = _as_values(a, "paired_bootstrap")
+    second = _as_values(b, "paired_bootstrap")
+    if first.size != second.size:
+        raise ValueError(f"paired_bootstrap got {first.size} and {second.size} values; "
+                         "a paired comparison needs one value per item from each method.")
+    diffs = first - second
+    observed = float(diffs.mean())
+    means = _resampled_means(diffs, n_resamples, seed)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    if observed == 0.0:
+        p_value = 1.0
+    else:
+        other_side = int(np.count_nonzero(means <= 0.0) if observed > 0 else np.count_nonzero(means >= 0.0))
+        p_value = min(1.0, 2.0 * (other_side + 1) / (n_resamples + 1))
+    return PairedDifference(observed, float(low), float(high), p_value, int(diffs.size))
+
+
+def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> float | None:
+    """Agreement of two raters beyond chance, (p_o - p_e) / (1 - p_e); None when undefined.
+
+    Labels are usually binary (the judge's CORRECT vs exact match) but any categories
+    work. Kappa is undefined (None) when both raters give one and the same label to
+    every item: chance agreement is then 1.
+    """
+    if len(labels_a) != len(labels_b):
+        raise ValueError(f"cohen_kappa got {len(labels_a)} and {len(labels_b)} labels; both raters must label the same items.")
+    n = len(labels_a)
+    if n == 0:
+        raise ValueError("cohen_kappa needs at least one labelled item; got none.")
+    observed = sum(1 for x, y in zip(labels_a, labels_b) if x == y) / n
+    counts_a, counts_b = Counter(labels_a), Counter(labels_b)
+    expected = sum(counts_a[label] * counts_b.get(label, 0) for label in counts_a) / (n * n)
+    if math.isclose(expected, 1.0):
+        return None
+    return (observed - expected) / (1.0 - expected)
+
+
+def _regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), accurate to about 1e-14."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
+        return 1.0 - _regularized_incomplete_beta(1.0 - x, b, a)
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` degrees of freedom."""
+    tail = 0.5 * _regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
+    return 1.0 - tail if t >= 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p, by bisection on the CDF."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p is {p!r}; a probability strictly between 0 and 1 is needed.")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    low, high = 0.0, 1.0
+    while student_t_cdf(high, df) < p:
+        high *= 2.0
+    for _ in range(200):
+        middle = (low + high) / 2.0
+        if student_t_cdf(middle, df) < p:
+            low = middle
+        else:
+            high = middle
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return (low + high) / 2.0
+
+
+def mean_ci_across_seeds(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean of one score over several seeds with a Student-t interval; bounds None for one seed."""
+    _check_level(level)
+    array = _as_values(values, "mean_ci_across_seeds")
+    mean = float(array.mean())
+    if array.size < 2:
+        return Interval(mean, None, None)
+    half_width = (student_t_quantile(1.0 - (1.0 - level) / 2.0, array.size - 1)
+                  * float(array.std(ddof=1)) / math.sqrt(array.size))
+    return Interval(mean, mean - half_width, mean + half_width)
+
+
+@dataclass
+class WinRate:
+    """Pairwise outcome of answers A and B to the same items, each pair asked in both orders.
+
+    A wins an item only when both orders pick A; disagreeing orders, ties and
+    unparseable replies make a tie, which cancels a judge's position bias.
+    """
+
+    n: int
+    a_wins: int
+    b_wins: int
+    ties: int
+    unparseable: int  # items where at least one order's reply was unparseable (counted in ties)
+    first_position_rate: float | None  # share of decisive single asks that picked the first answer
+    outcomes: list[str] = field(default_factory=list)  # per item: "A", "B" or "tie"
+
+    @property
+    def a_rate(self) -> float:
+        return self.a_wins / self.n if self.n else 0.0
+
+    @property
+    def b_rate(self) -> float:
+        return self.b_wins / self.n if self.n else 0.0
+
+    @property
+    def tie_rate(self) -> float:
+        return self.ties / self.n if self.n else 0.0
+
+    @property
+    def a_score(self) -> float:
+        """A's wins plus half its ties, per item (0.5 = even)."""
+        return (self.a_wins + 0.5 * self.ties) / self.n if self.n else 0.5
+
+
+def _triple(item: Any) -> tuple[str, str, str]:
+    if isinstance(item, (tuple, list)):
+        question, reference, prediction = item
+        return question, reference, prediction
+    return item.question, item.reference, item.prediction
+
+
+_SWAPPED = {"A": "B", "B": "A"}
+
+
+def win_rate(compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[Any],
+             items_b: Sequence[Any]) -> WinRate:
+    """Compare two runs' answers item by item, asking A-then-B and B-then-A.
+
+    `compare_fn(question, reference, first, second)` returns "A" (first is better), "B",
+    "tie" or "unparseable"; items are (question, reference, prediction) triples or objects
+    with those attributes, the two lists in the same item order.
+    """
+    if len(items_a) != len(items_b):
+        raise ValueError(f"win_rate got {len(items_a)} and {len(items_b)} answers; both runs must answer the same items.")
+    a_wins = b_wins = ties = unparseable = 0
+    first_picks = decisive = 0
+    outcomes = []
+    for index, (item_a, item_b) in enumerate(zip(items_a, items_b)):
+        question, reference, answer_a = _triple(item_a)
+        question_b, reference_b, answer_b = _triple(item_b)
+        if (question, reference) != (question_b, reference_b):
+            raise ValueError(f"win_rate item {index}: the runs answered different questions "
+                             f"({question!r} vs {question_b!r}); align both lists by item first.")
+        forward = compare_fn(question, reference, answer_a, answer_b)
+        backward = compare_fn(question, reference, answer_b, answer_a)
+        for reply in (forward, backward):
+            if reply in _SWAPPED:
+                decisive += 1
+                first_picks += reply == "A"
+        backward_for_a = _SWAPPED.get(backward, backward)  # restate the B-first reply in A/B terms
+        if "unparseable" in (forward, backward):
+            unparseable += 1
+        if forward == backward_for_a and forward in _SWAPPED:
+            outcome = forward
+            if outcome == "A":
+                a_wins += 1
+            else:
+                b_wins += 1
+        else:
+            outcome = "tie"
+            ties += 1
+        outcomes.append(outcome)
+    return WinRate(n=len(outcomes), a_wins=a_wins, b_wins=b_wins, ties=ties, unparseable=unparseable,
+                   first_position_rate=first_picks / decisive if decisive else None, outcomes=outcomes)
