@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
 from vqabench.engine.data.records import DataError, DataSplits, PreferencePair, QualityReport
-from vqabench.engine.data.schemas import Schema, read_row, resolve_schema
+from vqabench.engine.data.schemas import RowPair, Schema, read_row, resolve_schema
 from vqabench.engine.data.splits import carve, limit_train, sample
 from vqabench.spec import DatasetSpec
 
@@ -146,20 +146,34 @@ def without_image_decoding(ds: Any) -> Any:
     return ds
 
 
-def build_pairs(ds: Any, schema: Schema, store: ImageStore, report: QualityReport) -> list[PreferencePair]:
-    """Every usable row of one split as a pair; unusable rows are counted in `report` by reason."""
-    pairs = []
-    for row in ds:
+def build_pairs(ds: Any, schema: Schema, store: ImageStore, report: QualityReport,
+                chunk_rows: int = 512) -> list[PreferencePair]:
+    """Every usable row of one split as a pair; unusable rows are counted in `report` by reason.
+
+    Rows are reduced to text first; their images are then resolved a chunk at a time, so the
+    distinct new images of a chunk are checked in parallel.
+    """
+    pairs: list[PreferencePair] = []
+    pending: list[RowPair] = []
+
+    def resolve_pending() -> None:
+        for got, found in zip(pending, store.lookup_many([p.image for p in pending])):
+            if found.image_id is None:
+                report.skip(found.skip_reason or MISSING_IMAGE)
+            else:
+                pairs.append(PreferencePair(found.image_id, got.question, got.chosen, got.rejected))
+        pending.clear()
+
+    for row in ds.select_columns(schema.columns_used()):
         report.rows_read += 1
         got = read_row(schema, row)
         if isinstance(got, str):
             report.skip(got)
             continue
-        found = store.lookup(got.image)
-        if found.image_id is None:
-            report.skip(found.skip_reason or MISSING_IMAGE)
-            continue
-        pairs.append(PreferencePair(found.image_id, got.question, got.chosen, got.rejected))
+        pending.append(got)
+        if len(pending) >= chunk_rows:
+            resolve_pending()
+    resolve_pending()
     report.pairs_built += len(pairs)
     return pairs
 
@@ -280,6 +294,11 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens
     schema = resolve_schema(spec, list(train_ds.column_names), first_row, opened.name)
     log.info("dataset %s: schema %s", opened.name, json.dumps(schema.describe()))
 
+    for role, ds in roles.items():
+        missing = [c for c in schema.columns_used() if c not in ds.column_names]
+        if missing:
+            raise DataError(f"dataset '{opened.name}': its {role} split lacks the column(s) {', '.join(missing)} "
+                            f"that its train split has; its columns are {', '.join(ds.column_names)}.")
     store = ImageStore(opened.image_root)
     report = QualityReport()
     pairs = {role: build_pairs(ds, schema, store, report) for role, ds in roles.items()}
@@ -289,9 +308,6 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens
     parts["train"] = limit_train(parts["train"], limit, seed)
     every_pair = [p for role in ROLES for p in parts[role]]
     report.token_stats = answer_token_stats(every_pair, count_tokens, max_answer_tokens)
-    images = {}
-    for pair in every_pair:
-        if pair.image_id not in images:
-            images[pair.image_id] = store.load_rgb(pair.image_id)
+    images = store.load_many_rgb([pair.image_id for pair in every_pair])
     return DataSplits(train=parts["train"], eval=parts["eval"], test=parts["test"], images=images,
                       report=report, name=opened.name, fingerprint=fingerprint(parts, store))

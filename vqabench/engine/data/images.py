@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,14 @@ def check_decodes(data: bytes) -> bool:
 class ImageStore:
     """Resolves row images to content ids, verifying each distinct image once.
 
-    Only the path (or, for embedded images, the bytes) is kept per image; pixels are decoded
-    for good by :meth:`load_rgb` once the pairs that use them are known.
+    Distinct images are read and decoded on a small thread pool (PIL releases the GIL while
+    decoding). Only the path (or, for embedded images, the bytes) is kept per image; pixels
+    are decoded for good by :meth:`load_rgb` once the pairs that use them are known.
     """
 
-    def __init__(self, image_root: str | os.PathLike[str] | None):
+    def __init__(self, image_root: str | os.PathLike[str] | None, workers: int | None = None):
         self.image_root = Path(image_root) if image_root is not None else None
+        self.workers = workers or min(8, os.cpu_count() or 1)
         self._by_path: dict[str, ImageLookup] = {}
         self._by_digest: dict[str, ImageLookup] = {}
         self._sources: dict[str, _Source] = {}
@@ -87,53 +90,65 @@ class ImageStore:
 
     def lookup(self, value: Any) -> ImageLookup:
         """Resolve one cell's image to an id (verified to decode) or a skip reason."""
+        return self.lookup_many([value])[0]
+
+    def lookup_many(self, values: list[Any]) -> list[ImageLookup]:
+        """Resolve many cells at once, examining each image not seen before exactly once."""
+        prepared = [self._prepare(v) for v in values]
+        todo: dict[tuple[str, str], bytes | None] = {}
+        for item in prepared:
+            if isinstance(item, tuple) and item[:2] not in todo and self._known(item) is None:
+                todo[item[:2]] = item[2]
+        if todo:
+            keys = list(todo)
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(keys))) as pool:
+                examined = list(pool.map(lambda key: _examine(key, todo[key]), keys))
+            for key, (digest, data, reason) in zip(keys, examined):
+                self._register(key, digest, data, reason)
+        return [item if isinstance(item, ImageLookup) else self._known(item) for item in prepared]  # type: ignore[misc]
+
+    def _prepare(self, value: Any) -> ImageLookup | tuple[str, str, bytes | None]:
+        """An immediate result, or ("path", resolved path, None) / ("bytes", sha256, bytes) to examine."""
         value = first_image_value(value)
         if value is None:
             return ImageLookup(None, NO_IMAGE)
         if isinstance(value, Image.Image):
-            return self._from_bytes(_pil_to_png(value), path=None)
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return self._from_bytes(bytes(value), path=None)
+            value = _pil_to_png(value)
         if isinstance(value, dict):
             data = value.get("bytes")
-            if data:
-                return self._from_bytes(bytes(data), path=None)
-            value = value.get("path")
+            value = bytes(data) if data else value.get("path")
             if not value:
                 return ImageLookup(None, NO_IMAGE)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            return ("bytes", hashlib.sha256(data).hexdigest(), data)
         if isinstance(value, str):
-            if not value.strip():
+            value = value.strip()
+            if not value:
                 return ImageLookup(None, NO_IMAGE)
-            return self._from_path(value.strip())
+            if "://" in value:
+                return ImageLookup(None, MISSING_IMAGE)  # no network: remote images cannot be loaded
+            return ("path", str(self.resolve_path(value)), None)
         return ImageLookup(None, CORRUPT_IMAGE)
 
-    def _from_path(self, value: str) -> ImageLookup:
-        if "://" in value:
-            return ImageLookup(None, MISSING_IMAGE)  # no network: remote images cannot be loaded
-        path = str(self.resolve_path(value))
-        if path in self._by_path:
-            return self._by_path[path]
-        try:
-            data = Path(path).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-            result = ImageLookup(None, MISSING_IMAGE)
-        else:
-            result = self._from_bytes(data, path=path)
-        self._by_path[path] = result
-        return result
+    def _known(self, item: tuple[str, str, bytes | None]) -> ImageLookup | None:
+        kind, key, _ = item
+        return self._by_path.get(key) if kind == "path" else self._by_digest.get(key)
 
-    def _from_bytes(self, data: bytes, path: str | None) -> ImageLookup:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in self._by_digest:
-            return self._by_digest[digest]
-        if not data or not check_decodes(data):
-            result = ImageLookup(None, CORRUPT_IMAGE)
-        else:
-            image_id = digest[:20]
-            result = ImageLookup(image_id)
-            self._sources[image_id] = _Source(path, None if path else data, digest)
-        self._by_digest[digest] = result
-        return result
+    def _register(self, key: tuple[str, str], digest: str | None, data: bytes | None, reason: str | None) -> None:
+        kind, name = key
+        if digest is None:  # a path that could not be read
+            self._by_path[name] = ImageLookup(None, reason)
+            return
+        if digest not in self._by_digest:
+            if reason is None:
+                image_id = digest[:20]
+                self._sources[image_id] = _Source(name if kind == "path" else None, data, digest)
+                self._by_digest[digest] = ImageLookup(image_id)
+            else:
+                self._by_digest[digest] = ImageLookup(None, reason)
+        if kind == "path":
+            self._by_path[name] = self._by_digest[digest]
 
     def digest(self, image_id: str) -> str:
         """The full SHA-256 of an image's bytes (for fingerprints)."""
@@ -143,5 +158,28 @@ class ImageStore:
         """Decode one verified image as RGB, fully in memory."""
         source = self._sources[image_id]
         raw = source.data if source.data is not None else Path(source.path).read_bytes()  # type: ignore[arg-type]
-        with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def load_many_rgb(self, image_ids: list[str]) -> dict[str, Image.Image]:
+        """Decode several verified images as RGB on the thread pool."""
+        unique = list(dict.fromkeys(image_ids))
+        if not unique:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(unique))) as pool:
+            return dict(zip(unique, pool.map(self.load_rgb, unique)))
+
+
+def _examine(key: tuple[str, str], data: bytes | None) -> tuple[str | None, bytes | None, str | None]:
+    """(sha256, bytes to keep, skip reason) for one image; runs on a worker thread, touches no state."""
+    kind, name = key
+    if kind == "path":
+        try:
+            raw = Path(name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+            return None, None, MISSING_IMAGE
+        digest, keep = hashlib.sha256(raw).hexdigest(), None
+    else:
+        raw, digest, keep = data or b"", name, data
+    return digest, keep, None if raw and check_decodes(raw) else CORRUPT_IMAGE

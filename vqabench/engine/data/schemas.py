@@ -76,6 +76,12 @@ class Schema:
     def image_is_template(self) -> bool:
         return "{" in self.image
 
+    def columns_used(self) -> list[str]:
+        """The dataset columns this schema reads (others need not be converted to Python)."""
+        image = _template_fields(self.image) if self.image_is_template else [self.image]
+        named = [self.question, self.chosen, self.rejected, self.completions, *image]
+        return list(dict.fromkeys(c for c in named if c))
+
     def describe(self) -> dict[str, Any]:
         """The resolved mapping, for the run's data report."""
         cols = {k: getattr(self, k) for k in OUR_COLUMNS if getattr(self, k) is not None}
@@ -341,17 +347,17 @@ def read_row(schema: Schema, row: dict[str, Any]) -> RowPair | str:
     else:
         image = row.get(schema.image)
     if schema.kind == VLFEEDBACK:
-        question = question_text(row.get(schema.question))  # type: ignore[arg-type]
-        picked = rated_pair(row.get(schema.completions), schema.aspect_weights, schema.min_margin)  # type: ignore[arg-type]
+        question = question_text(row.get(schema.question or ""))
+        picked = rated_pair(row.get(schema.completions or ""), schema.aspect_weights, schema.min_margin)
         if isinstance(picked, str):
             return picked
         chosen, rejected = picked
     else:
-        chosen_cell = row.get(schema.chosen)  # type: ignore[arg-type]
+        chosen_cell = row.get(schema.chosen or "")
         source = row.get(schema.question) if schema.question else chosen_cell
         question = question_text(source)
         chosen = answer_text(chosen_cell)
-        rejected = answer_text(row.get(schema.rejected))  # type: ignore[arg-type]
+        rejected = answer_text(row.get(schema.rejected or ""))
     if not question:
         return EMPTY_QUESTION
     if not chosen or not rejected:
