@@ -24,7 +24,7 @@ from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.scoring import score_answers
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
-from vqabench.spec import RunSpec
+from vqabench.spec import DatasetSpec, RunSpec
 
 log = logging.getLogger(__name__)
 Emit = Callable[[ev.Event], None]
@@ -51,13 +51,13 @@ class Throttled:
                                   message=message))
 
 
-def load_data(spec: RunSpec, count_tokens: Callable[[str], int]) -> DataSplits:
+def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path) -> DataSplits:
     if spec.dataset.source == "easyvqa":
         return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
     from vqabench.engine.data.hub import load_splits
 
     return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, count_tokens=count_tokens,
-                       max_answer_tokens=spec.max_answer_tokens)
+                       max_answer_tokens=spec.max_answer_tokens, cache_dir=cache_dir / "datasets")
 
 
 def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
@@ -75,12 +75,15 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
     elif not builds_base:
         loaded = blip.load_pretrained(spec.model)
     tokenizer = loaded.tokenizer if loaded is not None else blip.embedded_tokenizer()
-    data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
     if builds_base:
+        # The embedded base checkpoint is always made from easy-VQA's base split, whatever
+        # the fine-tuning data, so it is the same "pretrained" model for every dataset.
+        base_data = data if data.base else easyvqa.load_splits(DatasetSpec(seed=spec.dataset.seed), seed=spec.dataset.seed, limit=1)
         def on_base(step: int, steps: int, loss: float) -> None:
             progress("base", 0, step, steps, loss, "building the embedded base checkpoint (once, then cached)")
 
-        folder, _ = ensure_base_checkpoint(data, seed=spec.dataset.seed, samples=spec.base_samples,
+        folder, _ = ensure_base_checkpoint(base_data, seed=spec.dataset.seed, samples=spec.base_samples,
                                            cache_dir=cache_dir, device=device, progress=on_base)
         loaded = blip.load_pretrained(str(folder))
     assert loaded is not None

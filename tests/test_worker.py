@@ -1,0 +1,104 @@
+"""The worker end to end in real subprocesses: every method, the event stream, clear failures."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import of_type, run_worker, tiny_spec
+from vqabench import events as ev
+
+
+@pytest.fixture(scope="module")
+def sft_run(vqa_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    events, rc, err = run_worker(tiny_spec("sft", "sft", epochs=2), tmp, vqa_cache)
+    assert rc == 0, err[-2000:]
+    return events
+
+
+def _check_stream(events: list, epochs: int) -> None:
+    assert isinstance(events[0], (ev.RunStarted, ev.Progress))
+    started = of_type(events, ev.RunStarted)
+    assert len(started) == 1
+    ends = of_type(events, ev.EpochEnded)
+    assert [e.epoch for e in ends] == list(range(1, epochs + 1))
+    assert isinstance(events[-1], ev.RunFinished) and isinstance(events[-2], ev.Evaluated)
+    for e in ends:
+        assert e.epoch_seconds > 0 and e.samples_per_s > 0 and e.peak_rss_mib > 0
+        assert 0.0 <= e.pref_accuracy <= 1.0
+        assert e.cuda_max_allocated_mib is None and e.gpu_process_peak_mib is None  # no GPU: None, not 0
+    final = of_type(events, ev.Evaluated)[0]
+    assert final.n == 32 and 0.0 <= final.em <= 1.0 and final.judge == "exact"
+
+
+def test_sft_runs_end_to_end_and_every_stdout_line_is_an_event(sft_run):
+    _check_stream(sft_run, epochs=2)
+    started = of_type(sft_run, ev.RunStarted)[0]
+    assert started.telemetry.startswith("n/a")
+    assert 0 < started.trainable_params < started.total_params
+    assert started.reference_strategy is None and started.reference_bytes == 0
+    assert started.data["sizes"]["train"] == 64
+
+
+@pytest.mark.parametrize("method,reference", [
+    ("dpo", "copy"), ("dpo", "precompute"), ("ipo", "copy"), ("kto", "precompute"),
+])
+def test_reference_methods_start_from_the_sft_checkpoint(method, reference, sft_run, vqa_cache, tmp_path):
+    checkpoint = sft_run[-1].checkpoint
+    events, rc, err = run_worker(tiny_spec(method, method, init_checkpoint=checkpoint, reference=reference),
+                                 tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    _check_stream(events, epochs=1)
+    started = of_type(events, ev.RunStarted)[0]
+    assert started.reference_strategy == reference
+    if reference == "copy":
+        assert started.reference_bytes == started.data["trainable_bytes"] > 0
+    else:
+        assert started.reference_bytes == 0
+    assert all(e.reference_bytes == started.reference_bytes for e in of_type(events, ev.EpochEnded))
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_reference_free_methods_start_from_the_base(method, vqa_cache, tmp_path):
+    events, rc, err = run_worker(tiny_spec(method, method), tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    _check_stream(events, epochs=1)
+
+
+def test_same_seed_on_cpu_gives_the_same_numbers(sft_run, vqa_cache, tmp_path):
+    again, rc, _ = run_worker(tiny_spec("sft", "sft", epochs=2), tmp_path, vqa_cache)
+    assert rc == 0
+    first = [(e.train_loss, e.eval_loss, e.pref_accuracy) for e in of_type(sft_run, ev.EpochEnded)]
+    second = [(e.train_loss, e.eval_loss, e.pref_accuracy) for e in of_type(again, ev.EpochEnded)]
+    assert first == second
+    other, _, _ = run_worker(tiny_spec("sft-s1", "sft", epochs=2, seed=1), tmp_path, vqa_cache)
+    assert [e.train_loss for e in of_type(other, ev.EpochEnded)] != [t for t, _, _ in first]
+
+
+def _failure(events: list, rc: int) -> ev.RunFailed:
+    assert rc != 0
+    failed = of_type(events, ev.RunFailed)
+    assert len(failed) == 1 and events[-1] is failed[0]
+    assert "\n" not in failed[0].message and failed[0].message.endswith((".", ")"))
+    return failed[0]
+
+
+def test_unknown_method_fails_with_one_sentence(vqa_cache, tmp_path):
+    f = _failure(*run_worker(tiny_spec("x", "rlhf"), tmp_path, vqa_cache)[:2])
+    assert f.error_kind == "config" and "'rlhf'" in f.message and "sft" in f.message
+
+
+def test_dpo_without_an_sft_checkpoint_fails_with_one_sentence(vqa_cache, tmp_path):
+    f = _failure(*run_worker(tiny_spec("dpo", "dpo"), tmp_path, vqa_cache)[:2])
+    assert f.error_kind == "config" and "after" in f.message
+
+
+def test_dpo_with_a_missing_checkpoint_folder_fails_with_one_sentence(vqa_cache, tmp_path):
+    spec = tiny_spec("dpo", "dpo", init_checkpoint=str(tmp_path / "nowhere"))
+    f = _failure(*run_worker(spec, tmp_path, vqa_cache)[:2])
+    assert f.error_kind == "model" and "nowhere" in f.message
+
+
+def test_non_finite_loss_stops_and_names_epoch_and_step(vqa_cache, tmp_path):
+    f = _failure(*run_worker(tiny_spec("nan", "orpo", lr=1e30), tmp_path, vqa_cache)[:2])
+    assert f.error_kind == "numerics"
+    assert "epoch 1, step" in f.message
