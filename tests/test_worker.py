@@ -102,3 +102,11 @@ def test_non_finite_loss_stops_and_names_epoch_and_step(vqa_cache, tmp_path):
     f = _failure(*run_worker(tiny_spec("nan", "orpo", lr=1e30), tmp_path, vqa_cache)[:2])
     assert f.error_kind == "numerics"
     assert "epoch 1, step" in f.message
+
+
+def test_eval_every_epoch_streams_answer_scores_per_epoch(vqa_cache, tmp_path):
+    events, rc, err = run_worker(tiny_spec("live", "sft", epochs=2, eval_every_epoch=8), tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    for e in of_type(events, ev.EpochEnded):
+        assert e.scored_n == 8 and 0.0 <= e.em <= 1.0 and 0.0 <= e.f1 <= 1.0
+        assert e.judge_score is not None

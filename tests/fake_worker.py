@@ -1,0 +1,165 @@
+"""A canned-event worker for tests: speaks the events.py protocol without training anything.
+
+Run as ``python tests/fake_worker.py SCRIPT.json SPEC.json`` (the runner appends SPEC.json).
+SCRIPT.json says how each run behaves: ``{"default": {...}, "runs": {"<run name>": {...}}}``
+with these keys (all optional):
+
+    epochs          epochs to run (default: the spec's)
+    epoch_sleep     seconds of sleep per epoch (default 0)
+    crash_in_epoch  die in this epoch after its first progress event ...
+    crash_signal    ... by this signal (default 9) ...
+    crash_code      ... or with this exit code instead, both without a run_failed event
+    fail_in_epoch   emit run_failed (error_kind "numerics") in this epoch and exit 1
+    hang_in_epoch   start a grandchild in the same process group, write both pids to
+                    <output_dir>/pids.json, and sleep until killed
+    ignore_sigterm  ignore SIGTERM (the host must escalate to SIGKILL)
+    garbage_lines   print this many lines that are not events before run_started
+    stderr          lines to write to stderr before run_started
+    eval_extra      the `extra` of the final eval event (intervals, kappa)
+    cuda            report CUDA memory fields (default false)
+
+:func:`canned_events` is also used directly by tests that need a fixed event sequence.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from vqabench.events import (
+    EpochEnded,
+    Evaluated,
+    Event,
+    Progress,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    encode_event,
+)
+
+#: Per-method numbers that make the tables differ in a readable way.
+METHOD_COST = {"sft": 1.0, "dpo": 1.6, "orpo": 1.1, "ipo": 1.6, "kto": 1.7, "simpo": 1.05}
+METHOD_QUALITY = {"sft": 0.60, "dpo": 0.64, "orpo": 0.66, "ipo": 0.63, "kto": 0.62, "simpo": 0.65}
+
+
+def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunStarted:
+    method = spec["method"]
+    reference = spec.get("reference") if method in ("dpo", "ipo", "kto") else None
+    return RunStarted(
+        run=spec["name"], method=method, config=spec, device="cuda:0" if cuda else "cpu",
+        torch_version="2.13.0+cpu", trainable_params=1_000_000, total_params=1_500_000,
+        reference_strategy=reference, reference_bytes=6_291_456 if reference else 0,
+        epochs=epochs, steps_per_epoch=4, telemetry="n/a: device is CPU",
+        data={"train": 64, "eval": 16, "test": 32}, pid=os.getpid())
+
+
+def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = False) -> EpochEnded:
+    method = spec["method"]
+    cost = METHOD_COST.get(method, 1.0)
+    reference = method in ("dpo", "ipo", "kto")
+    return EpochEnded(
+        epoch=epoch, epochs=epochs, train_loss=round(1.0 / epoch + 0.1 * cost, 4),
+        eval_loss=round(1.1 / epoch + 0.1 * cost, 4), epoch_seconds=round(2.0 * cost, 3),
+        eval_seconds=0.25, samples_per_s=round(32.0 / cost, 2), lr=5e-5 * 0.9 ** (epoch - 1),
+        peak_rss_mib=500.0 + 10 * epoch + (24.0 if reference else 0.0),
+        reference_bytes=6_291_456 if reference else 0,
+        chosen_logp=round(-1.0 / epoch, 4), rejected_logp=round(-2.0 - epoch * cost, 4),
+        reward_margin=round(0.5 * epoch * cost, 4), pref_accuracy=round(0.5 + 0.1 * epoch, 4),
+        is_best=epoch == epochs,
+        cuda_max_allocated_mib=(100.0 * cost + epoch) if cuda else None,
+        cuda_max_reserved_mib=(128.0 * cost + epoch) if cuda else None)
+
+
+def evaluated(spec: dict[str, Any], extra: dict[str, Any] | None = None) -> Evaluated:
+    quality = METHOD_QUALITY.get(spec["method"], 0.5)
+    return Evaluated(split="test", n=32, em=quality, f1=round(quality + 0.05, 4), judge="semantic",
+                     judge_score=round(quality + 0.1, 4), judge_n=32, unparseable=0,
+                     predictions=None, extra=dict(extra or {}))
+
+
+def canned_events(spec: dict[str, Any], epochs: int | None = None, cuda: bool = False,
+                  eval_extra: dict[str, Any] | None = None, checkpoint: str = "best",
+                  ) -> Iterator[Event]:
+    """The events of a normal run: started, progress and epoch_end per epoch, eval, finished."""
+    epochs = epochs or spec.get("epochs", 3)
+    yield run_started(spec, epochs, cuda)
+    for epoch in range(1, epochs + 1):
+        yield Progress(phase="train", epoch=epoch, step=1, steps=4, running_loss=1.0 / epoch)
+        yield epoch_ended(spec, epoch, epochs, cuda)
+    yield evaluated(spec, eval_extra)
+    train_seconds = sum(epoch_ended(spec, e, epochs, cuda).epoch_seconds for e in range(1, epochs + 1))
+    yield RunFinished(best_epoch=epochs, best_eval_loss=epoch_ended(spec, epochs, epochs).eval_loss,
+                      checkpoint=checkpoint, total_seconds=round(train_seconds + 1.0, 3),
+                      train_seconds=round(train_seconds, 3))
+
+
+def worker_cmd(tmp_path: Path, plan: dict[str, Any]) -> list[str]:
+    """The runner's worker_cmd for a script: {"default": {...}, "runs": {...}}."""
+    script = tmp_path / "fake-worker-script.json"
+    script.write_text(json.dumps(plan))
+    return [sys.executable, str(Path(__file__).resolve()), str(script)]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _emit(event: Event) -> None:
+    sys.stdout.write(encode_event(event) + "\n")
+    sys.stdout.flush()
+
+
+def _hang(output_dir: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    (output_dir / "pids.json").write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
+    while True:
+        time.sleep(1)
+
+
+def main(script_path: str, spec_path: str) -> int:
+    script = json.loads(Path(script_path).read_text())
+    spec = json.loads(Path(spec_path).read_text())
+    plan = {**script.get("default", {}), **script.get("runs", {}).get(spec["name"], {})}
+    output_dir = Path(spec["output_dir"])
+    if plan.get("ignore_sigterm"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for line in plan.get("stderr", []):
+        print(line, file=sys.stderr, flush=True)
+    for n in range(plan.get("garbage_lines", 0)):
+        print(f"not an event {n}", flush=True)
+    checkpoint = output_dir / "best"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    epochs = plan.get("epochs") or spec["epochs"]
+    for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"),
+                               str(checkpoint)):
+        if isinstance(event, Progress):
+            epoch = event.epoch
+            time.sleep(plan.get("epoch_sleep", 0))
+            _emit(event)
+            if plan.get("hang_in_epoch") == epoch:
+                _hang(output_dir)
+            if plan.get("crash_in_epoch") == epoch:
+                print(f"fake worker: crashing in epoch {epoch}", file=sys.stderr, flush=True)
+                if "crash_code" in plan:
+                    os._exit(plan["crash_code"])
+                os.kill(os.getpid(), plan.get("crash_signal", signal.SIGKILL))
+            if plan.get("fail_in_epoch") == epoch:
+                _emit(RunFailed(error_kind="numerics", message=f"the loss became NaN in epoch {epoch}."))
+                return 1
+            continue
+        _emit(event)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))

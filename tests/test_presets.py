@@ -1,0 +1,147 @@
+"""Presets: the packaged files, validation messages, `after` resolution and run order."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vqabench.presets import (
+    PRESETS_DIR,
+    Overrides,
+    load_presets,
+    order_runs,
+    select_presets,
+    top_level_presets,
+)
+from vqabench.spec import RunSpec, SpecError
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(selection: str, overrides: Overrides | None = None) -> str:
+    with pytest.raises(SpecError) as info:
+        load_presets(selection, overrides)
+    message = str(info.value)
+    assert "\n" not in message and message.endswith("."), message  # one sentence
+    return message
+
+
+def test_all_is_the_four_top_level_presets_in_dependency_order():
+    specs = load_presets("all")
+    names = [s.name for s in specs]
+    assert sorted(names) == ["dpo-beta0.1", "dpo-beta0.5", "orpo", "sft"]
+    assert names.index("sft") < names.index("dpo-beta0.1")
+    assert names.index("sft") < names.index("dpo-beta0.5")
+    assert top_level_presets() == sorted(names)
+
+
+def test_top_level_presets_share_the_training_setup_of_the_paper():
+    specs = {s.name: s for s in load_presets("all")}
+    shared = {(s.model, s.dataset.source, s.epochs, s.lr, s.batch_size, s.lr_decay, s.seed, s.judge.name)
+              for s in specs.values()}
+    assert shared == {("embedded", "easyvqa", 3, 5e-5, 16, 0.9, 0, "auto")}
+    assert specs["dpo-beta0.1"].beta == 0.1 and specs["dpo-beta0.5"].beta == 0.5
+    assert specs["dpo-beta0.1"].after == "sft" and specs["dpo-beta0.1"].reference == "copy"
+    assert specs["orpo"].method == "orpo" and specs["orpo"].lam == 0.5 and specs["orpo"].after is None
+    assert all(s.description for s in specs.values())
+
+
+def test_paper_presets_use_blip_vqa_base_on_both_datasets():
+    specs = load_presets("paper")
+    assert len(specs) == 8
+    for spec in specs:
+        assert (spec.model, spec.epochs, spec.lr, spec.batch_size, spec.lr_decay) == (
+            "Salesforce/blip-vqa-base", 10, 8e-6, 16, 0.9)
+        if spec.method == "dpo":
+            assert spec.after == spec.name.rsplit("-dpo-beta", 1)[0] + "-sft"
+    sources = {(s.dataset.source, s.dataset.schema) for s in specs}
+    assert sources == {("hf:alexshengzhili/mllm-dpo", "llava"), ("hf:MMInstruction/VLFeedback", "vlfeedback")}
+    assert {s.beta for s in specs if s.method == "dpo"} == {0.1, 0.5}
+
+
+def test_presets_live_inside_the_package_so_a_wheel_ships_them():
+    import vqabench
+
+    assert PRESETS_DIR.parent == Path(vqabench.__file__).parent
+    assert (PRESETS_DIR / "sft.toml").is_file() and (PRESETS_DIR / "paper").is_dir()
+
+
+def test_after_target_outside_the_selection_is_added_and_runs_first():
+    chosen = select_presets("dpo-beta0.5")
+    assert [s.name for s in chosen.specs] == ["sft", "dpo-beta0.5"]
+    assert chosen.added == ["sft"]
+    assert select_presets("sft,dpo-beta0.5").added == []
+
+
+def test_overrides_apply_to_every_run():
+    specs = load_presets("all", Overrides(epochs=1, limit=64, seed=7))
+    assert {(s.epochs, s.limit, s.seed) for s in specs} == {(1, 64, 7)}
+
+
+def test_a_file_selection_finds_its_after_target_beside_it(tmp_path):
+    write(tmp_path, "base", 'method = "sft"\nepochs = 2\n')
+    path = write(tmp_path, "pref", 'method = "dpo"\nafter = "base"\n')
+    chosen = select_presets(str(path))
+    assert [s.name for s in chosen.specs] == ["base", "pref"]
+    assert chosen.added == ["base"] and chosen.specs[0].epochs == 2
+
+
+def test_order_is_topological_and_stable_by_name():
+    specs = [RunSpec(name="z", method="sft"), RunSpec(name="d", method="dpo", after="z"),
+             RunSpec(name="a", method="sft"), RunSpec(name="c", method="dpo", after="d"),
+             RunSpec(name="b", method="dpo", after="a")]
+    assert [s.name for s in order_runs(specs)] == ["a", "b", "z", "d", "c"]
+    assert [s.name for s in order_runs(reversed(specs))] == ["a", "b", "z", "d", "c"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('method = "sft"\nlearning_rate = 1e-4\n', "unknown key 'learning_rate'"),
+    ('method = "sft"\nepochs = "three"\n', "key 'epochs' has value 'three', which must be a integer"),
+    ('method = "ppo"\n', "key 'method' has value 'ppo'; allowed values are sft, dpo"),
+    ('method = "sft"\nmodel = "blip tiny"\n', "key 'model' has value 'blip tiny'; allowed are embedded"),
+    ('method = "sft"\ndataset = "vqa-v2"\n', "key 'dataset.source' has value 'vqa-v2'; allowed are 'easyvqa'"),
+    ('method = "sft"\nepochs = 0\n', "key 'epochs' has value 0; it must be at least 1"),
+    ('method = "dpo"\n', "method 'dpo' needs an SFT checkpoint"),
+    ('method = "sft"\nepochs = 3\nepochs = 4\n', "not valid TOML"),
+])
+def test_a_bad_preset_is_one_sentence_naming_the_file_key_and_value(tmp_path, text, expected):
+    path = write(tmp_path, "bad", text)
+    message = error_of(str(path))
+    assert str(path) in message and expected in message
+
+
+def test_a_missing_after_target_names_the_key_and_the_choices(tmp_path):
+    path = write(tmp_path, "pref", 'method = "dpo"\nafter = "sft-typo"\n')
+    message = error_of(str(path))
+    assert str(path) in message and "key 'after' has value 'sft-typo'" in message
+    assert "sft" in message.split("allowed are")[1]
+
+
+def test_a_dependency_cycle_is_refused(tmp_path):
+    write(tmp_path, "one", 'method = "dpo"\nafter = "two"\n')
+    write(tmp_path, "two", 'method = "dpo"\nafter = "one"\n')
+    message = error_of(str(tmp_path))
+    assert "cycle (one -> two -> one)" in message and "key 'after'" in message
+
+
+def test_unknown_preset_names_and_missing_files_are_refused(tmp_path):
+    message = error_of("sft,dpo-beta9")
+    assert "'dpo-beta9'" in message and "orpo" in message
+    message = error_of(str(tmp_path / "nope.toml"))
+    assert "nope.toml does not exist" in message
+    assert "holds no .toml file" in error_of(str(tmp_path))
+
+
+def test_a_bad_override_is_refused_before_any_file_is_read():
+    assert "--epochs has value 0; it must be at least 1" in error_of("all", Overrides(epochs=0))
+    assert "--seed has value -1" in error_of("all", Overrides(seed=-1))
+
+
+def test_two_files_with_one_run_name_are_refused(tmp_path):
+    write(tmp_path, "a", 'name = "same"\nmethod = "sft"\n')
+    write(tmp_path, "b", 'name = "same"\nmethod = "orpo"\n')
+    assert "key 'name' has value 'same'" in error_of(str(tmp_path))

@@ -1,0 +1,142 @@
+"""The Markdown report: a golden file pins the format; the numbers are checked on their own."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fake_worker import canned_events
+from vqabench.events import Progress, encode_event
+from vqabench.report import RunData, build_report, render_markdown, summarize_runs
+from vqabench.runner import RunnerFinished, RunQueued, RunStatusChanged, WorkerEvent
+from vqabench.spec import DatasetSpec, RunSpec
+from vqabench.store import ResultsStore
+
+GOLDEN = Path(__file__).parent / "golden" / "report.md"
+INTERVALS = {"em_ci": [0.61, 0.67], "f1_ci": [0.66, 0.72], "judge_ci": [0.7, 0.78], "judge_kappa": 0.52}
+
+
+def record(store: ResultsStore, session, specs: list[RunSpec], crash: dict[str, int] | None = None,
+           extra: dict[str, dict] | None = None, cuda: set[str] = frozenset()) -> None:
+    """Feed canned worker events through a recorder, as a runner would."""
+    recorder = store.recorder(session)
+    crash, extra = crash or {}, extra or {}
+    for position, spec in enumerate(specs):
+        recorder(RunQueued(spec.name, spec, position))
+    statuses = {}
+    for spec in specs:
+        if spec.after and statuses[spec.after] != "done":
+            statuses[spec.name] = "skipped"
+            recorder(RunStatusChanged(spec.name, "skipped", f"skipped: {spec.after} failed"))
+            continue
+        recorder(RunStatusChanged(spec.name, "running", spec=spec, pid=100 + len(statuses)))
+        status, reason = "done", ""
+        for event in canned_events(spec.to_dict(), cuda=spec.name in cuda,
+                                   eval_extra=extra.get(spec.name), checkpoint=f"/runs/{spec.name}/best"):
+            if isinstance(event, Progress) and crash.get(spec.name) == event.epoch:
+                status, reason = "failed", f"worker exited with signal 9 (killed) during epoch {event.epoch} of 3"
+                break
+            recorder(WorkerEvent(spec.name, event, encode_event(event)))
+        statuses[spec.name] = status
+        recorder(RunStatusChanged(spec.name, status, reason, exit_code=0 if status == "done" else -9))
+    recorder(RunnerFinished(statuses, cancelled=False))
+
+
+def paper_like_session(tmp_path: Path, **kwargs) -> tuple[ResultsStore, int]:
+    store = ResultsStore(tmp_path)
+    session = store.begin_session("all", "vqabench --headless --preset all", machine="testbox",
+                                  processor="x86_64", started_at="2026-01-02T03:04:05+00:00")
+    specs = [RunSpec(name="orpo", method="orpo"), RunSpec(name="sft", method="sft"),
+             RunSpec(name="dpo-beta0.1", method="dpo", beta=0.1, after="sft"),
+             RunSpec(name="dpo-beta0.5", method="dpo", beta=0.5, after="sft")]
+    record(store, session, specs, **kwargs)
+    return store, session.id
+
+
+def test_the_markdown_report_matches_the_golden_file(tmp_path):
+    store, session_id = paper_like_session(tmp_path, crash={"dpo-beta0.5": 2},
+                                           extra={"dpo-beta0.1": INTERVALS})
+    text = render_markdown(store, session_id)
+    if os.environ.get("VQABENCH_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_the_first_line_names_machine_device_versions_and_date(tmp_path):
+    store, session_id = paper_like_session(tmp_path)
+    first = render_markdown(store, session_id).splitlines()[0]
+    import vqabench
+
+    for part in ("testbox (x86_64)", "device cpu", "torch 2.13.0+cpu", f"vqabench {vqabench.__version__}",
+                 "2026-01-02 03:04 UTC"):
+        assert part in first
+
+
+def test_efficiency_numbers_are_ratios_to_sft_and_sums_along_the_chain(tmp_path):
+    store, session_id = paper_like_session(tmp_path)
+    report = build_report(store, session_id)
+    efficiency = {row[0]: row for row in report.tables[1].rows}
+    # canned epoch times: sft 2.0 s, dpo 3.2 s, orpo 2.2 s; three epochs each
+    assert efficiency["sft"][1:3] == ["2.00", "1.00"]
+    assert float(efficiency["dpo-beta0.1"][2]) == pytest.approx(3.2 / 2.0, abs=0.005)
+    assert float(efficiency["orpo"][2]) == pytest.approx(2.2 / 2.0, abs=0.005)
+    assert float(efficiency["dpo-beta0.1"][3]) == pytest.approx(3 * 3.2 + 3 * 2.0, abs=0.005)
+    assert float(efficiency["orpo"][3]) == pytest.approx(3 * 2.2, abs=0.005)
+    assert efficiency["dpo-beta0.1"][6] == "6.0" and efficiency["orpo"][6] == "none"
+
+
+def test_missing_values_are_na_never_zero(tmp_path):
+    store, session_id = paper_like_session(tmp_path, crash={"sft": 1})
+    report = build_report(store, session_id)
+    quality = {row[0]: row for row in report.tables[0].rows}
+    efficiency = {row[0]: row for row in report.tables[1].rows}
+    assert quality["dpo-beta0.1"][1:] == ["n/a"] * 4
+    assert efficiency["dpo-beta0.1"][1:] == ["n/a"] * 6
+    assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
+    assert efficiency["orpo"][2] == "n/a"  # no SFT epoch to compare with
+    assert report.unfinished == ["sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",
+                                 "dpo-beta0.1: skipped: sft failed", "dpo-beta0.5: skipped: sft failed"]
+
+
+def test_cuda_memory_is_preferred_and_a_mix_is_marked_per_cell(tmp_path):
+    store, session_id = paper_like_session(tmp_path, cuda={"orpo"})
+    efficiency = build_report(store, session_id).tables[1]
+    assert "Peak memory [MiB] ↓" in efficiency.columns
+    rows = {row[0]: row for row in efficiency.rows}
+    assert rows["orpo"][5] == "113.0 (CUDA)"  # canned: 100 * 1.1 + epoch 3
+    assert rows["sft"][5] == "530.0 (RSS)"
+
+
+def test_intervals_and_kappa_are_shown_and_explained(tmp_path):
+    store, session_id = paper_like_session(tmp_path, extra={"dpo-beta0.1": INTERVALS})
+    quality = build_report(store, session_id).tables[0]
+    assert "κ judge/EM" in quality.columns
+    row = next(r for r in quality.rows if r[0] == "dpo-beta0.1")
+    assert row[1:5] == ["0.640 [0.610, 0.670]", "0.690 [0.660, 0.720]", "0.740 [0.700, 0.780]", "0.52"]
+    assert any("95% bootstrap" in note for note in quality.notes)
+    assert any("Cohen's kappa" in note for note in quality.notes)
+
+
+def test_summaries_work_on_live_data_without_a_store():
+    spec = RunSpec(name="sft", method="sft", epochs=2)
+    events = list(canned_events(spec.to_dict()))
+    live = RunData("sft", "sft", "running", started=events[0], epochs=[events[2]])
+    [summary] = summarize_runs([live])
+    assert summary.mean_epoch_seconds == pytest.approx(2.0)
+    assert summary.relative_epoch_time == pytest.approx(1.0)
+    assert summary.aligned_seconds is None and summary.em is None
+    assert summary.memory_source == "RSS" and summary.uses_reference is False
+
+
+def test_each_run_is_compared_with_the_sft_run_of_its_own_model_and_data(tmp_path):
+    store = ResultsStore(tmp_path)
+    session = store.begin_session("paper")
+    specs = [RunSpec(name=name, method=method, model="Salesforce/blip-vqa-base", dataset=DatasetSpec(source))
+             for name, method, source in (("a-sft", "sft", "hf:a/a"), ("a-orpo", "orpo", "hf:a/a"),
+                                          ("b-orpo", "orpo", "hf:b/b"))]
+    record(store, session, specs)
+    rows = {row[0]: row for row in build_report(store, session.id).tables[1].rows}
+    assert rows["a-orpo"][2] == "1.10"
+    assert rows["b-orpo"][2] == "n/a"  # no SFT run on b's data in this session

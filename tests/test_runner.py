@@ -1,0 +1,238 @@
+"""The runner, driving real subprocesses (tests/fake_worker.py) through crashes and cancels."""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fake_worker import process_alive, worker_cmd
+from vqabench.events import EpochEnded, RunStarted
+from vqabench.runner import (
+    InvalidWorkerLine,
+    Runner,
+    RunnerFinished,
+    RunQueued,
+    RunStatusChanged,
+    WorkerEvent,
+    WorkerStderr,
+    default_worker_cmd,
+)
+from vqabench.spec import RunSpec
+from vqabench.store import ResultsStore
+
+SPECS = [RunSpec(name="sft", method="sft", epochs=2),
+         RunSpec(name="dpo", method="dpo", after="sft", epochs=2),
+         RunSpec(name="orpo", method="orpo", epochs=2)]
+
+
+def make_runner(tmp_path: Path, plan: dict, specs=SPECS, **kwargs) -> tuple[Runner, list]:
+    runner = Runner(specs, runs_dir=tmp_path / "runs", session="s1", worker_cmd=worker_cmd(tmp_path, plan),
+                    cache_dir=tmp_path / "cache", **kwargs)
+    notes: list = []
+    runner.subscribe(notes.append)
+    return runner, notes
+
+
+def statuses(runner: Runner) -> dict[str, str]:
+    return {name: state.status for name, state in runner.states.items()}
+
+
+async def wait_for_file(path: Path, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return json.loads(path.read_text())
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_runs_go_in_dependency_order_and_dpo_starts_from_the_sft_checkpoint(tmp_path):
+    runner, notes = make_runner(tmp_path, {})
+    asyncio.run(runner.run())
+    assert statuses(runner) == {"sft": "done", "dpo": "done", "orpo": "done"}
+    assert runner.all_done
+    assert [n.run for n in notes if isinstance(n, RunQueued)] == ["orpo", "sft", "dpo"]
+    started = [n.run for n in notes if isinstance(n, RunStatusChanged) and n.status == "running"]
+    assert started == ["orpo", "sft", "dpo"]
+    sft_checkpoint = runner.states["sft"].checkpoint
+    assert sft_checkpoint == str(tmp_path / "runs" / "s1-sft" / "best")
+    written = json.loads((tmp_path / "runs" / "s1-dpo" / "spec.json").read_text())
+    assert written["init_checkpoint"] == sft_checkpoint
+    assert written["output_dir"] == str(tmp_path / "runs" / "s1-dpo")
+    assert written["cache_dir"] == str(tmp_path / "cache")
+    epochs = [n.event.epoch for n in notes if isinstance(n, WorkerEvent) and n.run == "sft"
+              and isinstance(n.event, EpochEnded)]
+    assert epochs == [1, 2]
+    assert isinstance(notes[-1], RunnerFinished) and not notes[-1].cancelled
+
+
+def test_a_killed_worker_fails_its_run_skips_dependants_and_keeps_its_epochs(tmp_path):
+    plan = {"runs": {"sft": {"crash_in_epoch": 2, "stderr": ["loading data"]}}}
+    runner, notes = make_runner(tmp_path, plan)
+    store = ResultsStore(tmp_path / "results")
+    session = store.begin_session("test")
+    runner.subscribe(store.recorder(session))
+    asyncio.run(runner.run())
+    assert statuses(runner) == {"orpo": "done", "sft": "failed", "dpo": "skipped"}
+    reason = runner.states["sft"].reason
+    assert reason.startswith("worker exited with signal 9 (killed) during epoch 2 of 2")
+    assert "fake worker: crashing in epoch 2" in reason
+    assert runner.states["dpo"].reason == "skipped: sft failed"
+    assert list(runner.states["sft"].stderr_tail) == ["loading data", "fake worker: crashing in epoch 2"]
+    runs = {r.name: r for r in store.runs(session.id)}
+    assert [e.epoch for e in store.epochs(runs["sft"].id)] == [1]  # the completed epoch survived
+    assert runs["sft"].status == "failed" and runs["sft"].reason == reason
+    assert runs["sft"].exit_code == -9
+    assert [e.epoch for e in store.epochs(runs["orpo"].id)] == [1, 2]
+    assert store.last_session().status == "failed"
+
+
+def test_a_nonzero_exit_and_a_run_failed_event_give_one_sentence(tmp_path):
+    plan = {"runs": {"sft": {"crash_in_epoch": 1, "crash_code": 3}, "orpo": {"fail_in_epoch": 2}}}
+    runner, _ = make_runner(tmp_path, plan)
+    asyncio.run(runner.run())
+    assert runner.states["sft"].reason.startswith("worker exited with code 3 during epoch 1 of 2")
+    assert runner.states["orpo"].status == "failed"
+    assert runner.states["orpo"].reason == "the loss became NaN in epoch 2."
+
+
+def test_lines_that_are_not_events_are_counted_and_skipped(tmp_path):
+    runner, notes = make_runner(tmp_path, {"runs": {"orpo": {"garbage_lines": 3}}}, specs=SPECS[2:])
+    asyncio.run(runner.run())
+    assert runner.states["orpo"].status == "done"
+    assert runner.states["orpo"].invalid_lines == 3
+    assert [n.line for n in notes if isinstance(n, InvalidWorkerLine)] == [
+        "not an event 0", "not an event 1", "not an event 2"]
+
+
+def test_stderr_lines_reach_subscribers(tmp_path):
+    runner, notes = make_runner(tmp_path, {"default": {"stderr": ["one", "two"]}}, specs=SPECS[:1])
+    asyncio.run(runner.run())
+    assert [n.line for n in notes if isinstance(n, WorkerStderr)] == ["one", "two"]
+
+
+def test_cancel_terminates_the_worker_and_its_grandchild_and_cancels_the_queue(tmp_path):
+    runner, notes = make_runner(tmp_path, {"runs": {"orpo": {"hang_in_epoch": 1}}})
+
+    async def scenario() -> dict:
+        task = asyncio.ensure_future(runner.run())
+        pids = await wait_for_file(tmp_path / "runs" / "s1-orpo" / "pids.json")
+        runner.cancel()
+        await task
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert not process_alive(pids["worker"]) and not process_alive(pids["grandchild"])
+    assert statuses(runner) == {"orpo": "cancelled", "sft": "cancelled", "dpo": "cancelled"}
+    assert runner.states["orpo"].reason == "cancelled during epoch 1 of 2"
+    assert runner.states["orpo"].exit_code == -15  # SIGTERM was enough
+    assert notes[-1].cancelled
+
+
+def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period(tmp_path):
+    plan = {"runs": {"orpo": {"hang_in_epoch": 1, "ignore_sigterm": True}}}
+    runner, _ = make_runner(tmp_path, plan, specs=SPECS[2:], grace_seconds=0.5)
+
+    async def scenario() -> tuple[dict, float]:
+        task = asyncio.ensure_future(runner.run())
+        pids = await wait_for_file(tmp_path / "runs" / "s1-orpo" / "pids.json")
+        start = time.monotonic()
+        runner.cancel("orpo")
+        await task
+        return pids, time.monotonic() - start
+
+    pids, waited = asyncio.run(scenario())
+    assert 0.4 < waited < 5
+    assert runner.states["orpo"].exit_code == -9
+    assert not process_alive(pids["worker"]) and not process_alive(pids["grandchild"])
+
+
+def test_cancelling_one_run_skips_its_dependants_and_the_rest_go_on(tmp_path):
+    runner, _ = make_runner(tmp_path, {"runs": {"sft": {"hang_in_epoch": 2}}})
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(runner.run())
+        await wait_for_file(tmp_path / "runs" / "s1-sft" / "pids.json")
+        runner.cancel("sft")
+        await task
+
+    asyncio.run(scenario())
+    assert statuses(runner) == {"orpo": "done", "sft": "cancelled", "dpo": "skipped"}
+    assert runner.states["dpo"].reason == "skipped: sft cancelled"
+    assert runner.states["sft"].reason == "cancelled during epoch 2 of 2"
+
+
+def test_cancel_from_another_thread_and_of_a_queued_run(tmp_path):
+    runner, _ = make_runner(tmp_path, {"runs": {"orpo": {"hang_in_epoch": 1}}})
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(runner.run())
+        await wait_for_file(tmp_path / "runs" / "s1-orpo" / "pids.json")
+        runner.cancel("sft")  # queued: cancelled at once, its dependant skipped later
+        assert runner.states["sft"].status == "cancelled"
+        thread = threading.Thread(target=runner.cancel, args=("orpo",))
+        thread.start()
+        thread.join()
+        await task
+
+    asyncio.run(scenario())
+    assert statuses(runner) == {"orpo": "cancelled", "sft": "cancelled", "dpo": "skipped"}
+    assert runner.states["sft"].reason == "cancelled before it started"
+
+
+def test_cancelling_the_task_that_runs_the_runner_leaves_no_process(tmp_path):
+    runner, _ = make_runner(tmp_path, {"runs": {"orpo": {"hang_in_epoch": 1}}})
+
+    async def scenario() -> dict:
+        task = asyncio.ensure_future(runner.run())
+        pids = await wait_for_file(tmp_path / "runs" / "s1-orpo" / "pids.json")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert not process_alive(pids["worker"]) and not process_alive(pids["grandchild"])
+    assert set(statuses(runner).values()) == {"cancelled"}
+
+
+def test_a_worker_that_cannot_start_fails_its_run(tmp_path):
+    runner = Runner(SPECS[:1], runs_dir=tmp_path / "runs", worker_cmd=[str(tmp_path / "no-such-worker")])
+    asyncio.run(runner.run())
+    assert runner.states["sft"].status == "failed"
+    assert runner.states["sft"].reason.startswith("the worker could not start:")
+
+
+def test_a_failing_subscriber_does_not_stop_the_runs(tmp_path):
+    runner, notes = make_runner(tmp_path, {}, specs=SPECS[:1])
+
+    def broken(note: object) -> None:
+        raise RuntimeError("subscriber bug")
+
+    runner.subscribe(broken)
+    asyncio.run(runner.run())
+    assert runner.states["sft"].status == "done"
+    assert any(isinstance(n, WorkerEvent) and isinstance(n.event, RunStarted) for n in notes)
+
+
+def test_the_worker_gets_this_vqabench_on_its_import_path(tmp_path):
+    runner, _ = make_runner(tmp_path, {}, specs=SPECS[:1], env={"PYTHONPATH": "/elsewhere"})
+    repo = str(Path(__file__).resolve().parent.parent)
+    assert runner._env["PYTHONPATH"].split(":")[:2] == [repo, "/elsewhere"]
+    assert default_worker_cmd() == [sys.executable, "-m", "vqabench.engine.worker"]
+    asyncio.run(runner.run())
+    assert runner.states["sft"].status == "done"
+
+
+def test_a_run_whose_after_is_elsewhere_keeps_the_checkpoint_it_was_given(tmp_path):
+    spec = RunSpec(name="dpo", method="dpo", after="sft-of-last-week", init_checkpoint="/ckpt/sft", epochs=1)
+    runner, _ = make_runner(tmp_path, {}, specs=[spec])
+    asyncio.run(runner.run())
+    assert runner.states["dpo"].status == "done"
+    written = json.loads((tmp_path / "runs" / "s1-dpo" / "spec.json").read_text())
+    assert written["init_checkpoint"] == "/ckpt/sft"

@@ -1,0 +1,146 @@
+"""Command line: argument parsing only; the work happens in headless, report and the dashboard.
+
+    vqabench                                        the dashboard (vqabench.tui.app)
+    vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
+             [--results DIR] [--export FILE.md] [--cache DIR]
+    vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
+
+A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
+code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import vqabench
+from vqabench.presets import Overrides
+from vqabench.spec import SpecError
+from vqabench.store import DEFAULT_RESULTS_DIR, ResultsStore, StoreError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vqabench",
+        description="Benchmark preference alignment (SFT, DPO, ORPO, ...) of BLIP VQA models. "
+                    "Without a command: the dashboard, or with --headless the console runner.")
+    parser.add_argument("--version", action="version", version=f"vqabench {vqabench.__version__}")
+    parser.add_argument("--headless", action="store_true",
+                        help="run the presets in the console (CI) instead of the dashboard")
+    parser.add_argument("--preset", metavar="SELECTION",
+                        help="'all' (the top-level presets, the default), names like 'sft,orpo', "
+                             "'paper', or a .toml file")
+    parser.add_argument("--epochs", type=int, metavar="N", help="override every run's epochs")
+    parser.add_argument("--limit", type=int, metavar="N", help="cap the training pairs of every run")
+    parser.add_argument("--seed", type=int, metavar="N", help="override every run's seed")
+    _add_results_option(parser)
+    parser.add_argument("--export", type=Path, metavar="FILE.md",
+                        help="write the Markdown report when the runs end")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="base checkpoints and reference caches (default: $VQABENCH_CACHE or ~/.cache/vqabench)")
+    # A stand-in worker command for tests (e.g. "python tests/fake_worker.py script.json").
+    parser.add_argument("--worker-cmd", help=argparse.SUPPRESS)
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_export_command(commands)
+    # Issue 5 adds `vqabench judge ...` here: an _add_judge_command(commands) beside the
+    # export one, and its handler in COMMANDS below.
+    return parser
+
+
+def _add_results_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR, metavar="DIR",
+                        help=f"results folder with results.db (default: ./{DEFAULT_RESULTS_DIR})")
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="write the Markdown report of a stored session",
+                                 description="Write the quality, efficiency and per-epoch tables "
+                                             "of a stored session as Markdown.")
+    which = export.add_mutually_exclusive_group()
+    which.add_argument("--session", type=int, metavar="ID", help="the session's id")
+    which.add_argument("--last", action="store_true", help="the latest session (the default)")
+    export.add_argument("-o", "--output", default="-", metavar="FILE.md",
+                        help="where to write the report ('-' = standard output, the default)")
+    _add_results_option(export)
+
+
+def _overrides(args: argparse.Namespace) -> Overrides:
+    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from vqabench.report import render_markdown
+
+    with ResultsStore(args.results, create=False) as store:
+        session = store.session(args.session) if args.session is not None else store.last_session()
+        if session is None:
+            raise StoreError(f"the results store {store.path} holds no session yet; run "
+                             f"'vqabench --headless' first.")
+        text = render_markdown(store, session.id)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        _write(Path(args.output), text)
+        print(f"Wrote the report of session {session.id} to {args.output}.")
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise StoreError(f"cannot write {path} ({exc.strerror}).") from None
+
+
+def _run_headless(args: argparse.Namespace) -> int:
+    from vqabench.headless import run_headless
+
+    if args.export is not None and not args.export.parent.is_dir():
+        raise StoreError(f"--export names {args.export}, but the folder {args.export.parent} does not exist.")
+    return run_headless(args.preset or "all", _overrides(args), args.results, export=args.export,
+                        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+                        cache_dir=args.cache, command=shlex.join(["vqabench", *sys.argv[1:]]))
+
+
+def _run_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from vqabench.tui.app import run_dashboard
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("vqabench.tui", "vqabench.tui.app"):
+            raise
+        print("vqabench: the dashboard is not part of this build yet; run "
+              "'vqabench --headless --preset all' instead.", file=sys.stderr)
+        return EXIT_USAGE
+    return run_dashboard(selection=args.preset, overrides=_overrides(args), results_dir=args.results,
+                         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+                         cache_dir=args.cache)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the arguments, dispatch, and turn user errors into one sentence and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command is not None:
+            return COMMANDS[args.command](args)
+        if args.headless:
+            return _run_headless(args)
+        return _run_dashboard(args)
+    except (SpecError, StoreError) as exc:
+        print(f"vqabench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vqabench: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Presets: TOML files that become validated RunSpecs, in the order their `after` links need.
+
+A preset is one training run in one TOML file. Its name is the file's stem unless the file
+sets `name`. The packaged presets live in the `vqabench/presets/` folder (package data, so
+they are found from an installed wheel as well as from a checkout): the top-level files are
+`--preset all`; `paper/` holds the paper's GPU setup and is selected as `--preset paper` or
+by name (`--preset mllm-dpo-sft,mllm-dpo-dpo-beta0.1`). A selection may also name a TOML file
+or a folder of them.
+
+A run whose `after` names a preset that the selection lacks gets that preset added
+(:class:`PresetSelection` says which); a missing target or a cycle is a :class:`SpecError`.
+Runs come out in dependency order, ties broken by name. Relative local paths in a preset
+(a model folder, a dataset file) are read relative to the current directory.
+
+Room for seeds (issue 8): a later `--seeds` may copy each spec per seed with a suffix in the
+run name ("sft@s1") and point `after` at the same seed's target; nothing here assumes a run
+name is a file stem.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from vqabench.spec import BUILTIN_MODELS, RunSpec, SpecError, spec_from_dict
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: no TOML reader in the standard library
+    tomllib = None  # type: ignore[assignment]
+
+#: The packaged presets (a plain folder inside the package, shipped as package data).
+PRESETS_DIR = Path(__file__).with_name("presets")
+#: A group of packaged presets selectable by its folder name.
+PRESET_GROUPS = ("paper",)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line changes applied to every selected preset (None = keep the preset's value)."""
+
+    epochs: int | None = None
+    limit: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise SpecError for a value no run could use."""
+        for flag, value, least in (("--epochs", self.epochs, 1), ("--limit", self.limit, 1),
+                                   ("--seed", self.seed, 0)):
+            if value is not None and value < least:
+                raise SpecError(f"{flag} has value {value}; it must be at least {least}.")
+
+    def apply(self, spec: RunSpec) -> RunSpec:
+        changes = {k: v for k, v in (("epochs", self.epochs), ("limit", self.limit),
+                                     ("seed", self.seed)) if v is not None}
+        return spec.replace(**changes) if changes else spec
+
+
+@dataclass
+class Preset:
+    """A validated preset and the file it came from."""
+
+    spec: RunSpec
+    path: Path
+
+
+@dataclass
+class PresetSelection:
+    """What a selection resolved to: specs in run order, and the presets added for `after`."""
+
+    specs: list[RunSpec]
+    added: list[str] = field(default_factory=list)  # names pulled in as `after` targets
+
+
+def packaged_presets() -> dict[str, Path]:
+    """Every packaged preset by name: top-level files and those of the groups (paper/)."""
+    found: dict[str, Path] = {}
+    for folder in (PRESETS_DIR, *(PRESETS_DIR / g for g in PRESET_GROUPS)):
+        for path in sorted(folder.glob("*.toml")):
+            found[path.stem] = path
+    return found
+
+
+def top_level_presets() -> list[str]:
+    """The names `--preset all` selects."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def read_preset(path: Path) -> Preset:
+    """Parse and validate one preset file; every error names the file."""
+    path = Path(path)
+    if tomllib is None:
+        raise SpecError(f"reading preset {path} needs Python 3.11 or later (the tomllib module).")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SpecError(f"preset file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise SpecError(f"preset file {path} is a folder; name a .toml file inside it.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML ({exc}).") from None
+    except OSError as exc:
+        raise SpecError(f"preset file {path} cannot be read ({exc.strerror}).") from None
+    data.setdefault("name", path.stem)
+    spec = spec_from_dict(data, where=str(path))
+    _check_sources(spec, path)
+    return Preset(spec, path)
+
+
+def _check_sources(spec: RunSpec, path: Path) -> None:
+    """Reject a model or dataset that no loader could find, before anything starts."""
+    model = spec.model
+    if model not in BUILTIN_MODELS and not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+        raise SpecError(
+            f"{path}: key 'model' has value {model!r}; allowed are {', '.join(BUILTIN_MODELS)}, "
+            f"a hub id like 'Salesforce/blip-vqa-base' or an existing local folder."
+        )
+    source = spec.dataset.source
+    if source == "easyvqa":
+        return
+    if source.startswith("hf:"):
+        if not _HUB_ID.match(source[3:]) and not re.match(r"^[\w.-]+$", source[3:]):
+            raise SpecError(f"{path}: key 'dataset.source' has value {source!r}; after 'hf:' comes a "
+                            f"hub dataset id like 'hf:MMInstruction/VLFeedback'.")
+        return
+    if not Path(source).expanduser().exists():
+        raise SpecError(
+            f"{path}: key 'dataset.source' has value {source!r}; allowed are 'easyvqa', "
+            f"'hf:<hub dataset id>' or an existing local file or folder."
+        )
+
+
+def _selection_paths(selection: str) -> tuple[list[Path], dict[str, Path]]:
+    """The files a selection names, and the presets its `after` targets may come from."""
+    packaged = packaged_presets()
+    chosen: list[Path] = []
+    extra_pool: dict[str, Path] = {}
+    items = [s.strip() for s in selection.split(",") if s.strip()]
+    if not items:
+        raise SpecError("--preset is empty; name presets (e.g. 'all' or 'sft,orpo') or a .toml file.")
+    for item in items:
+        path = Path(item).expanduser()
+        if item == "all":
+            chosen += [PRESETS_DIR / f"{n}.toml" for n in top_level_presets()]
+        elif item in PRESET_GROUPS:
+            chosen += sorted((PRESETS_DIR / item).glob("*.toml"))
+        elif item in packaged:
+            chosen.append(packaged[item])
+        elif item.endswith(".toml") or path.is_file():
+            if not path.is_file():
+                raise SpecError(f"preset file {item} does not exist.")
+            chosen.append(path)
+            extra_pool.update({p.stem: p for p in sorted(path.parent.glob("*.toml"))})
+        elif path.is_dir():
+            files = sorted(path.glob("*.toml"))
+            if not files:
+                raise SpecError(f"preset folder {item} holds no .toml file.")
+            chosen += files
+        else:
+            names = ", ".join(["all", *PRESET_GROUPS, *sorted(packaged)])
+            raise SpecError(f"--preset names '{item}', which is not a preset or a file; "
+                            f"available presets are {names}.")
+    # Presets beside a user's file are found before packaged ones of the same name.
+    pool = {**packaged, **extra_pool}
+    return chosen, pool
+
+
+def select_presets(selection: str, overrides: Overrides | None = None) -> PresetSelection:
+    """Resolve "all", "a,b", a group, a .toml file or a folder into ordered, validated specs."""
+    overrides = overrides or Overrides()
+    overrides.validate()
+    chosen, pool = _selection_paths(selection)
+    presets: dict[str, Preset] = {}
+    for path in chosen:
+        preset = read_preset(path)
+        other = presets.get(preset.spec.name)
+        if other is not None and other.path.resolve() != preset.path.resolve():
+            raise SpecError(f"{path}: key 'name' has value {preset.spec.name!r}, which {other.path} "
+                            f"already uses; every run in a selection needs its own name.")
+        presets[preset.spec.name] = preset
+    added: list[str] = []
+    pending = list(presets.values())
+    while pending:
+        preset = pending.pop()
+        target = preset.spec.after
+        if target is None or target in presets:
+            continue
+        if target not in pool:
+            known = ", ".join(sorted(set(presets) | set(pool)))
+            raise SpecError(f"{preset.path}: key 'after' has value {target!r}, but no preset has that "
+                            f"name; allowed are {known}.")
+        dependency = read_preset(pool[target])
+        presets[dependency.spec.name] = dependency
+        added.append(dependency.spec.name)
+        pending.append(dependency)
+    ordered = order_runs([p.spec for p in presets.values()],
+                         where={name: str(p.path) for name, p in presets.items()})
+    return PresetSelection([overrides.apply(s) for s in ordered], sorted(added))
+
+
+def load_presets(selection: str, overrides: Overrides | None = None) -> list[RunSpec]:
+    """The specs a `--preset` value selects, validated, with `after` targets, in run order."""
+    return select_presets(selection, overrides).specs
+
+
+def order_runs(specs: Iterable[RunSpec], where: dict[str, str] | None = None) -> list[RunSpec]:
+    """Topological order by `after` (a target runs before its dependants), stable by name.
+
+    Raises SpecError for a target outside `specs` (unless the run has an init_checkpoint)
+    or a cycle; `where` maps run names to the file named in the message.
+    """
+    by_name = {s.name: s for s in specs}
+    where = where or {}
+    for spec in by_name.values():
+        if spec.after is not None and spec.after not in by_name and spec.init_checkpoint is None:
+            raise SpecError(f"{where.get(spec.name, spec.name)}: key 'after' has value {spec.after!r}, "
+                            f"which is not among the runs ({', '.join(sorted(by_name))}).")
+    ordered: list[RunSpec] = []
+    placed: set[str] = set()
+    remaining = sorted(by_name)
+    while remaining:
+        ready = [n for n in remaining
+                 if by_name[n].after is None or by_name[n].after in placed or by_name[n].after not in by_name]
+        if not ready:
+            cycle = _find_cycle(by_name, remaining[0])
+            start = cycle[0]
+            raise SpecError(f"{where.get(start, start)}: key 'after' has value {by_name[start].after!r}, "
+                            f"which makes a cycle ({' -> '.join(cycle + [start])}); "
+                            f"a run cannot start from itself.")
+        name = ready[0]
+        ordered.append(by_name[name])
+        placed.add(name)
+        remaining.remove(name)
+    return ordered
+
+
+def _find_cycle(by_name: dict[str, Any], start: str) -> list[str]:
+    """The cycle reached from `start` by following `after` links."""
+    path: list[str] = []
+    node = start
+    while node not in path:
+        path.append(node)
+        node = by_name[node].after
+    return path[path.index(node):]

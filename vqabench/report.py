@@ -1,0 +1,344 @@
+"""The comparison report: quality, efficiency and per-epoch tables from the results store.
+
+One report for every front end: :func:`render_markdown` writes it for ``vqabench export``,
+``--export`` and the dashboard's export; :func:`build_report` gives the same tables as
+plain rows (:class:`ReportTable`) that the headless console draws with rich. The numbers
+come from :func:`summarize_run`, which works on stored runs and equally on events the
+dashboard collects live (:class:`RunData`). A value that was not measured is "n/a", never 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from statistics import mean
+from typing import Any, Sequence
+
+from vqabench.events import EpochEnded, Evaluated, RunFinished, RunStarted
+from vqabench.store import ResultsStore, SessionRecord
+
+NA = "n/a"
+MIB = 2**20
+EPOCH_NOTE = ("Training loss over the epoch, eval loss and preference metrics on the eval split; "
+              "★ marks the best epoch (lowest eval loss), the checkpoint that is evaluated and handed on.")
+
+
+@dataclass
+class RunData:
+    """What the report needs of one run (from the store, or collected live)."""
+
+    name: str
+    method: str
+    status: str
+    reason: str = ""
+    after: str | None = None
+    started: RunStarted | None = None
+    finished: RunFinished | None = None
+    epochs: list[EpochEnded] = field(default_factory=list)
+    final_eval: Evaluated | None = None  # the last eval on the test split
+    setup: str = ""  # model and data; a run's SFT baseline is an SFT run of the same setup
+
+
+@dataclass
+class RunSummary:
+    """One run's headline numbers, each None when not measured."""
+
+    name: str
+    method: str
+    status: str
+    mean_epoch_seconds: float | None
+    relative_epoch_time: float | None  # mean epoch time / the SFT run's
+    aligned_seconds: float | None  # train time of this run and every run it starts from
+    samples_per_s: float | None
+    peak_memory_mib: float | None
+    memory_source: str | None  # "CUDA" (torch max allocated) or "RSS" (process peak)
+    reference_mib: float | None  # None when the method keeps no reference
+    uses_reference: bool | None  # None before run_started said
+    em: float | None
+    f1: float | None
+    judge_score: float | None
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # "em" -> [low, high]
+    kappa: float | None = None
+
+
+@dataclass
+class ReportTable:
+    """A table as text cells; `align` is "left" or "right" per column."""
+
+    title: str
+    columns: list[str]
+    align: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SessionReport:
+    """The whole report: a first line about the machine, tables, and runs that did not finish."""
+
+    header: str
+    unfinished: list[str]
+    tables: list[ReportTable]  # quality, efficiency
+    epoch_tables: list[ReportTable] = field(default_factory=list)  # one per run with epochs
+
+
+def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
+    """The stored runs of a session as RunData, in queue order."""
+    data = []
+    for run in store.runs(session_id):
+        tests = [e for e in store.evals(run.id) if e.split == "test"]
+        data.append(RunData(run.name, run.method, run.status, run.reason, run.after, run.started,
+                            run.finished, store.epochs(run.id), tests[-1] if tests else None,
+                            run_setup(run.spec)))
+    return data
+
+
+def run_setup(spec: dict[str, Any]) -> str:
+    """Model and data of a run (a spec as a dict): runs of one setup share an SFT baseline."""
+    dataset = spec.get("dataset") or {}
+    return f"{spec.get('model', '')} on {dataset.get('source', '') if isinstance(dataset, dict) else dataset}"
+
+
+def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
+    """Headline numbers per run; ratios against the SFT run of the same setup, chains along `after`."""
+    by_name = {r.name: r for r in runs}
+    means = {r.name: _mean([e.epoch_seconds for e in r.epochs]) for r in runs}
+    baselines: dict[str, str] = {}  # setup -> the first SFT run of it with a measured epoch
+    for r in runs:
+        if r.method == "sft" and means[r.name]:
+            baselines.setdefault(r.setup, r.name)
+    summaries = []
+    for run in runs:
+        epoch_mean = means[run.name]
+        sft = baselines.get(run.setup)
+        peak, source = _peak_memory(run.epochs)
+        evaluation = run.final_eval
+        extra: dict[str, Any] = evaluation.extra if evaluation else {}
+        intervals = {key: extra[f"{key}_ci"] for key in ("em", "f1", "judge")
+                     if _is_interval(extra.get(f"{key}_ci"))}
+        uses_reference = None if run.started is None else run.started.reference_strategy is not None
+        summaries.append(RunSummary(
+            name=run.name, method=run.method, status=run.status,
+            mean_epoch_seconds=epoch_mean,
+            relative_epoch_time=(epoch_mean / means[sft]) if sft and epoch_mean is not None else None,
+            aligned_seconds=_aligned_seconds(run, by_name),
+            samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
+            peak_memory_mib=peak, memory_source=source,
+            reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
+            uses_reference=uses_reference,
+            em=evaluation.em if evaluation else None, f1=evaluation.f1 if evaluation else None,
+            judge_score=evaluation.judge_score if evaluation else None,
+            intervals=intervals, kappa=_number(extra.get("judge_kappa"))))
+    return summaries
+
+
+def build_report(store: ResultsStore, session_id: int) -> SessionReport:
+    """The report of one stored session."""
+    session = store.session(session_id)
+    runs = session_run_data(store, session_id)
+    summaries = summarize_runs(runs)
+    unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
+    return SessionReport(header_line(session, runs), unfinished,
+                         [quality_table(summaries, runs), efficiency_table(summaries)],
+                         [epoch_table(run) for run in runs if run.epochs])
+
+
+def render_markdown(store: ResultsStore, session_id: int) -> str:
+    """The Markdown report of one stored session (vqabench export, --export, the dashboard)."""
+    return report_markdown(build_report(store, session_id))
+
+
+def report_markdown(report: SessionReport) -> str:
+    """A SessionReport as Markdown: first line, unfinished runs, tables with their notes."""
+    parts = [report.header, ""]
+    if report.unfinished:
+        parts += ["Runs that did not finish:", ""]
+        parts += [f"- {line}" for line in report.unfinished]
+        parts.append("")
+    for table in report.tables:
+        parts += _markdown_section("##", table)
+    if report.epoch_tables:
+        parts += ["## Per epoch", "", EPOCH_NOTE, ""]
+        for table in report.epoch_tables:
+            parts += _markdown_section("###", table)
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def _markdown_section(level: str, table: ReportTable) -> list[str]:
+    lines = [f"{level} {table.title}", "", *markdown_table(table)]
+    if table.notes:
+        lines += ["", *table.notes]
+    return lines + [""]
+
+
+def markdown_table(table: ReportTable) -> list[str]:
+    """Pipe-table lines, columns padded to their widest cell, numbers right-aligned."""
+    cells = [table.columns, *table.rows]
+    cells = [[c.replace("|", "\\|") for c in row] for row in cells]
+    widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(table.columns))]
+
+    def line(row: list[str]) -> str:
+        padded = [c.rjust(w) if a == "right" else c.ljust(w)
+                  for c, w, a in zip(row, widths, table.align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "right" else (":" + "-" * (w + 1))
+                          for w, a in zip(widths, table.align)) + "|"
+    return [line(cells[0]), rule, *(line(row) for row in cells[1:])]
+
+
+def header_line(session: SessionRecord, runs: Sequence[RunData]) -> str:
+    """The first line: machine, device, torch and vqabench versions, date, session."""
+    devices = sorted({r.started.device for r in runs if r.started})
+    torches = sorted({r.started.torch_version for r in runs if r.started})
+    machine = session.machine or NA
+    if session.processor:
+        machine += f" ({session.processor})"
+    try:
+        date = datetime.fromisoformat(session.started_at).strftime("%Y-%m-%d %H:%M %Z").strip()
+    except ValueError:
+        date = session.started_at
+    return (f"Machine {machine} · device {', '.join(devices) or NA} · torch {', '.join(torches) or NA}"
+            f" · vqabench {session.vqabench_version or NA} · {date} · session {session.id}"
+            f" ({session.label})")
+
+
+def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> ReportTable:
+    """The paper's Table 1 shape: Method | EM | F1 | Judge | Epoch time."""
+    with_kappa = any(s.kappa is not None for s in summaries)
+    columns = ["Method", "EM ↑", "F1 ↑", "Judge ↑"] + (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
+    rows = []
+    for s in summaries:
+        row = [s.name, _score(s.em, s.intervals.get("em")), _score(s.f1, s.intervals.get("f1")),
+               _score(s.judge_score, s.intervals.get("judge"))]
+        if with_kappa:
+            row.append(_fmt(s.kappa, 2))
+        rows.append(row + [_fmt(s.mean_epoch_seconds, 2)])
+    evals = [r.final_eval for r in runs if r.final_eval]
+    notes = []
+    if evals:
+        judges = sorted({e.judge for e in evals if e.judge})
+        n = sorted({e.n for e in evals})
+        unparseable = sum(e.unparseable for e in evals)
+        notes.append(
+            f"Test split, best checkpoint of each run ({'/'.join(map(str, n))} questions). "
+            f"EM: exact match after answer normalisation; F1: token overlap with the reference; "
+            f"Judge: share of judged answers graded CORRECT by the {', '.join(judges) or NA} judge"
+            + (f", {unparseable} unparseable verdicts left out" if unparseable else "") + ".")
+    if any(s.intervals for s in summaries):
+        notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
+    if with_kappa:
+        notes.append("κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
+                     "(1 = always agree, 0 = chance); a low κ means the judge measures something else.")
+    notes.append("Epoch time: mean wall clock of the training steps of one epoch (evaluation excluded).")
+    return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
+
+
+def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
+    """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory."""
+    sources = {s.memory_source for s in summaries if s.memory_source}
+    memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓",
+                     frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(frozenset(sources), "Peak memory [MiB] ↓")
+    columns = ["Method", "Epoch time [s] ↓", "Relative to SFT", "Time to aligned model [s] ↓",
+               "Samples/s ↑", memory_header, "Reference memory [MiB] ↓"]
+    rows = []
+    for s in summaries:
+        memory = _fmt(s.peak_memory_mib, 1)
+        if len(sources) > 1 and s.memory_source:
+            memory += f" ({s.memory_source})"
+        reference = {True: _fmt(s.reference_mib, 1), False: "none", None: NA}[s.uses_reference]
+        rows.append([s.name, _fmt(s.mean_epoch_seconds, 2), _fmt(s.relative_epoch_time, 2),
+                     _fmt(s.aligned_seconds, 2), _fmt(s.samples_per_s, 1), memory, reference])
+    notes = ["Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
+             "data (SFT = 1.00). "
+             "Time to aligned model: training time of the run plus every run it starts from "
+             "(SFT + DPO counts both stages)."]
+    memory_notes = {"CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
+                    "RSS": "RSS: peak resident memory of the worker process (no GPU in use), the whole process."}
+    notes += [memory_notes[s] for s in sorted(sources)]
+    notes.append("Reference memory: the frozen reference model held while training; "
+                 "none: the method keeps no reference.")
+    return ReportTable("Efficiency", columns, ["left"] + ["right"] * 6, rows, notes)
+
+
+def epoch_table(run: RunData) -> ReportTable:
+    """Per-epoch losses, cost and preference metrics of one run."""
+    cuda = any(e.cuda_max_allocated_mib is not None for e in run.epochs)
+    scored = any(e.em is not None or e.judge_score is not None for e in run.epochs)
+    columns = ["Epoch", "Train loss ↓", "Eval loss ↓", "Epoch time [s]",
+               "Peak CUDA memory [MiB]" if cuda else "Peak RSS [MiB]", "Pref. accuracy ↑",
+               "Reward margin ↑"] + (["EM ↑", "F1 ↑", "Judge ↑"] if scored else [])
+    rows = []
+    for e in run.epochs:
+        memory = e.cuda_max_allocated_mib if cuda else e.peak_rss_mib
+        row = [f"{e.epoch}{' ★' if e.is_best else ''}", _fmt(e.train_loss, 4), _fmt(e.eval_loss, 4),
+               _fmt(e.epoch_seconds, 2), _fmt(memory, 1), _fmt(e.pref_accuracy, 3),
+               _fmt(e.reward_margin, 3)]
+        if scored:
+            row += [_fmt(e.em, 3), _fmt(e.f1, 3), _fmt(e.judge_score, 3)]
+        rows.append(row)
+    notes = ["EM, F1, Judge per epoch: scored on a sample of eval-split answers."] if scored else []
+    return ReportTable(f"{run.name} ({run.method}, {run.status})", columns,
+                       ["right"] * len(columns), rows, notes)
+
+
+def _status_text(status: str, reason: str) -> str:
+    """'failed (why)', or the reason alone when it already starts with the status."""
+    if not reason:
+        return status
+    return reason if reason.startswith(status) else f"{status} ({reason})"
+
+
+def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
+    """Train seconds of the run and of every run it starts from; None if a stage is missing."""
+    total, seen, node = 0.0, set(), run
+    while True:
+        if node.finished is None or node.name in seen:
+            return None
+        seen.add(node.name)
+        total += node.finished.train_seconds
+        if node.after is None:
+            return total
+        if node.after not in by_name:
+            return None
+        node = by_name[node.after]
+
+
+def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:
+    cuda = [e.cuda_max_allocated_mib for e in epochs if _number(e.cuda_max_allocated_mib) is not None]
+    if cuda:
+        return max(cuda), "CUDA"
+    rss = [e.peak_rss_mib for e in epochs if _number(e.peak_rss_mib) is not None]
+    return (max(rss), "RSS") if rss else (None, None)
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    numbers = [v for v in values if _number(v) is not None]
+    return mean(numbers) if numbers else None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _is_interval(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(_number(v) is not None for v in value))
+
+
+def _fmt(value: Any, digits: int) -> str:
+    number = _number(value)
+    if number is None:
+        return NA
+    if math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    return f"{number:.{digits}f}"
+
+
+def _score(value: float | None, interval: list[float] | None) -> str:
+    text = _fmt(value, 3)
+    if interval and text != NA:
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text

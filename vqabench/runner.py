@@ -1,0 +1,521 @@
+"""The runner: one worker subprocess per run, in dependency order, with clean cancellation.
+
+No UI here: the headless console and the Textual dashboard drive the same Runner::
+
+    runner = Runner(specs, runs_dir=results / "runs", session="20260526-101500-3")
+    runner.subscribe(callback)          # plain callable, called on the event loop's thread
+    states = await runner.run()         # returns when every run is final
+    runner.cancel("dpo-beta0.1")        # one run (queued or running); from any thread
+    runner.cancel()                     # everything: the running worker and all queued runs
+
+Notifications (dataclasses below) reach subscribers in order: :class:`RunQueued` for every
+run, then per run :class:`RunStatusChanged` (running, then done / failed / skipped /
+cancelled), :class:`WorkerEvent` for each valid stdout line (the events.py protocol),
+:class:`WorkerStderr` for each log line, :class:`InvalidWorkerLine` for stdout that is not
+an event (counted, logged, skipped), and finally :class:`RunnerFinished`. A subscriber that
+raises is logged and the runs go on. ``runner.states`` holds each run's :class:`RunState`.
+
+Runs go one at a time, so timings on one GPU do not interfere. Before a run starts the
+runner sets its ``output_dir`` (``<runs_dir>/<session>-<run>/``), ``cache_dir`` and, for a
+run with ``after``, ``init_checkpoint`` (the target's ``run_finished.checkpoint``), writes
+``spec.json`` there and starts ``<worker_cmd> spec.json`` in its own process group (a run whose
+``after`` is not among the specs keeps the ``init_checkpoint`` it was given). A run
+whose worker crashes fails alone; its dependants are skipped ("skipped: sft failed"); the
+others go on. Cancelling sends SIGTERM to the worker's process group, SIGKILL after
+``grace_seconds``, and always SIGKILLs what is left of the group once the worker has exited,
+so no grandchild outlives its run. If the task running :meth:`Runner.run` is itself
+cancelled, the running worker is terminated the same way before the cancellation goes on.
+A host killed with SIGKILL cannot clean up; its worker then runs to its end on its own.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from vqabench.events import (
+    EpochEnded,
+    Event,
+    EventError,
+    Progress,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    parse_event,
+)
+from vqabench.presets import order_runs
+from vqabench.spec import RunSpec
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED = (
+    "queued", "running", "done", "failed", "skipped", "cancelled")
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED)
+FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED})
+
+#: stderr lines kept per run for the failure message and the dashboard.
+STDERR_TAIL = 50
+#: Longest stdout line accepted from a worker (a run_started with a large config is long).
+LINE_LIMIT = 16 * 2**20
+
+
+def default_worker_cmd() -> list[str]:
+    """The real worker, run by the same interpreter as the host."""
+    return [sys.executable, "-m", "vqabench.engine.worker"]
+
+
+def default_cache_dir() -> Path:
+    """Base checkpoints and reference caches shared by sessions: $VQABENCH_CACHE or ~/.cache/vqabench.
+
+    The same rule as the worker's own default (vqabench.engine.run.default_cache_dir).
+    """
+    env = os.environ.get("VQABENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vqabench"
+
+
+@dataclass(frozen=True)
+class RunQueued:
+    """A run will be started when its turn comes (position = its place in the order)."""
+
+    run: str
+    spec: RunSpec
+    position: int
+
+
+@dataclass(frozen=True)
+class RunStatusChanged:
+    """A run's status moved on; `reason` is one sentence for failed/skipped/cancelled.
+
+    For "running", `spec` is the spec as written for the worker (output_dir, cache_dir and
+    init_checkpoint filled in) and `pid` its process; `exit_code` is set once it exited.
+    """
+
+    run: str
+    status: str
+    reason: str = ""
+    spec: RunSpec | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    """One valid event from a worker's stdout, with the raw line it came from."""
+
+    run: str
+    event: Event
+    line: str
+
+
+@dataclass(frozen=True)
+class WorkerStderr:
+    """One log line from a worker's stderr."""
+
+    run: str
+    line: str
+
+
+@dataclass(frozen=True)
+class InvalidWorkerLine:
+    """A stdout line that is not an event; it is counted and skipped."""
+
+    run: str
+    line: str
+    error: str
+
+
+@dataclass(frozen=True)
+class RunnerFinished:
+    """Every run is final; `cancelled` says whether the whole runner was cancelled."""
+
+    statuses: dict[str, str]
+    cancelled: bool
+
+
+Notification = Union[RunQueued, RunStatusChanged, WorkerEvent, WorkerStderr, InvalidWorkerLine,
+                     RunnerFinished]
+Subscriber = Callable[[Notification], None]
+
+
+@dataclass
+class RunState:
+    """What the runner knows about one run, updated as its events arrive."""
+
+    spec: RunSpec
+    status: str = QUEUED
+    reason: str = ""
+    pid: int | None = None
+    exit_code: int | None = None
+    started_at: float | None = None  # time.time()
+    finished_at: float | None = None
+    phase: str = ""  # last progress phase, or "epoch_end" right after an epoch
+    epoch: int = 0  # epoch of the last progress or epoch_end event
+    epochs_done: int = 0
+    started: RunStarted | None = None
+    finished: RunFinished | None = None
+    failed: RunFailed | None = None
+    invalid_lines: int = 0
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
+    cancel_requested: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.finished.checkpoint if self.finished else None
+
+
+class Runner:
+    """Runs specs one by one as worker subprocesses and reports what happens to subscribers."""
+
+    def __init__(
+        self,
+        specs: Sequence[RunSpec],
+        *,
+        runs_dir: Path | str,
+        session: str = "",
+        worker_cmd: Sequence[str] | None = None,
+        cache_dir: Path | str | None = None,
+        grace_seconds: float = 5.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.specs = order_runs(specs)
+        self.runs_dir = Path(runs_dir).resolve()
+        self.session = session
+        self.worker_cmd = list(worker_cmd) if worker_cmd else default_worker_cmd()
+        self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()).resolve()
+        self.grace_seconds = grace_seconds
+        self.states: dict[str, RunState] = {s.name: RunState(s) for s in self.specs}
+        self._env = _worker_env(env)
+        self._subscribers: list[Subscriber] = []
+        self._cancel_all = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cancel_signals: dict[str, asyncio.Event] = {}
+        self._started = False
+        self._launching: str | None = None  # the run whose worker is being started
+
+    # -- public API -------------------------------------------------------------------------
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback` with every notification from now on; returns an unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    @property
+    def all_done(self) -> bool:
+        return all(s.status == DONE for s in self.states.values())
+
+    async def run(self) -> dict[str, RunState]:
+        """Run every spec in order; returns the final states. A Runner runs once."""
+        if self._started:
+            raise RuntimeError("this Runner has already run; make a new one")
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        for position, spec in enumerate(self.specs):
+            self._notify(RunQueued(spec.name, spec, position))
+        try:
+            for spec in self.specs:
+                state = self.states[spec.name]
+                if state.status != QUEUED:
+                    continue
+                if self._cancel_all or state.cancel_requested:
+                    self._set_status(state, CANCELLED, "cancelled before it started")
+                    continue
+                blocker = self._blocker(spec)
+                if blocker is not None:
+                    self._set_status(state, SKIPPED, f"skipped: {blocker.name} {blocker.status}")
+                    continue
+                await self._run_one(state)
+        finally:
+            for state in self.states.values():
+                if state.status not in FINAL_STATUSES:
+                    self._set_status(state, CANCELLED, "cancelled: the runner was stopped")
+            self._notify(RunnerFinished({n: s.status for n, s in self.states.items()},
+                                        self._cancel_all))
+        return self.states
+
+    def cancel(self, run_name: str | None = None) -> None:
+        """Cancel one run (queued or running) or, with no name, everything; thread-safe."""
+        if run_name is not None and run_name not in self.states:
+            raise KeyError(f"no run named {run_name!r}; runs are {', '.join(self.states)}")
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                current = asyncio.get_running_loop()
+            except RuntimeError:
+                current = None
+            if current is not loop:
+                loop.call_soon_threadsafe(self._request_cancel, run_name)
+                return
+        self._request_cancel(run_name)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _request_cancel(self, run_name: str | None) -> None:
+        if run_name is None:
+            self._cancel_all = True
+        targets = self.states.values() if run_name is None else [self.states[run_name]]
+        for state in targets:
+            if state.status in FINAL_STATUSES:
+                continue
+            state.cancel_requested = True
+            if state.status == QUEUED and self._started and state.name != self._launching:
+                self._set_status(state, CANCELLED, "cancelled before it started")
+            elif state.status == RUNNING:
+                self._cancel_signals[state.name].set()
+
+    def _blocker(self, spec: RunSpec) -> RunState | None:
+        """The `after` target's state when it did not finish, else None."""
+        if spec.after is None or spec.after not in self.states:  # outside: init_checkpoint is set
+            return None
+        target = self.states[spec.after]
+        return None if target.status == DONE else target
+
+    def _prepare(self, state: RunState) -> Path:
+        """Fill in the paths of the spec and write it as JSON for the worker."""
+        spec = state.spec
+        folder = f"{self.session}-{spec.name}" if self.session else spec.name
+        output_dir = self.runs_dir / re.sub(r"[^\w.@-]", "_", folder)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        changes: dict[str, str] = {"output_dir": str(output_dir), "cache_dir": str(self.cache_dir)}
+        if spec.after in self.states:
+            changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
+        state.spec = spec.replace(**changes)
+        spec_path = output_dir / "spec.json"
+        spec_path.write_text(json.dumps(state.spec.to_dict(), indent=2) + "\n")
+        return spec_path
+
+    async def _run_one(self, state: RunState) -> None:
+        spec_path = self._prepare(state)
+        command = [*self.worker_cmd, str(spec_path)]
+        state.started_at = time.time()
+        self._launching = state.name
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=self._env,
+                limit=LINE_LIMIT)
+        except OSError as exc:
+            self._launching = None
+            state.finished_at = time.time()
+            self._set_status(state, FAILED, f"the worker could not start: {command[0]}: "
+                                            f"{exc.strerror or exc}.")
+            return
+        state.pid = proc.pid
+        cancel_signal = self._cancel_signals[state.name] = asyncio.Event()
+        self._launching = None
+        if state.cancel_requested:  # asked for while the process was being started
+            cancel_signal.set()
+        self._set_status(state, RUNNING, spec=state.spec, pid=proc.pid)
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [asyncio.ensure_future(self._read_stdout(state, proc.stdout)),
+                   asyncio.ensure_future(self._read_stderr(state, proc.stderr))]
+        try:
+            exited = asyncio.ensure_future(proc.wait())
+            cancelled = asyncio.ensure_future(cancel_signal.wait())
+            try:
+                await asyncio.wait({exited, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancelled.cancel()
+            if not exited.done():
+                await self._terminate(proc)
+            await exited
+            _kill_group(proc.pid)  # grandchildren left behind by a worker that exited
+            await _drain(readers)
+        except asyncio.CancelledError:
+            state.cancel_requested = True
+            await self._terminate(proc)
+            await _drain(readers)
+            self._finish(state, proc.returncode)
+            raise
+        self._finish(state, proc.returncode)
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the worker's group, SIGKILL after the grace period, then reap it."""
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.grace_seconds)
+            except asyncio.TimeoutError:
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        _kill_group(proc.pid)
+
+    def _finish(self, state: RunState, code: int | None) -> None:
+        state.exit_code = code
+        state.finished_at = time.time()
+        if code == 0 and state.finished is not None and state.failed is None:
+            self._set_status(state, DONE, exit_code=code)
+        elif state.cancel_requested:
+            self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
+        elif state.failed is not None:
+            self._set_status(state, FAILED, state.failed.message, exit_code=code)
+        else:
+            self._set_status(state, FAILED, self._exit_reason(state, code), exit_code=code)
+
+    def _exit_reason(self, state: RunState, code: int | None) -> str:
+        """One sentence for a worker that ended without a run_finished or run_failed."""
+        if code is not None and code < 0:
+            number = -code
+            try:
+                description = (signal.strsignal(number) or "").lower()
+            except ValueError:
+                description = ""
+            how = f"signal {number}" + (f" ({description})" if description else "")
+        else:
+            how = f"code {code}"
+        reason = f"worker exited with {how} {self._where(state)}"
+        if code == 0:
+            reason += " without reporting run_finished"
+        last = next((line for line in reversed(state.stderr_tail) if line.strip()), None)
+        if last:
+            reason += f"; its last log line was: {_shorten(last.strip(), 200)}"
+        return reason
+
+    @staticmethod
+    def _where(state: RunState) -> str:
+        """Where in its life a run was, for a message: 'during epoch 2', ..."""
+        if state.finished is not None:
+            return "after reporting run_finished"
+        if state.started is None:
+            return "before it reported run_started"
+        phase, epoch = state.phase, state.epoch
+        epochs = state.started.epochs
+        if phase == "train":
+            return f"during epoch {epoch} of {epochs}"
+        if phase == "epoch_end":
+            return f"after epoch {epoch} of {epochs}"
+        if phase == "eval":
+            return f"while evaluating epoch {epoch}" if epoch else "while evaluating"
+        if phase == "base":
+            return "while building the base checkpoint"
+        if phase == "reference":
+            return "while preparing the reference model"
+        if phase == "generate":
+            return "while generating test answers"
+        if phase == "judge":
+            return "while judging test answers"
+        return "before its first epoch"
+
+    async def _read_stdout(self, state: RunState, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than LINE_LIMIT; the reader skipped it
+                self._invalid(state, "", f"a line longer than {LINE_LIMIT} bytes")
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            try:
+                event = _restore_infinities(parse_event(line))
+            except EventError as exc:
+                self._invalid(state, line, str(exc))
+                continue
+            self._observe(state, event)
+            self._notify(WorkerEvent(state.name, event, line))
+
+    async def _read_stderr(self, state: RunState, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            state.stderr_tail.append(line)
+            self._notify(WorkerStderr(state.name, line))
+
+    def _invalid(self, state: RunState, line: str, error: str) -> None:
+        state.invalid_lines += 1
+        log.warning("run %s: ignored a stdout line that is not an event (%s): %s",
+                    state.name, error, _shorten(line, 200))
+        self._notify(InvalidWorkerLine(state.name, line, error))
+
+    @staticmethod
+    def _observe(state: RunState, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            state.started = event
+        elif isinstance(event, Progress):
+            state.phase, state.epoch = event.phase, event.epoch
+        elif isinstance(event, EpochEnded):
+            state.phase, state.epoch = "epoch_end", event.epoch
+            state.epochs_done = max(state.epochs_done, event.epoch)
+        elif isinstance(event, RunFinished):
+            state.finished = event
+        elif isinstance(event, RunFailed):
+            state.failed = event
+
+    def _set_status(self, state: RunState, status: str, reason: str = "", *,
+                    spec: RunSpec | None = None, pid: int | None = None,
+                    exit_code: int | None = None) -> None:
+        state.status, state.reason = status, reason
+        self._notify(RunStatusChanged(state.name, status, reason, spec, pid, exit_code))
+
+    def _notify(self, notification: Notification) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(notification)
+            except Exception:
+                log.exception("a runner subscriber (%r) failed on %s; the runs go on",
+                              callback, type(notification).__name__)
+
+
+def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """The host's environment, unbuffered, with this vqabench first on the import path."""
+    env = dict(os.environ)
+    env.update(extra or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = [package_root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+async def _drain(readers: list[asyncio.Future[None]], timeout: float = 5.0) -> None:
+    """Let the pipe readers reach EOF; give up on a pipe some stray process still holds."""
+    done, pending = await asyncio.wait(readers, timeout=timeout)
+    for reader in pending:
+        reader.cancel()
+    for reader in done:
+        if reader.exception() is not None:
+            log.error("reading a worker's output failed: %r", reader.exception())
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _restore_infinities(event: Event) -> Event:
+    """encode_event writes ±inf as the strings "inf"/"-inf"; give float fields floats back."""
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, str) and value in ("inf", "-inf") and "float" in str(f.type):
+            setattr(event, f.name, float(value))
+    return event
