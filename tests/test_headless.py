@@ -49,10 +49,10 @@ def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
                     *fake(tmp_path, {}))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo"):
+    for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo", "ipo", "kto", "simpo"):
         assert f"[{run}] epoch 2/2: train loss" in out and f"[{run}] done" in out
     assert re.search(r"^\| sft +\| +2\.00 \| +1\.00 \|", out, re.M)  # efficiency row, SFT = 1.00
-    assert "4 of 4 run(s) done." in out
+    assert "7 of 7 run(s) done." in out
     report = (tmp_path / "r.md").read_text()
     for heading in ("## Quality", "## Efficiency", "## Per epoch", "### dpo-beta0.5 (dpo, done)"):
         assert heading in report
@@ -147,15 +147,18 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
 
     Most of its time is the embedded base checkpoint, built once per test session in vqa_cache.
     """
+    # --set shrinks the base checkpoint (shared with the other tests' cache) and the test split;
+    # the judge stays the default (offline semantic judge without TOGETHER_API_KEY).
     proc = vqabench(tmp_path, "--headless", "--preset", "all", "--limit", "64", "--epochs", "1",
-                    timeout=900, cache=vqa_cache)
+                    "--set", "base_samples=512", "--set", "dataset.test_size=48",
+                    "--set", "dataset.eval_size=32", timeout=900, cache=vqa_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "4 of 4 run(s) done." in proc.stdout
+    assert "7 of 7 run(s) done." in proc.stdout
     export = vqabench(tmp_path, "export", "--last", "-o", "r.md")
     assert export.returncode == 0
     report = (tmp_path / "r.md").read_text()
     efficiency = report.split("## Efficiency")[1].split("##")[0]
-    for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo"):
+    for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo", "ipo", "kto", "simpo"):
         row = next(line for line in efficiency.splitlines() if line.startswith(f"| {run} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[4]) > 0  # epoch time, samples/s measured

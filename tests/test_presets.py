@@ -30,20 +30,22 @@ def error_of(selection: str, overrides: Overrides | None = None) -> str:
     return message
 
 
-def test_all_is_the_four_top_level_presets_in_dependency_order():
+def test_all_is_every_top_level_preset_in_dependency_order():
     specs = load_presets("all")
     names = [s.name for s in specs]
-    assert sorted(names) == ["dpo-beta0.1", "dpo-beta0.5", "orpo", "sft"]
-    assert names.index("sft") < names.index("dpo-beta0.1")
-    assert names.index("sft") < names.index("dpo-beta0.5")
+    assert sorted(names) == ["dpo-beta0.1", "dpo-beta0.5", "ipo", "kto", "orpo", "sft", "simpo"]
+    for dependant in ("dpo-beta0.1", "dpo-beta0.5", "ipo", "kto"):
+        assert names.index("sft") < names.index(dependant)
     assert top_level_presets() == sorted(names)
 
 
 def test_top_level_presets_share_the_training_setup_of_the_paper():
     specs = {s.name: s for s in load_presets("all")}
-    shared = {(s.model, s.dataset.source, s.epochs, s.lr, s.batch_size, s.lr_decay, s.seed, s.judge.name)
-              for s in specs.values()}
-    assert shared == {("embedded", "easyvqa", 3, 5e-5, 16, 0.9, 0, "auto")}
+    shared = {(s.model, s.dataset.source, s.epochs, s.limit, s.lr, s.batch_size, s.lr_decay, s.seed,
+               s.judge.name) for s in specs.values()}
+    assert shared == {("embedded", "easyvqa", 3, 4000, 5e-5, 16, 0.9, 0, "auto")}
+    assert {specs[n].after for n in ("ipo", "kto")} == {"sft"}
+    assert specs["simpo"].after is None and specs["simpo"].resolved_beta == 2.0
     assert specs["dpo-beta0.1"].beta == 0.1 and specs["dpo-beta0.5"].beta == 0.5
     assert specs["dpo-beta0.1"].after == "sft" and specs["dpo-beta0.1"].reference == "copy"
     assert specs["orpo"].method == "orpo" and specs["orpo"].lam == 0.5 and specs["orpo"].after is None
@@ -100,7 +102,7 @@ def test_order_is_topological_and_stable_by_name():
 
 @pytest.mark.parametrize("text, expected", [
     ('method = "sft"\nlearning_rate = 1e-4\n', "unknown key 'learning_rate'"),
-    ('method = "sft"\nepochs = "three"\n', "key 'epochs' has value 'three', which must be a integer"),
+    ('method = "sft"\nepochs = "three"\n', "key 'epochs' has value 'three', which must be an integer"),
     ('method = "ppo"\n', "key 'method' has value 'ppo'; allowed values are sft, dpo"),
     ('method = "sft"\nmodel = "blip tiny"\n', "key 'model' has value 'blip tiny'; allowed are embedded"),
     ('method = "sft"\ndataset = "vqa-v2"\n', "key 'dataset.source' has value 'vqa-v2'; allowed are 'easyvqa'"),
@@ -145,3 +147,25 @@ def test_two_files_with_one_run_name_are_refused(tmp_path):
     write(tmp_path, "a", 'name = "same"\nmethod = "sft"\n')
     write(tmp_path, "b", 'name = "same"\nmethod = "orpo"\n')
     assert "key 'name' has value 'same'" in error_of(str(tmp_path))
+
+
+def test_set_overrides_any_key_and_is_validated_like_a_preset():
+    specs = load_presets("sft", Overrides(settings=("dataset.test_size=64", "judge.name=exact", "lr=1e-3")))
+    assert (specs[0].dataset.test_size, specs[0].judge.name, specs[0].lr) == (64, "exact", 1e-3)
+    with pytest.raises(SpecError, match="unknown key 'dataset.bogus'"):
+        load_presets("sft", Overrides(settings=("dataset.bogus=1",)))
+    with pytest.raises(SpecError, match="must be an integer"):
+        load_presets("sft", Overrides(settings=("epochs=many",)))
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        load_presets("sft", Overrides(settings=("epochs",)))
+
+
+def test_seeds_repeat_every_run_and_dependants_follow_their_own_seed():
+    specs = load_presets("sft,dpo-beta0.1", Overrides(seeds=(0, 1)))
+    by_name = {s.name: s for s in specs}
+    assert set(by_name) == {"sft@s0", "sft@s1", "dpo-beta0.1@s0", "dpo-beta0.1@s1"}
+    assert by_name["dpo-beta0.1@s1"].after == "sft@s1" and by_name["dpo-beta0.1@s1"].seed == 1
+    names = [s.name for s in specs]
+    assert names.index("sft@s1") < names.index("dpo-beta0.1@s1")
+    with pytest.raises(SpecError, match="--seeds"):
+        load_presets("sft", Overrides(seeds=()))

@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, metavar="N", help="override every run's epochs")
     parser.add_argument("--limit", type=int, metavar="N", help="cap the training pairs of every run")
     parser.add_argument("--seed", type=int, metavar="N", help="override every run's seed")
+    parser.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
+                        help="repeat every run once per seed (runs are named NAME@sN); the report "
+                             "shows mean ± 95%% interval across seeds")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any preset key for every run, e.g. --set dataset.test_size=200 "
+                             "--set judge.name=exact (repeatable)")
     _add_results_option(parser)
     parser.add_argument("--export", type=Path, metavar="FILE.md",
                         help="write the Markdown report when the runs end")
@@ -70,8 +76,16 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     _add_results_option(export)
 
 
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers like 0,1,2") from None
+
+
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed)
+    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed, settings=tuple(args.settings),
+                     seeds=args.seeds)
 
 
 def _run_export(args: argparse.Namespace) -> int:

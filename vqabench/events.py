@@ -166,6 +166,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     required = {n for n, f in names.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     payload = {k: v for k, v in data.items() if k in names}
+    for k, v in payload.items():  # encode_event writes infinities as strings; undo that
+        if v in ("inf", "-inf") and "float" in str(names[k].type):
+            payload[k] = float(v)
     missing = required - payload.keys()
     if missing:
         raise EventError(f"{kind} event lacks {', '.join(sorted(missing))}")

@@ -21,14 +21,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from vqabench.spec import BUILTIN_MODELS, RunSpec, SpecError, spec_from_dict
 
 try:
     import tomllib
-except ImportError:  # Python 3.10: no TOML reader in the standard library
-    tomllib = None  # type: ignore[assignment]
+except ImportError:  # Python 3.10: the same reader, from PyPI
+    import tomli as tomllib  # type: ignore[no-redef]
 
 #: The packaged presets (a plain folder inside the package, shipped as package data).
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -40,11 +40,18 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class Overrides:
-    """Command-line changes applied to every selected preset (None = keep the preset's value)."""
+    """Command-line changes applied to every selected preset (None = keep the preset's value).
+
+    `settings` are ``KEY=VALUE`` strings from ``--set`` (a dotted key such as
+    ``dataset.test_size`` reaches into a table; VALUE is read as TOML, else as a string);
+    `seeds` repeats every run once per seed (``--seeds 0,1,2``).
+    """
 
     epochs: int | None = None
     limit: int | None = None
     seed: int | None = None
+    settings: tuple[str, ...] = ()
+    seeds: tuple[int, ...] | None = None
 
     def validate(self) -> None:
         """Raise SpecError for a value no run could use."""
@@ -52,11 +59,63 @@ class Overrides:
                                    ("--seed", self.seed, 0)):
             if value is not None and value < least:
                 raise SpecError(f"{flag} has value {value}; it must be at least {least}.")
+        if self.seeds is not None and (not self.seeds or min(self.seeds) < 0):
+            raise SpecError(f"--seeds has value {','.join(map(str, self.seeds))}; give seeds of at least 0, like 0,1,2.")
+        self.parsed_settings()
+
+    def parsed_settings(self) -> list[tuple[list[str], Any]]:
+        out = []
+        for item in self.settings:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise SpecError(f"--set has value {item!r}; write KEY=VALUE, like dataset.test_size=200.")
+            try:
+                value = tomllib.loads(f"v = {raw.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw.strip()
+            out.append((key.strip().split("."), value))
+        return out
 
     def apply(self, spec: RunSpec) -> RunSpec:
         changes = {k: v for k, v in (("epochs", self.epochs), ("limit", self.limit),
                                      ("seed", self.seed)) if v is not None}
-        return spec.replace(**changes) if changes else spec
+        spec = spec.replace(**changes) if changes else spec
+        settings = self.parsed_settings()
+        if not settings:
+            return spec
+        data = spec.to_dict()
+        for path, value in settings:
+            table = data
+            for part in path[:-1]:
+                if not isinstance(table.get(part), dict):
+                    raise SpecError(f"--set names '{'.'.join(path)}', but '{part}' is not a table of the run spec.")
+                table = table[part]
+            table[path[-1]] = value
+        return spec_from_dict(data, where="--set")
+
+
+def expand_seeds(specs: list[RunSpec], seeds: Sequence[int] | None = None) -> list[RunSpec]:
+    """Repeat runs once per seed as ``name@sN``: `seeds` for every run, else each run's own `seeds`.
+
+    Pairs and splits stay fixed (they follow dataset.seed); a run repeated per seed starts
+    from the `after` run of the same seed when that one is repeated too.
+    """
+    per_run = {s.name: list(seeds) if seeds else list(s.seeds) for s in specs}
+    if not any(per_run.values()):
+        return specs
+    out: list[RunSpec] = []
+    for seed in sorted({x for v in per_run.values() for x in v}):
+        for spec in specs:
+            if seed not in per_run[spec.name]:
+                continue
+            after = spec.after
+            if after is not None and seed in per_run.get(after, []):
+                after = f"{after}@s{seed}"
+            out.append(spec.replace(name=f"{spec.name}@s{seed}", seed=seed, seeds=[], after=after))
+    for spec in specs:  # runs without seeds run once, before the repeated ones
+        if not per_run[spec.name]:
+            out.insert(0, spec)
+    return order_runs(out)
 
 
 @dataclass
@@ -92,8 +151,6 @@ def top_level_presets() -> list[str]:
 def read_preset(path: Path) -> Preset:
     """Parse and validate one preset file; every error names the file."""
     path = Path(path)
-    if tomllib is None:
-        raise SpecError(f"reading preset {path} needs Python 3.11 or later (the tomllib module).")
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -199,7 +256,8 @@ def select_presets(selection: str, overrides: Overrides | None = None) -> Preset
         pending.append(dependency)
     ordered = order_runs([p.spec for p in presets.values()],
                          where={name: str(p.path) for name, p in presets.items()})
-    return PresetSelection([overrides.apply(s) for s in ordered], sorted(added))
+    specs = expand_seeds([overrides.apply(s) for s in ordered], overrides.seeds)
+    return PresetSelection(specs, sorted(added))
 
 
 def load_presets(selection: str, overrides: Overrides | None = None) -> list[RunSpec]:

@@ -30,7 +30,6 @@ A host killed with SIGKILL cannot clean up; its worker then runs to its end on i
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ from vqabench.events import (
     parse_event,
 )
 from vqabench.presets import order_runs
-from vqabench.spec import RunSpec
+from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +71,6 @@ LINE_LIMIT = 16 * 2**20
 def default_worker_cmd() -> list[str]:
     """The real worker, run by the same interpreter as the host."""
     return [sys.executable, "-m", "vqabench.engine.worker"]
-
-
-def default_cache_dir() -> Path:
-    """Base checkpoints and reference caches shared by sessions: $VQABENCH_CACHE or ~/.cache/vqabench.
-
-    The same rule as the worker's own default (vqabench.engine.run.default_cache_dir).
-    """
-    env = os.environ.get("VQABENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vqabench"
 
 
 @dataclass(frozen=True)
@@ -422,7 +412,7 @@ class Runner:
             if not line.strip():
                 continue
             try:
-                event = _restore_infinities(parse_event(line))
+                event = parse_event(line)
             except EventError as exc:
                 self._invalid(state, line, str(exc))
                 continue
@@ -511,11 +501,3 @@ async def _drain(readers: list[asyncio.Future[None]], timeout: float = 5.0) -> N
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
-
-def _restore_infinities(event: Event) -> Event:
-    """encode_event writes ±inf as the strings "inf"/"-inf"; give float fields floats back."""
-    for f in dataclasses.fields(event):
-        value = getattr(event, f.name)
-        if isinstance(value, str) and value in ("inf", "-inf") and "float" in str(f.type):
-            setattr(event, f.name, float(value))
-    return event

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
@@ -27,6 +29,18 @@ BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
 
 #: Method-specific defaults from each method's paper (used when the preset leaves them out).
 METHOD_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+def default_cache_dir() -> Path:
+    """Where base checkpoints, reference log-probs and judgments are kept between sessions.
+
+    $VQABENCH_CACHE, else $XDG_CACHE_HOME/vqabench, else ~/.cache/vqabench.
+    """
+    env = os.environ.get("VQABENCH_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "vqabench"
 
 
 class SpecError(ValueError):
@@ -84,6 +98,7 @@ class RunSpec:
     lr_decay: float = 0.9  # ExponentialLR gamma, stepped once per epoch
     weight_decay: float = 0.01
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # repeat the run once per seed (name@sN)
     limit: int | None = None  # cap on training pairs
     beta: float | None = None  # None = the method's default (METHOD_DEFAULT_BETA)
     lam: float = 0.5  # ORPO's lambda
@@ -141,9 +156,15 @@ def _type_name(tp: Any) -> str:
         origin = typing.get_origin(t)
         if origin is dict:
             names.append("table")
+        elif origin is list:
+            names.append("list of integers")
         else:
             names.append({int: "integer", float: "number", str: "string", bool: "true/false"}.get(t, str(t)))
     return " or ".join(names)
+
+
+def _article(name: str) -> str:
+    return f"an {name}" if name[:1] in "aeiou" else f"a {name}"
 
 
 def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
@@ -153,10 +174,14 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise SpecError(f"{where}: key '{key}' must be a {_type_name(tp)}, not empty.")
+        raise SpecError(f"{where}: key '{key}' must be {_article(_type_name(tp))}, not empty.")
     base = next((a for a in args if a is not type(None)), tp) if optional else tp
     origin = typing.get_origin(base)
     ok = False
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+            return list(value)
+        raise SpecError(f"{where}: key '{key}' has value {value!r}, which must be a list of integers of at least 0.")
     if origin is dict:
         val_tp = typing.get_args(base)[1]
         if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -167,7 +192,7 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
                 elif isinstance(v, val_tp) and not isinstance(v, bool):
                     out[k] = v
                 else:
-                    raise SpecError(f"{where}: key '{key}.{k}' has value {v!r}, which must be a {_type_name(val_tp)}.")
+                    raise SpecError(f"{where}: key '{key}.{k}' has value {v!r}, which must be {_article(_type_name(val_tp))}.")
             return out
     elif base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -182,7 +207,7 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     elif base is str:
         ok = isinstance(value, str)
     if not ok:
-        raise SpecError(f"{where}: key '{key}' has value {value!r}, which must be a {_type_name(tp)}.")
+        raise SpecError(f"{where}: key '{key}' has value {value!r}, which must be {_article(_type_name(tp))}.")
     return value
 
 

@@ -24,16 +24,10 @@ from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.scoring import score_answers
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
-from vqabench.spec import DatasetSpec, RunSpec
+from vqabench.spec import DatasetSpec, RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
 Emit = Callable[[ev.Event], None]
-
-
-def default_cache_dir() -> Path:
-    """Base checkpoints, reference log-probs and judgments: $VQABENCH_CACHE or ~/.cache/vqabench."""
-    env = os.environ.get("VQABENCH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vqabench"
 
 
 class Throttled:
@@ -206,4 +200,4 @@ def _describe(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-__all__ = ["execute", "default_cache_dir", "DataError"]
+__all__ = ["execute", "DataError"]

@@ -39,10 +39,11 @@ CREATE TABLE IF NOT EXISTS judgments (
 
 
 def default_cache_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`<cache_dir>/judgments.db`; without a cache_dir, under $XDG_CACHE_HOME/vqabench (~/.cache)."""
+    """`<cache_dir>/judgments.db`; without a cache_dir, in vqabench's default cache folder."""
     if cache_dir is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        cache_dir = Path(base) / "vqabench"
+        from vqabench.spec import default_cache_dir
+
+        cache_dir = default_cache_dir()
     return Path(cache_dir) / CACHE_FILE_NAME
 
 
