@@ -166,3 +166,21 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     quality = report.split("## Quality")[1].split("##")[0]
     sft_row = next(line for line in quality.splitlines() if line.startswith("| sft "))
     assert "n/a" not in sft_row.split("|")[2]  # EM measured
+
+
+def test_two_seeds_on_the_real_worker_report_mean_and_interval(tmp_path, vqa_cache):
+    proc = vqabench(tmp_path, "--headless", "--preset", "sft", "--seeds", "0,1", "--limit", "32",
+                    "--epochs", "1", "--set", "base_samples=512", "--set", "dataset.test_size=32",
+                    "--set", "dataset.eval_size=16", "--set", "judge.name=exact", timeout=600, cache=vqa_cache)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export = vqabench(tmp_path, "export", "--last", "--per-seed", "-o", "r.md")
+    assert export.returncode == 0, export.stderr
+    report = (tmp_path / "r.md").read_text()
+    quality = report.split("## Quality\n")[1].split("##")[0]
+    row = next(line for line in quality.splitlines() if line.startswith("| sft (2 seeds)"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(" ± " in c for c in cells[1:4]), row  # EM, F1, judge: mean ± half-width
+    efficiency = report.split("## Efficiency\n")[1].split("##")[0]
+    assert "| sft (2 seeds)" in efficiency and " ± " in efficiency
+    per_seed = report.split("## Quality per seed")[1].split("##")[0]
+    assert "| sft@s0 " in per_seed and "| sft@s1 " in per_seed

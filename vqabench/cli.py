@@ -71,6 +71,8 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     which = export.add_mutually_exclusive_group()
     which.add_argument("--session", type=int, metavar="ID", help="the session's id")
     which.add_argument("--last", action="store_true", help="the latest session (the default)")
+    export.add_argument("--per-seed", action="store_true",
+                        help="with runs repeated per seed (--seeds), add every seed's own rows")
     export.add_argument("-o", "--output", default="-", metavar="FILE.md",
                         help="where to write the report ('-' = standard output, the default)")
     _add_results_option(export)
@@ -96,7 +98,7 @@ def _run_export(args: argparse.Namespace) -> int:
         if session is None:
             raise StoreError(f"the results store {store.path} holds no session yet; run "
                              f"'vqabench --headless' first.")
-        text = render_markdown(store, session.id)
+        text = render_markdown(store, session.id, per_seed=args.per_seed)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -59,6 +59,51 @@ class RunSummary:
     judge_score: float | None
     intervals: dict[str, list[float]] = field(default_factory=dict)  # "em" -> [low, high]
     kappa: float | None = None
+    seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
+    spread: dict[str, float] = field(default_factory=dict)  # field name -> ± half-width
+
+
+#: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
+SEED_FIELDS = ("mean_epoch_seconds", "relative_epoch_time", "aligned_seconds", "samples_per_s",
+               "peak_memory_mib", "reference_mib", "em", "f1", "judge_score", "kappa")
+
+
+def seed_group(name: str) -> str:
+    """The preset a run repeats: 'dpo-beta0.1@s2' -> 'dpo-beta0.1'."""
+    base, sep, seed = name.rpartition("@s")
+    return base if sep and seed.isdigit() else name
+
+
+def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
+    """One row per preset: runs repeated per seed become their mean with a 95% t-interval."""
+    from vqabench.stats import mean_ci_across_seeds
+
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(seed_group(s.name), []).append(s)
+    out = []
+    for name, members in groups.items():
+        if len(members) == 1 and members[0].name == name:
+            out.append(members[0])
+            continue
+        done = [m for m in members if m.status == "done"]
+        first = members[0]
+        merged = RunSummary(name=f"{name} ({len(done)} seeds)", method=first.method,
+                            status="done" if len(done) == len(members) else f"{len(done)} of {len(members)} done",
+                            mean_epoch_seconds=None, relative_epoch_time=None, aligned_seconds=None,
+                            samples_per_s=None, peak_memory_mib=None, memory_source=first.memory_source,
+                            reference_mib=None, uses_reference=first.uses_reference, em=None, f1=None,
+                            judge_score=None, seeds=len(done))
+        for key in SEED_FIELDS:
+            values = [v for v in (getattr(m, key) for m in done) if _number(v) is not None]
+            if not values:
+                continue
+            interval = mean_ci_across_seeds(values)
+            setattr(merged, key, interval.mean)
+            if interval.high is not None:
+                merged.spread[key] = interval.high - interval.mean
+        out.append(merged)
+    return out
 
 
 @dataclass
@@ -132,20 +177,25 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     return summaries
 
 
-def build_report(store: ResultsStore, session_id: int) -> SessionReport:
-    """The report of one stored session."""
+def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
+    """The report of one stored session; runs repeated per seed are averaged (per_seed adds each)."""
     session = store.session(session_id)
     runs = session_run_data(store, session_id)
     summaries = summarize_runs(runs)
+    merged = aggregate_seeds(summaries)
     unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
-    return SessionReport(header_line(session, runs), unfinished,
-                         [quality_table(summaries, runs), efficiency_table(summaries)],
+    tables = [quality_table(merged, runs), efficiency_table(merged)]
+    if per_seed and len(merged) < len(summaries):
+        for table in (quality_table(summaries, runs), efficiency_table(summaries)):
+            table.title += " per seed"
+            tables.append(table)
+    return SessionReport(header_line(session, runs), unfinished, tables,
                          [epoch_table(run) for run in runs if run.epochs])
 
 
-def render_markdown(store: ResultsStore, session_id: int) -> str:
+def render_markdown(store: ResultsStore, session_id: int, per_seed: bool = False) -> str:
     """The Markdown report of one stored session (vqabench export, --export, the dashboard)."""
-    return report_markdown(build_report(store, session_id))
+    return report_markdown(build_report(store, session_id, per_seed))
 
 
 def report_markdown(report: SessionReport) -> str:
@@ -209,11 +259,14 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
     columns = ["Method", "EM ↑", "F1 ↑", "Judge ↑"] + (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
     rows = []
     for s in summaries:
-        row = [s.name, _score(s.em, s.intervals.get("em")), _score(s.f1, s.intervals.get("f1")),
-               _score(s.judge_score, s.intervals.get("judge"))]
+        if s.seeds > 1:
+            row = [s.name, _pm(s, "em", 3), _pm(s, "f1", 3), _pm(s, "judge_score", 3)]
+        else:
+            row = [s.name, _score(s.em, s.intervals.get("em")), _score(s.f1, s.intervals.get("f1")),
+                   _score(s.judge_score, s.intervals.get("judge"))]
         if with_kappa:
-            row.append(_fmt(s.kappa, 2))
-        rows.append(row + [_fmt(s.mean_epoch_seconds, 2)])
+            row.append(_pm(s, "kappa", 2))
+        rows.append(row + [_pm(s, "mean_epoch_seconds", 2)])
     evals = [r.final_eval for r in runs if r.final_eval]
     notes = []
     if evals:
@@ -225,8 +278,10 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             f"EM: exact match after answer normalisation; F1: token overlap with the reference; "
             f"Judge: share of judged answers graded CORRECT by the {', '.join(judges) or NA} judge"
             + (f", {unparseable} unparseable verdicts left out" if unparseable else "") + ".")
-    if any(s.intervals for s in summaries):
+    if any(s.intervals for s in summaries if s.seeds == 1):
         notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
+    if any(s.seeds > 1 for s in summaries):
+        notes.append(SEEDS_NOTE)
     if with_kappa:
         notes.append("κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
                      "(1 = always agree, 0 = chance); a low κ means the judge measures something else.")
@@ -247,8 +302,12 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         if len(sources) > 1 and s.memory_source:
             memory += f" ({s.memory_source})"
         reference = {True: _fmt(s.reference_mib, 1), False: "none", None: NA}[s.uses_reference]
-        rows.append([s.name, _fmt(s.mean_epoch_seconds, 2), _fmt(s.relative_epoch_time, 2),
-                     _fmt(s.aligned_seconds, 2), _fmt(s.samples_per_s, 1), memory, reference])
+        if s.seeds > 1:
+            memory = _pm(s, "peak_memory_mib", 1)
+            if s.uses_reference:
+                reference = _pm(s, "reference_mib", 1)
+        rows.append([s.name, _pm(s, "mean_epoch_seconds", 2), _pm(s, "relative_epoch_time", 2),
+                     _pm(s, "aligned_seconds", 2), _pm(s, "samples_per_s", 1), memory, reference])
     notes = ["Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
              "data (SFT = 1.00). "
              "Time to aligned model: training time of the run plus every run it starts from "
@@ -258,6 +317,8 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
     notes += [memory_notes[s] for s in sorted(sources)]
     notes.append("Reference memory: the frozen reference model held while training; "
                  "none: the method keeps no reference.")
+    if any(s.seeds > 1 for s in summaries):
+        notes.append(SEEDS_NOTE)
     return ReportTable("Efficiency", columns, ["left"] + ["right"] * 6, rows, notes)
 
 
@@ -335,6 +396,20 @@ def _fmt(value: Any, digits: int) -> str:
     if math.isinf(number):
         return "inf" if number > 0 else "-inf"
     return f"{number:.{digits}f}"
+
+
+SEEDS_NOTE = ("Rows marked (N seeds): mean over the runs NAME@s0, NAME@s1, ... ± the half-width of a "
+              "95% Student-t interval across seeds (pairs and splits fixed; initialisation, shuffling "
+              "and dropout vary). `vqabench export --per-seed` adds every seed's own row.")
+
+
+def _pm(summary: RunSummary, key: str, digits: int) -> str:
+    """A value, with ± its across-seed half-width when the row averages seeds."""
+    text = _fmt(getattr(summary, key), digits)
+    spread = summary.spread.get(key)
+    if spread is not None and text != NA:
+        text += f" ± {spread:.{digits}f}"
+    return text
 
 
 def _score(value: float | None, interval: list[float] | None) -> str:
