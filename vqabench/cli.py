@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import vqabench
 from vqabench.presets import Overrides
+from vqabench.judges import JudgeError, JudgeInputError
 from vqabench.spec import SpecError
 from vqabench.store import DEFAULT_RESULTS_DIR, ResultsStore, StoreError
 
@@ -54,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_export_command(commands)
-    # Issue 5 adds `vqabench judge ...` here: an _add_judge_command(commands) beside the
-    # export one, and its handler in COMMANDS below.
+    _add_judge_command(commands)
     return parser
 
 
@@ -83,6 +83,47 @@ def _seed_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers like 0,1,2") from None
+
+
+def _add_judge_command(commands: argparse._SubParsersAction) -> None:
+    judge = commands.add_parser(
+        "judge", help="judge answers again: a JSONL file, or a stored run's test predictions",
+        description="Judge a file of {\"question\",\"reference\",\"prediction\"} lines, or re-judge a "
+                    "stored run's test answers without retraining (the new score becomes the run's "
+                    "latest). Judgments are cached: nothing already judged is paid for twice.")
+    which = judge.add_mutually_exclusive_group(required=True)
+    which.add_argument("file", nargs="?", type=Path, help="a JSONL file of answers")
+    which.add_argument("--run", type=int, metavar="ID", help="a stored run's id")
+    judge.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
+    judge.add_argument("--base-url", help="the Together-compatible API's base URL")
+    judge.add_argument("--model", help="the judge model (together)")
+    judge.add_argument("--threshold", type=float, help="semantic judge: cosine counted as correct")
+    judge.add_argument("--limit", type=int, metavar="N", help="judge only the first N answers")
+    judge.add_argument("-o", "--output", type=Path, metavar="OUT.jsonl",
+                       help="verdicts file for FILE (default: FILE.verdicts.jsonl)")
+    judge.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
+    _add_results_option(judge)
+
+
+def _run_judge(args: argparse.Namespace) -> int:
+    from vqabench.rejudge import judge_answers_file, rejudge_run
+    from vqabench.spec import JudgeSpec
+
+    spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    if args.model:
+        spec.model = args.model
+    if args.threshold is not None:
+        spec.threshold = args.threshold
+    if args.file is not None:
+        out = args.output or args.file.with_name(args.file.stem + ".verdicts.jsonl")
+        print(judge_answers_file(args.file, spec, out, args.cache))
+        return 0
+    with ResultsStore(args.results, create=False) as store:
+        event = rejudge_run(store, args.run, spec, args.cache)
+    score = "n/a" if event.judge_score is None else f"{event.judge_score:.3f}"
+    print(f"Run {args.run}: {event.judge} judge {score} on {event.judge_n} answers "
+          f"({event.unparseable} unparseable), EM {event.em:.3f}, F1 {event.f1:.3f}; recorded in {args.results}.")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
@@ -138,7 +179,7 @@ def _run_dashboard(args: argparse.Namespace) -> int:
                          cache_dir=args.cache)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export, "judge": _run_judge}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.headless:
             return _run_headless(args)
         return _run_dashboard(args)
-    except (SpecError, StoreError) as exc:
+    except (SpecError, StoreError, JudgeError, JudgeInputError) as exc:
         print(f"vqabench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -403,7 +403,8 @@ class ResultsStore:
             conn.execute(f"INSERT OR REPLACE INTO epochs ({', '.join(names)}) "
                          f"VALUES ({', '.join('?' * len(names))})", values)
 
-    def _add_eval(self, run_id: int, event: Evaluated) -> None:
+    def add_eval(self, run_id: int, event: Evaluated) -> None:
+        """Record a test or eval score of a run (from its worker, or a later re-judging)."""
         names = ["run_id", *_EVAL_FIELDS, "recorded_at"]
         values = [run_id, *(_json(getattr(event, f)) if f == "extra" else getattr(event, f)
                             for f in _EVAL_FIELDS), now_iso()]
@@ -457,7 +458,7 @@ class SessionRecorder:
         if isinstance(event, EpochEnded):
             self.store._add_epoch(run_id, event)
         elif isinstance(event, Evaluated):
-            self.store._add_eval(run_id, event)
+            self.store.add_eval(run_id, event)
         elif isinstance(event, RunStarted):
             self.store._update_run(run_id, {col: getattr(event, f) for f, col in _STARTED_COLUMNS.items()})
         elif isinstance(event, RunFinished):

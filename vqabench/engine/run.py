@@ -15,13 +15,14 @@ import torch
 
 from vqabench import events as ev
 from vqabench import metrics
+from vqabench.judges import JudgeItem
+from vqabench.scoring import score_items
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import EncodedData, encode
 from vqabench.engine.data.records import DataError, DataSplits
 from vqabench.engine.reference import CopyReference, PrecomputedReference
-from vqabench.engine.scoring import score_answers
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
 from vqabench.spec import DatasetSpec, RunSpec, default_cache_dir
@@ -156,8 +157,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             scored = {}
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
-                summary = score_answers(spec, cache_dir, encoded.splits["eval"].pairs[: len(answers)], answers,
-                                        progress=None, with_intervals=False)
+                summary = score_items(judge_items_of(encoded.splits["eval"].pairs, answers), spec.judge,
+                                      cache_dir, with_intervals=False)
                 scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score,
                           "scored_n": summary.n}
             e = result.eval
@@ -173,9 +174,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         part.load_state_dict(best_state)
     answers = trainer.answers("test")
     pairs = encoded.splits["test"].pairs
-    summary = score_answers(spec, cache_dir, pairs, answers,
-                            progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"),
-                            with_intervals=True)
+    summary = score_items(judge_items_of(pairs, answers), spec.judge, cache_dir,
+                          progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"))
     predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
         for i, (pair, answer) in enumerate(zip(pairs, answers)):
@@ -185,11 +185,13 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             if i < len(summary.verdicts):
                 row["verdict"] = summary.verdicts[i]
             fh.write(json.dumps(row) + "\n")
-    emit(ev.Evaluated(split="test", n=summary.n, em=summary.em, f1=summary.f1, judge=summary.judge,
-                      judge_score=summary.judge_score, judge_n=summary.judge_n, unparseable=summary.unparseable,
-                      predictions=str(predictions), extra=summary.extra))
+    emit(summary.to_event("test", str(predictions)))
     emit(ev.RunFinished(best_epoch=trainer.best_epoch, best_eval_loss=trainer.best_loss, checkpoint=str(best_dir),
                         total_seconds=time.perf_counter() - t_start, train_seconds=train_seconds))
+
+
+def judge_items_of(pairs: list, answers: list[str]) -> list[JudgeItem]:
+    return [JudgeItem(p.question, p.chosen, a) for p, a in zip(pairs, answers)]
 
 
 def _describe(device: torch.device) -> str:

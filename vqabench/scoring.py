@@ -1,0 +1,72 @@
+"""Scores answers: exact match, token F1, the configured judge, 95% intervals and κ.
+
+One place for answer scoring, used by the worker (test and per-epoch eval answers) and by
+``vqabench judge`` (re-judging stored predictions without retraining). No torch here.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from vqabench import metrics, stats
+from vqabench.events import Evaluated
+from vqabench.judges import Grade, JudgeItem, judge_items, make_judge, resolve_judge_name, score
+from vqabench.judges.cache import JudgmentCache, default_cache_path
+from vqabench.spec import JudgeSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreSummary:
+    n: int
+    em: float
+    f1: float
+    judge: str | None = None
+    judge_score: float | None = None
+    judge_n: int = 0
+    unparseable: int = 0
+    verdicts: list[str] = field(default_factory=list)  # per judged item: correct/incorrect/unparseable
+    extra: dict[str, Any] = field(default_factory=dict)  # 95% intervals and judge agreement
+
+    def to_event(self, split: str, predictions: str | None) -> Evaluated:
+        return Evaluated(split=split, n=self.n, em=self.em, f1=self.f1, judge=self.judge,
+                         judge_score=self.judge_score, judge_n=self.judge_n, unparseable=self.unparseable,
+                         predictions=predictions, extra=self.extra)
+
+
+def _interval(values: list[float]) -> list[float] | None:
+    if len(values) < 2:
+        return None
+    _, low, high = stats.bootstrap_ci(values, n_resamples=2000, seed=0, level=0.95)
+    return [low, high]
+
+
+def score_items(items: Sequence[JudgeItem], judge_spec: JudgeSpec, cache_dir: Path,
+                progress: Callable[[int, int], None] | None = None,
+                with_intervals: bool = True) -> ScoreSummary:
+    """EM and F1 on every item; the judge on the first `judge_spec.limit` (all by default)."""
+    ems = [metrics.exact_match(i.prediction, i.reference) for i in items]
+    f1s = [metrics.token_f1(i.prediction, i.reference) for i in items]
+    n = len(items)
+    summary = ScoreSummary(n=n, em=sum(ems) / n if n else 0.0, f1=sum(f1s) / n if n else 0.0)
+    judge = make_judge(judge_spec)
+    limit = n if judge_spec.limit is None else min(judge_spec.limit, n)
+    cache = JudgmentCache(default_cache_path(cache_dir)) if judge.uses_cache else None
+    verdicts = judge_items(judge, list(items[:limit]), cache, on_progress=progress)
+    js = score(verdicts)
+    summary.judge = resolve_judge_name(judge_spec.name)
+    summary.judge_score, summary.judge_n, summary.unparseable = js.score, js.n, js.unparseable
+    summary.verdicts = [v.grade.value for v in verdicts]
+    if with_intervals and n:
+        summary.extra["em_ci"] = _interval(ems)
+        summary.extra["f1_ci"] = _interval(f1s)
+        graded = [(1 if v.grade is Grade.CORRECT else 0, int(ems[i])) for i, v in enumerate(verdicts)
+                  if v.grade is not Grade.UNPARSEABLE]
+        if graded:
+            summary.extra["judge_ci"] = _interval([float(g) for g, _ in graded])
+            summary.extra["judge_kappa"] = stats.cohen_kappa([g for g, _ in graded], [e for _, e in graded])
+        summary.extra["judge_describe"] = judge.describe()
+    return summary
