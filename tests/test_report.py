@@ -84,7 +84,11 @@ def test_efficiency_numbers_are_ratios_to_sft_and_sums_along_the_chain(tmp_path)
     assert float(efficiency["orpo"][2]) == pytest.approx(2.2 / 2.0, abs=0.005)
     assert float(efficiency["dpo-beta0.1"][3]) == pytest.approx(3 * 3.2 + 3 * 2.0, abs=0.005)
     assert float(efficiency["orpo"][3]) == pytest.approx(3 * 2.2, abs=0.005)
-    assert efficiency["dpo-beta0.1"][6] == "6.0" and efficiency["orpo"][6] == "none"
+    assert efficiency["dpo-beta0.1"][7] == "6.0" and efficiency["orpo"][7] == "none"
+    # Peak − ORPO: the DPO run's peak memory minus the ORPO run's on the same setup
+    assert efficiency["orpo"][6] == "0.0"
+    dpo_peak, orpo_peak = float(efficiency["dpo-beta0.1"][5]), float(efficiency["orpo"][5])
+    assert float(efficiency["dpo-beta0.1"][6]) == pytest.approx(dpo_peak - orpo_peak, abs=0.05)
 
 
 def test_missing_values_are_na_never_zero(tmp_path):
@@ -93,7 +97,7 @@ def test_missing_values_are_na_never_zero(tmp_path):
     quality = {row[0]: row for row in report.tables[0].rows}
     efficiency = {row[0]: row for row in report.tables[1].rows}
     assert quality["dpo-beta0.1"][1:] == ["n/a"] * 4
-    assert efficiency["dpo-beta0.1"][1:] == ["n/a"] * 6
+    assert efficiency["dpo-beta0.1"][1:] == ["n/a"] * 7
     assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
     assert efficiency["orpo"][2] == "n/a"  # no SFT epoch to compare with
     assert report.unfinished == ["sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",

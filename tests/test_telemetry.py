@@ -267,3 +267,23 @@ def test_module_bytes_counts_parameters_and_buffers_once():
     assert module_bytes(model) == (4 * 3 + 3) * 4 + (3 * 4) * 4 + 8
     assert module_bytes(nn.Linear(4, 3).to(torch.float16)) == (4 * 3 + 3) * 2
     assert module_bytes(nn.ReLU()) == 0
+
+
+def test_peak_rss_is_per_epoch_not_the_lifetime_peak():
+    import numpy as np
+
+    from vqabench.engine.telemetry import Telemetry, reset_peak_rss
+
+    if not reset_peak_rss():
+        pytest.skip("this kernel cannot reset the RSS high-water mark")
+    tel = Telemetry("cpu", interval=0.05)
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB touched in the first epoch only
+    big += 1
+    tel.begin_epoch()
+    big2 = np.ones(64 * 2**20 // 8)
+    big2 += 1
+    first = tel.end_epoch().peak_rss_mib
+    del big, big2
+    tel.begin_epoch()
+    second = tel.end_epoch().peak_rss_mib
+    assert second < first - 50  # the second epoch does not inherit the first one's peak

@@ -73,7 +73,7 @@ class EpochEnded(Event):
     eval_seconds: float
     samples_per_s: float
     lr: float
-    peak_rss_mib: float  # process peak resident set size so far
+    peak_rss_mib: float  # peak resident set size during this epoch (lifetime peak where not resettable)
     reference_bytes: int
     chosen_logp: float  # eval split, mean summed log-prob of chosen answers
     rejected_logp: float

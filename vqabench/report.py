@@ -53,6 +53,7 @@ class RunSummary:
     peak_memory_mib: float | None
     memory_source: str | None  # "CUDA" (torch max allocated) or "RSS" (process peak)
     reference_mib: float | None  # None when the method keeps no reference
+    peak_vs_orpo_mib: float | None
     uses_reference: bool | None  # None before run_started said
     em: float | None
     f1: float | None
@@ -65,7 +66,7 @@ class RunSummary:
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
 SEED_FIELDS = ("mean_epoch_seconds", "relative_epoch_time", "aligned_seconds", "samples_per_s",
-               "peak_memory_mib", "reference_mib", "em", "f1", "judge_score", "kappa")
+               "peak_memory_mib", "peak_vs_orpo_mib", "reference_mib", "em", "f1", "judge_score", "kappa")
 
 
 def seed_group(name: str) -> str:
@@ -91,7 +92,8 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
         merged = RunSummary(name=f"{name} ({len(done)} seeds)", method=first.method,
                             status="done" if len(done) == len(members) else f"{len(done)} of {len(members)} done",
                             mean_epoch_seconds=None, relative_epoch_time=None, aligned_seconds=None,
-                            samples_per_s=None, peak_memory_mib=None, memory_source=first.memory_source,
+                            samples_per_s=None, peak_memory_mib=None, peak_vs_orpo_mib=None,
+                            memory_source=first.memory_source,
                             reference_mib=None, uses_reference=first.uses_reference, em=None, f1=None,
                             judge_score=None, seeds=len(done))
         for key in SEED_FIELDS:
@@ -149,9 +151,13 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     by_name = {r.name: r for r in runs}
     means = {r.name: _mean([e.epoch_seconds for e in r.epochs]) for r in runs}
     baselines: dict[str, str] = {}  # setup -> the first SFT run of it with a measured epoch
+    orpo_peaks: dict[str, float] = {}  # setup -> peak memory of its first ORPO run
     for r in runs:
         if r.method == "sft" and means[r.name]:
             baselines.setdefault(r.setup, r.name)
+        peak_r = _peak_memory(r.epochs)[0]
+        if r.method == "orpo" and peak_r is not None:
+            orpo_peaks.setdefault(r.setup, peak_r)
     summaries = []
     for run in runs:
         epoch_mean = means[run.name]
@@ -169,6 +175,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
             aligned_seconds=_aligned_seconds(run, by_name),
             samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
             peak_memory_mib=peak, memory_source=source,
+            peak_vs_orpo_mib=(peak - orpo_peaks[run.setup]) if peak is not None and run.setup in orpo_peaks else None,
             reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
             uses_reference=uses_reference,
             em=evaluation.em if evaluation else None, f1=evaluation.f1 if evaluation else None,
@@ -295,7 +302,7 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
     memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓",
                      frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(frozenset(sources), "Peak memory [MiB] ↓")
     columns = ["Method", "Epoch time [s] ↓", "Relative to SFT", "Time to aligned model [s] ↓",
-               "Samples/s ↑", memory_header, "Reference memory [MiB] ↓"]
+               "Samples/s ↑", memory_header, "Peak − ORPO [MiB]", "Reference memory [MiB] ↓"]
     rows = []
     for s in summaries:
         memory = _fmt(s.peak_memory_mib, 1)
@@ -307,7 +314,8 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
             if s.uses_reference:
                 reference = _pm(s, "reference_mib", 1)
         rows.append([s.name, _pm(s, "mean_epoch_seconds", 2), _pm(s, "relative_epoch_time", 2),
-                     _pm(s, "aligned_seconds", 2), _pm(s, "samples_per_s", 1), memory, reference])
+                     _pm(s, "aligned_seconds", 2), _pm(s, "samples_per_s", 1), memory,
+                     _pm(s, "peak_vs_orpo_mib", 1), reference])
     notes = ["Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
              "data (SFT = 1.00). "
              "Time to aligned model: training time of the run plus every run it starts from "
@@ -315,11 +323,13 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
     memory_notes = {"CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
                     "RSS": "RSS: peak resident memory of the worker process (no GPU in use), the whole process."}
     notes += [memory_notes[s] for s in sorted(sources)]
+    notes.append("Peak − ORPO: this run's peak memory minus that of the ORPO run on the same model, "
+                 "data and batch size; for DPO it is what the reference model costs at its peak.")
     notes.append("Reference memory: the frozen reference model held while training; "
                  "none: the method keeps no reference.")
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
-    return ReportTable("Efficiency", columns, ["left"] + ["right"] * 6, rows, notes)
+    return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
 
 def epoch_table(run: RunData) -> ReportTable:

@@ -44,7 +44,8 @@ class ReadingSource(Protocol):
 class EpochTelemetry:
     """Memory and GPU figures of one epoch window; names match events.EpochEnded.
 
-    ``peak_rss_mib`` is the process's lifetime peak RSS (getrusage), which never goes down;
+    ``peak_rss_mib`` is this epoch's peak RSS: the kernel's high-water mark, reset when the
+    epoch begins (Linux); where it cannot be reset, the lifetime peak (getrusage);
     ``epoch_rss_peak_mib`` is the highest RSS the sampler saw inside this window.
     """
 
@@ -81,6 +82,32 @@ def process_peak_rss_mib() -> float:
     """This process's lifetime peak resident set size in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where Linux can't.
+
+    Lets each epoch report its own peak instead of the lifetime peak, which would carry
+    over whatever the process did before (building the base checkpoint, say).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mib() -> float | None:
+    """VmHWM from /proc/self/status: the peak RSS since start or the last reset_peak_rss()."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def process_rss_mib() -> float | None:
@@ -276,6 +303,7 @@ class Telemetry:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
+        self._hwm_reset = False
         if source is not None:
             self.source: ReadingSource | None = source
             self.status = "nvml" if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
@@ -357,6 +385,7 @@ class Telemetry:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self._cuda_index)
+        self._hwm_reset = reset_peak_rss()
         with self._lock:
             self._window = _Window()
 
@@ -372,9 +401,10 @@ class Telemetry:
             allocated = torch.cuda.max_memory_allocated(self._cuda_index) / MIB
             reserved = torch.cuda.max_memory_reserved(self._cuda_index) / MIB
         # the kernel updates its high-water mark lazily, so a sampled RSS can run slightly above it
-        lifetime_peak = _max(process_peak_rss_mib(), window.rss_peak)
+        since_reset = peak_rss_since_reset_mib() if self._hwm_reset else None
+        peak = _max(since_reset if since_reset is not None else process_peak_rss_mib(), window.rss_peak)
         return EpochTelemetry(
-            peak_rss_mib=lifetime_peak,
+            peak_rss_mib=peak,
             epoch_rss_peak_mib=window.rss_peak,
             cuda_max_allocated_mib=allocated,
             cuda_max_reserved_mib=reserved,
