@@ -4,46 +4,49 @@ Fine-tuning in the paper starts from blip-vqa-base, a model that already answers
 embedded default gets the same footing from a checkpoint the project makes itself: every
 part of the small model trained with SFT on the base split (images disjoint from the
 fine-tuning, eval and test splits). Deterministic for a data seed; cached on disk keyed by
-the shipped config, vocabulary, seed and recipe; rebuilt if missing.
+the shipped config, vocabulary, seed, sample count and recipe; rebuilt if missing.
+
+It is built in a child process (``python -m vqabench.engine.base_checkpoint``) that reports
+progress with the worker's event protocol, so the memory it used is given back before the
+run it serves starts measuring.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from vqabench import events as ev
 from vqabench import objectives
 from vqabench.engine import model as blip
+from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataSplits
+from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-RECIPE = {"version": 1, "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01}
+RECIPE = {"version": 2, "data": "easy-VQA base split", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01}
+BASE_MESSAGE = "building the embedded base checkpoint (once, then cached)"
 
 
-def base_key(seed: int, samples: int, data_fingerprint: str) -> str:
-    text = f"{blip.embedded_fingerprint()}|{seed}|{samples}|{data_fingerprint}|{sorted(RECIPE.items())}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
+    text = f"{blip.embedded_fingerprint()}|{seed}|{samples}|{sorted(RECIPE.items())}"
+    return cache_dir / "base" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def ensure_base_checkpoint(data: DataSplits, *, seed: int, samples: int, cache_dir: Path,
-                           device: torch.device,
-                           progress: Callable[[int, int, float], None] | None = None) -> tuple[Path, bool]:
-    """Path of the cached base checkpoint, building it first if needed; (path, was_built)."""
-    base_pairs_fp = hashlib.sha256("".join(f"{p.image_id}|{p.question}|{p.chosen}\n" for p in data.base)
-                                   .encode()).hexdigest()[:16]
-    folder = cache_dir / "base" / base_key(seed, samples, base_pairs_fp)
-    if (folder / blip.META_FILE).exists():
-        return folder, False
-    if not data.base:
-        raise ValueError("the embedded model needs the base split to build its base checkpoint")
-    log.info("building the embedded base checkpoint in %s (%d samples)", folder, samples)
+def build_base_checkpoint(folder: Path, *, seed: int, samples: int, device: torch.device,
+                          progress: Callable[[int, int, float], None] | None = None) -> None:
+    """Train the small BLIP on easy-VQA's base split and save it to `folder` atomically."""
+    data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1)
     loaded = blip.build_embedded(seed)
     model = loaded.model.to(device)
     encoded = encode(DataSplits(train=data.base, eval=[], test=[], images=data.images), loaded, 32, 16)
@@ -84,4 +87,49 @@ def ensure_base_checkpoint(data: DataSplits, *, seed: int, samples: int, cache_d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder, True
+
+
+def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, device: torch.device,
+                           emit: Callable[[ev.Event], None]) -> Path:
+    """The cached base checkpoint's folder, built first in a child process if missing."""
+    folder = base_folder(cache_dir, seed, samples)
+    if (folder / blip.META_FILE).exists():
+        return folder
+    log.info("building the embedded base checkpoint in %s (%d samples)", folder, samples)
+    cmd = [sys.executable, "-m", "vqabench.engine.base_checkpoint", str(folder), "--seed", str(seed),
+           "--samples", str(samples), "--device", device.type]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            try:
+                emit(ev.parse_event(line))
+            except ev.EventError:
+                log.warning("base checkpoint builder wrote a non-event line: %s", line.rstrip())
+    if child.returncode != 0 or not (folder / blip.META_FILE).exists():
+        raise RuntimeError(f"building the embedded base checkpoint failed (exit code {child.returncode}); "
+                           f"its log is above on stderr.")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vqabench.engine.worker import EventWriter, protocol_stream
+
+    emit = EventWriter(protocol_stream())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    p = argparse.ArgumentParser(description="Build the embedded base checkpoint (used by the worker).")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        emit(ev.Progress(phase="base", epoch=0, step=step, steps=steps, running_loss=loss, message=BASE_MESSAGE))
+
+    build_base_checkpoint(args.folder, seed=args.seed, samples=args.samples, device=torch.device(args.device),
+                          progress=progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

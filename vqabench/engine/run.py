@@ -25,7 +25,7 @@ from vqabench.engine.data.records import DataError, DataSplits
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
-from vqabench.spec import DatasetSpec, RunSpec, default_cache_dir
+from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
 Emit = Callable[[ev.Event], None]
@@ -56,7 +56,7 @@ def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path
 
 
 def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
-                        progress: Throttled) -> tuple[blip.LoadedModel, DataSplits]:
+                        emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
     """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
     builds_base = spec.init_checkpoint is None and spec.model == "embedded"
     loaded: blip.LoadedModel | None = None
@@ -72,14 +72,10 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
     tokenizer = loaded.tokenizer if loaded is not None else blip.embedded_tokenizer()
     data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
     if builds_base:
-        # The embedded base checkpoint is always made from easy-VQA's base split, whatever
-        # the fine-tuning data, so it is the same "pretrained" model for every dataset.
-        base_data = data if data.base else easyvqa.load_splits(DatasetSpec(seed=spec.dataset.seed), seed=spec.dataset.seed, limit=1)
-        def on_base(step: int, steps: int, loss: float) -> None:
-            progress("base", 0, step, steps, loss, "building the embedded base checkpoint (once, then cached)")
-
-        folder, _ = ensure_base_checkpoint(base_data, seed=spec.dataset.seed, samples=spec.base_samples,
-                                           cache_dir=cache_dir, device=device, progress=on_base)
+        # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
+        # same "pretrained" model for every dataset.
+        folder = ensure_base_checkpoint(seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir,
+                                        device=device, emit=emit)
         loaded = blip.load_pretrained(str(folder))
     assert loaded is not None
     return loaded, data
@@ -106,7 +102,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Throttled(emit)
 
-    loaded, data = load_model_and_data(spec, cache_dir, device, progress)
+    loaded, data = load_model_and_data(spec, cache_dir, device, emit)
     loaded.model.to(device)
     encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
     if not data.report.token_stats:

@@ -28,7 +28,7 @@ class EventWriter:
         self.stream.flush()
 
 
-def _protocol_stream() -> IO[str]:
+def protocol_stream() -> IO[str]:
     """Keep fd 1 for events; send everything else written to stdout to stderr."""
     sys.stdout.flush()
     events_fd = os.dup(1)
@@ -59,7 +59,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    emit = EventWriter(_protocol_stream())
+    emit = EventWriter(protocol_stream())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
