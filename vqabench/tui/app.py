@@ -1,0 +1,443 @@
+"""The Textual dashboard: pick presets, start them, watch epochs arrive, compare, export.
+
+Wiring, the same as the headless front end: a :class:`~vqabench.runner.Runner` (run as a
+Textual worker inside the app's event loop) with the store's
+:class:`~vqabench.store.SessionRecorder` subscribed first, then this app. The app's
+subscriber only posts messages (:mod:`vqabench.tui.messages`); their handlers update the
+:class:`~vqabench.tui.state.SessionView` and schedule one redraw for any burst. Quitting
+cancels the runner and waits until its worker is gone (SIGTERM, then SIGKILL after the
+grace period), so nothing is left running; SIGTERM and SIGHUP (a closed terminal) do the same.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Container
+from textual.widgets import DataTable, Footer, Static, Tab, Tabs
+from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
+
+from vqabench.presets import Overrides, packaged_presets, read_preset, select_presets
+from vqabench.report import render_markdown, seed_group
+from vqabench.runner import (
+    DONE,
+    FINAL_STATUSES,
+    RUNNING,
+    Notification,
+    Runner,
+    RunnerFinished,
+    RunStatusChanged,
+)
+from vqabench.spec import SpecError
+from vqabench.store import ResultsStore, StoreError
+from vqabench.tui.messages import ProgressNotice, RunnerNotice, notice_for
+from vqabench.tui.state import Clock, RunView, SessionView
+from vqabench.tui.widgets import (
+    EfficiencyPanel,
+    EpochPanel,
+    LogPanel,
+    LossPanel,
+    PresetPicker,
+    RunsTable,
+    SessionPicker,
+)
+
+#: Redraws wait this long so that a burst of notifications costs one.
+REDRAW_DELAY = 0.05
+#: Exit status after the terminal hung up (128 + SIGHUP, as a shell reports it).
+EXIT_HANGUP = 128 + signal.SIGHUP
+#: (tab id, panel id, label) of the lower panels; one at a time on a small terminal.
+PANELS = (("tab-epochs", "panel-epochs", "1 Epochs"), ("tab-loss", "panel-loss", "2 Loss"),
+          ("tab-efficiency", "panel-efficiency", "3 Efficiency"), ("tab-log", "panel-log", "4 Log"))
+
+
+class Dashboard(App[int]):
+    """Runs table on top; the selected run's epochs, loss plot and log, and the efficiency
+    comparison below (all four from 120×40 up, one tab at a time below that)."""
+
+    CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live elsewhere
+    TITLE = "vqabench"
+    ENABLE_COMMAND_PALETTE = False
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
+    BINDINGS = [
+        Binding("a", "start_all", "Start all"),
+        Binding("p", "pick_presets", "Pick presets"),
+        Binding("c", "cancel_run", "Cancel run"),
+        Binding("e", "export", "Export"),
+        Binding("o", "open_session", "Sessions"),
+        Binding("q", "quit", "Quit"),
+        *(Binding(label[0], f"show_panel('{tab}')", label[2:], show=False) for tab, _, label in PANELS),
+    ]
+
+    def __init__(self, store: ResultsStore, *, selection: str | None = None,
+                 overrides: Overrides | None = None, worker_cmd: Sequence[str] | None = None,
+                 cache_dir: Path | str | None = None, grace_seconds: float = 5.0,
+                 clock: Clock = time.monotonic, command: str = "vqabench") -> None:
+        super().__init__()
+        self.store = store
+        self.selection = selection or "all"
+        self.overrides = overrides or Overrides()
+        self.worker_cmd = list(worker_cmd) if worker_cmd else None
+        self.cache_dir = cache_dir
+        self.grace_seconds = grace_seconds
+        self.clock = clock
+        self.command = command
+        self.planned = select_presets(self.selection, self.overrides).specs  # SpecError: before the app opens
+        self.view = SessionView.planned(self.planned)
+        self.live: SessionView | None = None
+        self.runner: Runner | None = None
+        self.runner_worker: Worker | None = None
+        self.selected: str | None = next(iter(self.view.runs), None)
+        self.last_export: Path | None = None
+        self._redraw_pending = False
+        self._tab_chosen = False
+        self._stopping = False
+        self._signals: list[int] = []  # SIGTERM/SIGHUP handlers this app installed
+        self._terminal_lost = False
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="title")
+        yield RunsTable(id="runs")
+        yield Static(id="detail")
+        yield Tabs(*(Tab(label, id=tab) for tab, _, label in PANELS), id="panel-tabs")
+        with Container(id="panels"):
+            yield EpochPanel(id="panel-epochs", classes="panel -active")
+            yield LossPanel(id="panel-loss", classes="panel")
+            yield EfficiencyPanel(id="panel-efficiency", classes="panel")
+            yield LogPanel(id="panel-log", classes="panel")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        for (_, panel, label) in PANELS:
+            self.query_one(f"#{panel}").border_title = label[2:]
+        self.query_one("#panel-tabs", Tabs).can_focus = False
+        self.query_one(RunsTable).focus()
+        self.set_interval(1.0, self._tick)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+                self._signals.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        self._redraw()
+
+    def on_unmount(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._signals:
+            loop.remove_signal_handler(signum)
+
+    # -- runner -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.runner_worker is not None and not self.runner_worker.is_finished
+
+    def start(self, selection: str) -> bool:
+        """Validate, record a new session and start its runs; False (with a message) if not."""
+        if self.running:
+            self.notify("Runs are going: wait for them or cancel them (c) first.", severity="warning")
+            return False
+        if self._stopping:
+            return False
+        try:
+            chosen = select_presets(selection, self.overrides)
+        except SpecError as exc:
+            self.notify(str(exc), title="Cannot start", severity="error", timeout=15)
+            return False
+        try:
+            session = self.store.begin_session(selection, self.command)
+        except StoreError as exc:
+            self.notify(str(exc), title="Cannot start", severity="error", timeout=15)
+            return False
+        specs = chosen.specs
+        runner = Runner(specs, runs_dir=self.store.results_dir / "runs", session=session.label,
+                        worker_cmd=self.worker_cmd, cache_dir=self.cache_dir,
+                        grace_seconds=self.grace_seconds)
+        runner.subscribe(self.store.recorder(session))
+        runner.subscribe(self._on_runner_note)
+        self.runner = runner
+        self.live = SessionView.planned(runner.specs)
+        self.live.session_id, self.live.label, self.live.live = session.id, session.label, True
+        self.live.status = RUNNING
+        self._show_view(self.live)
+        self.query_one(RunsTable).user_moved = False
+        self._tab_chosen = False
+        self.runner_worker = self.run_worker(runner.run(), name="runner", group="runner",
+                                             exit_on_error=False)
+        added = "".join(f" Added {name}: {', '.join(s.name for s in specs if s.after == name)} start(s) "
+                        f"from its checkpoint." for name in chosen.added)
+        self.notify(f"Session {session.id}: {len(specs)} run(s) started; results in {self.store.path}.{added}")
+        return True
+
+    def _on_runner_note(self, note: Notification) -> None:
+        """Runner subscriber: hand the notification to the app's message queue."""
+        self.post_message(notice_for(note))
+
+    def on_runner_notice(self, message: RunnerNotice) -> None:
+        if self.live is None:
+            return
+        note = message.note
+        run = self.live.apply(note, self.clock())
+        if isinstance(note, RunStatusChanged) and note.status == RUNNING and self.view is self.live:
+            if not self.query_one(RunsTable).user_moved:
+                self.selected = run  # follow the run in progress until the user picks one
+        if isinstance(note, RunnerFinished):
+            self._finished(note)
+        if self.view is self.live:
+            self._schedule_redraw()
+
+    def on_progress_notice(self, message: ProgressNotice) -> None:
+        self.on_runner_notice(message)
+
+    def _finished(self, note: RunnerFinished) -> None:
+        counts: dict[str, int] = {}
+        for status in note.statuses.values():
+            counts[status] = counts.get(status, 0) + 1
+        text = ", ".join(f"{n} {s}" for s, n in counts.items())
+        assert self.live is not None
+        self.notify(f"Session {self.live.session_id} ended: {text}. Export with e.",
+                    severity="information" if set(counts) <= {DONE} else "warning", timeout=10)
+        if not self._tab_chosen:
+            self.action_show_panel("tab-efficiency", chosen=False)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A runner that raised (a bug, not a failed run) is reported instead of hanging."""
+        if event.worker is self.runner_worker and event.state == WorkerState.ERROR:
+            error = event.worker.error
+            self.notify(f"The runner stopped with an error: {error!r}.", severity="error", timeout=30)
+            if self.live is not None:
+                self.live.live, self.live.status = False, "failed"
+            self._schedule_redraw()
+
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM or SIGHUP: quit as `q` does, so that no worker outlives the dashboard."""
+        self._terminal_lost = self._terminal_lost or signum == signal.SIGHUP
+        self.call_later(self.action_quit)
+
+    def _leave(self) -> None:
+        if self._terminal_lost:
+            # The terminal hung up: Textual's teardown would block writing to it (seen with
+            # tmux kill-session), so leave at once; every store write is already committed.
+            self.store.close()
+            os._exit(EXIT_HANGUP)
+        self.exit(0)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def action_start_all(self) -> None:
+        """Start every run listed when the dashboard opened (the --preset selection, default all)."""
+        self.start(self.selection)
+
+    def action_pick_presets(self) -> None:
+        if self.running:
+            self.notify("Runs are going: wait for them or cancel them (c) first.", severity="warning")
+            return
+        presets = []
+        for name, path in packaged_presets().items():
+            try:
+                spec = read_preset(path).spec
+            except SpecError:
+                continue
+            presets.append((name, spec.method, spec.description.strip().splitlines()[0]
+                            if spec.description.strip() else ""))
+        chosen = [seed_group(s.name) for s in self.planned]  # "sft@s1" was chosen as "sft"
+
+        def picked(names: list[str] | None) -> None:
+            if names is None:
+                return
+            if not names:
+                self.notify("No preset chosen: nothing started.", severity="warning")
+                return
+            self.start(",".join(names))
+
+        self.push_screen(PresetPicker(presets, chosen, self._overrides_text()), picked)
+
+    def action_cancel_run(self) -> None:
+        run = self.view.runs.get(self.selected or "")
+        if run is None:
+            return
+        if self.view is not self.live or self.runner is None or not self.running:
+            self.notify(f"{run.name} is not part of a session that is running.", severity="warning")
+            return
+        if run.status in FINAL_STATUSES:
+            self.notify(f"{run.name} is already {run.status}.", severity="warning")
+            return
+        self.runner.cancel(run.name)
+        how = (f"stopping its worker (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)"
+               if run.status == RUNNING else "it will not start")
+        self.notify(f"Cancelling {run.name}: {how}.")
+
+    def action_export(self) -> None:
+        """Write the Markdown report of the shown session next to the results store."""
+        session_id = self.view.session_id
+        if session_id is None:
+            self.notify("Nothing to export yet: start runs (a) or open a session (o).", severity="warning")
+            return
+        path = (self.store.results_dir / f"report-session-{session_id}.md").resolve()
+        try:
+            path.write_text(render_markdown(self.store, session_id), encoding="utf-8")
+        except (OSError, StoreError) as exc:
+            self.notify(f"Cannot write {path} ({exc}).", severity="error", timeout=15)
+            return
+        self.last_export = path
+        self.notify(f"Wrote {path}", title="Markdown report", timeout=15)
+        self._schedule_redraw()
+
+    def action_open_session(self) -> None:
+        sessions = self.store.list_sessions()
+        counts = {s.id: len(self.store.runs(s.id)) for s in sessions}
+        live_id = self.live.session_id if self.live is not None and self.running else None
+
+        def opened(session_id: int | None) -> None:
+            if session_id is None:
+                return
+            if self.live is not None and session_id == self.live.session_id:
+                self._show_view(self.live)
+                return
+            try:
+                view = SessionView.from_store(self.store, self.store.session(session_id))
+            except StoreError as exc:
+                self.notify(str(exc), severity="error")
+                return
+            self._show_view(view)
+
+        self.push_screen(SessionPicker(sessions, counts, live_id), opened)
+
+    def action_show_panel(self, tab: str, chosen: bool = True) -> None:
+        self._tab_chosen = self._tab_chosen or chosen
+        self.query_one("#panel-tabs", Tabs).active = tab
+
+    def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
+        panel = dict((t, p) for t, p, _ in PANELS).get(event.tab.id or "")
+        for _, other, _ in PANELS:
+            self.query_one(f"#{other}").set_class(other == panel, "-active")
+
+    async def action_quit(self) -> None:
+        """Cancel the runs, wait until no worker is left, then leave."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.running:
+            self.notify(f"Stopping the runs (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)…",
+                        timeout=30)
+            self._stop_then_exit()
+        else:
+            self._leave()
+
+    @work(group="quit")
+    async def _stop_then_exit(self) -> None:
+        assert self.runner is not None and self.runner_worker is not None
+        self.runner.cancel()
+        try:
+            await self.runner_worker.wait()
+        except (WorkerCancelled, WorkerFailed):  # reported by on_worker_state_changed
+            pass
+        self._leave()
+
+    # -- drawing ----------------------------------------------------------------------------
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id != "runs" or event.row_key.value is None:
+            return
+        if event.row_key.value != self.selected:
+            self.selected = event.row_key.value
+            self._schedule_redraw()
+
+    def _show_view(self, view: SessionView) -> None:
+        self.view = view
+        running = next((n for n, r in view.runs.items() if r.status == RUNNING), None)
+        self.selected = running or next(iter(view.runs), None)
+        self._schedule_redraw()
+
+    def _schedule_redraw(self) -> None:
+        if not self._redraw_pending:
+            self._redraw_pending = True
+            self.set_timer(REDRAW_DELAY, self._redraw)
+
+    def _tick(self) -> None:
+        if any(r.status == RUNNING for r in self.view.runs.values()):
+            self.query_one(RunsTable).show(self.view, self.clock(), self.selected)
+
+    def _redraw(self) -> None:
+        self._redraw_pending = False
+        view, now = self.view, self.clock()
+        self.query_one("#title", Static).update(self._title())
+        self.query_one(RunsTable).show(view, now, self.selected)
+        run = view.runs.get(self.selected or "")
+        detail = self.query_one("#detail", Static)
+        text = self._detail(run)
+        detail.update(text)
+        detail.set_class(bool(text), "-shown")
+        self.query_one(EpochPanel).show(run)
+        self.query_one(LossPanel).show(run)
+        self.query_one(EfficiencyPanel).show(view)
+        self.query_one(LogPanel).show(run)
+
+    def _title(self) -> Text:
+        view = self.view
+        title = Text("vqabench", "bold")
+        if view.session_id is None:
+            title.append(f" · {len(view.runs)} run(s) of '{self.selection}' not started"
+                         f"{self._overrides_text()}")
+        else:
+            counts = view.counts()
+            order = ("running", "queued", "done", "failed", "skipped", "cancelled")
+            tally = ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+            state = "live" if view.live else ("ended" if view is self.live else "from the store")
+            title.append(f" · session {view.session_id} ({state}): {tally}")
+        if self.last_export is not None:
+            title.append(f" · exported {self.last_export.name}")
+        return title
+
+    @staticmethod
+    def _detail(run: RunView | None) -> str:
+        """The selected run's full reason or current message, which the table may cut short."""
+        if run is None:
+            return ""
+        if run.status in FINAL_STATUSES and run.status != DONE and run.reason:
+            reason = run.reason if run.reason.startswith(run.status) else f"{run.status}: {run.reason}"
+            return f"{run.name} {reason}"
+        if run.status == RUNNING and run.phase_message:
+            return f"{run.name}: {run.phase_message}"
+        return ""
+
+    def _overrides_text(self) -> str:
+        """The command-line overrides, as flags: ' (--epochs 2 --limit 256)'."""
+        o = self.overrides
+        parts = [f"--{k} {v}" for k, v in (("epochs", o.epochs), ("limit", o.limit), ("seed", o.seed))
+                 if v is not None]
+        if o.seeds:
+            parts.append(f"--seeds {','.join(map(str, o.seeds))}")
+        parts += [f"--set {item}" for item in o.settings]
+        return f" ({' '.join(parts)})" if parts else ""
+
+
+def run_dashboard(*, selection: str | None, overrides: Overrides, results_dir: Path | str,
+                  worker_cmd: Sequence[str] | None = None, cache_dir: Path | str | None = None) -> int:
+    """Open the dashboard on a results folder; returns the exit code once the user quits.
+
+    Raises SpecError for a bad --preset selection and StoreError for an unusable results
+    folder before the screen changes, as the headless mode does.
+    """
+    import shlex
+    import sys
+
+    command = shlex.join(["vqabench", *sys.argv[1:]])
+    with ResultsStore(results_dir) as store:
+        app = Dashboard(store, selection=selection, overrides=overrides, worker_cmd=worker_cmd,
+                        cache_dir=cache_dir, command=command)
+        code = app.run()
+    return code if isinstance(code, int) else 0
+

@@ -1,0 +1,413 @@
+"""The dashboard's panels: runs table, per-epoch table, loss plot, efficiency panel, worker
+log, and the two pickers (presets to start, a previous session to open).
+
+Every panel draws from a :class:`~vqabench.tui.state.SessionView` or one of its
+:class:`~vqabench.tui.state.RunView`; cell texts of the per-epoch and efficiency tables
+are the report's own (:mod:`vqabench.report`), under shorter headers.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from rich.text import Text
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, OptionList, RichLog, Static
+from textual.widgets.option_list import Option
+
+from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, quality_table
+from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
+from vqabench.store import SessionRecord
+from vqabench.tui.plot import loss_plot
+from vqabench.tui.state import (
+    PLANNED,
+    RunView,
+    SessionView,
+    cheapest_alignment,
+    format_duration,
+    progress_bar,
+)
+
+STATUS_STYLES = {PLANNED: "dim", QUEUED: "", RUNNING: "bold yellow", DONE: "bold green",
+                 FAILED: "bold red", SKIPPED: "magenta", CANCELLED: "magenta"}
+BAR_WIDTH = 6
+
+
+def status_text(status: str) -> Text:
+    return Text(status, STATUS_STYLES.get(status, ""))
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+class RunsTable(DataTable):
+    """One row per run: preset, method, status, epoch and bar, elapsed time, ETA, and a note:
+    what it does now, its test scores, or why it ended."""
+
+    COLUMNS = (("Run", "run"), ("Method", "method"), ("Status", "status"), ("Epoch", "epoch"),
+               ("Time", "elapsed"), ("ETA", "eta"), ("Note", "note"))
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
+        self._names: list[str] = []
+        self._last: tuple[SessionView, float, str | None] | None = None
+        self.user_moved = False  # the user moved the cursor: stop following the running run
+
+    def action_cursor_up(self) -> None:
+        self.user_moved = True
+        super().action_cursor_up()
+
+    def action_cursor_down(self) -> None:
+        self.user_moved = True
+        super().action_cursor_down()
+
+    async def _on_click(self, event: events.Click) -> None:
+        self.user_moved = True
+        await super()._on_click(event)
+
+    def on_mount(self) -> None:
+        for label, key in self.COLUMNS:
+            self.add_column(label, key=key)
+
+    def show(self, session: SessionView, now: float, selected: str | None) -> None:
+        """Redraw every row; keep the cursor on `selected`. The note is cut to the width left."""
+        self._last = (session, now, selected)
+        names = list(session.runs)
+        rows = [self._cells(session.runs[n], now) for n in names]
+        fixed = sum(max(len(label),
+                        *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self.COLUMNS[:-1]))
+        note_width = max(self.size.width - fixed - 2 * self.cell_padding * len(self.COLUMNS) - 1, 12)
+        rows = [[*row[:-1], _truncate(row[-1], note_width)] for row in rows]
+        if names != self._names:
+            self.clear()
+            for name, cells in zip(names, rows):
+                self.add_row(*cells, key=name)
+            self._names = names
+        else:
+            for name, cells in zip(names, rows):
+                for (_, key), value in zip(self.COLUMNS, cells):
+                    self.update_cell(name, key, value, update_width=True)
+        if selected in names and self.cursor_row != names.index(selected):
+            self.move_cursor(row=names.index(selected))
+
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self._names = []  # rebuild, so that columns fit the new width
+            self.show(*self._last)
+
+    @staticmethod
+    def _cells(run: RunView, now: float) -> list:
+        total = run.epochs_total
+        epoch = run.epochs_done
+        if run.status == RUNNING and run.phase == "train":
+            epoch = run.epoch
+        counter = f"{epoch}/{total}" if total else "-"
+        eta = run.eta(now)
+        return [run.name, run.method, status_text(run.status),
+                f"{counter:>5} {progress_bar(run.progress_fraction(), BAR_WIDTH)}",
+                format_duration(run.elapsed(now)), format_duration(eta) if eta is not None else "-",
+                run.activity()]
+
+
+class ReportDataTable(DataTable):
+    """A DataTable filled from a report table's cells, numbers right-aligned."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(cursor_type="none", zebra_stripes=True, **kwargs)  # type: ignore[arg-type]
+        self._shown: tuple | None = None
+
+    def show_rows(self, headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> None:
+        key = (tuple(headers), tuple(tuple(r) for r in rows))
+        if key == self._shown:
+            return
+        self._shown = key
+        self.clear(columns=True)
+        for header, is_right in zip(headers, right):
+            self.add_column(Text(header, justify="right" if is_right else "left"))
+        for row in rows:
+            self.add_row(*(Text(c, justify="right" if r else "left") for c, r in zip(row, right)))
+
+
+def _column(table: ReportTable, prefix: str) -> int | None:
+    """Index of the report column whose header starts with `prefix`."""
+    return next((i for i, c in enumerate(table.columns) if c.startswith(prefix)), None)
+
+
+def _cells(table: ReportTable, prefix: str) -> list[str]:
+    index = _column(table, prefix)
+    return [row[index] if index is not None else NA for row in table.rows]
+
+
+class EpochPanel(Vertical):
+    """The selected run's epochs: losses, time, memory, preference accuracy, scores."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="epoch-caption")
+        yield ReportDataTable(id="epoch-table")
+        yield Static(id="epoch-test")
+
+    def show(self, run: RunView | None) -> None:
+        caption = self.query_one("#epoch-caption", Static)
+        test = self.query_one("#epoch-test", Static)
+        table = self.query_one("#epoch-table", ReportDataTable)
+        if run is None:
+            caption.update("No run selected.")
+            table.show_rows([], [], [])
+            test.update("")
+            return
+        head = Text.assemble((run.name, "bold"), f" ({run.method}) ", status_text(run.status))
+        if run.started is not None:
+            reference = run.started.reference_strategy
+            head.append(f" · {run.started.device} · {run.started.trainable_params:,} trained params"
+                        f" · reference: {reference or 'none'}")
+        caption.update(head)
+        report = epoch_table(run.run_data())
+        memory_header = "CUDA MiB" if any("CUDA" in c for c in report.columns) else "RSS MiB"
+        wanted = [("Epoch", "Epoch"), ("Train loss", "Train"), ("Eval loss", "Eval"),
+                  ("Epoch time", "Time s"), ("Peak", memory_header), ("Pref. accuracy", "Pref acc"),
+                  ("Reward margin", "Margin"), ("EM", "EM"), ("F1", "F1"), ("Judge", "Judge")]
+        present = [(p, h) for p, h in wanted if _column(report, p) is not None]
+        columns = [_cells(report, p) for p, _ in present]
+        keeps_reference = run.started is None or run.started.reference_strategy is not None
+        reference_cells = [_mib(e.reference_bytes) if keeps_reference else "none" for e in run.epochs]
+        headers = [h for _, h in present]
+        after_memory = [p for p, _ in present].index("Peak") + 1
+        headers.insert(after_memory, "Ref MiB")
+        columns.insert(after_memory, reference_cells)
+        rows = [list(r) for r in zip(*columns)] if run.epochs else []
+        table.show_rows(headers, rows, [True] * len(headers))
+        if run.final_eval is not None:
+            e = run.final_eval
+            line = f"test split ({e.n} questions): EM {e.em:.3f} · F1 {e.f1:.3f}"
+            if e.judge_score is not None:
+                line += f" · judge {e.judge_score:.3f} ({e.judge}, n={e.judge_n})"
+            test.update(line)
+        elif not run.epochs:
+            test.update("no epoch finished yet" if run.status in (RUNNING, QUEUED, PLANNED) else "")
+        else:
+            test.update("★ best epoch so far (lowest eval loss)" if any(e.is_best for e in run.epochs) else "")
+
+
+def _point(cell: str) -> str:
+    """A report score cell without its bracketed interval ("0.658 [0.628, 0.687]" -> "0.658")."""
+    return cell.split(" [", 1)[0]
+
+
+def _mib(value: int | None) -> str:
+    return f"{value / MIB:.1f}" if value else "0.0"
+
+
+class LossPanel(Static):
+    """Train and eval loss per epoch and the running loss of the epoch in progress."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.run: RunView | None = None
+
+    def show(self, run: RunView | None) -> None:
+        self.run = run
+        self.refresh()
+
+    def render(self) -> Text:
+        if self.run is None:
+            return Text("No run selected.")
+        width, height = self.content_size.width, self.content_size.height
+        plot = loss_plot(self.run.epochs, self.run.running_points, self.run.epochs_total,
+                         max(width, 20), max(height, 4))
+        return Text.assemble((f"{self.run.name} ", "bold"), plot) if height < 4 else plot
+
+
+#: What the efficiency columns mean (left out on short terminals; docs/dashboard.md has it too).
+LEGEND = Text("s/epoch: mean training time of an epoch; ×SFT: that time relative to SFT on the same "
+              "model and data; Aligned s: training time including the runs it starts from; −ORPO MiB "
+              "(on wide screens): peak memory minus the ORPO run's; Ref MiB: the frozen reference model "
+              "(none: no reference). EM/F1/Judge on the test split; the exported report adds their "
+              "95% intervals.", "dim")
+
+
+class EfficiencyPanel(Vertical):
+    """Every run side by side: cost (epoch time, ratio to SFT, time to aligned model,
+    memory, reference memory) and quality (EM, F1, judge), as the report computes them."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._session: SessionView | None = None
+
+    def compose(self) -> ComposeResult:
+        yield ReportDataTable(id="efficiency-table")
+        yield Static(id="efficiency-verdict")
+        yield Static(LEGEND, id="efficiency-legend")
+
+    #: From this panel width on, the "Peak − ORPO" column fits too.
+    WIDE = 92
+
+    def show(self, session: SessionView) -> None:
+        self._session = session
+        summaries = session.summaries()
+        cost = efficiency_table(summaries)
+        quality = quality_table(summaries, session.run_data())
+        memory = next((c for c in cost.columns if c.startswith("Peak") and not c.startswith("Peak −")), "Peak")
+        memory_header = {"Peak CUDA memory [MiB] ↓": "CUDA MiB",
+                         "Peak RSS [MiB] ↓": "RSS MiB"}.get(memory, "Peak MiB")
+        wide = self.size.width >= self.WIDE
+        headers = ["Run", "s/epoch", "×SFT", "Aligned s", memory_header, *(["−ORPO MiB"] if wide else []),
+                   "Ref MiB", "EM", "F1", "Judge"]
+        columns = [_cells(cost, "Method"), _cells(cost, "Epoch time"), _cells(cost, "Relative"),
+                   _cells(cost, "Time to aligned"), _cells(cost, memory),
+                   *([_cells(cost, "Peak −")] if wide else []), _cells(cost, "Reference"),
+                   *([_point(c) for c in _cells(quality, name)] for name in ("EM", "F1", "Judge"))]
+        rows = [list(r) for r in zip(*columns)]
+        self.query_one("#efficiency-table", ReportDataTable).show_rows(
+            headers, rows, [False] + [True] * (len(headers) - 1))
+        verdict = cheapest_alignment(summaries)
+        self.query_one("#efficiency-verdict", Static).update(Text(verdict, "bold"))
+
+    def on_resize(self) -> None:
+        if self._session is not None:
+            self.show(self._session)
+
+
+class LogPanel(Vertical):
+    """The selected run's status, its reason in full, and the tail of its worker's stderr."""
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="log-status")
+        yield RichLog(id="log-lines", max_lines=500, wrap=True, markup=False, highlight=False)
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._shown_run: int | None = None  # id() of the RunView the log holds lines of
+        self._written = 0  # how many of its lines (RunView.stderr_total) are in the log
+        self._placeholder = ""
+
+    def show(self, run: RunView | None) -> None:
+        status = self.query_one("#log-status", Static)
+        log = self.query_one("#log-lines", RichLog)
+        if run is None:
+            status.update("No run selected.")
+            self._replace(log, None, "")
+            return
+        line = Text.assemble((run.name, "bold"), " ", status_text(run.status))
+        if run.pid is not None:
+            line.append(f" · pid {run.pid}")
+        if run.reason:
+            line.append(f": {run.reason}")
+        if run.invalid_lines:
+            line.append(f" · {run.invalid_lines} stdout line(s) were not events", "yellow")
+        status.update(line)
+        if id(run) != self._shown_run:
+            self._replace(log, run, "")
+        if run.stderr_total == 0:
+            placeholder = ("(not started)" if run.status in (PLANNED, QUEUED) else
+                           "(no log lines yet)" if run.status == RUNNING else "(the worker wrote no log lines)")
+            if placeholder != self._placeholder:
+                self._replace(log, run, placeholder)
+            return
+        if self._placeholder:
+            self._replace(log, run, "")
+        new = run.stderr_total - self._written
+        if new > 0:
+            kept = list(run.stderr)
+            for text in kept[-min(new, len(kept)):]:
+                log.write(Text(text))
+            self._written = run.stderr_total
+
+    def _replace(self, log: RichLog, run: RunView | None, placeholder: str) -> None:
+        log.clear()
+        if placeholder:
+            log.write(Text(placeholder, "dim"))
+        self._shown_run = id(run) if run is not None else None
+        self._written = 0
+        self._placeholder = placeholder
+
+
+class PresetPicker(ModalScreen[list[str] | None]):
+    """Choose presets to start: space (or a click) toggles, enter starts, escape goes back.
+
+    The choice is written as [x] / [ ] in each line, so it reads without colour.
+    """
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Back"), Binding("space", "toggle", "Choose"),
+                Binding("enter", "start", "Start", priority=True)]
+
+    def __init__(self, presets: Sequence[tuple[str, str, str]], chosen: Sequence[str], overrides: str) -> None:
+        super().__init__()
+        self.presets = list(presets)  # (name, method, description)
+        self.chosen = {name for name, _, _ in self.presets if name in set(chosen)}
+        self.overrides = overrides
+        self._width = max((len(n) for n, _, _ in self.presets), default=8)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="picker"):
+            yield Static(Text.assemble(("Start presets", "bold"),
+                                       f" — space: choose · enter: start · escape: back{self.overrides}"))
+            yield OptionList(*(Option(self._prompt(i), id=name) for i, (name, _, _) in enumerate(self.presets)),
+                             id="preset-list")
+
+    def _prompt(self, index: int) -> Text:
+        name, method, description = self.presets[index]
+        box = "[x]" if name in self.chosen else "[ ]"
+        room = max(int(self.app.size.width * 0.9) - 10, 30)  # one line per preset in the picker
+        line = _truncate(f"{box} {name:<{self._width}}  {method:<6} {description}", room)
+        return Text(line, style="bold" if name in self.chosen else "")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def toggle(self, index: int) -> None:
+        name = self.presets[index][0]
+        self.chosen.symmetric_difference_update({name})
+        self.query_one("#preset-list", OptionList).replace_option_prompt_at_index(index, self._prompt(index))
+
+    def action_toggle(self) -> None:
+        index = self.query_one("#preset-list", OptionList).highlighted
+        if index is not None:
+            self.toggle(index)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.toggle(event.option_index)
+
+    def action_start(self) -> None:
+        self.dismiss([name for name, _, _ in self.presets if name in self.chosen])
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
+class SessionPicker(ModalScreen[int | None]):
+    """Open a session from the results store (the live one included); escape goes back."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Back")]
+
+    def __init__(self, sessions: Sequence[SessionRecord], run_counts: dict[int, int], live_id: int | None) -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.run_counts = run_counts
+        self.live_id = live_id
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="picker"):
+            yield Static(Text.assemble(("Open a session", "bold"), " — enter: open · escape: back"))
+            options = []
+            for s in self.sessions:
+                live = " (live)" if s.id == self.live_id else ""
+                started = s.started_at.replace("T", " ")[:16]
+                options.append(Option(f"#{s.id:<3} {started}  {s.status:<9} {self.run_counts.get(s.id, 0)} run(s)"
+                                      f"  {s.selection or '-'}{live}", id=str(s.id)))
+            if not options:
+                options.append(Option("the results store holds no session yet", id="none", disabled=True))
+            yield OptionList(*options, id="session-list")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        if event.option.id and event.option.id.isdigit():
+            self.dismiss(int(event.option.id))
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
