@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = results[k][0].reference_bytes / 2**20
         setup = statistics.median(x.setup_s for x in results[k])
         study = f"{STUDY[k]:.2f}" if k in STUDY else ""
-        print(f"| {label} | {m:.1f} ± {spread(k):.1f} | {m / base:.2f} | {args.batch_size * 1000 / m:.0f} "
+        rate = args.batch_size * 1000 / m
+        print(f"| {label} | {m:.1f} ± {spread(k):.1f} | {m / base:.2f} | {rate:.1f} "
               f"| {peak:.0f} | {ref:.1f} | {setup:.2f} | {study} |")
     print("\nms/step: median over rounds of each round's median step; ± half the range across rounds. "
           "Reference setup: building the copy, or the one-off precompute pass over the data.")

@@ -3,7 +3,6 @@ once, small), and a helper that runs the real worker in a subprocess."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +18,7 @@ TINY = {"epochs": 1, "limit": 64, "base_samples": 512, "batch_size": 16,
 
 @pytest.fixture(scope="session")
 def vqa_cache(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("vqabench-cache")
-    os.environ["VQABENCH_CACHE"] = str(path)
-    return path
+    return tmp_path_factory.mktemp("vqabench-cache")
 
 
 def tiny_spec(name: str, method: str, **changes) -> dict:

@@ -169,6 +169,7 @@ def test_cache_persists_and_judges_each_distinct_item_once(tmp_path):
 
 def test_default_cache_path(tmp_path, monkeypatch):
     assert default_cache_path(tmp_path) == tmp_path / "judgments.db"
+    monkeypatch.delenv("VQABENCH_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_path() == tmp_path / "xdg" / "vqabench" / "judgments.db"
 

@@ -321,7 +321,7 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
              "Time to aligned model: training time of the run plus every run it starts from "
              "(SFT + DPO counts both stages)."]
     memory_notes = {"CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
-                    "RSS": "RSS: peak resident memory of the worker process (no GPU in use), the whole process."}
+                    "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's."}
     notes += [memory_notes[s] for s in sorted(sources)]
     notes.append("Peak − ORPO: this run's peak memory minus that of the ORPO run on the same model, "
                  "data and batch size; for DPO it is what the reference model costs at its peak.")
