@@ -61,7 +61,7 @@ def test_paper_presets_use_blip_vqa_base_on_both_datasets():
         if spec.method == "dpo":
             assert spec.after == spec.name.rsplit("-dpo-beta", 1)[0] + "-sft"
     sources = {(s.dataset.source, s.dataset.schema) for s in specs}
-    assert sources == {("hf:alexshengzhili/mllm-dpo", "llava"), ("hf:MMInstruction/VLFeedback", "vlfeedback")}
+    assert sources == {("hf:alexshengzhili/mllm-dpo/dpo_inference0104.with_logpllava-v1.5-13b_2024-02-03.json", "llava"), ("hf:MMInstruction/VLFeedback/vlfeedback_80k.jsonl", "vlfeedback")}
     assert {s.beta for s in specs if s.method == "dpo"} == {0.1, 0.5}
 
 

@@ -36,6 +36,8 @@ PRESETS_DIR = Path(__file__).with_name("presets")
 PRESET_GROUPS = ("paper",)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A hub dataset, optionally with a file (or glob) inside its repository: owner/name[/path].
+_HUB_SOURCE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./*{}@-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def _check_sources(spec: RunSpec, path: Path) -> None:
     if source == "easyvqa":
         return
     if source.startswith("hf:"):
-        if not _HUB_ID.match(source[3:]) and not re.match(r"^[\w.-]+$", source[3:]):
+        if not _HUB_SOURCE.match(source[3:]) and not re.match(r"^[\w.-]+$", source[3:]):
             raise SpecError(f"{path}: key 'dataset.source' has value {source!r}; after 'hf:' comes a "
                             f"hub dataset id like 'hf:MMInstruction/VLFeedback'.")
         return
