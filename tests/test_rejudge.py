@@ -58,3 +58,15 @@ def test_a_stored_run_is_rejudged_by_the_api_judge_without_retraining(tmp_path, 
     assert "by the together judge" in report
     run_dirs = list((tmp_path / "vqabench-results" / "runs").glob("*-sft"))
     assert (run_dirs[0] / "predictions.together.jsonl").is_file()
+
+
+def test_compare_two_stored_runs_asks_both_orders(tmp_path, vqa_cache):
+    run = vqabench(tmp_path, "--headless", "--preset", "sft,orpo", "--limit", "32", "--epochs", "1",
+                   "--set", "base_samples=512", "--set", "dataset.test_size=16", "--set", "judge.name=exact",
+                   cache=vqa_cache)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    proc = vqabench(tmp_path, "compare", "1", "2", "--judge", "exact", cache=vqa_cache)
+    assert proc.returncode == 0, proc.stderr
+    assert "16 questions asked in both orders" in proc.stdout and "(0.5 = even)" in proc.stdout
+    mismatch = vqabench(tmp_path, "compare", "1", "99", "--judge", "exact", cache=vqa_cache)
+    assert mismatch.returncode == 2 and "no run 99" in mismatch.stderr and "Traceback" not in mismatch.stderr

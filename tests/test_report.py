@@ -144,3 +144,29 @@ def test_each_run_is_compared_with_the_sft_run_of_its_own_model_and_data(tmp_pat
     rows = {row[0]: row for row in build_report(store, session.id).tables[1].rows}
     assert rows["a-orpo"][2] == "1.10"
     assert rows["b-orpo"][2] == "n/a"  # no SFT run on b's data in this session
+
+
+def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
+    import json as _json
+
+    from vqabench.events import Evaluated
+    from vqabench.report import RunData, versus_sft_table
+
+    def run(name: str, method: str, ems: list[int]) -> RunData:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(_json.dumps({"question": f"q{i}", "reference": "r", "prediction": "p",
+                                             "em": e, "f1": e}) + "\n" for i, e in enumerate(ems)))
+        final = Evaluated(split="test", n=len(ems), em=sum(ems) / len(ems), f1=0.0, predictions=str(path))
+        return RunData(name, method, "done", final_eval=final, setup="embedded on easyvqa")
+
+    sft = run("sft", "sft", [1] * 50 + [0] * 50)
+    better = run("orpo", "orpo", [1] * 80 + [0] * 20)  # right on 30 more of the same questions
+    table = versus_sft_table([sft, better])
+    assert table is not None and [r[0] for r in table.rows] == ["orpo"]
+    row = table.rows[0]
+    assert row[2].startswith("+0.300 [") and float(row[3]) < 0.01 and row[6] == "100"
+    low = float(row[2].split("[")[1].split(",")[0])
+    assert 0.0 < low < 0.3
+    other = run("other", "orpo", [1] * 100)
+    other.final_eval.predictions = str(tmp_path / "missing.jsonl")
+    assert versus_sft_table([sft, other]) is None  # no predictions: no row, never a made-up one

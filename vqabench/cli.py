@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_export_command(commands)
     _add_judge_command(commands)
+    _add_compare_command(commands)
     return parser
 
 
@@ -103,6 +104,30 @@ def _add_judge_command(commands: argparse._SubParsersAction) -> None:
                        help="verdicts file for FILE (default: FILE.verdicts.jsonl)")
     judge.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(judge)
+
+
+def _add_compare_command(commands: argparse._SubParsersAction) -> None:
+    compare = commands.add_parser(
+        "compare", help="win rate of one stored run's test answers against another's",
+        description="Ask the judge which of two runs' answers to each test question is better, in "
+                    "both orders (a tie when the orders disagree, which cancels position bias).")
+    compare.add_argument("run_a", type=int, metavar="RUN_A")
+    compare.add_argument("run_b", type=int, metavar="RUN_B")
+    compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
+    compare.add_argument("--base-url", help="the Together-compatible API's base URL")
+    compare.add_argument("--limit", type=int, metavar="N", help="compare only the first N questions")
+    compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
+    _add_results_option(compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from vqabench.rejudge import compare_runs
+    from vqabench.spec import JudgeSpec
+
+    spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    with ResultsStore(args.results, create=False) as store:
+        print(compare_runs(store, args.run_a, args.run_b, spec, args.cache))
+    return 0
 
 
 def _run_judge(args: argparse.Namespace) -> int:
@@ -179,7 +204,8 @@ def _run_dashboard(args: argparse.Namespace) -> int:
                          cache_dir=args.cache)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export, "judge": _run_judge}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export, "judge": _run_judge,
+                                                             "compare": _run_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

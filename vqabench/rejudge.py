@@ -1,4 +1,4 @@
-"""Judging answers after the fact: a JSONL file of answers, or a stored run's predictions.
+"""Judging answers after the fact: a JSONL file, a stored run's predictions, two runs head to head.
 
 The study behind vqabench ran out of API quota after 100 answers; a user with new credits
 re-judges old runs here without retraining. Judgments go through the same cache, so only
@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from vqabench.events import Evaluated
-from vqabench.judges import JudgeInputError, JudgeItem, judge_file, make_judge, read_items
+from vqabench import stats
+from vqabench.judges import JudgeInputError, JudgeItem, cached_compare, judge_file, make_judge, read_items
 from vqabench.judges.cache import JudgmentCache, default_cache_path
 from vqabench.scoring import score_items
 from vqabench.spec import JudgeSpec, default_cache_dir
@@ -35,14 +36,39 @@ def find_run(store: ResultsStore, run_id: int) -> RunRecord:
     raise StoreError(f"the results store {store.path} has no run {run_id}; 'vqabench export' lists runs by session.")
 
 
+def _test_predictions(store: ResultsStore, run: RunRecord) -> Path:
+    tests = [e for e in store.evals(run.id) if e.split == "test" and e.predictions]
+    if not tests:
+        raise StoreError(f"run {run.id} ({run.name}) has no stored test predictions to judge; it did not finish.")
+    return Path(tests[-1].predictions)
+
+
+def compare_runs(store: ResultsStore, run_a: int, run_b: int, judge_spec: JudgeSpec,
+                 cache_dir: Path | None = None) -> str:
+    """Win rate of run A's test answers against run B's, each pair asked in both orders."""
+    a, b = find_run(store, run_a), find_run(store, run_b)
+    items_a, _ = read_items(_test_predictions(store, a))
+    items_b, _ = read_items(_test_predictions(store, b))
+    if [(i.question, i.reference) for i in items_a] != [(i.question, i.reference) for i in items_b]:
+        raise StoreError(f"runs {run_a} and {run_b} answered different test questions; compare runs on the same data.")
+    if judge_spec.limit is not None:
+        items_a, items_b = items_a[: judge_spec.limit], items_b[: judge_spec.limit]
+    judge = make_judge(judge_spec)
+    cache = JudgmentCache(default_cache_path(cache_dir or default_cache_dir())) if judge.uses_cache else None
+    result = stats.win_rate(cached_compare(judge, cache), items_a, items_b)
+    bias = "n/a" if result.first_position_rate is None else f"{result.first_position_rate:.2f}"
+    return (f"{a.name} (run {a.id}) vs {b.name} (run {b.id}), {judge.describe()}, {result.n} questions asked "
+            f"in both orders: {a.name} wins {result.a_wins} ({result.a_rate:.1%}), {b.name} wins {result.b_wins} "
+            f"({result.b_rate:.1%}), ties {result.ties} ({result.unparseable} with an unparseable reply); "
+            f"score {result.a_score:.3f} for {a.name} (0.5 = even); the judge picked the first-shown answer "
+            f"in {bias} of its decisive replies.")
+
+
 def rejudge_run(store: ResultsStore, run_id: int, judge_spec: JudgeSpec,
                 cache_dir: Path | None = None) -> Evaluated:
     """Judge a stored run's test predictions again and record the new score as its latest eval."""
     run = find_run(store, run_id)
-    tests = [e for e in store.evals(run.id) if e.split == "test" and e.predictions]
-    if not tests:
-        raise StoreError(f"run {run_id} ({run.name}) has no stored test predictions to judge; it did not finish.")
-    path = Path(tests[-1].predictions)
+    path = _test_predictions(store, run)
     items, _ = read_items(path)
     summary = score_items([JudgeItem(i.question, i.reference, i.prediction) for i in items], judge_spec,
                           cache_dir or default_cache_dir())

