@@ -29,7 +29,6 @@ from vqabench import __version__
 from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
-from vqabench.engine.data.records import DataSplits
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import module_bytes, process_rss_mib
 from vqabench.engine.trainer import MethodStep, pick_device, synchronize
@@ -161,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     n_pairs = args.batch_size * (args.steps + args.warmup)
     data = easyvqa.load_splits(DatasetSpec(eval_size=args.batch_size, test_size=1), seed=0, limit=n_pairs)
-    data = DataSplits(train=data.train, eval=data.eval, test=data.test, images=data.images)
     start = build_start(args.model, seed=0)
     encoded = encode(data, start, 32, 16)
     gen = torch.Generator().manual_seed(0)
@@ -182,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         per_round = [statistics.median(m.ms_per_step) for m in results[k]]
         return (max(per_round) - min(per_round)) / 2
 
-    base = ms("sft") if "sft" in keys else ms(keys[0])
+    base_key = "sft" if "sft" in keys else keys[0]
+    base = ms(base_key)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     trainable, total = blip.count_parameters(start.model)
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "
           f"batch {args.batch_size}; {args.steps} timed steps x {args.rounds} interleaved rounds; "
           f"torch {torch.__version__}; vqabench {__version__}; {'bf16 autocast' if args.bf16 else 'fp32'}\n")
-    print(f"| Method | ms/step | Relative to SFT | samples/s | Peak memory [MiB] ({mem_kind}) "
+    print(f"| Method | ms/step | Relative to {VARIANTS[base_key][0]} | samples/s | Peak memory [MiB] ({mem_kind}) "
           f"| Reference memory [MiB] | Reference setup [s] | Study's ratio |")
     print("|:--|--:|--:|--:|--:|--:|--:|--:|")
     for k in keys:

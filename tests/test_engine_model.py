@@ -7,7 +7,6 @@ from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
-from vqabench.engine.data.records import DataSplits
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import module_bytes
 from vqabench.engine.trainer import MethodStep
@@ -19,8 +18,6 @@ import pytest
 @pytest.fixture(scope="module")
 def tiny():
     data = easyvqa.load_splits(DatasetSpec(eval_size=24, test_size=8), seed=0, limit=40)
-    data = DataSplits(train=data.train, eval=data.eval, test=data.test, images=data.images,
-                      name=data.name, fingerprint=data.fingerprint)
     loaded = blip.build_embedded(seed=0)
     loaded.model.eval()
     return loaded, encode(data, loaded, 32, 16), data

@@ -169,3 +169,12 @@ def test_seeds_repeat_every_run_and_dependants_follow_their_own_seed():
     assert names.index("sft@s1") < names.index("dpo-beta0.1@s1")
     with pytest.raises(SpecError, match="--seeds"):
         load_presets("sft", Overrides(seeds=()))
+
+
+def test_set_is_checked_like_a_preset_file_before_anything_starts():
+    with pytest.raises(SpecError, match="key 'model' has value '/nope/x'"):
+        load_presets("sft", Overrides(settings=("model=/nope/x",)))
+    with pytest.raises(SpecError, match="dataset.source"):
+        load_presets("sft", Overrides(settings=("dataset.source=missing.jsonl",)))
+    with pytest.raises(SpecError, match="dataset.eval_size"):
+        load_presets("sft", Overrides(settings=("dataset.eval_size=0",)))

@@ -170,3 +170,22 @@ def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
     other = run("other", "orpo", [1] * 100)
     other.final_eval.predictions = str(tmp_path / "missing.jsonl")
     assert versus_sft_table([sft, other]) is None  # no predictions: no row, never a made-up one
+
+
+def test_runs_repeated_per_seed_are_compared_with_their_own_seeds_sft():
+    from vqabench.events import EpochEnded
+    from vqabench.report import RunData, aggregate_seeds, summarize_runs
+
+    def run(name: str, method: str, seconds: float, after: str | None = None) -> RunData:
+        epoch = EpochEnded(epoch=1, epochs=1, train_loss=1.0, eval_loss=1.0, epoch_seconds=seconds,
+                           eval_seconds=0.1, samples_per_s=10.0, lr=1e-4, peak_rss_mib=100.0, reference_bytes=0,
+                           chosen_logp=-1.0, rejected_logp=-2.0, reward_margin=1.0, pref_accuracy=1.0, is_best=True)
+        return RunData(name, method, "done", after=after, epochs=[epoch], setup="embedded on easyvqa")
+
+    # seed 1's machine was twice as slow: DPO costs 1.5x SFT in each seed
+    runs = [run("sft@s0", "sft", 10.0), run("dpo@s0", "dpo", 15.0, "sft@s0"),
+            run("sft@s1", "sft", 20.0), run("dpo@s1", "dpo", 30.0, "sft@s1")]
+    rows = {s.name: s for s in aggregate_seeds(summarize_runs(runs))}
+    assert rows["dpo (2 seeds)"].relative_epoch_time == pytest.approx(1.5)
+    assert rows["dpo (2 seeds)"].spread["relative_epoch_time"] == pytest.approx(0.0)
+    assert rows["sft (2 seeds)"].relative_epoch_time == pytest.approx(1.0)

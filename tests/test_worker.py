@@ -110,3 +110,26 @@ def test_eval_every_epoch_streams_answer_scores_per_epoch(vqa_cache, tmp_path):
     for e in of_type(events, ev.EpochEnded):
         assert e.scored_n == 8 and 0.0 <= e.em <= 1.0 and 0.0 <= e.f1 <= 1.0
         assert e.judge_score is not None
+
+
+def test_a_judge_outage_keeps_the_answers_and_the_run(sft_run, vqa_cache, tmp_path):
+    # A Together judge pointed at a port where nothing listens: every attempt fails.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tiny_spec("outage", "sft", judge={"name": "together", "base_url": f"http://127.0.0.1:{port}",
+                                             "max_attempts": 2, "timeout_s": 2.0})
+    import os
+
+    os.environ["TOGETHER_API_KEY"] = "test-key"
+    try:
+        events, rc, err = run_worker(spec, tmp_path, vqa_cache)
+    finally:
+        del os.environ["TOGETHER_API_KEY"]
+    assert rc == 0, err[-2000:]
+    final = of_type(events, ev.Evaluated)[0]
+    assert final.judge_score is None and final.em >= 0.0 and "judge_error" in final.extra
+    assert isinstance(events[-1], ev.RunFinished)
+    assert (tmp_path / "out" / "outage" / "predictions.jsonl").is_file()

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="override any preset key for every run, e.g. --set dataset.test_size=200 "
                              "--set judge.name=exact (repeatable)")
-    _add_results_option(parser)
+    _add_results_option(parser, top_level=True)
     parser.add_argument("--export", type=Path, metavar="FILE.md",
                         help="write the Markdown report when the runs end")
     parser.add_argument("--cache", type=Path, metavar="DIR",
@@ -60,9 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_results_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR, metavar="DIR",
-                        help=f"results folder with results.db (default: ./{DEFAULT_RESULTS_DIR})")
+def _add_results_option(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    # Only the top level has a default, so `vqabench --results X export` keeps X.
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR if top_level else argparse.SUPPRESS,
+                        metavar="DIR", help=f"results folder with results.db (default: ./{DEFAULT_RESULTS_DIR})")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return value
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
@@ -99,7 +110,7 @@ def _add_judge_command(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--base-url", help="the Together-compatible API's base URL")
     judge.add_argument("--model", help="the judge model (together)")
     judge.add_argument("--threshold", type=float, help="semantic judge: cosine counted as correct")
-    judge.add_argument("--limit", type=int, metavar="N", help="judge only the first N answers")
+    judge.add_argument("--limit", type=_positive_int, metavar="N", help="judge only the first N answers")
     judge.add_argument("-o", "--output", type=Path, metavar="OUT.jsonl",
                        help="verdicts file for FILE (default: FILE.verdicts.jsonl)")
     judge.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
@@ -115,7 +126,7 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("run_b", type=int, metavar="RUN_B")
     compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
     compare.add_argument("--base-url", help="the Together-compatible API's base URL")
-    compare.add_argument("--limit", type=int, metavar="N", help="compare only the first N questions")
+    compare.add_argument("--limit", type=_positive_int, metavar="N", help="compare only the first N questions")
     compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(compare)
 

@@ -77,7 +77,7 @@ class EpochEnded(Event):
     reference_bytes: int
     chosen_logp: float  # eval split, mean summed log-prob of chosen answers
     rejected_logp: float
-    reward_margin: float  # mean (chosen - rejected) log-ratio vs the reference, or log-prob margin
+    reward_margin: float  # mean (chosen - rejected) summed log-prob on the eval split (comparable across methods)
     pref_accuracy: float  # share of eval pairs whose chosen answer scores higher
     is_best: bool
     cuda_max_allocated_mib: float | None = None

@@ -93,7 +93,9 @@ class Overrides:
                     raise SpecError(f"--set names '{'.'.join(path)}', but '{part}' is not a table of the run spec.")
                 table = table[part]
             table[path[-1]] = value
-        return spec_from_dict(data, where="--set")
+        spec = spec_from_dict(data, where="--set")
+        _check_sources(spec, Path("--set"))
+        return spec
 
 
 def expand_seeds(specs: list[RunSpec], seeds: Sequence[int] | None = None) -> list[RunSpec]:

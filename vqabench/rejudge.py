@@ -11,9 +11,8 @@ from pathlib import Path
 
 from vqabench.events import Evaluated
 from vqabench import stats
-from vqabench.judges import JudgeInputError, JudgeItem, cached_compare, judge_file, make_judge, read_items
-from vqabench.judges.cache import JudgmentCache, default_cache_path
-from vqabench.scoring import score_items
+from vqabench.judges import JudgeInputError, JudgeItem, cached_compare, judge_file, read_items
+from vqabench.scoring import judge_with_cache, score_items
 from vqabench.spec import JudgeSpec, default_cache_dir
 from vqabench.store import ResultsStore, RunRecord, StoreError
 
@@ -22,10 +21,9 @@ def judge_answers_file(path: Path, judge_spec: JudgeSpec, out_path: Path, cache_
     """Judge `{"question","reference","prediction"}` lines; write verdicts; a one-line summary."""
     if not path.is_file():
         raise JudgeInputError(f"the answers file {path} does not exist.")
-    judge = make_judge(judge_spec)
-    cache = JudgmentCache(default_cache_path(cache_dir or default_cache_dir())) if judge.uses_cache else None
-    summary = judge_file(path, judge, out_path, cache=cache)
-    return f"{judge.describe()}: {summary.describe()}; verdicts written to {out_path}."
+    with judge_with_cache(judge_spec, cache_dir or default_cache_dir()) as (judge, cache):
+        summary = judge_file(path, judge, out_path, cache=cache)
+        return f"{judge.describe()}: {summary.describe()}; verdicts written to {out_path}."
 
 
 def find_run(store: ResultsStore, run_id: int) -> RunRecord:
@@ -53,9 +51,8 @@ def compare_runs(store: ResultsStore, run_a: int, run_b: int, judge_spec: JudgeS
         raise StoreError(f"runs {run_a} and {run_b} answered different test questions; compare runs on the same data.")
     if judge_spec.limit is not None:
         items_a, items_b = items_a[: judge_spec.limit], items_b[: judge_spec.limit]
-    judge = make_judge(judge_spec)
-    cache = JudgmentCache(default_cache_path(cache_dir or default_cache_dir())) if judge.uses_cache else None
-    result = stats.win_rate(cached_compare(judge, cache), items_a, items_b)
+    with judge_with_cache(judge_spec, cache_dir or default_cache_dir()) as (judge, cache):
+        result = stats.win_rate(cached_compare(judge, cache), items_a, items_b)
     bias = "n/a" if result.first_position_rate is None else f"{result.first_position_rate:.2f}"
     return (f"{a.name} (run {a.id}) vs {b.name} (run {b.id}), {judge.describe()}, {result.n} questions asked "
             f"in both orders: {a.name} wins {result.a_wins} ({result.a_rate:.1%}), {b.name} wins {result.b_wins} "

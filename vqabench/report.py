@@ -76,6 +76,11 @@ def seed_group(name: str) -> str:
     return base if sep and seed.isdigit() else name
 
 
+def seed_suffix(name: str) -> str:
+    """'@s2' for 'dpo-beta0.1@s2'; '' for a run that is not repeated per seed."""
+    return name[len(seed_group(name)):]
+
+
 def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
     """One row per preset: runs repeated per seed become their mean with a 95% t-interval."""
     from vqabench.stats import mean_ci_across_seeds
@@ -151,18 +156,23 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     """Headline numbers per run; ratios against the SFT run of the same setup, chains along `after`."""
     by_name = {r.name: r for r in runs}
     means = {r.name: _mean([e.epoch_seconds for e in r.epochs]) for r in runs}
-    baselines: dict[str, str] = {}  # setup -> the first SFT run of it with a measured epoch
-    orpo_peaks: dict[str, float] = {}  # setup -> peak memory of its first ORPO run
+    # Baselines per (setup, seed suffix): a run repeated per seed is compared with the SFT (or
+    # ORPO) run of its own seed, else with the first one of its setup ("" = any seed).
+    baselines: dict[tuple[str, str], str] = {}  # -> the SFT run with a measured epoch
+    orpo_peaks: dict[tuple[str, str], float] = {}  # -> peak memory of the ORPO run
     for r in runs:
-        if r.method == "sft" and means[r.name]:
-            baselines.setdefault(r.setup, r.name)
         peak_r = _peak_memory(r.epochs)[0]
-        if r.method == "orpo" and peak_r is not None:
-            orpo_peaks.setdefault(r.setup, peak_r)
+        for key in ((r.setup, seed_suffix(r.name)), (r.setup, "")):
+            if r.method == "sft" and means[r.name]:
+                baselines.setdefault(key, r.name)
+            if r.method == "orpo" and peak_r is not None:
+                orpo_peaks.setdefault(key, peak_r)
     summaries = []
     for run in runs:
         epoch_mean = means[run.name]
-        sft = baselines.get(run.setup)
+        own = (run.setup, seed_suffix(run.name))
+        sft = baselines.get(own) or baselines.get((run.setup, ""))
+        orpo_peak = orpo_peaks.get(own, orpo_peaks.get((run.setup, "")))
         peak, source = _peak_memory(run.epochs)
         evaluation = run.final_eval
         extra: dict[str, Any] = evaluation.extra if evaluation else {}
@@ -176,7 +186,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
             aligned_seconds=_aligned_seconds(run, by_name),
             samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
             peak_memory_mib=peak, memory_source=source,
-            peak_vs_orpo_mib=(peak - orpo_peaks[run.setup]) if peak is not None and run.setup in orpo_peaks else None,
+            peak_vs_orpo_mib=(peak - orpo_peak) if peak is not None and orpo_peak is not None else None,
             reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
             uses_reference=uses_reference,
             em=evaluation.em if evaluation else None, f1=evaluation.f1 if evaluation else None,
@@ -205,11 +215,11 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
     baselines: dict[tuple[str, str], RunData] = {}  # (setup, seed suffix) -> SFT run; "" = any seed
     for r in done:
         if r.method == "sft":
-            baselines.setdefault((r.setup, r.name[len(seed_group(r.name)):]), r)
+            baselines.setdefault((r.setup, seed_suffix(r.name)), r)
             baselines.setdefault((r.setup, ""), r)
     rows = []
     for run in done:
-        base = baselines.get((run.setup, run.name[len(seed_group(run.name)):])) or baselines.get((run.setup, ""))
+        base = baselines.get((run.setup, seed_suffix(run.name))) or baselines.get((run.setup, ""))
         if base is None or base is run:
             continue
         ours, theirs = read_predictions(run), read_predictions(base)
@@ -334,6 +344,11 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             f"EM: exact match after answer normalisation; F1: token overlap with the reference; "
             f"Judge: share of judged answers graded CORRECT by the {', '.join(judges) or NA} judge"
             + (f", {unparseable} unparseable verdicts left out" if unparseable else "") + ".")
+        for run in runs:
+            error = run.final_eval.extra.get("judge_error") if run.final_eval else None
+            if error:
+                notes.append(f"{run.name}: the judge failed ({error}); judge it later with "
+                             f"'vqabench judge --run ID'.")
     if any(s.intervals for s in summaries if s.seeds == 1):
         notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
     if any(s.seeds > 1 for s in summaries):
@@ -368,12 +383,13 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
     notes = ["Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
              "data (SFT = 1.00). "
              "Time to aligned model: training time of the run plus every run it starts from "
-             "(SFT + DPO counts both stages)."]
+             "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."]
     memory_notes = {"CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
                     "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's."}
     notes += [memory_notes[s] for s in sorted(sources)]
     notes.append("Peak − ORPO: this run's peak memory minus that of the ORPO run on the same model, "
-                 "data and batch size; for DPO it is what the reference model costs at its peak.")
+                 "data and batch size (ORPO scores the same chosen and rejected answers without a "
+                 "reference), so for DPO it is mostly the reference model's cost at the peak.")
     notes.append("Reference memory: the frozen reference model held while training; "
                  "none: the method keeps no reference.")
     if any(s.seeds > 1 for s in summaries):
@@ -417,6 +433,8 @@ def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
             return None
         seen.add(node.name)
         total += node.finished.train_seconds
+        if node.started is not None:  # a `precompute` reference's one-off scoring pass
+            total += _number(node.started.data.get("reference_seconds")) or 0.0
         if node.after is None:
             return total
         if node.after not in by_name:

@@ -6,13 +6,14 @@ One place for answer scoring, used by the worker (test and per-epoch eval answer
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from vqabench import metrics, stats
 from vqabench.events import Evaluated
-from vqabench.judges import Grade, JudgeItem, judge_items, make_judge, resolve_judge_name, score
+from vqabench.judges import Grade, Judge, JudgeItem, judge_items, make_judge, resolve_judge_name, score
 from vqabench.judges.cache import JudgmentCache, default_cache_path
 from vqabench.spec import JudgeSpec
 
@@ -44,29 +45,44 @@ def _interval(values: list[float]) -> list[float] | None:
     return [low, high]
 
 
-def score_items(items: Sequence[JudgeItem], judge_spec: JudgeSpec, cache_dir: Path,
+@contextmanager
+def judge_with_cache(judge_spec: JudgeSpec, cache_dir: Path) -> Iterator[tuple[Judge, JudgmentCache | None]]:
+    """The judge a spec names and, where it uses one, the judgment cache in `cache_dir`, closed after."""
+    judge = make_judge(judge_spec)
+    cache = JudgmentCache(default_cache_path(cache_dir)) if judge.uses_cache else None
+    try:
+        yield judge, cache
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def score_items(items: Sequence[JudgeItem], judge_spec: JudgeSpec | None, cache_dir: Path,
                 progress: Callable[[int, int], None] | None = None,
                 with_intervals: bool = True) -> ScoreSummary:
-    """EM and F1 on every item; the judge on the first `judge_spec.limit` (all by default)."""
+    """EM and F1 on every item; the judge (None: none) on the first `judge_spec.limit` (all by default)."""
     ems = [metrics.exact_match(i.prediction, i.reference) for i in items]
     f1s = [metrics.token_f1(i.prediction, i.reference) for i in items]
     n = len(items)
     summary = ScoreSummary(n=n, em=sum(ems) / n if n else 0.0, f1=sum(f1s) / n if n else 0.0)
-    judge = make_judge(judge_spec)
+    if with_intervals and n:
+        summary.extra["em_ci"] = _interval(ems)
+        summary.extra["f1_ci"] = _interval(f1s)
+    if judge_spec is None:
+        return summary
     limit = n if judge_spec.limit is None else min(judge_spec.limit, n)
-    cache = JudgmentCache(default_cache_path(cache_dir)) if judge.uses_cache else None
-    verdicts = judge_items(judge, list(items[:limit]), cache, on_progress=progress)
+    with judge_with_cache(judge_spec, cache_dir) as (judge, cache):
+        verdicts = judge_items(judge, list(items[:limit]), cache, on_progress=progress)
+        described = judge.describe()
     js = score(verdicts)
     summary.judge = resolve_judge_name(judge_spec.name)
     summary.judge_score, summary.judge_n, summary.unparseable = js.score, js.n, js.unparseable
     summary.verdicts = [v.grade.value for v in verdicts]
     if with_intervals and n:
-        summary.extra["em_ci"] = _interval(ems)
-        summary.extra["f1_ci"] = _interval(f1s)
         graded = [(1 if v.grade is Grade.CORRECT else 0, int(ems[i])) for i, v in enumerate(verdicts)
                   if v.grade is not Grade.UNPARSEABLE]
         if graded:
             summary.extra["judge_ci"] = _interval([float(g) for g, _ in graded])
             summary.extra["judge_kappa"] = stats.cohen_kappa([g for g, _ in graded], [e for _, e in graded])
-        summary.extra["judge_describe"] = judge.describe()
+        summary.extra["judge_describe"] = described
     return summary

@@ -142,9 +142,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
 }
-_POSITIVE = {"epochs", "batch_size", "max_question_tokens", "max_answer_tokens", "base_samples",
+_POSITIVE = {"epochs", "batch_size", "dataset.eval_size", "max_question_tokens", "max_answer_tokens", "base_samples",
              "judge.concurrency", "judge.requests_per_minute", "judge.max_attempts"}
-_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.eval_size", "dataset.test_size", "seed",
+_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.test_size", "seed",
                  "dataset.min_margin", "weight_decay"}
 
 

@@ -46,7 +46,7 @@ def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
 def build_base_checkpoint(folder: Path, *, seed: int, samples: int, device: torch.device,
                           progress: Callable[[int, int, float], None] | None = None) -> None:
     """Train the small BLIP on easy-VQA's base split and save it to `folder` atomically."""
-    data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1)
+    data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1, with_base=True)
     loaded = blip.build_embedded(seed)
     model = loaded.model.to(device)
     encoded = encode(DataSplits(train=data.base, eval=[], test=[], images=data.images), loaded, 32, 16)

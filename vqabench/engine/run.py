@@ -15,13 +15,13 @@ import torch
 
 from vqabench import events as ev
 from vqabench import metrics
-from vqabench.judges import JudgeItem
+from vqabench.judges import JudgeError, JudgeItem
 from vqabench.scoring import score_items
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
-from vqabench.engine.data.batching import EncodedData, encode
-from vqabench.engine.data.records import DataError, DataSplits
+from vqabench.engine.data.batching import encode
+from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
@@ -81,17 +81,6 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
     return loaded, data
 
 
-def token_stats(encoded: EncodedData, data: DataSplits) -> dict:
-    """Answer lengths in tokens (BOS and SEP excluded) and how many max_answer_tokens cut."""
-    lengths = sorted(int(n) - 2 for s in encoded.splits.values()
-                     for mask in (s.chosen_mask, s.rejected_mask) for n in mask.sum(1))
-    if not lengths:
-        return {}
-    pick = lambda q: lengths[min(len(lengths) - 1, int(q * len(lengths)))]  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": lengths[-1],
-            "truncated": encoded.answers_truncated}
-
-
 def execute(spec: RunSpec, emit: Emit) -> None:
     """Run one spec end to end, emitting events; raises on failure (the worker reports it)."""
     t_start = time.perf_counter()
@@ -104,9 +93,11 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 
     loaded, data = load_model_and_data(spec, cache_dir, device, emit)
     loaded.model.to(device)
-    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
     if not data.report.token_stats:
-        data.report.token_stats = token_stats(encoded, data)
+        count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        data.report.token_stats = answer_token_stats([*data.train, *data.eval, *data.test], count,
+                                                     spec.max_answer_tokens)
+    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference = None
@@ -117,7 +108,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             reference.part.to(device)
         else:
             ckpt = spec.init_checkpoint
-            key = blip.checkpoint_fingerprint(Path(ckpt)) if ckpt else f"{spec.model}:{spec.seed}"
+            start = blip.checkpoint_fingerprint(Path(ckpt)) if ckpt else \
+                f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
+            key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
             reference = PrecomputedReference.build(
                 loaded, encoded, batch_size=spec.batch_size, device=device, cache_dir=cache_dir,
                 checkpoint_key=key, data_key=data.fingerprint,
@@ -153,8 +146,12 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             scored = {}
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
-                summary = score_items(judge_items_of(encoded.splits["eval"].pairs, answers), spec.judge,
-                                      cache_dir, with_intervals=False)
+                eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
+                try:
+                    summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
+                except JudgeError as exc:
+                    log.error("judging epoch %d's eval answers failed: %s", epoch, exc)
+                    summary = score_items(eval_items, None, cache_dir, with_intervals=False)
                 scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score,
                           "scored_n": summary.n}
             e = result.eval
@@ -170,8 +167,16 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         part.load_state_dict(best_state)
     answers = trainer.answers("test")
     pairs = encoded.splits["test"].pairs
-    summary = score_items(judge_items_of(pairs, answers), spec.judge, cache_dir,
-                          progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"))
+    items = judge_items_of(pairs, answers)
+    try:
+        summary = score_items(items, spec.judge, cache_dir,
+                              progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"))
+    except JudgeError as exc:
+        # Training and answers are sound: keep them (and the runs that start from this one);
+        # the answers can be judged later with `vqabench judge --run ID`.
+        log.error("judging the test answers failed: %s", exc)
+        summary = score_items(items, None, cache_dir)
+        summary.extra["judge_error"] = str(exc)
     predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
         for i, (pair, answer) in enumerate(zip(pairs, answers)):

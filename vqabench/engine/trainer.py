@@ -40,6 +40,7 @@ class StepOutput:
     losses: torch.Tensor  # [batch], per-example loss of the method
     chosen_logps: torch.Tensor  # detached
     rejected_logps: torch.Tensor | None
+    question_embeds: torch.Tensor  # the batch's encoding, for scoring more answers without re-encoding
 
 
 @dataclass
@@ -97,7 +98,7 @@ class MethodStep:
         decoder = model.text_decoder
         if not self.needs.needs_rejected:
             c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
-            return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None)
+            return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None, q)
         c, r, c_len, r_len = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected,
                                              self.loaded.pad_token_id)
         method, beta = spec.method, spec.resolved_beta
@@ -122,7 +123,7 @@ class MethodStep:
                                          spec.kto_desirable_weight, spec.kto_undesirable_weight)
         else:
             raise ValueError(f"unknown method '{method}'")
-        return StepOutput(losses, c.detach(), r.detach())
+        return StepOutput(losses, c.detach(), r.detach(), q)
 
 
 class Trainer:
@@ -199,9 +200,8 @@ class Trainer:
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
-                q = blip.encode_questions(self.loaded.model, batch.pixel_values, batch.question_ids,
-                                          batch.question_mask)
-                r, _ = blip.answer_logps(self.loaded.model.text_decoder, q, batch.question_mask, *batch.rejected)
+                r, _ = blip.answer_logps(self.loaded.model.text_decoder, out.question_embeds,
+                                         batch.question_mask, *batch.rejected)
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())

@@ -56,8 +56,10 @@ class EncodedData:
     def batch(self, split: str, rows: torch.Tensor, device: torch.device) -> Batch:
         s = self.splits[split]
         rows = rows.cpu()
+        if self.mean.device != device:  # once per device, not once per batch
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
         pixels = self.images[s.image_index[rows]].to(device=device, dtype=torch.float32)
-        pixels = (pixels / 255.0 - self.mean.to(device)) / self.std.to(device)
+        pixels = (pixels / 255.0 - self.mean) / self.std
 
         def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             ids, mask = ids[rows], mask[rows]

@@ -46,14 +46,18 @@ def _pairs(questions: list[str], answers: list[str], image_ids: list[int], prefi
 
 
 def _sample(pairs: list[PreferencePair], n: int, seed: int) -> list[PreferencePair]:
+    """`n` pairs drawn with the seed, in their original order; n = 0 keeps them all."""
     if n <= 0 or n >= len(pairs):
         return pairs
-    rng = random.Random(seed)
-    return sorted(rng.sample(pairs, n), key=pairs.index)
+    return [pairs[i] for i in sorted(random.Random(seed).sample(range(len(pairs)), n))]
 
 
-def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None) -> DataSplits:
-    """Load easy-VQA as base/train/eval/test preference pairs with their images."""
+def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, with_base: bool = False) -> DataSplits:
+    """Load easy-VQA as train/eval/test preference pairs with their images (and base, if asked).
+
+    Only the embedded base checkpoint's builder needs the base split; a run leaves it out,
+    so its 2,000 images are neither decoded nor kept in memory.
+    """
     import easy_vqa
 
     tq, ta, ti = easy_vqa.get_train_questions()
@@ -61,7 +65,7 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None) -> DataSplit
     train_all = _pairs(tq, ta, ti, "train/", seed)
     test_all = _pairs(sq, sa, si, "test/", seed + 1)
     by_image = lambda rng_: [p for p, img in zip(train_all, ti) if img in rng_]  # noqa: E731
-    base = by_image(BASE_IMAGES)
+    base = by_image(BASE_IMAGES) if with_base else []
     train = by_image(TRAIN_IMAGES)
     random.Random(seed).shuffle(train)
     if limit is not None:

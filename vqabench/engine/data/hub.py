@@ -27,7 +27,9 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
-from vqabench.engine.data.records import DataError, DataSplits, PreferencePair, QualityReport
+from vqabench.engine.data.records import (
+    DataError, DataSplits, PreferencePair, QualityReport, answer_token_stats, nearest_rank,
+)
 from vqabench.engine.data.schemas import RowPair, Schema, read_row, resolve_schema
 from vqabench.engine.data.splits import carve, limit_train, sample
 from vqabench.spec import DatasetSpec
@@ -208,32 +210,6 @@ def check_skips(report: QualityReport, max_skip_share: float, name: str, image_r
         raise DataError(f"dataset '{name}': {bad} of {considered} rows with an image were skipped "
                         f"({bad / considered:.0%}), more than dataset.max_skip_share = {max_skip_share:.0%}; "
                         f"the main reason is {reason} ({count} rows){hint}.")
-
-
-def nearest_rank(sorted_values: list[int], percent: float) -> int:
-    """The nearest-rank percentile of an ascending list (a value that occurs in the list)."""
-    rank = max(1, -(-len(sorted_values) * percent // 100))  # ceil(n * p / 100), at least 1
-    return sorted_values[int(rank) - 1]
-
-
-def answer_token_stats(pairs: list[PreferencePair], count_tokens: Callable[[str], int],
-                       max_answer_tokens: int) -> dict[str, Any]:
-    """Answer lengths in tokens (chosen and non-empty rejected answers) and how many get truncated."""
-    cache: dict[str, int] = {}
-    lengths = []
-    for pair in pairs:
-        for answer in (pair.chosen, pair.rejected):
-            if answer:
-                if answer not in cache:
-                    cache[answer] = int(count_tokens(answer))
-                lengths.append(cache[answer])
-    lengths.sort()
-    stats: dict[str, Any] = {"answers": len(lengths), "max_answer_tokens": max_answer_tokens,
-                             "truncated": sum(1 for n in lengths if n > max_answer_tokens)}
-    if lengths:
-        stats.update(p50=nearest_rank(lengths, 50), p90=nearest_rank(lengths, 90),
-                     p99=nearest_rank(lengths, 99), max=lengths[-1])
-    return stats
 
 
 def fingerprint(parts: dict[str, list[PreferencePair]], store: ImageStore) -> str:

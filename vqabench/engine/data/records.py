@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -66,3 +66,29 @@ class DataSplits:
     def sizes(self) -> dict[str, int]:
         return {"base": len(self.base), "train": len(self.train), "eval": len(self.eval),
                 "test": len(self.test), "images": len(self.images)}
+
+
+def nearest_rank(sorted_values: list[int], percent: float) -> int:
+    """The nearest-rank percentile of an ascending list (a value that occurs in the list)."""
+    rank = max(1, -(-len(sorted_values) * percent // 100))  # ceil(n * p / 100), at least 1
+    return sorted_values[int(rank) - 1]
+
+
+def answer_token_stats(pairs: list[PreferencePair], count_tokens: Callable[[str], int],
+                       max_answer_tokens: int) -> dict[str, Any]:
+    """Answer lengths in tokens (chosen and non-empty rejected answers) and how many get truncated."""
+    cache: dict[str, int] = {}
+    lengths = []
+    for pair in pairs:
+        for answer in (pair.chosen, pair.rejected):
+            if answer:
+                if answer not in cache:
+                    cache[answer] = int(count_tokens(answer))
+                lengths.append(cache[answer])
+    lengths.sort()
+    stats: dict[str, Any] = {"answers": len(lengths), "max_answer_tokens": max_answer_tokens,
+                             "truncated": sum(1 for n in lengths if n > max_answer_tokens)}
+    if lengths:
+        stats.update(p50=nearest_rank(lengths, 50), p90=nearest_rank(lengths, 90),
+                     p99=nearest_rank(lengths, 99), max=lengths[-1])
+    return stats
