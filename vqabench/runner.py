@@ -323,6 +323,7 @@ class Runner:
                 await self._terminate(proc)
             await exited
             _kill_group(proc.pid)  # grandchildren left behind by a worker that exited
+            await _wait_group_gone(proc.pid)
             await _drain(readers)
         except asyncio.CancelledError:
             state.cancel_requested = True
@@ -342,6 +343,7 @@ class Runner:
                 _signal_group(proc.pid, signal.SIGKILL)
                 await proc.wait()
         _kill_group(proc.pid)
+        await _wait_group_gone(proc.pid)
 
     def _finish(self, state: RunState, code: int | None) -> None:
         state.exit_code = code
@@ -486,6 +488,35 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 def _kill_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Pids of the group's processes that are not yet dead (zombies count as dead); Linux /proc."""
+    alive = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            alive.append(int(entry.name))
+    return alive
+
+
+async def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
+    """SIGKILL is delivered asynchronously: wait until no process of the group still runs."""
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + timeout
+    while _live_group_members(pgid):
+        if time.monotonic() > deadline:
+            log.warning("processes of worker group %d survived SIGKILL for %.0f s", pgid, timeout)
+            return
+        _kill_group(pgid)
+        await asyncio.sleep(0.02)
 
 
 async def _drain(readers: list[asyncio.Future[None]], timeout: float = 5.0) -> None:
