@@ -192,10 +192,14 @@ class ConsoleView:
         elif isinstance(event, EpochEnded):
             memory = (f"CUDA peak {event.cuda_max_allocated_mib:.1f} MiB" if event.cuda_max_allocated_mib is not None
                       else f"peak RSS {event.peak_rss_mib:.1f} MiB")
+            scores = ""
+            if event.scored_n:
+                judge = f", judge {event.judge_score:.3f}" if event.judge_score is not None else ""
+                scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
             self.say(run, f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
                           f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s, "
                           f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
-                          f"{memory}{' (best)' if event.is_best else ''}")
+                          f"{memory}{scores}{' (best)' if event.is_best else ''}")
             if task is not None:
                 steps = self._steps.get(run, 1)
                 self.progress.update(task, completed=event.epoch * steps,

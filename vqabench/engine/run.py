@@ -16,7 +16,7 @@ import torch
 from vqabench import events as ev
 from vqabench import metrics
 from vqabench.judges import JudgeError, JudgeItem
-from vqabench.scoring import score_items
+from vqabench.scoring import judge_with_cache, score_items
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
@@ -130,6 +130,11 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                        reference_bytes=ref_bytes, epochs=spec.epochs, steps_per_epoch=trainer.steps_per_epoch,
                        telemetry=telemetry.status, data=data_info, pid=os.getpid()))
 
+    if spec.eval_every_epoch:
+        # Judging happens after every epoch: load the judge's model now, so it is resident from
+        # the first epoch on and the per-epoch memory figures stay comparable.
+        with judge_with_cache(spec.judge, cache_dir) as (judge, _):
+            judge.prepare()
     best_dir = out_dir / "best"
     best_state: dict[str, torch.Tensor] | None = None
     train_seconds = 0.0

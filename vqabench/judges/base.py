@@ -118,5 +118,8 @@ class Judge(ABC):
     def compare(self, question: str, reference: str, answer_a: str, answer_b: str) -> Preference:
         """Which answer is better against the reference: "A", "B", "tie" (or "unparseable")."""
 
+    def prepare(self) -> None:
+        """Load what grading needs (a model, a client) now rather than in the middle of a measured phase."""
+
     def describe(self) -> str:
         return f"{self.name} ({self.model}, {self.prompt_version})"

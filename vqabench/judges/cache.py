@@ -149,6 +149,9 @@ class CachedJudge(Judge):
     def describe(self) -> str:
         return self.inner.describe()
 
+    def prepare(self) -> None:
+        self.inner.prepare()
+
     def grade(self, items: Sequence[JudgeItem],
               on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(items)

@@ -108,6 +108,9 @@ class SemanticJudge(Judge):
         self.prompt_version = f"mean-pool-cosine>={threshold:g}"
         self.compare_version = f"higher-cosine-tie-{SEMANTIC_TIE_EPSILON:g}"
 
+    def prepare(self) -> None:
+        _load_encoder()
+
     def grade(self, items: Sequence[JudgeItem],
               on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         answered = [i for i, item in enumerate(items) if item.prediction.strip()]
