@@ -84,6 +84,25 @@ def process_peak_rss_mib() -> float:
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
+def release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim).
+
+    Work between epochs (eval answers, judging) leaves freed but resident heap behind; without
+    this, an epoch's RSS would start from whatever that work happened to leave.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (VmHWM) of this process; False where Linux can't.
 
@@ -385,6 +404,7 @@ class Telemetry:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self._cuda_index)
+        release_free_memory()
         self._hwm_reset = reset_peak_rss()
         with self._lock:
             self._window = _Window()
