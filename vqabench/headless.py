@@ -21,7 +21,7 @@ from rich.text import Text
 
 from vqabench.events import EpochEnded, Evaluated, Progress as ProgressEvent, RunFailed, RunFinished, RunStarted
 from vqabench.presets import Overrides, select_presets
-from vqabench.report import build_report, markdown_table, render_markdown
+from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
 from vqabench.runner import (
     DONE,
     FAILED,
@@ -66,11 +66,12 @@ def run_headless(selection: str, overrides: Overrides, results_dir: Path | str, 
         runner.subscribe(view)
         with view:
             interrupted = asyncio.run(_run_until_done(runner, console))
-        _print_summary(console, store, session.id, runner)
+        report = build_report(store, session.id)  # once: it reads every run's predictions
+        _print_summary(console, report, runner)
         export_failed = False
         if export:
             try:
-                Path(export).write_text(render_markdown(store, session.id), encoding="utf-8")
+                Path(export).write_text(report_markdown(report), encoding="utf-8")
                 console.print(f"Wrote the Markdown report to {export}.")
             except OSError as exc:
                 export_failed = True
@@ -233,9 +234,8 @@ class ConsoleView:
                           + (f", {loss}" if loss else "") + (f": {event.message}" if event.message else ""))
 
 
-def _print_summary(console: Console, store: ResultsStore, session_id: int, runner: Runner) -> None:
+def _print_summary(console: Console, report: SessionReport, runner: Runner) -> None:
     """The quality and efficiency tables, on a terminal with rich, otherwise as Markdown text."""
-    report = build_report(store, session_id)
     console.print()
     for table in report.tables:  # quality and efficiency; per-epoch tables are in the export
         if console.is_terminal:

@@ -153,12 +153,13 @@ class Trainer:
     def train_step(self, batch: Batch) -> float:
         out = self.step_fn("train", batch)
         loss = out.losses.mean()
-        if not torch.isfinite(loss):
+        value = float(loss.detach())  # the step's one host sync: the value and the finiteness check
+        if not math.isfinite(value):
             raise NumericsError("non-finite")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return value
 
     def train_epoch(self, epoch: int) -> tuple[float, float, int]:
         """One pass over the shuffled train split: (mean loss, seconds, samples)."""
