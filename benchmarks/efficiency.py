@@ -11,6 +11,7 @@ peak memory during the steps, and reference-model memory.
 
 The step is the engine's own (vqabench.engine.trainer.MethodStep + AdamW), not a copy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,15 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
     label, method, strategy = VARIANTS[key]
     loaded = copy.copy(start)
     loaded.model = copy.deepcopy(start.model).to(device)
-    spec = RunSpec(name=key, method=method, init_checkpoint="bench" if strategy else None,
-                   reference=strategy or "copy", batch_size=args.batch_size, lr=1e-5, train=args.train)
+    spec = RunSpec(
+        name=key,
+        method=method,
+        init_checkpoint="bench" if strategy else None,
+        reference=strategy or "copy",
+        batch_size=args.batch_size,
+        lr=1e-5,
+        train=args.train,
+    )
     blip.freeze_for_training(loaded.model, spec.train)
     t0 = time.perf_counter()
     reference = None
@@ -97,8 +105,15 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
         reference = CopyReference(loaded, spec.train)
         reference.part.to(device)
     elif strategy == "precompute":
-        reference = PrecomputedReference.build(loaded, encoded, batch_size=args.batch_size, device=device,
-                                               cache_dir=None, checkpoint_key="bench", data_key="bench")
+        reference = PrecomputedReference.build(
+            loaded,
+            encoded,
+            batch_size=args.batch_size,
+            device=device,
+            cache_dir=None,
+            checkpoint_key="bench",
+            data_key="bench",
+        )
     setup_s = time.perf_counter() - t0
     step = MethodStep(spec, loaded, encoded, reference)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -121,7 +136,7 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     with RssPeak() as rss:
-        for rows in batches[args.warmup:]:
+        for rows in batches[args.warmup :]:
             t = time.perf_counter()
             one(rows)
             synchronize(device)
@@ -142,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per method per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
-    p.add_argument("--methods", default="sft,orpo,dpo-copy,dpo-precompute",
-                   help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default="sft,orpo,dpo-copy,dpo-precompute", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--train", default="decoder", choices=("decoder", "all"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
@@ -164,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     encoded = encode(data, start, 32, 16)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data.train), generator=gen)
-    batches = [order[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.steps + args.warmup)]
+    batches = [order[i * args.batch_size : (i + 1) * args.batch_size] for i in range(args.steps + args.warmup)]
 
     results: dict[str, list[Measurement]] = {k: [] for k in keys}
     for r in range(args.rounds):
-        for k in (keys if r % 2 == 0 else list(reversed(keys))):
+        for k in keys if r % 2 == 0 else list(reversed(keys)):
             results[k].append(measure(k, start, encoded, batches, args, device))
-            print(f"round {r + 1}/{args.rounds} {k}: {statistics.median(results[k][-1].ms_per_step):.1f} ms/step",
-                  file=sys.stderr)
+            print(
+                f"round {r + 1}/{args.rounds} {k}: {statistics.median(results[k][-1].ms_per_step):.1f} ms/step",
+                file=sys.stderr,
+            )
 
     def ms(k: str) -> float:
         return statistics.median(statistics.median(m.ms_per_step) for m in results[k])
@@ -182,15 +198,22 @@ def main(argv: list[str] | None = None) -> int:
 
     base_key = "sft" if "sft" in keys else keys[0]
     base = ms(base_key)
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     trainable, total = blip.count_parameters(start.model)
     mem_kind = "CUDA max allocated" if device.type == "cuda" else "process RSS"
-    print(f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "
-          f"batch {args.batch_size}; {args.steps} timed steps x {args.rounds} interleaved rounds; "
-          f"torch {torch.__version__}; vqabench {__version__}; {'bf16 autocast' if args.bf16 else 'fp32'}\n")
-    print(f"| Method | ms/step | Relative to {VARIANTS[base_key][0]} | samples/s | Peak memory [MiB] ({mem_kind}) "
-          f"| Reference memory [MiB] | Reference setup [s] | Study's ratio |")
+    print(
+        f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "
+        f"batch {args.batch_size}; {args.steps} timed steps x {args.rounds} interleaved rounds; "
+        f"torch {torch.__version__}; vqabench {__version__}; {'bf16 autocast' if args.bf16 else 'fp32'}\n"
+    )
+    print(
+        f"| Method | ms/step | Relative to {VARIANTS[base_key][0]} | samples/s | Peak memory [MiB] ({mem_kind}) "
+        f"| Reference memory [MiB] | Reference setup [s] | Study's ratio |"
+    )
     print("|:--|--:|--:|--:|--:|--:|--:|--:|")
     for k in keys:
         label = VARIANTS[k][0]
@@ -200,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         setup = statistics.median(x.setup_s for x in results[k])
         study = f"{STUDY[k]:.2f}" if k in STUDY else ""
         rate = args.batch_size * 1000 / m
-        print(f"| {label} | {m:.1f} ± {spread(k):.1f} | {m / base:.2f} | {rate:.1f} "
-              f"| {peak:.0f} | {ref:.1f} | {setup:.2f} | {study} |")
-    print("\nms/step: median over rounds of each round's median step; ± half the range across rounds. "
-          "Reference setup: building the copy, or the one-off precompute pass over the data.")
+        print(
+            f"| {label} | {m:.1f} ± {spread(k):.1f} | {m / base:.2f} | {rate:.1f} "
+            f"| {peak:.0f} | {ref:.1f} | {setup:.2f} | {study} |"
+        )
+    print(
+        "\nms/step: median over rounds of each round's median step; ± half the range across rounds. "
+        "Reference setup: building the copy, or the one-off precompute pass over the data."
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ more methods); this name runs it with the embedded model's defaults:
 
     python benchmarks/step_cost.py [--steps 40 --rounds 5]
 """
+
 from __future__ import annotations
 
 import sys

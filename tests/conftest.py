@@ -1,5 +1,6 @@
 """Shared fixtures: one cache for the whole session (the embedded base checkpoint is built
 once, small), and a helper that runs the real worker in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,14 @@ import pytest
 from vqabench import events as ev
 
 #: Small enough that the embedded base checkpoint builds in a few seconds.
-TINY = {"epochs": 1, "limit": 64, "base_samples": 512, "batch_size": 16,
-        "dataset": {"eval_size": 32, "test_size": 32}, "judge": {"name": "exact"}}
+TINY = {
+    "epochs": 1,
+    "limit": 64,
+    "base_samples": 512,
+    "batch_size": 16,
+    "dataset": {"eval_size": 32, "test_size": 32},
+    "judge": {"name": "exact"},
+}
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +46,9 @@ def run_worker(spec: dict, tmp_path: Path, cache: Path, timeout: float = 240) ->
     spec.setdefault("output_dir", str(tmp_path / "out" / spec["name"]))
     path = tmp_path / f"{spec['name']}.json"
     path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "vqabench.engine.worker", str(path)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqabench.engine.worker", str(path)], capture_output=True, text=True, timeout=timeout
+    )
     events = [ev.parse_event(line) for line in proc.stdout.splitlines()]  # every line must parse
     return events, proc.returncode, proc.stderr
 

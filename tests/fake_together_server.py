@@ -5,6 +5,7 @@ base_url is overridden). Scripted replies (status, headers, body, delay) are ser
 order, then a default responder grades by comparing the student's answer with the true
 answer, as a perfect judge would. Every request is recorded, with the most in flight.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,11 @@ class Reply:
 def completion(text: str | None, model: str = "fake-model") -> dict[str, Any]:
     """A chat.completion body whose single choice says `text`."""
     return {
-        "id": "fake-1", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": text}}],
+        "id": "fake-1",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
         "usage": {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13},
     }
 
@@ -73,9 +76,12 @@ class RecordedRequest:
 class FakeTogetherServer:
     """Serve scripted replies, then `responder`; use as a context manager."""
 
-    def __init__(self, script: list[Reply] | None = None,
-                 responder: Callable[[dict[str, Any]], Reply] = perfect_judge,
-                 delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        script: list[Reply] | None = None,
+        responder: Callable[[dict[str, Any]], Reply] = perfect_judge,
+        delay_s: float = 0.0,
+    ) -> None:
         self.script = list(script or [])
         self.responder = responder
         self.delay_s = delay_s
@@ -127,8 +133,9 @@ class FakeTogetherServer:
                     body = json.loads(raw or b"null")
                 except json.JSONDecodeError:
                     body = None
-                record = RecordedRequest(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                         body, time.monotonic())
+                record = RecordedRequest(
+                    self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.monotonic()
+                )
                 with server._lock:
                     server.requests.append(record)
                     server.in_flight += 1

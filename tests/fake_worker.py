@@ -20,6 +20,7 @@ with these keys (all optional):
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,11 +52,21 @@ def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunSta
     method = spec["method"]
     reference = spec.get("reference") if method in ("dpo", "ipo", "kto") else None
     return RunStarted(
-        run=spec["name"], method=method, config=spec, device="cuda:0" if cuda else "cpu",
-        torch_version="2.13.0+cpu", trainable_params=1_000_000, total_params=1_500_000,
-        reference_strategy=reference, reference_bytes=6_291_456 if reference else 0,
-        epochs=epochs, steps_per_epoch=4, telemetry="n/a: device is CPU",
-        data={"train": 64, "eval": 16, "test": 32}, pid=os.getpid())
+        run=spec["name"],
+        method=method,
+        config=spec,
+        device="cuda:0" if cuda else "cpu",
+        torch_version="2.13.0+cpu",
+        trainable_params=1_000_000,
+        total_params=1_500_000,
+        reference_strategy=reference,
+        reference_bytes=6_291_456 if reference else 0,
+        epochs=epochs,
+        steps_per_epoch=4,
+        telemetry="n/a: device is CPU",
+        data={"train": 64, "eval": 16, "test": 32},
+        pid=os.getpid(),
+    )
 
 
 def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = False) -> EpochEnded:
@@ -63,28 +74,49 @@ def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = Fals
     cost = METHOD_COST.get(method, 1.0)
     reference = method in ("dpo", "ipo", "kto")
     return EpochEnded(
-        epoch=epoch, epochs=epochs, train_loss=round(1.0 / epoch + 0.1 * cost, 4),
-        eval_loss=round(1.1 / epoch + 0.1 * cost, 4), epoch_seconds=round(2.0 * cost, 3),
-        eval_seconds=0.25, samples_per_s=round(32.0 / cost, 2), lr=5e-5 * 0.9 ** (epoch - 1),
+        epoch=epoch,
+        epochs=epochs,
+        train_loss=round(1.0 / epoch + 0.1 * cost, 4),
+        eval_loss=round(1.1 / epoch + 0.1 * cost, 4),
+        epoch_seconds=round(2.0 * cost, 3),
+        eval_seconds=0.25,
+        samples_per_s=round(32.0 / cost, 2),
+        lr=5e-5 * 0.9 ** (epoch - 1),
         peak_rss_mib=500.0 + 10 * epoch + (24.0 if reference else 0.0),
         reference_bytes=6_291_456 if reference else 0,
-        chosen_logp=round(-1.0 / epoch, 4), rejected_logp=round(-2.0 - epoch * cost, 4),
-        reward_margin=round(0.5 * epoch * cost, 4), pref_accuracy=round(0.5 + 0.1 * epoch, 4),
+        chosen_logp=round(-1.0 / epoch, 4),
+        rejected_logp=round(-2.0 - epoch * cost, 4),
+        reward_margin=round(0.5 * epoch * cost, 4),
+        pref_accuracy=round(0.5 + 0.1 * epoch, 4),
         is_best=epoch == epochs,
         cuda_max_allocated_mib=(100.0 * cost + epoch) if cuda else None,
-        cuda_max_reserved_mib=(128.0 * cost + epoch) if cuda else None)
+        cuda_max_reserved_mib=(128.0 * cost + epoch) if cuda else None,
+    )
 
 
 def evaluated(spec: dict[str, Any], extra: dict[str, Any] | None = None) -> Evaluated:
     quality = METHOD_QUALITY.get(spec["method"], 0.5)
-    return Evaluated(split="test", n=32, em=quality, f1=round(quality + 0.05, 4), judge="semantic",
-                     judge_score=round(quality + 0.1, 4), judge_n=32, unparseable=0,
-                     predictions=None, extra=dict(extra or {}))
+    return Evaluated(
+        split="test",
+        n=32,
+        em=quality,
+        f1=round(quality + 0.05, 4),
+        judge="semantic",
+        judge_score=round(quality + 0.1, 4),
+        judge_n=32,
+        unparseable=0,
+        predictions=None,
+        extra=dict(extra or {}),
+    )
 
 
-def canned_events(spec: dict[str, Any], epochs: int | None = None, cuda: bool = False,
-                  eval_extra: dict[str, Any] | None = None, checkpoint: str = "best",
-                  ) -> Iterator[Event]:
+def canned_events(
+    spec: dict[str, Any],
+    epochs: int | None = None,
+    cuda: bool = False,
+    eval_extra: dict[str, Any] | None = None,
+    checkpoint: str = "best",
+) -> Iterator[Event]:
     """The events of a normal run: started, progress and epoch_end per epoch, eval, finished."""
     epochs = epochs or spec.get("epochs", 3)
     yield run_started(spec, epochs, cuda)
@@ -93,9 +125,13 @@ def canned_events(spec: dict[str, Any], epochs: int | None = None, cuda: bool = 
         yield epoch_ended(spec, epoch, epochs, cuda)
     yield evaluated(spec, eval_extra)
     train_seconds = sum(epoch_ended(spec, e, epochs, cuda).epoch_seconds for e in range(1, epochs + 1))
-    yield RunFinished(best_epoch=epochs, best_eval_loss=epoch_ended(spec, epochs, epochs).eval_loss,
-                      checkpoint=checkpoint, total_seconds=round(train_seconds + 1.0, 3),
-                      train_seconds=round(train_seconds, 3))
+    yield RunFinished(
+        best_epoch=epochs,
+        best_eval_loss=epoch_ended(spec, epochs, epochs).eval_loss,
+        checkpoint=checkpoint,
+        total_seconds=round(train_seconds + 1.0, 3),
+        train_seconds=round(train_seconds, 3),
+    )
 
 
 def worker_cmd(tmp_path: Path, plan: dict[str, Any]) -> list[str]:
@@ -140,8 +176,7 @@ def main(script_path: str, spec_path: str) -> int:
     checkpoint = output_dir / "best"
     checkpoint.mkdir(parents=True, exist_ok=True)
     epochs = plan.get("epochs") or spec["epochs"]
-    for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"),
-                               str(checkpoint)):
+    for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint)):
         if isinstance(event, Progress):
             epoch = event.epoch
             time.sleep(plan.get("epoch_sleep", 0))

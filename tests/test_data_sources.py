@@ -5,6 +5,7 @@ and one missing, in each schema (TRL, RLAIF-V, mllm-dpo/LLaVA, VLFeedback) and e
 (JSON, JSONL, Parquet, Arrow, save_to_disk). All of them hold the same ten usable pairs, so
 they must all load to the very same pairs, images and fingerprint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,16 @@ from vqabench.spec import DatasetSpec
 
 N_GOOD = 10
 N_IMAGES = 8
-COLOURS = [(220, 20, 60), (30, 144, 255), (50, 205, 50), (255, 215, 0), (138, 43, 226), (255, 140, 0),
-           (0, 206, 209), (128, 128, 128)]
+COLOURS = [
+    (220, 20, 60),
+    (30, 144, 255),
+    (50, 205, 50),
+    (255, 215, 0),
+    (138, 43, 226),
+    (255, 140, 0),
+    (0, 206, 209),
+    (128, 128, 128),
+]
 FORMATS = ("json", "jsonl", "parquet", "arrow", "disk")
 SCHEMAS = ("trl", "rlaif", "llava", "vlfeedback")
 
@@ -73,8 +82,11 @@ def image_cell(k: int | str, fmt: str, root: Path, pngs: list[bytes]):
     if fmt in ("json", "jsonl"):
         return f"images/{name}"
     if fmt in ("arrow", "disk"):
-        return {"bytes": None, "path": str(root / "images" / name)} if k == "missing" else {
-            "bytes": pngs[k] if isinstance(k, int) else (root / "images" / name).read_bytes(), "path": None}
+        return (
+            {"bytes": None, "path": str(root / "images" / name)}
+            if k == "missing"
+            else {"bytes": pngs[k] if isinstance(k, int) else (root / "images" / name).read_bytes(), "path": None}
+        )
     if k == "missing":
         return {"bytes": None, "path": str(root / "images" / name)}
     return {"bytes": pngs[k] if isinstance(k, int) else (root / "images" / name).read_bytes(), "path": None}
@@ -82,40 +94,73 @@ def image_cell(k: int | str, fmt: str, root: Path, pngs: list[bytes]):
 
 def rated(response: str, ratings: tuple[str, str, str]) -> dict:
     """A VLFeedback completion with its three aspect ratings, as strings like the dataset's."""
-    return {"model": f"model-{len(response)}", "response": response,
-            "annotations": {aspect: {"Rating": r, "Rationale": "seen"} for aspect, r in
-                            zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings)}}
+    return {
+        "model": f"model-{len(response)}",
+        "response": response,
+        "annotations": {
+            aspect: {"Rating": r, "Rationale": "seen"}
+            for aspect, r in zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings)
+        },
+    }
 
 
 def vlf_completions(i: int, rank_good: str = "5", rank_bad: str = "1") -> list[dict]:
     """Four completions: chosen(i) rated best, rejected(i) worst, two in between."""
-    return [rated("a middling answer", ("3", "3", "4")), rated(chosen(i), (rank_good, "5", "5")),
-            rated(rejected(i), (rank_bad, "2", "5")), rated("an answer of sorts", ("4", "3", "3"))]
+    return [
+        rated("a middling answer", ("3", "3", "4")),
+        rated(chosen(i), (rank_good, "5", "5")),
+        rated(rejected(i), (rank_bad, "2", "5")),
+        rated("an answer of sorts", ("4", "3", "3")),
+    ]
 
 
 def row_for(schema: str, i: int, image, fmt: str) -> dict:
     mixed = fmt in ("json", "jsonl") and i % 2 == 1  # JSON rows may mix forms; columnar files cannot
     if schema == "trl":
-        return {"prompt": [{"role": "user", "content": [{"type": "image", "text": None},
-                                                         {"type": "text", "text": question(i)}]}],
-                "images": [image],
-                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen(i)}]}],
-                "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected(i)}]}]}
+        return {
+            "prompt": [
+                {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": question(i)}]}
+            ],
+            "images": [image],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": chosen(i)}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": rejected(i)}]}],
+        }
     if schema == "rlaif":
-        return {"ds_name": "fixture", "image": image, "question": question(i), "chosen": chosen(i),
-                "rejected": rejected(i), "origin_dataset": "pil", "idx": str(i)}
+        return {
+            "ds_name": "fixture",
+            "image": image,
+            "question": question(i),
+            "chosen": chosen(i),
+            "rejected": rejected(i),
+            "origin_dataset": "pil",
+            "idx": str(i),
+        }
     if schema == "llava":
         q = {"from": "human", "value": f"<image>\n{question(i)}"}
         if mixed:  # mllm-dpo's train.py accepts the question as a Python repr and answers as conversations
-            return {"image": image, "question": repr(q),
-                    "chosen": [q, {"from": "gpt", "value": chosen(i)}],
-                    "rejected": [q, {"from": "gpt", "value": rejected(i)}], "ref_win_logp": -1.5}
-        return {"image": image, "question": q, "chosen": {"from": "gpt", "value": chosen(i)},
-                "rejected": {"from": "gpt", "value": rejected(i)}, "ref_win_logp": -1.5}
+            return {
+                "image": image,
+                "question": repr(q),
+                "chosen": [q, {"from": "gpt", "value": chosen(i)}],
+                "rejected": [q, {"from": "gpt", "value": rejected(i)}],
+                "ref_win_logp": -1.5,
+            }
+        return {
+            "image": image,
+            "question": q,
+            "chosen": {"from": "gpt", "value": chosen(i)},
+            "rejected": {"from": "gpt", "value": rejected(i)},
+            "ref_win_logp": -1.5,
+        }
     if schema == "vlfeedback":
         key = "img_path" if fmt in ("json", "jsonl") else "image"
-        return {"id": f"vlf-{i}", "prompt": question(i), "models": ["a", "b", "c", "d"],
-                "completions": vlf_completions(i), key: image}
+        return {
+            "id": f"vlf-{i}",
+            "prompt": question(i),
+            "models": ["a", "b", "c", "d"],
+            "completions": vlf_completions(i),
+            key: image,
+        }
     raise AssertionError(schema)
 
 
@@ -173,11 +218,18 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("hf-cache"))
 
 
-def load(source: Path | str, cache_dir: str, seed: int = 0, limit: int | None = None, max_answer_tokens: int = 5,
-         **spec_fields):
+def load(
+    source: Path | str,
+    cache_dir: str,
+    seed: int = 0,
+    limit: int | None = None,
+    max_answer_tokens: int = 5,
+    **spec_fields,
+):
     spec = DatasetSpec(source=str(source), **{"eval_size": 2, "test_size": 2, **spec_fields})
-    return load_splits(spec, seed=seed, limit=limit, count_tokens=words, max_answer_tokens=max_answer_tokens,
-                       cache_dir=cache_dir)
+    return load_splits(
+        spec, seed=seed, limit=limit, count_tokens=words, max_answer_tokens=max_answer_tokens, cache_dir=cache_dir
+    )
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +240,7 @@ def reference(tmp_path_factory, cache_dir):
 
 
 # ------------------------------------------------------------------- schema x format
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("schema", SCHEMAS)
@@ -200,7 +253,8 @@ def test_every_schema_and_format_loads_the_same_pairs(schema, fmt, tmp_path, cac
     assert data.report.skipped == {CORRUPT_IMAGE: 1, MISSING_IMAGE: 1}
     every = data.train + data.eval + data.test
     assert sorted((p.question, p.chosen, p.rejected) for p in every) == sorted(
-        (question(i), chosen(i), rejected(i)) for i in range(N_GOOD))
+        (question(i), chosen(i), rejected(i)) for i in range(N_GOOD)
+    )
     ids = expected_image_ids(tmp_path)
     assert {p.question: p.image_id for p in every} == {question(i): ids[i % N_IMAGES] for i in range(N_GOOD)}
     assert set(data.images) == set(ids)
@@ -213,20 +267,42 @@ def test_every_schema_and_format_loads_the_same_pairs(schema, fmt, tmp_path, cac
 
 # -------------------------------------------------------------------------- quality
 
+
 def test_quality_report_counts_every_reason_and_token_lengths(tmp_path, cache_dir):
     make_images(tmp_path / "images")
-    good = [{"id": f"img{i % N_IMAGES}", "prompt": question(i), "completions": vlf_completions(i)}
-            for i in range(N_GOOD)]
+    good = [
+        {"id": f"img{i % N_IMAGES}", "prompt": question(i), "completions": vlf_completions(i)} for i in range(N_GOOD)
+    ]
     bad = [
-        {"id": "img0", "prompt": "top tie?",
-         "completions": [rated("one", ("5", "4", "5")), rated("two", ("4", "5", "5")), rated("three", ("1", "2", "3"))]},
-        {"id": "img1", "prompt": "bottom tie?",
-         "completions": [rated("one", ("5", "5", "5")), rated("two", ("1", "2", "3")), rated("three", ("3", "2", "1"))]},
+        {
+            "id": "img0",
+            "prompt": "top tie?",
+            "completions": [
+                rated("one", ("5", "4", "5")),
+                rated("two", ("4", "5", "5")),
+                rated("three", ("1", "2", "3")),
+            ],
+        },
+        {
+            "id": "img1",
+            "prompt": "bottom tie?",
+            "completions": [
+                rated("one", ("5", "5", "5")),
+                rated("two", ("1", "2", "3")),
+                rated("three", ("3", "2", "1")),
+            ],
+        },
         {"id": "img2", "prompt": "not a number?", "completions": vlf_completions(93, rank_bad="N/A")},
-        {"id": "img3", "prompt": "empty answer?", "completions": [
-            {**vlf_completions(94)[1], "response": "<image> "}, vlf_completions(94)[2]]},
-        {"id": "img4", "prompt": "same answers?", "completions": [
-            vlf_completions(95)[1], {**vlf_completions(95)[2], "response": chosen(95).upper()}]},
+        {
+            "id": "img3",
+            "prompt": "empty answer?",
+            "completions": [{**vlf_completions(94)[1], "response": "<image> "}, vlf_completions(94)[2]],
+        },
+        {
+            "id": "img4",
+            "prompt": "same answers?",
+            "completions": [vlf_completions(95)[1], {**vlf_completions(95)[2], "response": chosen(95).upper()}],
+        },
         {"id": "corrupt", "prompt": "corrupt?", "completions": vlf_completions(96)},
         {"id": "missing", "prompt": "missing?", "completions": vlf_completions(97)},
         {"id": "missing", "prompt": "missing again?", "completions": vlf_completions(98)},
@@ -234,18 +310,37 @@ def test_quality_report_counts_every_reason_and_token_lengths(tmp_path, cache_di
     path = tmp_path / "vlfeedback.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
 
-    data = load(path, cache_dir, max_skip_share=0.5, columns={"image": "images/{id}.png"}, schema="vlfeedback",
-                max_answer_tokens=4)
+    data = load(
+        path,
+        cache_dir,
+        max_skip_share=0.5,
+        columns={"image": "images/{id}.png"},
+        schema="vlfeedback",
+        max_answer_tokens=4,
+    )
     report = data.report
     assert report.rows_read == N_GOOD + len(bad)
     assert report.pairs_built == N_GOOD
-    assert report.skipped == {"rating_tie": 2, "missing_rating": 1, "empty_answer": 1, "identical_answers": 1,
-                              CORRUPT_IMAGE: 1, MISSING_IMAGE: 2}
+    assert report.skipped == {
+        "rating_tie": 2,
+        "missing_rating": 1,
+        "empty_answer": 1,
+        "identical_answers": 1,
+        CORRUPT_IMAGE: 1,
+        MISSING_IMAGE: 2,
+    }
     assert report.to_dict()["skipped_total"] == len(bad)
     # answers: chosen "a filled square number i" = 5 words, rejected "an empty circle i" = 4 words
     stats = report.token_stats
-    assert stats == {"answers": 2 * N_GOOD, "max_answer_tokens": 4, "truncated": N_GOOD,
-                     "p50": 4, "p90": 5, "p99": 5, "max": 5}
+    assert stats == {
+        "answers": 2 * N_GOOD,
+        "max_answer_tokens": 4,
+        "truncated": N_GOOD,
+        "p50": 4,
+        "p90": 5,
+        "p99": 5,
+        "max": 5,
+    }
 
 
 def test_nearest_rank_percentiles():
@@ -256,24 +351,42 @@ def test_nearest_rank_percentiles():
 
 def test_margin_threshold_skips_close_ratings(tmp_path, cache_dir):
     make_images(tmp_path / "images")
-    rows = [{"prompt": question(i), "img_path": f"images/img{i % N_IMAGES}.png",
-             "completions": vlf_completions(i, rank_good="5" if i < 8 else "2", rank_bad="1")} for i in range(N_GOOD)]
+    rows = [
+        {
+            "prompt": question(i),
+            "img_path": f"images/img{i % N_IMAGES}.png",
+            "completions": vlf_completions(i, rank_good="5" if i < 8 else "2", rank_bad="1"),
+        }
+        for i in range(N_GOOD)
+    ]
     path = tmp_path / "vlf.json"
     path.write_text(json.dumps(rows))
     # ratings: chosen (5,5,5)=5.0 or (2,5,5)=4.0; worst (1,2,5)=2.67 -> margins 2.33 and 1.33
-    data = load(path, cache_dir, min_margin=2.0, max_skip_share=0.5, aspect_weights={"Helpfulness": 1.0,
-                                                                                      "Visual Faithfulness": 1.0,
-                                                                                      "Ethical Considerations": 1.0})
+    data = load(
+        path,
+        cache_dir,
+        min_margin=2.0,
+        max_skip_share=0.5,
+        aspect_weights={"Helpfulness": 1.0, "Visual Faithfulness": 1.0, "Ethical Considerations": 1.0},
+    )
     assert data.report.skipped == {"small_margin": 2}
     assert data.report.pairs_built == 8
 
 
 def test_too_many_skipped_rows_fail_with_the_main_reason(tmp_path, cache_dir):
     make_images(tmp_path / "images")
-    rows = [{"question": question(i), "image": f"images/img{i % N_IMAGES}.png", "chosen": chosen(i),
-             "rejected": rejected(i)} for i in range(9)]
-    rows += [{"question": "where?", "image": f"images/gone{i}.png", "chosen": "here", "rejected": "there"}
-             for i in range(3)]  # 3 of 12 = 25%
+    rows = [
+        {
+            "question": question(i),
+            "image": f"images/img{i % N_IMAGES}.png",
+            "chosen": chosen(i),
+            "rejected": rejected(i),
+        }
+        for i in range(9)
+    ]
+    rows += [
+        {"question": "where?", "image": f"images/gone{i}.png", "chosen": "here", "rejected": "there"} for i in range(3)
+    ]  # 3 of 12 = 25%
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
@@ -286,8 +399,15 @@ def test_too_many_skipped_rows_fail_with_the_main_reason(tmp_path, cache_dir):
 
 def test_text_only_rows_are_counted_but_do_not_count_against_the_share(tmp_path, cache_dir):
     make_images(tmp_path / "images")
-    rows = [{"image": f"images/img{i % N_IMAGES}.png", "question": question(i), "chosen": chosen(i),
-             "rejected": rejected(i)} for i in range(N_GOOD)]
+    rows = [
+        {
+            "image": f"images/img{i % N_IMAGES}.png",
+            "question": question(i),
+            "chosen": chosen(i),
+            "rejected": rejected(i),
+        }
+        for i in range(N_GOOD)
+    ]
     rows += [{"image": None, "question": "Write a poem.", "chosen": "roses", "rejected": "no"} for _ in range(6)]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(rows))
@@ -311,13 +431,19 @@ def test_dataset_without_preference_columns_says_which_mapping_to_set(tmp_path, 
 
 def test_column_mapping_reads_a_dataset_with_its_own_names(tmp_path, cache_dir):
     make_images(tmp_path / "pics")
-    rows = [{"q": question(i), "pic": f"img{i % N_IMAGES}.png", "good": chosen(i), "bad": rejected(i)}
-            for i in range(N_GOOD)]
+    rows = [
+        {"q": question(i), "pic": f"img{i % N_IMAGES}.png", "good": chosen(i), "bad": rejected(i)}
+        for i in range(N_GOOD)
+    ]
     path = tmp_path / "data" / "own.parquet"
     path.parent.mkdir()
     datasets.Dataset.from_list(rows).to_parquet(str(path))
-    data = load(path, cache_dir, image_root=str(tmp_path / "pics"),
-                columns={"question": "q", "image": "pic", "chosen": "good", "rejected": "bad"})
+    data = load(
+        path,
+        cache_dir,
+        image_root=str(tmp_path / "pics"),
+        columns={"question": "q", "image": "pic", "chosen": "good", "rejected": "bad"},
+    )
     assert data.report.pairs_built == N_GOOD and len(data.images) == N_IMAGES
 
 
@@ -332,13 +458,28 @@ def test_unknown_source_and_file_type_are_one_sentence_errors(tmp_path, cache_di
 
 # --------------------------------------------------------------------------- hub path
 
+
 def test_hub_path_uses_the_datasets_own_test_split_and_carves_eval(tmp_path, cache_dir):
     """`hf:NAME` calls load_dataset(NAME); a local folder of split files takes that same call."""
     make_images(tmp_path / "images")
-    train = [{"question": question(i), "image": f"images/img{i % N_IMAGES}.png", "chosen": chosen(i),
-              "rejected": rejected(i)} for i in range(N_GOOD)]
-    test = [{"question": f"test question {i}?", "image": f"images/img{i}.png", "chosen": f"reference {i}",
-             "rejected": f"wrong {i}"} for i in range(3)]
+    train = [
+        {
+            "question": question(i),
+            "image": f"images/img{i % N_IMAGES}.png",
+            "chosen": chosen(i),
+            "rejected": rejected(i),
+        }
+        for i in range(N_GOOD)
+    ]
+    test = [
+        {
+            "question": f"test question {i}?",
+            "image": f"images/img{i}.png",
+            "chosen": f"reference {i}",
+            "rejected": f"wrong {i}",
+        }
+        for i in range(3)
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
 
@@ -354,12 +495,25 @@ def test_hub_path_uses_the_datasets_own_test_split_and_carves_eval(tmp_path, cac
 
 def test_save_to_disk_dataset_dict_uses_its_splits(tmp_path, cache_dir):
     pngs = make_images(tmp_path / "images")
+
     def rows(n, tag):
-        return [{"question": f"{tag} {i}?", "image": {"bytes": pngs[i % N_IMAGES], "path": None},
-                 "chosen": f"{tag} yes {i}", "rejected": f"{tag} no {i}"} for i in range(n)]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(N_GOOD, "tr")),
-                               "validation": datasets.Dataset.from_list(rows(4, "va")),
-                               "test": datasets.Dataset.from_list(rows(5, "te"))})
+        return [
+            {
+                "question": f"{tag} {i}?",
+                "image": {"bytes": pngs[i % N_IMAGES], "path": None},
+                "chosen": f"{tag} yes {i}",
+                "rejected": f"{tag} no {i}",
+            }
+            for i in range(n)
+        ]
+
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows(N_GOOD, "tr")),
+            "validation": datasets.Dataset.from_list(rows(4, "va")),
+            "test": datasets.Dataset.from_list(rows(5, "te")),
+        }
+    )
     dd = dd.cast_column("image", datasets.Image())
     dd.save_to_disk(str(tmp_path / "dd"))
     data = load(tmp_path / "dd", cache_dir, eval_size=100, test_size=3)
@@ -369,9 +523,11 @@ def test_save_to_disk_dataset_dict_uses_its_splits(tmp_path, cache_dir):
 
 # ---------------------------------------------------------------------------- splits
 
+
 def pairs_on_images(n_images: int, per_image: int = 2) -> list[PreferencePair]:
-    return [PreferencePair(f"image-{k:03d}", f"q{k}-{j}", "yes", "no")
-            for k in range(n_images) for j in range(per_image)]
+    return [
+        PreferencePair(f"image-{k:03d}", f"q{k}-{j}", "yes", "no") for k in range(n_images) for j in range(per_image)
+    ]
 
 
 def test_carved_splits_are_disjoint_by_image_deterministic_and_seeded():
@@ -406,7 +562,11 @@ def test_loading_twice_gives_the_same_splits_and_fingerprint_and_limit_caps_trai
     first = load(path, cache_dir, limit=3)
     second = load(path, cache_dir, limit=3)
     assert (first.train, first.eval, first.test, first.fingerprint) == (
-        second.train, second.eval, second.test, second.fingerprint)
+        second.train,
+        second.eval,
+        second.test,
+        second.fingerprint,
+    )
     assert len(first.train) == 3
     assert load(path, cache_dir, limit=4).fingerprint != first.fingerprint
     every = first.train + first.eval + first.test
@@ -424,14 +584,21 @@ def test_fingerprint_changes_when_an_image_changes(tmp_path, cache_dir):
 
 # ---------------------------------------------------------------------------- images
 
+
 def test_every_image_form_resolves_to_one_content_id(tmp_path):
     folder = tmp_path / "images"
     pngs = make_images(folder)
     store = ImageStore(folder)
     expected = hashlib.sha256(pngs[2]).hexdigest()[:20]
     pil = Image.open(io.BytesIO(pngs[2]))
-    forms = ["img2.png", str(folder / "img2.png"), pngs[2], {"bytes": pngs[2], "path": None},
-             {"bytes": None, "path": "img2.png"}, ["img2.png", "img3.png"]]
+    forms = [
+        "img2.png",
+        str(folder / "img2.png"),
+        pngs[2],
+        {"bytes": pngs[2], "path": None},
+        {"bytes": None, "path": "img2.png"},
+        ["img2.png", "img3.png"],
+    ]
     assert [store.lookup(f).image_id for f in forms] == [expected] * len(forms)
     assert store.lookup(pil).image_id is not None  # re-encoded, so its own id, but usable
     assert store.lookup("corrupt.png").skip_reason == CORRUPT_IMAGE
@@ -456,17 +623,37 @@ def test_vlfeedback_with_its_published_sequence_features_loads(tmp_path, cache_d
     """The card declares `completions` a Sequence of structs, which datasets returns as a dict of lists."""
     make_images(tmp_path / "images")
     rating = {"Rating": datasets.Value("string"), "Rationale": datasets.Value("string")}
-    features = datasets.Features({
-        "id": datasets.Value("string"), "prompt": datasets.Value("string"),
-        "completions": datasets.Sequence({
-            "annotations": {"Helpfulness": rating, "Ethical Considerations": rating, "Visual Faithfulness": rating},
-            "model": datasets.Value("string"), "response": datasets.Value("string")}),
-        "img_path": datasets.Value("string")})
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "prompt": datasets.Value("string"),
+            "completions": datasets.Sequence(
+                {
+                    "annotations": {
+                        "Helpfulness": rating,
+                        "Ethical Considerations": rating,
+                        "Visual Faithfulness": rating,
+                    },
+                    "model": datasets.Value("string"),
+                    "response": datasets.Value("string"),
+                }
+            ),
+            "img_path": datasets.Value("string"),
+        }
+    )
+
     def as_columns(completions: list[dict]) -> dict[str, list]:
         return {key: [c[key] for c in completions] for key in ("annotations", "model", "response")}
 
-    rows = [{"id": str(i), "prompt": question(i), "completions": as_columns(vlf_completions(i)),
-             "img_path": f"images/img{i % N_IMAGES}.png"} for i in range(N_GOOD)]
+    rows = [
+        {
+            "id": str(i),
+            "prompt": question(i),
+            "completions": as_columns(vlf_completions(i)),
+            "img_path": f"images/img{i % N_IMAGES}.png",
+        }
+        for i in range(N_GOOD)
+    ]
     path = tmp_path / "vlfeedback.parquet"
     datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
     data = load(path, cache_dir)
@@ -480,8 +667,15 @@ def test_chunked_image_resolution_keeps_row_order_and_counts(tmp_path):
     from vqabench.engine.data.schemas import resolve_schema
 
     make_images(tmp_path / "images")
-    rows = [{"question": question(i), "image": f"img{i % 9}.png" if i % 9 < N_IMAGES else "corrupt.png",
-             "chosen": chosen(i), "rejected": rejected(i)} for i in range(25)]
+    rows = [
+        {
+            "question": question(i),
+            "image": f"img{i % 9}.png" if i % 9 < N_IMAGES else "corrupt.png",
+            "chosen": chosen(i),
+            "rejected": rejected(i),
+        }
+        for i in range(25)
+    ]
     ds = datasets.Dataset.from_list(rows)
     schema = resolve_schema(DatasetSpec(source="x"), ds.column_names, rows[0], "chunks")
     results = []

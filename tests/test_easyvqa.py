@@ -1,4 +1,5 @@
 """The embedded easy-VQA preference pairs and splits."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,12 @@ from vqabench.spec import DatasetSpec
 
 
 def _load(**kw):
-    return easyvqa.load_splits(DatasetSpec(eval_size=64, test_size=64), seed=0, limit=kw.get("limit", 300),
-                               with_base=kw.get("with_base", False))
+    return easyvqa.load_splits(
+        DatasetSpec(eval_size=64, test_size=64),
+        seed=0,
+        limit=kw.get("limit", 300),
+        with_base=kw.get("with_base", False),
+    )
 
 
 def test_rejected_answer_is_a_wrong_answer_of_the_same_kind():

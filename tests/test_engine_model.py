@@ -1,4 +1,5 @@
 """The model layer: shared-encoder log-probs, checkpoints by path, reference strategies."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,9 @@ def test_concatenated_pass_equals_two_separate_passes(tiny):
     batch = encoded.batch("train", torch.arange(12), torch.device("cpu"))
     with torch.no_grad():
         q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
-        c, r, c_len, r_len = blip.pair_logps(loaded.model.text_decoder, q, batch.question_mask,
-                                             batch.chosen, batch.rejected, loaded.pad_token_id)
+        c, r, c_len, r_len = blip.pair_logps(
+            loaded.model.text_decoder, q, batch.question_mask, batch.chosen, batch.rejected, loaded.pad_token_id
+        )
         c2, c_len2 = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)
         r2, r_len2 = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.rejected)
     torch.testing.assert_close(c, c2, atol=1e-5, rtol=1e-5)
@@ -84,8 +86,15 @@ def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
     loaded, encoded, data = tiny
     spec = RunSpec(name="dpo", method="dpo", init_checkpoint="x", batch_size=8)
     copy_ref = CopyReference(loaded, "decoder")
-    pre_ref = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
-                                         cache_dir=tmp_path, checkpoint_key="k", data_key=data.fingerprint)
+    pre_ref = PrecomputedReference.build(
+        loaded,
+        encoded,
+        batch_size=8,
+        device=torch.device("cpu"),
+        cache_dir=tmp_path,
+        checkpoint_key="k",
+        data_key=data.fingerprint,
+    )
     # Move the policy away from the reference so the loss is not simply log 2.
     with torch.no_grad():
         for p in loaded.model.text_decoder.parameters():
@@ -98,8 +107,15 @@ def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a, torch.full_like(a, 0.6931), atol=1e-4)
     # The table is cached on disk and reused by a later run.
-    again = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
-                                       cache_dir=tmp_path, checkpoint_key="k", data_key=data.fingerprint)
+    again = PrecomputedReference.build(
+        loaded,
+        encoded,
+        batch_size=8,
+        device=torch.device("cpu"),
+        cache_dir=tmp_path,
+        checkpoint_key="k",
+        data_key=data.fingerprint,
+    )
     assert again.from_cache and torch.equal(again.table["eval"]["chosen"], pre_ref.table["eval"]["chosen"])
 
 
@@ -108,8 +124,15 @@ def test_reference_bytes_copy_is_the_trainable_part_and_precompute_is_zero(tiny,
     copy_ref = CopyReference(loaded, "decoder")
     assert copy_ref.resident_bytes == module_bytes(loaded.model.text_decoder)
     assert CopyReference(loaded, "all").resident_bytes == module_bytes(loaded.model)
-    pre = PrecomputedReference.build(loaded, encoded, batch_size=8, device=torch.device("cpu"),
-                                     cache_dir=None, checkpoint_key="k", data_key=data.fingerprint)
+    pre = PrecomputedReference.build(
+        loaded,
+        encoded,
+        batch_size=8,
+        device=torch.device("cpu"),
+        cache_dir=None,
+        checkpoint_key="k",
+        data_key=data.fingerprint,
+    )
     assert pre.resident_bytes == 0
 
 
@@ -121,8 +144,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference(tiny):
     batch = encoded.batch("train", torch.arange(8), torch.device("cpu"))
     with torch.no_grad():
         losses = MethodStep(spec, loaded, encoded, ref)("train", batch).losses
-    torch.testing.assert_close(losses, torch.full_like(losses, float(torch.log(torch.tensor(2.0)))),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(losses, torch.full_like(losses, float(torch.log(torch.tensor(2.0)))), atol=1e-5, rtol=0)
 
 
 def test_greedy_answers_are_strings_without_special_tokens(tiny):

@@ -1,4 +1,5 @@
 """The command line as a user runs it: real subprocesses, exit codes, output and the store."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,20 @@ def cli_env(tmp_path: Path, cache: Path | None = None) -> dict[str, str]:
     return env
 
 
-def vqabench(tmp_path: Path, *args: str, timeout: float = 120, cache: Path | None = None,
-             ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vqabench.cli", *args], cwd=tmp_path,
-                          env=cli_env(tmp_path, cache), capture_output=True, text=True, timeout=timeout)
+def vqabench(
+    tmp_path: Path,
+    *args: str,
+    timeout: float = 120,
+    cache: Path | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vqabench.cli", *args],
+        cwd=tmp_path,
+        env=cli_env(tmp_path, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def fake(tmp_path: Path, plan: dict) -> list[str]:
@@ -45,8 +56,7 @@ def assert_one_sentence_error(proc: subprocess.CompletedProcess, *parts: str) ->
 
 
 def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
-    proc = vqabench(tmp_path, "--headless", "--preset", "all", "--epochs", "2", "--export", "r.md",
-                    *fake(tmp_path, {}))
+    proc = vqabench(tmp_path, "--headless", "--preset", "all", "--epochs", "2", "--export", "r.md", *fake(tmp_path, {}))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo", "ipo", "kto", "simpo"):
@@ -83,13 +93,16 @@ def test_a_dependency_outside_the_selection_is_added_and_said(tmp_path):
     assert "Added preset sft: dpo-beta0.5 starts from its checkpoint." in proc.stdout
 
 
-@pytest.mark.parametrize("args, parts", [
-    (["--preset", "dpo-beta9"], ["--preset names 'dpo-beta9'", "available presets are"]),
-    (["--preset", "missing.toml"], ["preset file missing.toml does not exist."]),
-    (["--preset", "all", "--epochs", "0"], ["--epochs has value 0; it must be at least 1."]),
-    (["--preset", "bad.toml"], ["bad.toml: key 'beta' has value 'high', which must be a number"]),
-    (["--preset", "all", "--export", "no/such/dir/r.md"], ["--export names no/such/dir/r.md"]),
-])
+@pytest.mark.parametrize(
+    "args, parts",
+    [
+        (["--preset", "dpo-beta9"], ["--preset names 'dpo-beta9'", "available presets are"]),
+        (["--preset", "missing.toml"], ["preset file missing.toml does not exist."]),
+        (["--preset", "all", "--epochs", "0"], ["--epochs has value 0; it must be at least 1."]),
+        (["--preset", "bad.toml"], ["bad.toml: key 'beta' has value 'high', which must be a number"]),
+        (["--preset", "all", "--export", "no/such/dir/r.md"], ["--export names no/such/dir/r.md"]),
+    ],
+)
 def test_bad_input_is_one_sentence_and_exit_code_2_before_anything_runs(tmp_path, args, parts):
     (tmp_path / "bad.toml").write_text('method = "dpo"\nbeta = "high"\nafter = "sft"\n')
     proc = vqabench(tmp_path, "--headless", *args, *fake(tmp_path, {}))
@@ -98,8 +111,9 @@ def test_bad_input_is_one_sentence_and_exit_code_2_before_anything_runs(tmp_path
 
 
 def test_export_without_a_store_or_session_is_one_sentence(tmp_path):
-    assert_one_sentence_error(vqabench(tmp_path, "export", "--last", "-o", "r.md"),
-                              "there is no results store at vqabench-results/results.db")
+    assert_one_sentence_error(
+        vqabench(tmp_path, "export", "--last", "-o", "r.md"), "there is no results store at vqabench-results/results.db"
+    )
     ResultsStore(tmp_path / "vqabench-results").close()
     assert_one_sentence_error(vqabench(tmp_path, "export", "-o", "r.md"), "holds no session yet")
     assert_one_sentence_error(vqabench(tmp_path, "export", "--session", "7"), "has no session 7")
@@ -107,15 +121,19 @@ def test_export_without_a_store_or_session_is_one_sentence(tmp_path):
 
 def test_ctrl_c_cancels_cleanly_leaves_no_process_and_exits_130(tmp_path):
     plan = {"runs": {"orpo": {"hang_in_epoch": 1}}}
-    proc = subprocess.Popen([sys.executable, "-m", "vqabench.cli", "--headless", *fake(tmp_path, plan)],
-                            cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqabench.cli", "--headless", *fake(tmp_path, plan)],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         pid_files: list[Path] = []
         while not pid_files and time.monotonic() < deadline:
-            pid_files = [p for p in (tmp_path / "vqabench-results" / "runs").glob("*-orpo/pids.json")
-                         if p.read_text()]
+            pid_files = [p for p in (tmp_path / "vqabench-results" / "runs").glob("*-orpo/pids.json") if p.read_text()]
             time.sleep(0.05)
         assert pid_files, "the fake worker never started hanging"
         pids = json.loads(pid_files[0].read_text())
@@ -135,10 +153,10 @@ def test_ctrl_c_cancels_cleanly_leaves_no_process_and_exits_130(tmp_path):
 
 def test_without_the_dashboard_plain_vqabench_says_so(tmp_path):
     # sys.modules[name] = None makes `import name` fail as if the module were not installed
-    code = ("import sys; sys.modules['vqabench.tui.app'] = None\n"
-            "from vqabench.cli import main; sys.exit(main([]))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path),
-                          capture_output=True, text=True, timeout=60)
+    code = "import sys; sys.modules['vqabench.tui.app'] = None\nfrom vqabench.cli import main; sys.exit(main([]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
     assert_one_sentence_error(proc, "the dashboard is not part of this build yet")
 
 
@@ -149,9 +167,24 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     """
     # --set shrinks the base checkpoint (shared with the other tests' cache) and the test split;
     # the judge stays the default (offline semantic judge without TOGETHER_API_KEY).
-    proc = vqabench(tmp_path, "--headless", "--preset", "all", "--limit", "64", "--epochs", "1",
-                    "--set", "base_samples=512", "--set", "dataset.test_size=48",
-                    "--set", "dataset.eval_size=32", timeout=900, cache=vqa_cache)
+    proc = vqabench(
+        tmp_path,
+        "--headless",
+        "--preset",
+        "all",
+        "--limit",
+        "64",
+        "--epochs",
+        "1",
+        "--set",
+        "base_samples=512",
+        "--set",
+        "dataset.test_size=48",
+        "--set",
+        "dataset.eval_size=32",
+        timeout=900,
+        cache=vqa_cache,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "7 of 7 run(s) done." in proc.stdout
     export = vqabench(tmp_path, "export", "--last", "-o", "r.md")
@@ -169,9 +202,28 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
 
 
 def test_two_seeds_on_the_real_worker_report_mean_and_interval(tmp_path, vqa_cache):
-    proc = vqabench(tmp_path, "--headless", "--preset", "sft", "--seeds", "0,1", "--limit", "32",
-                    "--epochs", "1", "--set", "base_samples=512", "--set", "dataset.test_size=32",
-                    "--set", "dataset.eval_size=16", "--set", "judge.name=exact", timeout=600, cache=vqa_cache)
+    proc = vqabench(
+        tmp_path,
+        "--headless",
+        "--preset",
+        "sft",
+        "--seeds",
+        "0,1",
+        "--limit",
+        "32",
+        "--epochs",
+        "1",
+        "--set",
+        "base_samples=512",
+        "--set",
+        "dataset.test_size=32",
+        "--set",
+        "dataset.eval_size=16",
+        "--set",
+        "judge.name=exact",
+        timeout=600,
+        cache=vqa_cache,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = vqabench(tmp_path, "export", "--last", "--per-seed", "-o", "r.md")
     assert export.returncode == 0, export.stderr

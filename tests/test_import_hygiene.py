@@ -1,4 +1,5 @@
 """The host side never imports textual (the dashboard's) nor torch (the worker's)."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,27 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-HOST_MODULES = ["vqabench.presets", "vqabench.runner", "vqabench.store", "vqabench.report",
-                "vqabench.headless", "vqabench.cli"]
+HOST_MODULES = [
+    "vqabench.presets",
+    "vqabench.runner",
+    "vqabench.store",
+    "vqabench.report",
+    "vqabench.headless",
+    "vqabench.cli",
+]
 
 
 def imported_after(statement: str) -> set[str]:
     """Top-level packages in sys.modules after running `statement` in a fresh interpreter."""
     code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return set(json.loads(proc.stdout.splitlines()[-1]))
 
@@ -29,6 +42,8 @@ def test_runner_store_report_headless_and_cli_do_not_import_textual_or_torch():
 
 
 def test_cli_help_stays_light():
-    loaded = imported_after("import sys; sys.argv = ['vqabench', '--help']\n"
-                            "from vqabench.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass")
+    loaded = imported_after(
+        "import sys; sys.argv = ['vqabench', '--help']\n"
+        "from vqabench.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass"
+    )
     assert not {"textual", "torch", "rich"} & loaded

@@ -1,4 +1,5 @@
 """Exact match and token F1 with SQuAD normalisation, on SQuAD's classic examples."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,18 +11,24 @@ import pytest
 from vqabench.metrics import exact_match, mean_scores, normalize_answer, token_f1
 
 # SQuAD v1.1 dev, "Super Bowl 50": where did it take place? (three annotators' answers)
-SUPER_BOWL_ANSWERS = ["Santa Clara, California", "Levi's Stadium",
-                      "Levi's Stadium in the San Francisco Bay Area at Santa Clara, California."]
+SUPER_BOWL_ANSWERS = [
+    "Santa Clara, California",
+    "Levi's Stadium",
+    "Levi's Stadium in the San Francisco Bay Area at Santa Clara, California.",
+]
 
 
-@pytest.mark.parametrize("raw,normalized", [
-    ("The Denver Broncos", "denver broncos"),
-    ("  A   quick,\tbrown fox. ", "quick brown fox"),
-    ("Levi's Stadium.", "levis stadium"),
-    ("an apple a day", "apple day"),
-    ("theatre anthem", "theatre anthem"),  # articles only as whole words
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "raw,normalized",
+    [
+        ("The Denver Broncos", "denver broncos"),
+        ("  A   quick,\tbrown fox. ", "quick brown fox"),
+        ("Levi's Stadium.", "levis stadium"),
+        ("an apple a day", "apple day"),
+        ("theatre anthem", "theatre anthem"),  # articles only as whole words
+        ("", ""),
+    ],
+)
 def test_normalize_answer_follows_squad(raw, normalized):
     assert normalize_answer(raw) == normalized
 
@@ -54,8 +61,7 @@ def test_token_f1_on_empty_answers():
 
 
 def test_mean_scores_takes_the_best_reference_and_averages():
-    em, f1 = mean_scores(["Levi's Stadium", "circle", "no"],
-                         [SUPER_BOWL_ANSWERS, "a circle", "yes"])
+    em, f1 = mean_scores(["Levi's Stadium", "circle", "no"], [SUPER_BOWL_ANSWERS, "a circle", "yes"])
     assert em == pytest.approx(2 / 3)
     assert f1 == pytest.approx(2 / 3)
     em, f1 = mean_scores(["Santa Clara"], [SUPER_BOWL_ANSWERS])
@@ -74,6 +80,11 @@ def test_mean_scores_rejects_mismatched_or_empty_input():
 
 def test_metrics_module_does_not_import_torch():
     code = "import sys, vqabench.metrics; sys.exit('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stderr

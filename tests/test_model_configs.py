@@ -1,4 +1,5 @@
 """The real-size BLIP config: public values, and the parameter count they imply."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,14 @@ def expected_vision(vc) -> int:
     h, patch = vc.hidden_size, vc.patch_size
     positions = (vc.image_size // patch) ** 2 + 1
     embeddings = _linear(3 * patch * patch, h) + h + positions * h
-    layer = (_linear(h, 3 * h) + _linear(h, h) + _layer_norm(h)
-             + _linear(h, vc.intermediate_size) + _linear(vc.intermediate_size, h) + _layer_norm(h))
+    layer = (
+        _linear(h, 3 * h)
+        + _linear(h, h)
+        + _layer_norm(h)
+        + _linear(h, vc.intermediate_size)
+        + _linear(vc.intermediate_size, h)
+        + _layer_norm(h)
+    )
     return embeddings + vc.num_hidden_layers * layer + _layer_norm(h)
 
 
@@ -78,8 +85,7 @@ def test_shipped_config_carries_the_public_values():
 
 def test_every_shipped_value_names_its_source():
     values = blip_vqa_base_values()
-    keys = {f"{section}.{key}" for section in ("text_config", "vision_config")
-            for key in values["config"][section]}
+    keys = {f"{section}.{key}" for section in ("text_config", "vision_config") for key in values["config"][section]}
     keys |= {key for key, value in values["config"].items() if not isinstance(value, dict)}
     missing = keys - set(values["provenance"])
     assert not missing
@@ -94,9 +100,14 @@ def test_real_size_model_has_the_parameter_count_its_config_implies(real_size_mo
         assert counts[part] == value, part
     assert counts["other"] == 0
     # the figures stated in docs/telemetry.md
-    assert counts == {"vision_encoder": 86_090_496, "question_encoder": 137_258_496,
-                      "answer_decoder": 137_881_148, "other": 0, "total": 361_230_140,
-                      "trainable": 361_230_140}
+    assert counts == {
+        "vision_encoder": 86_090_496,
+        "question_encoder": 137_258_496,
+        "answer_decoder": 137_881_148,
+        "other": 0,
+        "total": 361_230_140,
+        "trainable": 361_230_140,
+    }
     decoder = real_size_model.text_decoder
     assert decoder.cls.predictions.decoder.weight is decoder.bert.embeddings.word_embeddings.weight
 
@@ -114,8 +125,15 @@ def test_untied_count_matches_the_published_checkpoint_size():
 def test_parameter_breakdown_follows_the_config_on_a_small_model():
     small = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     config = BlipConfig(
-        text_config=dict(small, vocab_size=100, max_position_embeddings=20, bos_token_id=98,
-                         sep_token_id=97, eos_token_id=2, tie_word_embeddings=False),
+        text_config=dict(
+            small,
+            vocab_size=100,
+            max_position_embeddings=20,
+            bos_token_id=98,
+            sep_token_id=97,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        ),
         vision_config=dict(small, image_size=32, patch_size=8),
         tie_word_embeddings=False,
     )

@@ -1,4 +1,5 @@
 """Numerical tests of the alignment losses: hand-computed values, limits, stability, gradients."""
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def sigmoid(z: float) -> float:
 
 # --- hand-computed values -------------------------------------------------------------
 
+
 def test_sft_loss_is_token_mean_nll():
     loss = sft_loss(t(-2.0, -0.3), torch.tensor([4, 1]))
     assert loss.tolist() == pytest.approx([2.0 / 4, 0.3 / 1], abs=TOL)
@@ -67,16 +69,23 @@ def test_ipo_loss_matches_hand_computation():
 
 
 def test_simpo_loss_matches_hand_computation():
-    loss = simpo_loss(t(-1.0, -3.0), t(-3.0, -1.0), torch.tensor([2, 3]), torch.tensor([2, 1]),
-                      beta=2.0, gamma=1.0)
+    loss = simpo_loss(t(-1.0, -3.0), t(-3.0, -1.0), torch.tensor([2, 3]), torch.tensor([2, 1]), beta=2.0, gamma=1.0)
     z1 = 2.0 * (-1.0 / 2 - -3.0 / 2) - 1.0
     z2 = 2.0 * (-3.0 / 3 - -1.0 / 1) - 1.0
     assert loss.tolist() == pytest.approx([softplus(-z1), softplus(-z2)], abs=TOL)
 
 
 def test_kto_loss_matches_hand_computation():
-    loss = kto_loss(t(-1.0), t(-3.0), t(-1.5), t(-2.5), kl=torch.tensor(0.2, dtype=torch.float64),
-                    beta=0.1, desirable_weight=1.0, undesirable_weight=1.33)
+    loss = kto_loss(
+        t(-1.0),
+        t(-3.0),
+        t(-1.5),
+        t(-2.5),
+        kl=torch.tensor(0.2, dtype=torch.float64),
+        beta=0.1,
+        desirable_weight=1.0,
+        undesirable_weight=1.33,
+    )
     r_c, r_r = -1.0 - -1.5, -3.0 - -2.5
     expected = 1.0 * (1 - sigmoid(0.1 * (r_c - 0.2))) + 1.33 * (1 - sigmoid(0.1 * (0.2 - r_r)))
     assert loss.item() == pytest.approx(expected, abs=TOL)
@@ -89,6 +98,7 @@ def test_kto_kl_estimate_is_mean_policy_minus_reference():
 
 
 # --- limiting cases -------------------------------------------------------------------
+
 
 def test_dpo_loss_is_log2_when_policy_equals_reference():
     generator = torch.Generator().manual_seed(0)
@@ -108,8 +118,7 @@ def test_ipo_loss_is_zero_at_target_margin():
 
 
 def test_simpo_loss_is_log2_at_equal_averages_and_zero_margin():
-    loss = simpo_loss(t(-2.0, -0.5), t(-3.0, -1.5), torch.tensor([2, 1]), torch.tensor([3, 3]),
-                      beta=2.0, gamma=0.0)
+    loss = simpo_loss(t(-2.0, -0.5), t(-3.0, -1.5), torch.tensor([2, 1]), torch.tensor([3, 3]), beta=2.0, gamma=0.0)
     assert torch.allclose(loss, torch.full_like(loss, math.log(2)), atol=TOL)
 
 
@@ -159,8 +168,7 @@ def naive_orpo_loss(chosen, rejected, lam):
     return -chosen - lam * F.logsigmoid(log_odds)
 
 
-@pytest.mark.parametrize("dtype,extreme",
-                         [(torch.float32, 0.0), (torch.float32, -1e-9), (torch.float16, -1e-4)])
+@pytest.mark.parametrize("dtype,extreme", [(torch.float32, 0.0), (torch.float32, -1e-9), (torch.float16, -1e-4)])
 def test_naive_orpo_fails_where_the_stable_one_holds(dtype, extreme):
     def run(loss_fn):
         chosen = torch.tensor([extreme], dtype=dtype, requires_grad=True)
@@ -188,6 +196,7 @@ def test_orpo_computes_in_float32_for_half_inputs():
 
 
 # --- log1mexp -------------------------------------------------------------------------
+
 
 def exact_log1mexp(x: float) -> float:
     return math.log(-math.expm1(x)) if x > -math.log(2) else math.log1p(-math.exp(x))
@@ -224,6 +233,7 @@ def test_log1mexp_gradient_matches_finite_differences():
 
 
 # --- gradients, shapes, detachment ----------------------------------------------------
+
 
 def pairwise_losses(pc, pr, rc, rr, lengths):
     kl = torch.tensor(0.0, dtype=pc.dtype)

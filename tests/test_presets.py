@@ -1,4 +1,5 @@
 """Presets: the packaged files, validation messages, `after` resolution and run order."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,10 @@ def test_all_is_every_top_level_preset_in_dependency_order():
 
 def test_top_level_presets_share_the_training_setup_of_the_paper():
     specs = {s.name: s for s in load_presets("all")}
-    shared = {(s.model, s.dataset.source, s.epochs, s.limit, s.lr, s.batch_size, s.lr_decay, s.seed,
-               s.judge.name) for s in specs.values()}
+    shared = {
+        (s.model, s.dataset.source, s.epochs, s.limit, s.lr, s.batch_size, s.lr_decay, s.seed, s.judge.name)
+        for s in specs.values()
+    }
     assert shared == {("embedded", "easyvqa", 3, 4000, 5e-5, 16, 0.9, 0, "auto")}
     assert {specs[n].after for n in ("ipo", "kto")} == {"sft"}
     assert specs["simpo"].after is None and specs["simpo"].resolved_beta == 2.0
@@ -57,11 +60,19 @@ def test_paper_presets_use_blip_vqa_base_on_both_datasets():
     assert len(specs) == 8
     for spec in specs:
         assert (spec.model, spec.epochs, spec.lr, spec.batch_size, spec.lr_decay) == (
-            "Salesforce/blip-vqa-base", 10, 8e-6, 16, 0.9)
+            "Salesforce/blip-vqa-base",
+            10,
+            8e-6,
+            16,
+            0.9,
+        )
         if spec.method == "dpo":
             assert spec.after == spec.name.rsplit("-dpo-beta", 1)[0] + "-sft"
     sources = {(s.dataset.source, s.dataset.schema) for s in specs}
-    assert sources == {("hf:alexshengzhili/mllm-dpo/dpo_inference0104.with_logpllava-v1.5-13b_2024-02-03.json", "llava"), ("hf:MMInstruction/VLFeedback/vlfeedback_80k.jsonl", "vlfeedback")}
+    assert sources == {
+        ("hf:alexshengzhili/mllm-dpo/dpo_inference0104.with_logpllava-v1.5-13b_2024-02-03.json", "llava"),
+        ("hf:MMInstruction/VLFeedback/vlfeedback_80k.jsonl", "vlfeedback"),
+    }
     assert {s.beta for s in specs if s.method == "dpo"} == {0.1, 0.5}
 
 
@@ -93,23 +104,30 @@ def test_a_file_selection_finds_its_after_target_beside_it(tmp_path):
 
 
 def test_order_is_topological_and_stable_by_name():
-    specs = [RunSpec(name="z", method="sft"), RunSpec(name="d", method="dpo", after="z"),
-             RunSpec(name="a", method="sft"), RunSpec(name="c", method="dpo", after="d"),
-             RunSpec(name="b", method="dpo", after="a")]
+    specs = [
+        RunSpec(name="z", method="sft"),
+        RunSpec(name="d", method="dpo", after="z"),
+        RunSpec(name="a", method="sft"),
+        RunSpec(name="c", method="dpo", after="d"),
+        RunSpec(name="b", method="dpo", after="a"),
+    ]
     assert [s.name for s in order_runs(specs)] == ["a", "b", "z", "d", "c"]
     assert [s.name for s in order_runs(reversed(specs))] == ["a", "b", "z", "d", "c"]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('method = "sft"\nlearning_rate = 1e-4\n', "unknown key 'learning_rate'"),
-    ('method = "sft"\nepochs = "three"\n', "key 'epochs' has value 'three', which must be an integer"),
-    ('method = "ppo"\n', "key 'method' has value 'ppo'; allowed values are sft, dpo"),
-    ('method = "sft"\nmodel = "blip tiny"\n', "key 'model' has value 'blip tiny'; allowed are embedded"),
-    ('method = "sft"\ndataset = "vqa-v2"\n', "key 'dataset.source' has value 'vqa-v2'; allowed are 'easyvqa'"),
-    ('method = "sft"\nepochs = 0\n', "key 'epochs' has value 0; it must be at least 1"),
-    ('method = "dpo"\n', "method 'dpo' needs an SFT checkpoint"),
-    ('method = "sft"\nepochs = 3\nepochs = 4\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('method = "sft"\nlearning_rate = 1e-4\n', "unknown key 'learning_rate'"),
+        ('method = "sft"\nepochs = "three"\n', "key 'epochs' has value 'three', which must be an integer"),
+        ('method = "ppo"\n', "key 'method' has value 'ppo'; allowed values are sft, dpo"),
+        ('method = "sft"\nmodel = "blip tiny"\n', "key 'model' has value 'blip tiny'; allowed are embedded"),
+        ('method = "sft"\ndataset = "vqa-v2"\n', "key 'dataset.source' has value 'vqa-v2'; allowed are 'easyvqa'"),
+        ('method = "sft"\nepochs = 0\n', "key 'epochs' has value 0; it must be at least 1"),
+        ('method = "dpo"\n', "method 'dpo' needs an SFT checkpoint"),
+        ('method = "sft"\nepochs = 3\nepochs = 4\n', "not valid TOML"),
+    ],
+)
 def test_a_bad_preset_is_one_sentence_naming_the_file_key_and_value(tmp_path, text, expected):
     path = write(tmp_path, "bad", text)
     message = error_of(str(path))

@@ -1,4 +1,5 @@
 """The Markdown report: a golden file pins the format; the numbers are checked on their own."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,14 @@ GOLDEN = Path(__file__).parent / "golden" / "report.md"
 INTERVALS = {"em_ci": [0.61, 0.67], "f1_ci": [0.66, 0.72], "judge_ci": [0.7, 0.78], "judge_kappa": 0.52}
 
 
-def record(store: ResultsStore, session, specs: list[RunSpec], crash: dict[str, int] | None = None,
-           extra: dict[str, dict] | None = None, cuda: set[str] = frozenset()) -> None:
+def record(
+    store: ResultsStore,
+    session,
+    specs: list[RunSpec],
+    crash: dict[str, int] | None = None,
+    extra: dict[str, dict] | None = None,
+    cuda: set[str] = frozenset(),
+) -> None:
     """Feed canned worker events through a recorder, as a runner would."""
     recorder = store.recorder(session)
     crash, extra = crash or {}, extra or {}
@@ -32,8 +39,12 @@ def record(store: ResultsStore, session, specs: list[RunSpec], crash: dict[str, 
             continue
         recorder(RunStatusChanged(spec.name, "running", spec=spec, pid=100 + len(statuses)))
         status, reason = "done", ""
-        for event in canned_events(spec.to_dict(), cuda=spec.name in cuda,
-                                   eval_extra=extra.get(spec.name), checkpoint=f"/runs/{spec.name}/best"):
+        for event in canned_events(
+            spec.to_dict(),
+            cuda=spec.name in cuda,
+            eval_extra=extra.get(spec.name),
+            checkpoint=f"/runs/{spec.name}/best",
+        ):
             if isinstance(event, Progress) and crash.get(spec.name) == event.epoch:
                 status, reason = "failed", f"worker exited with signal 9 (killed) during epoch {event.epoch} of 3"
                 break
@@ -45,18 +56,25 @@ def record(store: ResultsStore, session, specs: list[RunSpec], crash: dict[str, 
 
 def paper_like_session(tmp_path: Path, **kwargs) -> tuple[ResultsStore, int]:
     store = ResultsStore(tmp_path)
-    session = store.begin_session("all", "vqabench --headless --preset all", machine="testbox",
-                                  processor="x86_64", started_at="2026-01-02T03:04:05+00:00")
-    specs = [RunSpec(name="orpo", method="orpo"), RunSpec(name="sft", method="sft"),
-             RunSpec(name="dpo-beta0.1", method="dpo", beta=0.1, after="sft"),
-             RunSpec(name="dpo-beta0.5", method="dpo", beta=0.5, after="sft")]
+    session = store.begin_session(
+        "all",
+        "vqabench --headless --preset all",
+        machine="testbox",
+        processor="x86_64",
+        started_at="2026-01-02T03:04:05+00:00",
+    )
+    specs = [
+        RunSpec(name="orpo", method="orpo"),
+        RunSpec(name="sft", method="sft"),
+        RunSpec(name="dpo-beta0.1", method="dpo", beta=0.1, after="sft"),
+        RunSpec(name="dpo-beta0.5", method="dpo", beta=0.5, after="sft"),
+    ]
     record(store, session, specs, **kwargs)
     return store, session.id
 
 
 def test_the_markdown_report_matches_the_golden_file(tmp_path):
-    store, session_id = paper_like_session(tmp_path, crash={"dpo-beta0.5": 2},
-                                           extra={"dpo-beta0.1": INTERVALS})
+    store, session_id = paper_like_session(tmp_path, crash={"dpo-beta0.5": 2}, extra={"dpo-beta0.1": INTERVALS})
     text = render_markdown(store, session_id)
     if os.environ.get("VQABENCH_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
@@ -69,8 +87,13 @@ def test_the_first_line_names_machine_device_versions_and_date(tmp_path):
     first = render_markdown(store, session_id).splitlines()[0]
     import vqabench
 
-    for part in ("testbox (x86_64)", "device cpu", "torch 2.13.0+cpu", f"vqabench {vqabench.__version__}",
-                 "2026-01-02 03:04 UTC"):
+    for part in (
+        "testbox (x86_64)",
+        "device cpu",
+        "torch 2.13.0+cpu",
+        f"vqabench {vqabench.__version__}",
+        "2026-01-02 03:04 UTC",
+    ):
         assert part in first
 
 
@@ -100,8 +123,11 @@ def test_missing_values_are_na_never_zero(tmp_path):
     assert efficiency["dpo-beta0.1"][1:] == ["n/a"] * 7
     assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
     assert efficiency["orpo"][2] == "n/a"  # no SFT epoch to compare with
-    assert report.unfinished == ["sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",
-                                 "dpo-beta0.1: skipped: sft failed", "dpo-beta0.5: skipped: sft failed"]
+    assert report.unfinished == [
+        "sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",
+        "dpo-beta0.1: skipped: sft failed",
+        "dpo-beta0.5: skipped: sft failed",
+    ]
 
 
 def test_cuda_memory_is_preferred_and_a_mix_is_marked_per_cell(tmp_path):
@@ -137,9 +163,14 @@ def test_summaries_work_on_live_data_without_a_store():
 def test_each_run_is_compared_with_the_sft_run_of_its_own_model_and_data(tmp_path):
     store = ResultsStore(tmp_path)
     session = store.begin_session("paper")
-    specs = [RunSpec(name=name, method=method, model="Salesforce/blip-vqa-base", dataset=DatasetSpec(source))
-             for name, method, source in (("a-sft", "sft", "hf:a/a"), ("a-orpo", "orpo", "hf:a/a"),
-                                          ("b-orpo", "orpo", "hf:b/b"))]
+    specs = [
+        RunSpec(name=name, method=method, model="Salesforce/blip-vqa-base", dataset=DatasetSpec(source))
+        for name, method, source in (
+            ("a-sft", "sft", "hf:a/a"),
+            ("a-orpo", "orpo", "hf:a/a"),
+            ("b-orpo", "orpo", "hf:b/b"),
+        )
+    ]
     record(store, session, specs)
     rows = {row[0]: row for row in build_report(store, session.id).tables[1].rows}
     assert rows["a-orpo"][2] == "1.10"
@@ -154,8 +185,12 @@ def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
 
     def run(name: str, method: str, ems: list[int]) -> RunData:
         path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(_json.dumps({"question": f"q{i}", "reference": "r", "prediction": "p",
-                                             "em": e, "f1": e}) + "\n" for i, e in enumerate(ems)))
+        path.write_text(
+            "".join(
+                _json.dumps({"question": f"q{i}", "reference": "r", "prediction": "p", "em": e, "f1": e}) + "\n"
+                for i, e in enumerate(ems)
+            )
+        )
         final = Evaluated(split="test", n=len(ems), em=sum(ems) / len(ems), f1=0.0, predictions=str(path))
         return RunData(name, method, "done", final_eval=final, setup="embedded on easyvqa")
 
@@ -177,14 +212,32 @@ def test_runs_repeated_per_seed_are_compared_with_their_own_seeds_sft():
     from vqabench.report import RunData, aggregate_seeds, summarize_runs
 
     def run(name: str, method: str, seconds: float, after: str | None = None) -> RunData:
-        epoch = EpochEnded(epoch=1, epochs=1, train_loss=1.0, eval_loss=1.0, epoch_seconds=seconds,
-                           eval_seconds=0.1, samples_per_s=10.0, lr=1e-4, peak_rss_mib=100.0, reference_bytes=0,
-                           chosen_logp=-1.0, rejected_logp=-2.0, reward_margin=1.0, pref_accuracy=1.0, is_best=True)
+        epoch = EpochEnded(
+            epoch=1,
+            epochs=1,
+            train_loss=1.0,
+            eval_loss=1.0,
+            epoch_seconds=seconds,
+            eval_seconds=0.1,
+            samples_per_s=10.0,
+            lr=1e-4,
+            peak_rss_mib=100.0,
+            reference_bytes=0,
+            chosen_logp=-1.0,
+            rejected_logp=-2.0,
+            reward_margin=1.0,
+            pref_accuracy=1.0,
+            is_best=True,
+        )
         return RunData(name, method, "done", after=after, epochs=[epoch], setup="embedded on easyvqa")
 
     # seed 1's machine was twice as slow: DPO costs 1.5x SFT in each seed
-    runs = [run("sft@s0", "sft", 10.0), run("dpo@s0", "dpo", 15.0, "sft@s0"),
-            run("sft@s1", "sft", 20.0), run("dpo@s1", "dpo", 30.0, "sft@s1")]
+    runs = [
+        run("sft@s0", "sft", 10.0),
+        run("dpo@s0", "dpo", 15.0, "sft@s0"),
+        run("sft@s1", "sft", 20.0),
+        run("dpo@s1", "dpo", 30.0, "sft@s1"),
+    ]
     rows = {s.name: s for s in aggregate_seeds(summarize_runs(runs))}
     assert rows["dpo (2 seeds)"].relative_epoch_time == pytest.approx(1.5)
     assert rows["dpo (2 seeds)"].spread["relative_epoch_time"] == pytest.approx(0.0)

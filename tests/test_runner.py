@@ -1,4 +1,5 @@
 """The runner, driving real subprocesses (tests/fake_worker.py) through crashes and cancels."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,14 +26,22 @@ from vqabench.runner import (
 from vqabench.spec import RunSpec
 from vqabench.store import ResultsStore
 
-SPECS = [RunSpec(name="sft", method="sft", epochs=2),
-         RunSpec(name="dpo", method="dpo", after="sft", epochs=2),
-         RunSpec(name="orpo", method="orpo", epochs=2)]
+SPECS = [
+    RunSpec(name="sft", method="sft", epochs=2),
+    RunSpec(name="dpo", method="dpo", after="sft", epochs=2),
+    RunSpec(name="orpo", method="orpo", epochs=2),
+]
 
 
 def make_runner(tmp_path: Path, plan: dict, specs=SPECS, **kwargs) -> tuple[Runner, list]:
-    runner = Runner(specs, runs_dir=tmp_path / "runs", session="s1", worker_cmd=worker_cmd(tmp_path, plan),
-                    cache_dir=tmp_path / "cache", **kwargs)
+    runner = Runner(
+        specs,
+        runs_dir=tmp_path / "runs",
+        session="s1",
+        worker_cmd=worker_cmd(tmp_path, plan),
+        cache_dir=tmp_path / "cache",
+        **kwargs,
+    )
     notes: list = []
     runner.subscribe(notes.append)
     return runner, notes
@@ -65,8 +74,11 @@ def test_runs_go_in_dependency_order_and_dpo_starts_from_the_sft_checkpoint(tmp_
     assert written["init_checkpoint"] == sft_checkpoint
     assert written["output_dir"] == str(tmp_path / "runs" / "s1-dpo")
     assert written["cache_dir"] == str(tmp_path / "cache")
-    epochs = [n.event.epoch for n in notes if isinstance(n, WorkerEvent) and n.run == "sft"
-              and isinstance(n.event, EpochEnded)]
+    epochs = [
+        n.event.epoch
+        for n in notes
+        if isinstance(n, WorkerEvent) and n.run == "sft" and isinstance(n.event, EpochEnded)
+    ]
     assert epochs == [1, 2]
     assert isinstance(notes[-1], RunnerFinished) and not notes[-1].cancelled
 
@@ -107,7 +119,10 @@ def test_lines_that_are_not_events_are_counted_and_skipped(tmp_path):
     assert runner.states["orpo"].status == "done"
     assert runner.states["orpo"].invalid_lines == 3
     assert [n.line for n in notes if isinstance(n, InvalidWorkerLine)] == [
-        "not an event 0", "not an event 1", "not an event 2"]
+        "not an event 0",
+        "not an event 1",
+        "not an event 2",
+    ]
 
 
 def test_stderr_lines_reach_subscribers(tmp_path):

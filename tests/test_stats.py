@@ -1,4 +1,5 @@
 """Bootstrap intervals, paired differences, Cohen's kappa, t intervals and win rates."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,12 @@ import pytest
 from vqabench.judges import JudgeItem
 from vqabench.judges.exact import ExactJudge
 from vqabench.stats import (
-    bootstrap_ci, cohen_kappa, mean_ci_across_seeds, paired_bootstrap, student_t_quantile, win_rate,
+    bootstrap_ci,
+    cohen_kappa,
+    mean_ci_across_seeds,
+    paired_bootstrap,
+    student_t_quantile,
+    win_rate,
 )
 
 
@@ -78,8 +84,7 @@ def test_cohen_kappa_on_a_hand_computed_table():
 
 
 def test_student_t_quantiles_match_published_tables():
-    for df, expected in [(1, 12.7062047), (2, 4.30265273), (4, 2.77644511), (10, 2.22813885),
-                         (30, 2.04227246)]:
+    for df, expected in [(1, 12.7062047), (2, 4.30265273), (4, 2.77644511), (10, 2.22813885), (30, 2.04227246)]:
         assert student_t_quantile(0.975, df) == pytest.approx(expected, rel=1e-7)
     assert student_t_quantile(0.025, 4) == pytest.approx(-2.77644511, rel=1e-7)
     assert student_t_quantile(0.95, 1000) == pytest.approx(1.64637934, rel=1e-6)

@@ -1,4 +1,5 @@
 """The SQLite results store: round trips, schema versions, raw event files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ def test_a_session_round_trips_through_the_store(tmp_path):
     session = store.begin_session("all", "vqabench --headless", machine="box", processor="cpu9")
     recorder = store.recorder(session)
     spec = RunSpec(name="sft", method="sft", epochs=2)
-    events = list(canned_events(spec.to_dict(), eval_extra={"em_ci": [0.5, 0.7], "judge_kappa": 0.4},
-                                checkpoint="/out/best"))
+    events = list(
+        canned_events(spec.to_dict(), eval_extra={"em_ci": [0.5, 0.7], "judge_kappa": 0.4}, checkpoint="/out/best")
+    )
     record_run(recorder, spec, events)
     recorder(RunnerFinished({"sft": "done"}, cancelled=False))
 

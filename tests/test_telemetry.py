@@ -1,4 +1,5 @@
 """Telemetry: n/a without a GPU, correct per-epoch peaks and means, never a crash."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,10 +44,23 @@ def _nvml_available() -> bool:
 
 
 def _epoch_ended(fields: dict) -> EpochEnded:
-    return EpochEnded(epoch=1, epochs=1, train_loss=0.5, eval_loss=0.6, epoch_seconds=1.0,
-                      eval_seconds=0.1, samples_per_s=10.0, lr=1e-4, reference_bytes=0,
-                      chosen_logp=-1.0, rejected_logp=-2.0, reward_margin=1.0, pref_accuracy=1.0,
-                      is_best=True, **fields)
+    return EpochEnded(
+        epoch=1,
+        epochs=1,
+        train_loss=0.5,
+        eval_loss=0.6,
+        epoch_seconds=1.0,
+        eval_seconds=0.1,
+        samples_per_s=10.0,
+        lr=1e-4,
+        reference_bytes=0,
+        chosen_logp=-1.0,
+        rejected_logp=-2.0,
+        reward_margin=1.0,
+        pref_accuracy=1.0,
+        is_best=True,
+        **fields,
+    )
 
 
 def test_cpu_run_says_na_and_still_reports_rss():
@@ -63,8 +77,14 @@ def test_cpu_run_says_na_and_still_reports_rss():
     assert result.epoch_rss_peak_mib is not None and result.epoch_rss_peak_mib > 32
     assert result.peak_rss_mib >= result.epoch_rss_peak_mib
     assert result.samples >= 3
-    for name in ("cuda_max_allocated_mib", "cuda_max_reserved_mib", "gpu_process_peak_mib",
-                 "gpu_device_peak_mib", "gpu_util_mean", "gpu_power_mean_w"):
+    for name in (
+        "cuda_max_allocated_mib",
+        "cuda_max_reserved_mib",
+        "gpu_process_peak_mib",
+        "gpu_device_peak_mib",
+        "gpu_util_mean",
+        "gpu_power_mean_w",
+    ):
         assert getattr(result, name) is None, name
 
 
@@ -92,14 +112,16 @@ def test_epoch_fields_fit_the_event_and_stay_null_not_zero():
 
 
 def test_scripted_readings_give_peaks_and_means_per_epoch():
-    source = ScriptedSource([
-        Reading(process_mib=9999, device_used_mib=9999, util_percent=0, power_w=0),  # before the epoch
-        Reading(process_mib=100, device_used_mib=1000, device_total_mib=8000, util_percent=50, power_w=100),
-        Reading(process_mib=300, device_used_mib=1500, device_total_mib=8000, util_percent=None, power_w=200),
-        Reading(process_mib=200, device_used_mib=1200, device_total_mib=8000, util_percent=90, power_w=None),
-        None,  # end_epoch's closing sample: nothing to report
-        Reading(process_mib=50, device_used_mib=900, device_total_mib=8000, util_percent=10, power_w=60),
-    ])
+    source = ScriptedSource(
+        [
+            Reading(process_mib=9999, device_used_mib=9999, util_percent=0, power_w=0),  # before the epoch
+            Reading(process_mib=100, device_used_mib=1000, device_total_mib=8000, util_percent=50, power_w=100),
+            Reading(process_mib=300, device_used_mib=1500, device_total_mib=8000, util_percent=None, power_w=200),
+            Reading(process_mib=200, device_used_mib=1200, device_total_mib=8000, util_percent=90, power_w=None),
+            None,  # end_epoch's closing sample: nothing to report
+            Reading(process_mib=50, device_used_mib=900, device_total_mib=8000, util_percent=10, power_w=60),
+        ]
+    )
     tele = Telemetry("cpu", source=source)
     tele.sample()  # outside an epoch window: read but not counted
     tele.begin_epoch()
@@ -126,12 +148,14 @@ def test_scripted_readings_give_peaks_and_means_per_epoch():
 
 
 def test_a_source_that_raises_midway_degrades_to_none():
-    source = ScriptedSource([
-        Reading(process_mib=10, util_percent=20, power_w=30),
-        RuntimeError("GPU fell off the bus"),
-        pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST),
-        Reading(process_mib=40, util_percent=60, power_w=70),
-    ])
+    source = ScriptedSource(
+        [
+            Reading(process_mib=10, util_percent=20, power_w=30),
+            RuntimeError("GPU fell off the bus"),
+            pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST),
+            Reading(process_mib=40, util_percent=60, power_w=70),
+        ]
+    )
     tele = Telemetry("cpu", source=source)
     tele.begin_epoch()
     for _ in range(3):

@@ -1,4 +1,5 @@
 """The together judge against a real HTTP server on 127.0.0.1 standing in for Together."""
+
 from __future__ import annotations
 
 import socket
@@ -8,8 +9,17 @@ import pytest
 
 from fake_together_server import FakeTogetherServer, Reply, completion, error_body
 from vqabench.judges import (
-    Grade, JudgeAuthError, JudgeItem, JudgeQuotaError, JudgeRequestError, JudgeUnavailableError,
-    JudgmentCache, cached_compare, judge_items, make_judge, score,
+    Grade,
+    JudgeAuthError,
+    JudgeItem,
+    JudgeQuotaError,
+    JudgeRequestError,
+    JudgeUnavailableError,
+    JudgmentCache,
+    cached_compare,
+    judge_items,
+    make_judge,
+    score,
 )
 from vqabench.judges.cache import CachedJudge
 from vqabench.judges.together import COMPARE_SYSTEM_PROMPT, GRADE_SYSTEM_PROMPT, TogetherJudge
@@ -24,9 +34,16 @@ ITEMS = [
 
 
 def make(server: FakeTogetherServer, **options) -> TogetherJudge:
-    settings = dict(api_key="test-key", base_url=server.base_url, concurrency=1,
-                    requests_per_minute=60_000, max_attempts=3, timeout_s=5.0,
-                    backoff_initial_s=0.01, backoff_max_s=0.05)
+    settings = dict(
+        api_key="test-key",
+        base_url=server.base_url,
+        concurrency=1,
+        requests_per_minute=60_000,
+        max_attempts=3,
+        timeout_s=5.0,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+    )
     settings.update(options)
     return TogetherJudge("meta-llama/Llama-3-8b-chat-hf", **settings)
 
@@ -76,11 +93,14 @@ def test_unauthorized_fails_after_exactly_one_request_even_with_concurrency():
     assert "TOGETHER_API_KEY" in str(caught.value) and "401" in str(caught.value)
 
 
-@pytest.mark.parametrize("reply", [
-    Reply(402, error_body("Credit limit exceeded")),
-    Reply(429, error_body("You exceeded your current quota, please check your billing")),
-    Reply(429, error_body("slow down"), {"Retry-After": "3600"}),
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(402, error_body("Credit limit exceeded")),
+        Reply(429, error_body("You exceeded your current quota, please check your billing")),
+        Reply(429, error_body("slow down"), {"Retry-After": "3600"}),
+    ],
+)
 def test_quota_errors_fail_at_once(reply):
     with FakeTogetherServer(responder=always(reply)) as server:
         with pytest.raises(JudgeQuotaError) as caught:
@@ -105,8 +125,9 @@ def test_cached_judgments_cost_zero_requests(tmp_path):
         assert len(server.chat_requests) == len(ITEMS)
         with JudgmentCache(path) as cache:  # a new process would open the file again
             progress = []
-            again = judge_items(make(server), ITEMS, cache=cache,
-                                on_progress=lambda done, total: progress.append((done, total)))
+            again = judge_items(
+                make(server), ITEMS, cache=cache, on_progress=lambda done, total: progress.append((done, total))
+            )
     assert len(server.chat_requests) == len(ITEMS)
     assert again == first
     assert progress[-1] == (len(ITEMS), len(ITEMS))
@@ -136,9 +157,14 @@ def test_interrupted_judging_resumes_without_paying_again(tmp_path):
 
 
 def test_malformed_and_empty_replies_count_as_unparseable_without_crashing(tmp_path):
-    script = [Reply(200, completion("I think the student is right.")), Reply(200, completion("")),
-              Reply(200, completion(None)), Reply(200, "<html>not json</html>"), Reply(200, {}),
-              Reply(200, completion("GRADE: CORRECT"))]
+    script = [
+        Reply(200, completion("I think the student is right.")),
+        Reply(200, completion("")),
+        Reply(200, completion(None)),
+        Reply(200, "<html>not json</html>"),
+        Reply(200, {}),
+        Reply(200, completion("GRADE: CORRECT")),
+    ]
     items = [JudgeItem(f"question {i}", "red", "red") for i in range(len(script))]
     with FakeTogetherServer(script) as server:
         verdicts = make(server).grade(items)
@@ -183,9 +209,16 @@ def test_refused_connection_gives_up_with_a_clear_error():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    judge = TogetherJudge("m", api_key="k", base_url=f"http://127.0.0.1:{port}", max_attempts=2,
-                          requests_per_minute=60_000, backoff_initial_s=0.01, backoff_max_s=0.02,
-                          timeout_s=2.0)
+    judge = TogetherJudge(
+        "m",
+        api_key="k",
+        base_url=f"http://127.0.0.1:{port}",
+        max_attempts=2,
+        requests_per_minute=60_000,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.02,
+        timeout_s=2.0,
+    )
     with pytest.raises(JudgeUnavailableError) as caught:
         judge.grade(ITEMS[:1])
     assert "gave up after 2 attempts" in str(caught.value) and "could not connect" in str(caught.value)

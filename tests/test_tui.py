@@ -2,6 +2,7 @@
 tables, statuses and the efficiency panel follow the runs; cancel and quit leave no process;
 export writes the report's own Markdown; a previous session opens from the store; one SVG
 snapshot at 80x24; closing the terminal stops everything."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,12 +41,19 @@ def fake_worker_cmd(tmp_path: Path, script: dict) -> list[str]:
     return [sys.executable, str(FAKE_WORKER), str(path)]
 
 
-def make_app(tmp_path: Path, script: dict, *, results: Path | None = None, selection: str = "sft",
-             epochs: int = 2, **kwargs) -> Dashboard:
+def make_app(
+    tmp_path: Path, script: dict, *, results: Path | None = None, selection: str = "sft", epochs: int = 2, **kwargs
+) -> Dashboard:
     store = ResultsStore(results or tmp_path / "results")
-    return Dashboard(store, selection=selection, overrides=Overrides(epochs=epochs),
-                     worker_cmd=fake_worker_cmd(tmp_path, script), grace_seconds=kwargs.pop("grace_seconds", 1.0),
-                     cache_dir=tmp_path / "cache", **kwargs)
+    return Dashboard(
+        store,
+        selection=selection,
+        overrides=Overrides(epochs=epochs),
+        worker_cmd=fake_worker_cmd(tmp_path, script),
+        grace_seconds=kwargs.pop("grace_seconds", 1.0),
+        cache_dir=tmp_path / "cache",
+        **kwargs,
+    )
 
 
 async def wait_for(pilot, condition: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -166,8 +174,9 @@ def test_epochs_arrive_live_while_the_run_is_going(tmp_path):
 
 
 def test_cancelling_the_selected_run_kills_its_worker_and_grandchild(tmp_path):
-    app = make_app(tmp_path, {"runs": {"sft": {"hang_in_epoch": 1, "ignore_sigterm": True}}},
-                   selection="sft", grace_seconds=0.5)
+    app = make_app(
+        tmp_path, {"runs": {"sft": {"hang_in_epoch": 1, "ignore_sigterm": True}}}, selection="sft", grace_seconds=0.5
+    )
 
     async def scenario() -> dict:
         async with app.run_test(size=SIZE) as pilot:
@@ -187,8 +196,12 @@ def test_cancelling_the_selected_run_kills_its_worker_and_grandchild(tmp_path):
 
 
 def test_quitting_while_a_run_is_going_leaves_no_process(tmp_path):
-    app = make_app(tmp_path, {"runs": {"orpo": {"hang_in_epoch": 1, "ignore_sigterm": True}}},
-                   selection="orpo,sft", grace_seconds=0.5)
+    app = make_app(
+        tmp_path,
+        {"runs": {"orpo": {"hang_in_epoch": 1, "ignore_sigterm": True}}},
+        selection="orpo,sft",
+        grace_seconds=0.5,
+    )
 
     async def scenario() -> dict:
         async with app.run_test(size=SIZE) as pilot:
@@ -214,8 +227,13 @@ def test_export_writes_the_report_markdown_and_shows_where(tmp_path):
             messages.append(message)
             super().notify(message, **kwargs)
 
-    app = Recording(ResultsStore(tmp_path / "results"), selection="sft,orpo", overrides=Overrides(epochs=2),
-                    worker_cmd=fake_worker_cmd(tmp_path, {}), cache_dir=tmp_path / "cache")
+    app = Recording(
+        ResultsStore(tmp_path / "results"),
+        selection="sft,orpo",
+        overrides=Overrides(epochs=2),
+        worker_cmd=fake_worker_cmd(tmp_path, {}),
+        cache_dir=tmp_path / "cache",
+    )
 
     async def scenario() -> None:
         async with app.run_test(size=SIZE) as pilot:
@@ -237,8 +255,14 @@ def test_export_writes_the_report_markdown_and_shows_where(tmp_path):
 def test_a_previous_session_opens_from_the_store(tmp_path):
     results = tmp_path / "results"
     script = fake_worker_cmd(tmp_path, {"runs": {"orpo": {"fail_in_epoch": 2}}})
-    code = run_headless("sft,orpo", Overrides(epochs=2), results, worker_cmd=script,
-                        cache_dir=tmp_path / "cache", console=Console(file=io.StringIO()))
+    code = run_headless(
+        "sft,orpo",
+        Overrides(epochs=2),
+        results,
+        worker_cmd=script,
+        cache_dir=tmp_path / "cache",
+        console=Console(file=io.StringIO()),
+    )
     assert code == 1
     app = make_app(tmp_path, {}, results=results, selection="sft")
 
@@ -351,18 +375,42 @@ def test_dashboard_snapshot_at_80x24_after_runs_end(tmp_path, monkeypatch, snap_
 
 def test_eta_uses_the_pace_of_the_phase_and_the_finished_epochs():
     view = RunView("sft", "sft", epochs_planned=3, status="running")
-    started = RunStarted(run="sft", method="sft", config={}, device="cpu", torch_version="x",
-                         trainable_params=1, total_params=1, reference_strategy=None,
-                         reference_bytes=0, epochs=3, steps_per_epoch=10, telemetry="n/a")
+    started = RunStarted(
+        run="sft",
+        method="sft",
+        config={},
+        device="cpu",
+        torch_version="x",
+        trainable_params=1,
+        total_params=1,
+        reference_strategy=None,
+        reference_bytes=0,
+        epochs=3,
+        steps_per_epoch=10,
+        telemetry="n/a",
+    )
     view.apply_event(started, 0.0)
     view.apply_event(Progress("train", 1, 2, 10, 0.9), 100.0)
     assert view.eta(100.0) is None  # one report: no pace yet
     view.apply_event(Progress("train", 1, 4, 10, 0.8), 104.0)  # 2 s per step
     assert view.eta(104.0) == pytest.approx(6 * 2.0 + 2 * 20.0)
-    epoch = EpochEnded(epoch=1, epochs=3, train_loss=0.8, eval_loss=0.9, epoch_seconds=18.0,
-                       eval_seconds=2.0, samples_per_s=1.0, lr=1e-4, peak_rss_mib=1.0, reference_bytes=0,
-                       chosen_logp=-1.0, rejected_logp=-2.0, reward_margin=1.0, pref_accuracy=0.5,
-                       is_best=True)
+    epoch = EpochEnded(
+        epoch=1,
+        epochs=3,
+        train_loss=0.8,
+        eval_loss=0.9,
+        epoch_seconds=18.0,
+        eval_seconds=2.0,
+        samples_per_s=1.0,
+        lr=1e-4,
+        peak_rss_mib=1.0,
+        reference_bytes=0,
+        chosen_logp=-1.0,
+        rejected_logp=-2.0,
+        reward_margin=1.0,
+        pref_accuracy=0.5,
+        is_best=True,
+    )
     view.apply_event(epoch, 120.0)
     view.apply_event(Progress("train", 2, 1, 10, 0.7), 121.0)
     view.apply_event(Progress("train", 2, 6, 10, 0.6), 126.0)  # 1 s per step
@@ -376,13 +424,25 @@ def test_eta_uses_the_pace_of_the_phase_and_the_finished_epochs():
 
 def test_loss_plot_marks_train_eval_and_running_loss_distinctly():
     def epoch(n: int, train: float, evaluation: float) -> EpochEnded:
-        return EpochEnded(epoch=n, epochs=4, train_loss=train, eval_loss=evaluation, epoch_seconds=1.0,
-                          eval_seconds=0.1, samples_per_s=1.0, lr=1e-4, peak_rss_mib=1.0, reference_bytes=0,
-                          chosen_logp=-1.0, rejected_logp=-2.0, reward_margin=1.0, pref_accuracy=0.5,
-                          is_best=False)
+        return EpochEnded(
+            epoch=n,
+            epochs=4,
+            train_loss=train,
+            eval_loss=evaluation,
+            epoch_seconds=1.0,
+            eval_seconds=0.1,
+            samples_per_s=1.0,
+            lr=1e-4,
+            peak_rss_mib=1.0,
+            reference_bytes=0,
+            chosen_logp=-1.0,
+            rejected_logp=-2.0,
+            reward_margin=1.0,
+            pref_accuracy=0.5,
+            is_best=False,
+        )
 
-    text = loss_plot([epoch(1, 2.0, 2.5), epoch(2, 1.0, 1.5)], [(2.5, 0.9), (2.75, 0.8)], 4,
-                     width=50, height=12).plain
+    text = loss_plot([epoch(1, 2.0, 2.5), epoch(2, 1.0, 1.5)], [(2.5, 0.9), (2.75, 0.8)], 4, width=50, height=12).plain
     lines = text.splitlines()
     assert len(lines) == 12 and max(len(line) for line in lines) <= 50
     assert "running (epoch 3)" in lines[0]
@@ -404,11 +464,18 @@ def test_a_bad_preset_selection_is_one_sentence_before_the_screen_opens(tmp_path
 
 def test_the_dashboards_state_and_plot_modules_do_not_import_textual():
     """The host modules are checked in test_import_hygiene.py; the dashboard's model is UI-free too."""
-    code = ("import sys; import vqabench.tui.state, vqabench.tui.plot; "
-            "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.')); "
-            "print(','.join(bad)); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parent.parent)
+    code = (
+        "import sys; import vqabench.tui.state, vqabench.tui.plot; "
+        "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.')); "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert proc.returncode == 0, f"textual imported: {proc.stdout} {proc.stderr}"
 
 
@@ -422,8 +489,17 @@ def test_closing_the_terminal_stops_the_runs_and_the_dashboard(tmp_path):
     import threading
 
     script = fake_worker_cmd(tmp_path, {"default": {"hang_in_epoch": 1}})
-    argv = [sys.executable, "-m", "vqabench.cli", "--preset", "sft", "--results", str(tmp_path / "r"),
-            "--worker-cmd", " ".join(script)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vqabench.cli",
+        "--preset",
+        "sft",
+        "--results",
+        str(tmp_path / "r"),
+        "--worker-cmd",
+        " ".join(script),
+    ]
     env = dict(os.environ, TERM="xterm-256color")
     pid, master = pty.fork()
     if pid == 0:  # the child: the dashboard, with the pty as its controlling terminal

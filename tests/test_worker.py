@@ -1,4 +1,5 @@
 """The worker end to end in real subprocesses: every method, the event stream, clear failures."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,13 +40,20 @@ def test_sft_runs_end_to_end_and_every_stdout_line_is_an_event(sft_run):
     assert started.data["sizes"]["train"] == 64
 
 
-@pytest.mark.parametrize("method,reference", [
-    ("dpo", "copy"), ("dpo", "precompute"), ("ipo", "copy"), ("kto", "precompute"),
-])
+@pytest.mark.parametrize(
+    "method,reference",
+    [
+        ("dpo", "copy"),
+        ("dpo", "precompute"),
+        ("ipo", "copy"),
+        ("kto", "precompute"),
+    ],
+)
 def test_reference_methods_start_from_the_sft_checkpoint(method, reference, sft_run, vqa_cache, tmp_path):
     checkpoint = sft_run[-1].checkpoint
-    events, rc, err = run_worker(tiny_spec(method, method, init_checkpoint=checkpoint, reference=reference),
-                                 tmp_path, vqa_cache)
+    events, rc, err = run_worker(
+        tiny_spec(method, method, init_checkpoint=checkpoint, reference=reference), tmp_path, vqa_cache
+    )
     assert rc == 0, err[-2000:]
     _check_stream(events, epochs=1)
     started = of_type(events, ev.RunStarted)[0]
@@ -119,8 +127,11 @@ def test_a_judge_outage_keeps_the_answers_and_the_run(sft_run, vqa_cache, tmp_pa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = tiny_spec("outage", "sft", judge={"name": "together", "base_url": f"http://127.0.0.1:{port}",
-                                             "max_attempts": 2, "timeout_s": 2.0})
+    spec = tiny_spec(
+        "outage",
+        "sft",
+        judge={"name": "together", "base_url": f"http://127.0.0.1:{port}", "max_attempts": 2, "timeout_s": 2.0},
+    )
     import os
 
     os.environ["TOGETHER_API_KEY"] = "test-key"

@@ -1,4 +1,5 @@
 """The worker on local preference datasets (the path a hub dataset takes), end to end."""
+
 from __future__ import annotations
 
 import json
@@ -26,25 +27,46 @@ def trl_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         color = COLORS[i % 4]
-        rows.append({"question": f"what color is the shape in image {i}?", "image": f"images/{i}.png",
-                     "chosen": color, "rejected": COLORS[(i + 1) % 4]})
-    rows.append({"question": "what shape is it?", "image": "images/missing.png", "chosen": "circle",
-                 "rejected": "triangle"})
-    rows.append({"question": "what shape is it?", "image": "images/corrupt.png", "chosen": "circle",
-                 "rejected": "triangle"})
+        rows.append(
+            {
+                "question": f"what color is the shape in image {i}?",
+                "image": f"images/{i}.png",
+                "chosen": color,
+                "rejected": COLORS[(i + 1) % 4],
+            }
+        )
+    rows.append(
+        {"question": "what shape is it?", "image": "images/missing.png", "chosen": "circle", "rejected": "triangle"}
+    )
+    rows.append(
+        {"question": "what shape is it?", "image": "images/corrupt.png", "chosen": "circle", "rejected": "triangle"}
+    )
     return rows
 
 
 def vlfeedback_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
+
         def completion(text: str, rating: str) -> dict:
             aspect = {"Rating": rating, "Rationale": "hand-made"}
-            return {"model": "m", "response": text, "annotations": {
-                "Helpfulness": aspect, "Visual Faithfulness": aspect, "Ethical Considerations": aspect}}
-        rows.append({"prompt": f"<image>\nwhat shape is in image {i}?", "img_path": f"images/{i}.png",
-                     "completions": [completion(SHAPES[i % 3], "5"), completion(SHAPES[(i + 1) % 3], "2"),
-                                     completion("not sure", "3")]})
+            return {
+                "model": "m",
+                "response": text,
+                "annotations": {"Helpfulness": aspect, "Visual Faithfulness": aspect, "Ethical Considerations": aspect},
+            }
+
+        rows.append(
+            {
+                "prompt": f"<image>\nwhat shape is in image {i}?",
+                "img_path": f"images/{i}.png",
+                "completions": [
+                    completion(SHAPES[i % 3], "5"),
+                    completion(SHAPES[(i + 1) % 3], "2"),
+                    completion("not sure", "3"),
+                ],
+            }
+        )
     return rows
 
 
@@ -80,8 +102,9 @@ def test_vlfeedback_ratings_become_pairs_and_train(vqa_cache, tmp_path):
 
 def test_dataset_without_chosen_and_rejected_fails_with_one_sentence(vqa_cache, tmp_path):
     write_images(tmp_path / "images", 4)
-    source = write_jsonl(tmp_path / "plain.jsonl",
-                         [{"question": "q?", "image": f"images/{i}.png", "answer": "red"} for i in range(4)])
+    source = write_jsonl(
+        tmp_path / "plain.jsonl", [{"question": "q?", "image": f"images/{i}.png", "answer": "red"} for i in range(4)]
+    )
     events, rc, _ = run_worker(dataset_spec("plain", "sft", source), tmp_path, vqa_cache)
     failed = of_type(events, ev.RunFailed)
     assert rc != 0 and len(failed) == 1 and failed[0].error_kind == "data"

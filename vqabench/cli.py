@@ -8,6 +8,7 @@
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
 code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,27 +30,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqabench",
         description="Benchmark preference alignment (SFT, DPO, ORPO, ...) of BLIP VQA models. "
-                    "Without a command: the dashboard, or with --headless the console runner.")
+        "Without a command: the dashboard, or with --headless the console runner.",
+    )
     parser.add_argument("--version", action="version", version=f"vqabench {vqabench.__version__}")
-    parser.add_argument("--headless", action="store_true",
-                        help="run the presets in the console (CI) instead of the dashboard")
-    parser.add_argument("--preset", metavar="SELECTION",
-                        help="'all' (the top-level presets, the default), names like 'sft,orpo', "
-                             "'paper', or a .toml file")
+    parser.add_argument(
+        "--headless", action="store_true", help="run the presets in the console (CI) instead of the dashboard"
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="SELECTION",
+        help="'all' (the top-level presets, the default), names like 'sft,orpo', 'paper', or a .toml file",
+    )
     parser.add_argument("--epochs", type=int, metavar="N", help="override every run's epochs")
     parser.add_argument("--limit", type=int, metavar="N", help="cap the training pairs of every run")
     parser.add_argument("--seed", type=int, metavar="N", help="override every run's seed")
-    parser.add_argument("--seeds", type=_seed_list, metavar="0,1,2",
-                        help="repeat every run once per seed (runs are named NAME@sN); the report "
-                             "shows mean ± 95%% interval across seeds")
-    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any preset key for every run, e.g. --set dataset.test_size=200 "
-                             "--set judge.name=exact (repeatable)")
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="0,1,2",
+        help="repeat every run once per seed (runs are named NAME@sN); the report "
+        "shows mean ± 95%% interval across seeds",
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any preset key for every run, e.g. --set dataset.test_size=200 "
+        "--set judge.name=exact (repeatable)",
+    )
     _add_results_option(parser, top_level=True)
-    parser.add_argument("--export", type=Path, metavar="FILE.md",
-                        help="write the Markdown report when the runs end")
-    parser.add_argument("--cache", type=Path, metavar="DIR",
-                        help="base checkpoints and reference caches (default: $VQABENCH_CACHE or ~/.cache/vqabench)")
+    parser.add_argument("--export", type=Path, metavar="FILE.md", help="write the Markdown report when the runs end")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="base checkpoints and reference caches (default: $VQABENCH_CACHE or ~/.cache/vqabench)",
+    )
     # A stand-in worker command for tests (e.g. "python tests/fake_worker.py script.json").
     parser.add_argument("--worker-cmd", help=argparse.SUPPRESS)
 
@@ -62,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_results_option(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
     # Only the top level has a default, so `vqabench --results X export` keeps X.
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS_DIR if top_level else argparse.SUPPRESS,
-                        metavar="DIR", help=f"results folder with results.db (default: ./{DEFAULT_RESULTS_DIR})")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS_DIR if top_level else argparse.SUPPRESS,
+        metavar="DIR",
+        help=f"results folder with results.db (default: ./{DEFAULT_RESULTS_DIR})",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -77,16 +100,24 @@ def _positive_int(text: str) -> int:
 
 
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
-    export = commands.add_parser("export", help="write the Markdown report of a stored session",
-                                 description="Write the quality, efficiency and per-epoch tables "
-                                             "of a stored session as Markdown.")
+    export = commands.add_parser(
+        "export",
+        help="write the Markdown report of a stored session",
+        description="Write the quality, efficiency and per-epoch tables of a stored session as Markdown.",
+    )
     which = export.add_mutually_exclusive_group()
     which.add_argument("--session", type=int, metavar="ID", help="the session's id")
     which.add_argument("--last", action="store_true", help="the latest session (the default)")
-    export.add_argument("--per-seed", action="store_true",
-                        help="with runs repeated per seed (--seeds), add every seed's own rows")
-    export.add_argument("-o", "--output", default="-", metavar="FILE.md",
-                        help="where to write the report ('-' = standard output, the default)")
+    export.add_argument(
+        "--per-seed", action="store_true", help="with runs repeated per seed (--seeds), add every seed's own rows"
+    )
+    export.add_argument(
+        "-o",
+        "--output",
+        default="-",
+        metavar="FILE.md",
+        help="where to write the report ('-' = standard output, the default)",
+    )
     _add_results_option(export)
 
 
@@ -99,10 +130,12 @@ def _seed_list(text: str) -> tuple[int, ...]:
 
 def _add_judge_command(commands: argparse._SubParsersAction) -> None:
     judge = commands.add_parser(
-        "judge", help="judge answers again: a JSONL file, or a stored run's test predictions",
-        description="Judge a file of {\"question\",\"reference\",\"prediction\"} lines, or re-judge a "
-                    "stored run's test answers without retraining (the new score becomes the run's "
-                    "latest). Judgments are cached: nothing already judged is paid for twice.")
+        "judge",
+        help="judge answers again: a JSONL file, or a stored run's test predictions",
+        description='Judge a file of {"question","reference","prediction"} lines, or re-judge a '
+        "stored run's test answers without retraining (the new score becomes the run's "
+        "latest). Judgments are cached: nothing already judged is paid for twice.",
+    )
     which = judge.add_mutually_exclusive_group(required=True)
     which.add_argument("file", nargs="?", type=Path, help="a JSONL file of answers")
     which.add_argument("--run", type=int, metavar="ID", help="a stored run's id")
@@ -111,17 +144,20 @@ def _add_judge_command(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--model", help="the judge model (together)")
     judge.add_argument("--threshold", type=float, help="semantic judge: cosine counted as correct")
     judge.add_argument("--limit", type=_positive_int, metavar="N", help="judge only the first N answers")
-    judge.add_argument("-o", "--output", type=Path, metavar="OUT.jsonl",
-                       help="verdicts file for FILE (default: FILE.verdicts.jsonl)")
+    judge.add_argument(
+        "-o", "--output", type=Path, metavar="OUT.jsonl", help="verdicts file for FILE (default: FILE.verdicts.jsonl)"
+    )
     judge.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(judge)
 
 
 def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare = commands.add_parser(
-        "compare", help="win rate of one stored run's test answers against another's",
+        "compare",
+        help="win rate of one stored run's test answers against another's",
         description="Ask the judge which of two runs' answers to each test question is better, in "
-                    "both orders (a tie when the orders disagree, which cancels position bias).")
+        "both orders (a tie when the orders disagree, which cancels position bias).",
+    )
     compare.add_argument("run_a", type=int, metavar="RUN_A")
     compare.add_argument("run_b", type=int, metavar="RUN_B")
     compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
@@ -157,14 +193,17 @@ def _run_judge(args: argparse.Namespace) -> int:
     with ResultsStore(args.results, create=False) as store:
         event = rejudge_run(store, args.run, spec, args.cache)
     score = "n/a" if event.judge_score is None else f"{event.judge_score:.3f}"
-    print(f"Run {args.run}: {event.judge} judge {score} on {event.judge_n} answers "
-          f"({event.unparseable} unparseable), EM {event.em:.3f}, F1 {event.f1:.3f}; recorded in {args.results}.")
+    print(
+        f"Run {args.run}: {event.judge} judge {score} on {event.judge_n} answers "
+        f"({event.unparseable} unparseable), EM {event.em:.3f}, F1 {event.f1:.3f}; recorded in {args.results}."
+    )
     return 0
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed, settings=tuple(args.settings),
-                     seeds=args.seeds)
+    return Overrides(
+        epochs=args.epochs, limit=args.limit, seed=args.seed, settings=tuple(args.settings), seeds=args.seeds
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -173,8 +212,7 @@ def _run_export(args: argparse.Namespace) -> int:
     with ResultsStore(args.results, create=False) as store:
         session = store.session(args.session) if args.session is not None else store.last_session()
         if session is None:
-            raise StoreError(f"the results store {store.path} holds no session yet; run "
-                             f"'vqabench --headless' first.")
+            raise StoreError(f"the results store {store.path} holds no session yet; run 'vqabench --headless' first.")
         text = render_markdown(store, session.id, per_seed=args.per_seed)
     if args.output == "-":
         sys.stdout.write(text)
@@ -196,9 +234,15 @@ def _run_headless(args: argparse.Namespace) -> int:
 
     if args.export is not None and not args.export.parent.is_dir():
         raise StoreError(f"--export names {args.export}, but the folder {args.export.parent} does not exist.")
-    return run_headless(args.preset or "all", _overrides(args), args.results, export=args.export,
-                        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
-                        cache_dir=args.cache, command=shlex.join(["vqabench", *sys.argv[1:]]))
+    return run_headless(
+        args.preset or "all",
+        _overrides(args),
+        args.results,
+        export=args.export,
+        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+        cache_dir=args.cache,
+        command=shlex.join(["vqabench", *sys.argv[1:]]),
+    )
 
 
 def _run_dashboard(args: argparse.Namespace) -> int:
@@ -207,16 +251,25 @@ def _run_dashboard(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if exc.name not in ("vqabench.tui", "vqabench.tui.app"):
             raise
-        print("vqabench: the dashboard is not part of this build yet; run "
-              "'vqabench --headless --preset all' instead.", file=sys.stderr)
+        print(
+            "vqabench: the dashboard is not part of this build yet; run 'vqabench --headless --preset all' instead.",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    return run_dashboard(selection=args.preset, overrides=_overrides(args), results_dir=args.results,
-                         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
-                         cache_dir=args.cache)
+    return run_dashboard(
+        selection=args.preset,
+        overrides=_overrides(args),
+        results_dir=args.results,
+        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+        cache_dir=args.cache,
+    )
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"export": _run_export, "judge": _run_judge,
-                                                             "compare": _run_compare}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "export": _run_export,
+    "judge": _run_judge,
+    "compare": _run_compare,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

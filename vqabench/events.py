@@ -6,6 +6,7 @@ carries ``"type"`` and the schema version ``"v"``. Documented in ``docs/events.m
 Fields that cannot be measured on this machine (GPU memory without a GPU) are ``None``,
 never a fake zero.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -163,8 +164,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
         raise EventError(f"event schema version {data.get('v')!r}, expected {SCHEMA_VERSION}")
     cls = EVENT_TYPES[kind]
     names = {f.name: f for f in dataclasses.fields(cls)}
-    required = {n for n, f in names.items()
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        n for n, f in names.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     payload = {k: v for k, v in data.items() if k in names}
     for k, v in payload.items():  # encode_event writes infinities as strings; undo that
         if v in ("inf", "-inf") and "float" in str(names[k].type):

@@ -6,6 +6,7 @@ quality and efficiency tables of :mod:`vqabench.report` (the same ones ``vqabenc
 writes). Exit code 0 only if every run is done, 1 if one failed or was skipped, 130 after
 Ctrl-C (or SIGTERM), which cancels the runs cleanly first.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,10 +42,17 @@ PLAIN_PROGRESS_SECONDS = 10.0
 STDERR_LINES_ON_FAILURE = 10
 
 
-def run_headless(selection: str, overrides: Overrides, results_dir: Path | str, *,
-                 export: Path | str | None = None, worker_cmd: Sequence[str] | None = None,
-                 cache_dir: Path | str | None = None, console: Console | None = None,
-                 command: str = "") -> int:
+def run_headless(
+    selection: str,
+    overrides: Overrides,
+    results_dir: Path | str,
+    *,
+    export: Path | str | None = None,
+    worker_cmd: Sequence[str] | None = None,
+    cache_dir: Path | str | None = None,
+    console: Console | None = None,
+    command: str = "",
+) -> int:
     """Validate, run and store the selected presets; print the comparison; return the exit code.
 
     Raises SpecError (a bad preset) before anything starts, StoreError for an unusable store.
@@ -57,11 +65,18 @@ def run_headless(selection: str, overrides: Overrides, results_dir: Path | str, 
         console.print(f"Added preset {name}: {', '.join(dependants)} {verb} from its checkpoint.")
     with ResultsStore(results_dir) as store:
         session = store.begin_session(selection, command)
-        runner = Runner(chosen.specs, runs_dir=store.results_dir / "runs", session=session.label,
-                        worker_cmd=worker_cmd, cache_dir=cache_dir)
+        runner = Runner(
+            chosen.specs,
+            runs_dir=store.results_dir / "runs",
+            session=session.label,
+            worker_cmd=worker_cmd,
+            cache_dir=cache_dir,
+        )
         runner.subscribe(store.recorder(session))
-        console.print(f"Session {session.id}: {len(chosen.specs)} run(s): "
-                      f"{', '.join(s.name for s in chosen.specs)}; results in {store.path}")
+        console.print(
+            f"Session {session.id}: {len(chosen.specs)} run(s): "
+            f"{', '.join(s.name for s in chosen.specs)}; results in {store.path}"
+        )
         view = ConsoleView(console)
         runner.subscribe(view)
         with view:
@@ -76,8 +91,9 @@ def run_headless(selection: str, overrides: Overrides, results_dir: Path | str, 
             except OSError as exc:
                 export_failed = True
                 console.print(f"Could not write the Markdown report to {export} ({exc.strerror}).")
-        console.print(f"Export it again with: vqabench export --session {session.id} "
-                      f"--results {store.results_dir} -o results.md")
+        console.print(
+            f"Export it again with: vqabench export --session {session.id} --results {store.results_dir} -o results.md"
+        )
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if runner.all_done and not export_failed else EXIT_RUN_FAILED
@@ -91,8 +107,10 @@ async def _run_until_done(runner: Runner, console: Console) -> bool:
     def on_signal(signum: int) -> None:
         nonlocal interrupted
         if not interrupted:
-            console.print(f"{signal.Signals(signum).name}: cancelling; stopping the running worker "
-                          f"(SIGTERM, then SIGKILL after {runner.grace_seconds:g} s).")
+            console.print(
+                f"{signal.Signals(signum).name}: cancelling; stopping the running worker "
+                f"(SIGTERM, then SIGKILL after {runner.grace_seconds:g} s)."
+            )
         interrupted = True
         runner.cancel()
 
@@ -120,9 +138,14 @@ class ConsoleView:
         self.console = console
         self.live = console.is_terminal
         self.progress = Progress(
-            TextColumn("{task.description:<14}"), BarColumn(bar_width=30),
-            TextColumn("{task.fields[where]}"), TimeRemainingColumn(),
-            TextColumn("{task.fields[loss]}"), console=console, transient=False)
+            TextColumn("{task.description:<14}"),
+            BarColumn(bar_width=30),
+            TextColumn("{task.fields[where]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[loss]}"),
+            console=console,
+            transient=False,
+        )
         self._tasks: dict[str, TaskID] = {}
         self._steps: dict[str, int] = {}
         self._epochs: dict[str, int] = {}
@@ -145,7 +168,8 @@ class ConsoleView:
         if isinstance(note, RunQueued):
             if self.live:
                 self._tasks[note.run] = self.progress.add_task(  # an empty bar until run_started
-                    note.run, total=1, start=False, where="queued", loss="")
+                    note.run, total=1, start=False, where="queued", loss=""
+                )
         elif isinstance(note, RunStatusChanged):
             self._status(note)
         elif isinstance(note, WorkerEvent):
@@ -157,8 +181,11 @@ class ConsoleView:
 
     def _status(self, note: RunStatusChanged) -> None:
         if note.status == RUNNING:
-            self.say(note.run, f"running (pid {note.pid})"
-                     + (f", starting from {note.spec.init_checkpoint}" if note.spec and note.spec.init_checkpoint else ""))
+            self.say(
+                note.run,
+                f"running (pid {note.pid})"
+                + (f", starting from {note.spec.init_checkpoint}" if note.spec and note.spec.init_checkpoint else ""),
+            )
             if self.live:
                 self.progress.start_task(self._tasks[note.run])
                 self.progress.update(self._tasks[note.run], where="starting")
@@ -182,36 +209,54 @@ class ConsoleView:
             self._steps[run] = event.steps_per_epoch
             self._epochs[run] = event.epochs
             reference = event.reference_strategy or "none"
-            self.say(run, f"started on {event.device}, torch {event.torch_version}: {event.epochs} epochs "
-                          f"x {event.steps_per_epoch} steps, {event.trainable_params:,} of "
-                          f"{event.total_params:,} parameters trained, reference: {reference}")
+            self.say(
+                run,
+                f"started on {event.device}, torch {event.torch_version}: {event.epochs} epochs "
+                f"x {event.steps_per_epoch} steps, {event.trainable_params:,} of "
+                f"{event.total_params:,} parameters trained, reference: {reference}",
+            )
             if task is not None:
-                self.progress.update(task, total=event.epochs * max(event.steps_per_epoch, 1), completed=0,
-                                     where=f"epoch 0/{event.epochs}")
+                self.progress.update(
+                    task,
+                    total=event.epochs * max(event.steps_per_epoch, 1),
+                    completed=0,
+                    where=f"epoch 0/{event.epochs}",
+                )
         elif isinstance(event, ProgressEvent):
             self._progress(run, task, event)
         elif isinstance(event, EpochEnded):
-            memory = (f"CUDA peak {event.cuda_max_allocated_mib:.1f} MiB" if event.cuda_max_allocated_mib is not None
-                      else f"peak RSS {event.peak_rss_mib:.1f} MiB")
+            memory = (
+                f"CUDA peak {event.cuda_max_allocated_mib:.1f} MiB"
+                if event.cuda_max_allocated_mib is not None
+                else f"peak RSS {event.peak_rss_mib:.1f} MiB"
+            )
             scores = ""
             if event.scored_n:
                 judge = f", judge {event.judge_score:.3f}" if event.judge_score is not None else ""
                 scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
-            self.say(run, f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
-                          f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s, "
-                          f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
-                          f"{memory}{scores}{' (best)' if event.is_best else ''}")
+            self.say(
+                run,
+                f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
+                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s, "
+                f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
+                f"{memory}{scores}{' (best)' if event.is_best else ''}",
+            )
             if task is not None:
                 steps = self._steps.get(run, 1)
-                self.progress.update(task, completed=event.epoch * steps,
-                                     where=f"epoch {event.epoch}/{event.epochs}")
+                self.progress.update(task, completed=event.epoch * steps, where=f"epoch {event.epoch}/{event.epochs}")
         elif isinstance(event, Evaluated):
-            judge = (f", judge {event.judge_score:.3f} ({event.judge}, n={event.judge_n})"
-                     if event.judge_score is not None else "")
+            judge = (
+                f", judge {event.judge_score:.3f} ({event.judge}, n={event.judge_n})"
+                if event.judge_score is not None
+                else ""
+            )
             self.say(run, f"{event.split}: EM {event.em:.3f}, F1 {event.f1:.3f}{judge} on {event.n} questions")
         elif isinstance(event, RunFinished):
-            self.say(run, f"finished: best epoch {event.best_epoch} (eval loss {event.best_eval_loss:.4f}), "
-                          f"{event.train_seconds:.1f} s training, {event.total_seconds:.1f} s in all")
+            self.say(
+                run,
+                f"finished: best epoch {event.best_epoch} (eval loss {event.best_eval_loss:.4f}), "
+                f"{event.train_seconds:.1f} s training, {event.total_seconds:.1f} s in all",
+            )
         elif isinstance(event, RunFailed):
             self.say(run, f"reported a failure ({event.error_kind}): {event.message}")
 
@@ -220,8 +265,12 @@ class ConsoleView:
         if task is not None:
             if event.phase == "train":
                 steps = self._steps.get(run) or event.steps
-                self.progress.update(task, completed=(event.epoch - 1) * steps + event.step,
-                                     where=f"epoch {event.epoch}/{self._epochs.get(run, '?')}", loss=loss)
+                self.progress.update(
+                    task,
+                    completed=(event.epoch - 1) * steps + event.step,
+                    where=f"epoch {event.epoch}/{self._epochs.get(run, '?')}",
+                    loss=loss,
+                )
             else:
                 self.progress.update(task, where=f"{event.phase} {event.step}/{event.steps}", loss=loss)
             return
@@ -230,8 +279,12 @@ class ConsoleView:
         if (event.phase, event.epoch) != (phase, epoch) or now - last >= PLAIN_PROGRESS_SECONDS:
             self._last_progress[run] = (event.phase, event.epoch, now)
             where = f"epoch {event.epoch} " if event.epoch else ""
-            self.say(run, f"{event.phase} {where}step {event.step}/{event.steps}"
-                          + (f", {loss}" if loss else "") + (f": {event.message}" if event.message else ""))
+            self.say(
+                run,
+                f"{event.phase} {where}step {event.step}/{event.steps}"
+                + (f", {loss}" if loss else "")
+                + (f": {event.message}" if event.message else ""),
+            )
 
 
 def _print_summary(console: Console, report: SessionReport, runner: Runner) -> None:

@@ -3,6 +3,7 @@
 Follows the official SQuAD v1.1 evaluation script for normalisation and F1, and SQuAD v2.0
 for empty answers (both empty scores 1, one empty scores 0).
 """
+
 from __future__ import annotations
 
 import re
@@ -41,15 +42,16 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def mean_scores(predictions: Sequence[str],
-                references: Sequence[str | Sequence[str]]) -> tuple[float, float]:
+def mean_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> tuple[float, float]:
     """Mean exact match and mean token F1; a reference may be a list of acceptable answers.
 
     With several acceptable answers each prediction scores its best match, as SQuAD does.
     """
     if len(predictions) != len(references):
-        raise ValueError(f"mean_scores got {len(predictions)} predictions for "
-                         f"{len(references)} references; they must pair up one to one.")
+        raise ValueError(
+            f"mean_scores got {len(predictions)} predictions for "
+            f"{len(references)} references; they must pair up one to one."
+        )
     if not predictions:
         raise ValueError("mean_scores needs at least one prediction; got none.")
     em_total = 0.0
@@ -57,8 +59,10 @@ def mean_scores(predictions: Sequence[str],
     for prediction, reference in zip(predictions, references):
         answers = [reference] if isinstance(reference, str) else list(reference)
         if not answers:
-            raise ValueError(f"mean_scores got an empty list of reference answers for "
-                             f"prediction {prediction!r}; give at least one answer.")
+            raise ValueError(
+                f"mean_scores got an empty list of reference answers for "
+                f"prediction {prediction!r}; give at least one answer."
+            )
         em_total += max(exact_match(prediction, answer) for answer in answers)
         f1_total += max(token_f1(prediction, answer) for answer in answers)
     return em_total / len(predictions), f1_total / len(predictions)

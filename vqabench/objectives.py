@@ -7,6 +7,7 @@ bf16/fp16 log-probs do not lose the small differences the objectives depend on.
 Reference log-probs and the KTO KL estimate are detached: no gradient reaches the reference.
 Formulas, papers and defaults: docs/objectives.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,13 @@ def sft_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -chosen_logps.to(dtype) / chosen_lengths.to(dtype)
 
 
-def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, beta: float) -> Tensor:
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> Tensor:
     """Sigmoid DPO (Rafailov et al. 2023): -log σ(β·((πc − πr) − (refc − refr)))."""
     dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps)
     policy_ratio = policy_chosen_logps.to(dtype) - policy_rejected_logps.to(dtype)
@@ -62,8 +68,9 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return -F.logsigmoid(beta * (policy_ratio - ref_ratio))
 
 
-def orpo_log_odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor,
-                        chosen_lengths: Tensor, rejected_lengths: Tensor) -> Tensor:
+def orpo_log_odds_ratio(
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> Tensor:
     """log(odds(chosen) / odds(rejected)) from length-averaged log-probs, numerically stable.
 
     With a = logp / len, log odds = a − log(1 − exp(a)). Computed in float32/float64 and
@@ -77,29 +84,41 @@ def orpo_log_odds_ratio(chosen_logps: Tensor, rejected_logps: Tensor,
     return (avg_chosen - avg_rejected) - (log1mexp(avg_chosen, eps) - log1mexp(avg_rejected, eps))
 
 
-def orpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor,
-              rejected_lengths: Tensor, lam: float) -> Tensor:
+def orpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, lam: float
+) -> Tensor:
     """ORPO (Hong et al. 2024): chosen token-mean NLL − λ·log σ(log odds ratio)."""
     log_odds = orpo_log_odds_ratio(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     nll = -chosen_logps.to(log_odds.dtype) / chosen_lengths.to(log_odds.dtype)
     return nll - lam * F.logsigmoid(log_odds)
 
 
-def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
-             chosen_lengths: Tensor, rejected_lengths: Tensor, beta: float) -> Tensor:
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+) -> Tensor:
     """IPO (Azar et al. 2023) on length-averaged log-probs: (h − 1/(2β))²."""
     dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps)
     len_c = chosen_lengths.to(dtype)
     len_r = rejected_lengths.to(dtype)
     policy_ratio = policy_chosen_logps.to(dtype) / len_c - policy_rejected_logps.to(dtype) / len_r
-    ref_ratio = (ref_chosen_logps.detach().to(dtype) / len_c
-                 - ref_rejected_logps.detach().to(dtype) / len_r)
+    ref_ratio = ref_chosen_logps.detach().to(dtype) / len_c - ref_rejected_logps.detach().to(dtype) / len_r
     return (policy_ratio - ref_ratio - 1.0 / (2.0 * beta)) ** 2
 
 
-def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor,
-               rejected_lengths: Tensor, beta: float, gamma: float) -> Tensor:
+def simpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    beta: float,
+    gamma: float,
+) -> Tensor:
     """SimPO (Meng et al. 2024), reference-free: −log σ(β·(avg chosen − avg rejected) − γ)."""
     dtype = _compute_dtype(chosen_logps, rejected_logps)
     avg_chosen = chosen_logps.to(dtype) / chosen_lengths.to(dtype)
@@ -107,9 +126,16 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Ten
     return -F.logsigmoid(beta * (avg_chosen - avg_rejected) - gamma)
 
 
-def kto_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-             ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, kl: Tensor, beta: float,
-             desirable_weight: float, undesirable_weight: float) -> Tensor:
+def kto_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    kl: Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> Tensor:
     """KTO (Ethayarajh et al. 2024), chosen desirable and rejected undesirable, per pair.
 
     λD·(1 − σ(β·(r_c − kl))) + λU·(1 − σ(β·(kl − r_r))), r = policy − reference log-prob;
@@ -119,8 +145,9 @@ def kto_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     reward_chosen = policy_chosen_logps.to(dtype) - ref_chosen_logps.detach().to(dtype)
     reward_rejected = policy_rejected_logps.to(dtype) - ref_rejected_logps.detach().to(dtype)
     kl = torch.as_tensor(kl, dtype=dtype, device=reward_chosen.device).detach()
-    return (desirable_weight * (1.0 - torch.sigmoid(beta * (reward_chosen - kl)))
-            + undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - reward_rejected))))
+    return desirable_weight * (1.0 - torch.sigmoid(beta * (reward_chosen - kl))) + undesirable_weight * (
+        1.0 - torch.sigmoid(beta * (kl - reward_rejected))
+    )
 
 
 def kto_kl_estimate(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
@@ -130,17 +157,19 @@ def kto_kl_estimate(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tenso
     return diff.mean().clamp(min=0.0)
 
 
-def reward_margins(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
-                   ref_chosen_logps: Tensor | None = None,
-                   ref_rejected_logps: Tensor | None = None) -> Tensor:
+def reward_margins(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None = None,
+    ref_rejected_logps: Tensor | None = None,
+) -> Tensor:
     """Per-pair margin, detached: (πc − refc) − (πr − refr), or πc − πr without a reference."""
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("reward_margins needs both reference log-probs or neither.")
     dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps)
     margin = policy_chosen_logps.detach().to(dtype) - policy_rejected_logps.detach().to(dtype)
     if ref_chosen_logps is not None and ref_rejected_logps is not None:
-        margin = margin - (ref_chosen_logps.detach().to(dtype)
-                           - ref_rejected_logps.detach().to(dtype))
+        margin = margin - (ref_chosen_logps.detach().to(dtype) - ref_rejected_logps.detach().to(dtype))
     return margin
 
 
@@ -163,16 +192,46 @@ class ObjectiveInputs:
 
 
 OBJECTIVE_INPUTS: dict[str, ObjectiveInputs] = {
-    "sft": ObjectiveInputs(needs_rejected=False, needs_reference=False, needs_lengths=True,
-                           needs_mismatched_kl=False, paper="supervised fine-tuning (token-mean NLL)"),
-    "dpo": ObjectiveInputs(needs_rejected=True, needs_reference=True, needs_lengths=False,
-                           needs_mismatched_kl=False, paper="Rafailov et al. 2023, arXiv:2305.18290"),
-    "orpo": ObjectiveInputs(needs_rejected=True, needs_reference=False, needs_lengths=True,
-                            needs_mismatched_kl=False, paper="Hong et al. 2024, arXiv:2403.07691"),
-    "ipo": ObjectiveInputs(needs_rejected=True, needs_reference=True, needs_lengths=True,
-                           needs_mismatched_kl=False, paper="Azar et al. 2023, arXiv:2310.12036"),
-    "kto": ObjectiveInputs(needs_rejected=True, needs_reference=True, needs_lengths=False,
-                           needs_mismatched_kl=True, paper="Ethayarajh et al. 2024, arXiv:2402.01306"),
-    "simpo": ObjectiveInputs(needs_rejected=True, needs_reference=False, needs_lengths=True,
-                             needs_mismatched_kl=False, paper="Meng et al. 2024, arXiv:2405.14734"),
+    "sft": ObjectiveInputs(
+        needs_rejected=False,
+        needs_reference=False,
+        needs_lengths=True,
+        needs_mismatched_kl=False,
+        paper="supervised fine-tuning (token-mean NLL)",
+    ),
+    "dpo": ObjectiveInputs(
+        needs_rejected=True,
+        needs_reference=True,
+        needs_lengths=False,
+        needs_mismatched_kl=False,
+        paper="Rafailov et al. 2023, arXiv:2305.18290",
+    ),
+    "orpo": ObjectiveInputs(
+        needs_rejected=True,
+        needs_reference=False,
+        needs_lengths=True,
+        needs_mismatched_kl=False,
+        paper="Hong et al. 2024, arXiv:2403.07691",
+    ),
+    "ipo": ObjectiveInputs(
+        needs_rejected=True,
+        needs_reference=True,
+        needs_lengths=True,
+        needs_mismatched_kl=False,
+        paper="Azar et al. 2023, arXiv:2310.12036",
+    ),
+    "kto": ObjectiveInputs(
+        needs_rejected=True,
+        needs_reference=True,
+        needs_lengths=False,
+        needs_mismatched_kl=True,
+        paper="Ethayarajh et al. 2024, arXiv:2402.01306",
+    ),
+    "simpo": ObjectiveInputs(
+        needs_rejected=True,
+        needs_reference=False,
+        needs_lengths=True,
+        needs_mismatched_kl=False,
+        paper="Meng et al. 2024, arXiv:2405.14734",
+    ),
 }

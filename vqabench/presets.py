@@ -16,6 +16,7 @@ Room for seeds (issue 8): a later `--seeds` may copy each spec per seed with a s
 run name ("sft@s1") and point `after` at the same seed's target; nothing here assumes a run
 name is a file stem.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,12 +58,13 @@ class Overrides:
 
     def validate(self) -> None:
         """Raise SpecError for a value no run could use."""
-        for flag, value, least in (("--epochs", self.epochs, 1), ("--limit", self.limit, 1),
-                                   ("--seed", self.seed, 0)):
+        for flag, value, least in (("--epochs", self.epochs, 1), ("--limit", self.limit, 1), ("--seed", self.seed, 0)):
             if value is not None and value < least:
                 raise SpecError(f"{flag} has value {value}; it must be at least {least}.")
         if self.seeds is not None and (not self.seeds or min(self.seeds) < 0):
-            raise SpecError(f"--seeds has value {','.join(map(str, self.seeds))}; give seeds of at least 0, like 0,1,2.")
+            raise SpecError(
+                f"--seeds has value {','.join(map(str, self.seeds))}; give seeds of at least 0, like 0,1,2."
+            )
         self.parsed_settings()
 
     def parsed_settings(self) -> list[tuple[list[str], Any]]:
@@ -79,8 +81,9 @@ class Overrides:
         return out
 
     def apply(self, spec: RunSpec) -> RunSpec:
-        changes = {k: v for k, v in (("epochs", self.epochs), ("limit", self.limit),
-                                     ("seed", self.seed)) if v is not None}
+        changes = {
+            k: v for k, v in (("epochs", self.epochs), ("limit", self.limit), ("seed", self.seed)) if v is not None
+        }
         spec = spec.replace(**changes) if changes else spec
         settings = self.parsed_settings()
         if not settings:
@@ -185,8 +188,10 @@ def _check_sources(spec: RunSpec, path: Path) -> None:
         return
     if source.startswith("hf:"):
         if not _HUB_SOURCE.match(source[3:]) and not re.match(r"^[\w.-]+$", source[3:]):
-            raise SpecError(f"{path}: key 'dataset.source' has value {source!r}; after 'hf:' comes a "
-                            f"hub dataset id like 'hf:MMInstruction/VLFeedback'.")
+            raise SpecError(
+                f"{path}: key 'dataset.source' has value {source!r}; after 'hf:' comes a "
+                f"hub dataset id like 'hf:MMInstruction/VLFeedback'."
+            )
         return
     if not Path(source).expanduser().exists():
         raise SpecError(
@@ -223,8 +228,7 @@ def _selection_paths(selection: str) -> tuple[list[Path], dict[str, Path]]:
             chosen += files
         else:
             names = ", ".join(["all", *PRESET_GROUPS, *sorted(packaged)])
-            raise SpecError(f"--preset names '{item}', which is not a preset or a file; "
-                            f"available presets are {names}.")
+            raise SpecError(f"--preset names '{item}', which is not a preset or a file; available presets are {names}.")
     # Presets beside a user's file are found before packaged ones of the same name.
     pool = {**packaged, **extra_pool}
     return chosen, pool
@@ -240,8 +244,10 @@ def select_presets(selection: str, overrides: Overrides | None = None) -> Preset
         preset = read_preset(path)
         other = presets.get(preset.spec.name)
         if other is not None and other.path.resolve() != preset.path.resolve():
-            raise SpecError(f"{path}: key 'name' has value {preset.spec.name!r}, which {other.path} "
-                            f"already uses; every run in a selection needs its own name.")
+            raise SpecError(
+                f"{path}: key 'name' has value {preset.spec.name!r}, which {other.path} "
+                f"already uses; every run in a selection needs its own name."
+            )
         presets[preset.spec.name] = preset
     added: list[str] = []
     pending = list(presets.values())
@@ -252,14 +258,14 @@ def select_presets(selection: str, overrides: Overrides | None = None) -> Preset
             continue
         if target not in pool:
             known = ", ".join(sorted(set(presets) | set(pool)))
-            raise SpecError(f"{preset.path}: key 'after' has value {target!r}, but no preset has that "
-                            f"name; allowed are {known}.")
+            raise SpecError(
+                f"{preset.path}: key 'after' has value {target!r}, but no preset has that name; allowed are {known}."
+            )
         dependency = read_preset(pool[target])
         presets[dependency.spec.name] = dependency
         added.append(dependency.spec.name)
         pending.append(dependency)
-    ordered = order_runs([p.spec for p in presets.values()],
-                         where={name: str(p.path) for name, p in presets.items()})
+    ordered = order_runs([p.spec for p in presets.values()], where={name: str(p.path) for name, p in presets.items()})
     specs = expand_seeds([overrides.apply(s) for s in ordered], overrides.seeds)
     return PresetSelection(specs, sorted(added))
 
@@ -279,20 +285,27 @@ def order_runs(specs: Iterable[RunSpec], where: dict[str, str] | None = None) ->
     where = where or {}
     for spec in by_name.values():
         if spec.after is not None and spec.after not in by_name and spec.init_checkpoint is None:
-            raise SpecError(f"{where.get(spec.name, spec.name)}: key 'after' has value {spec.after!r}, "
-                            f"which is not among the runs ({', '.join(sorted(by_name))}).")
+            raise SpecError(
+                f"{where.get(spec.name, spec.name)}: key 'after' has value {spec.after!r}, "
+                f"which is not among the runs ({', '.join(sorted(by_name))})."
+            )
     ordered: list[RunSpec] = []
     placed: set[str] = set()
     remaining = sorted(by_name)
     while remaining:
-        ready = [n for n in remaining
-                 if by_name[n].after is None or by_name[n].after in placed or by_name[n].after not in by_name]
+        ready = [
+            n
+            for n in remaining
+            if by_name[n].after is None or by_name[n].after in placed or by_name[n].after not in by_name
+        ]
         if not ready:
             cycle = _find_cycle(by_name, remaining[0])
             start = cycle[0]
-            raise SpecError(f"{where.get(start, start)}: key 'after' has value {by_name[start].after!r}, "
-                            f"which makes a cycle ({' -> '.join(cycle + [start])}); "
-                            f"a run cannot start from itself.")
+            raise SpecError(
+                f"{where.get(start, start)}: key 'after' has value {by_name[start].after!r}, "
+                f"which makes a cycle ({' -> '.join(cycle + [start])}); "
+                f"a run cannot start from itself."
+            )
         name = ready[0]
         ordered.append(by_name[name])
         placed.add(name)
@@ -307,4 +320,4 @@ def _find_cycle(by_name: dict[str, Any], start: str) -> list[str]:
     while node not in path:
         path.append(node)
         node = by_name[node].after
-    return path[path.index(node):]
+    return path[path.index(node) :]

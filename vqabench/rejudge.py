@@ -4,6 +4,7 @@ The study behind vqabench ran out of API quota after 100 answers; a user with ne
 re-judges old runs here without retraining. Judgments go through the same cache, so only
 answers never judged before cost a request.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def _test_predictions(store: ResultsStore, run: RunRecord) -> Path:
     return Path(tests[-1].predictions)
 
 
-def compare_runs(store: ResultsStore, run_a: int, run_b: int, judge_spec: JudgeSpec,
-                 cache_dir: Path | None = None) -> str:
+def compare_runs(
+    store: ResultsStore, run_a: int, run_b: int, judge_spec: JudgeSpec, cache_dir: Path | None = None
+) -> str:
     """Win rate of run A's test answers against run B's, each pair asked in both orders."""
     a, b = find_run(store, run_a), find_run(store, run_b)
     items_a, _ = read_items(_test_predictions(store, a))
@@ -54,26 +56,37 @@ def compare_runs(store: ResultsStore, run_a: int, run_b: int, judge_spec: JudgeS
     with judge_with_cache(judge_spec, cache_dir or default_cache_dir()) as (judge, cache):
         result = stats.win_rate(cached_compare(judge, cache), items_a, items_b)
     bias = "n/a" if result.first_position_rate is None else f"{result.first_position_rate:.2f}"
-    return (f"{a.name} (run {a.id}) vs {b.name} (run {b.id}), {judge.describe()}, {result.n} questions asked "
-            f"in both orders: {a.name} wins {result.a_wins} ({result.a_rate:.1%}), {b.name} wins {result.b_wins} "
-            f"({result.b_rate:.1%}), ties {result.ties} ({result.unparseable} with an unparseable reply); "
-            f"score {result.a_score:.3f} for {a.name} (0.5 = even); the judge picked the first-shown answer "
-            f"in {bias} of its decisive replies.")
+    return (
+        f"{a.name} (run {a.id}) vs {b.name} (run {b.id}), {judge.describe()}, {result.n} questions asked "
+        f"in both orders: {a.name} wins {result.a_wins} ({result.a_rate:.1%}), {b.name} wins {result.b_wins} "
+        f"({result.b_rate:.1%}), ties {result.ties} ({result.unparseable} with an unparseable reply); "
+        f"score {result.a_score:.3f} for {a.name} (0.5 = even); the judge picked the first-shown answer "
+        f"in {bias} of its decisive replies."
+    )
 
 
-def rejudge_run(store: ResultsStore, run_id: int, judge_spec: JudgeSpec,
-                cache_dir: Path | None = None) -> Evaluated:
+def rejudge_run(store: ResultsStore, run_id: int, judge_spec: JudgeSpec, cache_dir: Path | None = None) -> Evaluated:
     """Judge a stored run's test predictions again and record the new score as its latest eval."""
     run = find_run(store, run_id)
     path = _test_predictions(store, run)
     items, _ = read_items(path)
-    summary = score_items([JudgeItem(i.question, i.reference, i.prediction) for i in items], judge_spec,
-                          cache_dir or default_cache_dir())
+    summary = score_items(
+        [JudgeItem(i.question, i.reference, i.prediction) for i in items], judge_spec, cache_dir or default_cache_dir()
+    )
     verdicts = path.with_name(f"{path.stem}.{summary.judge}.jsonl")
     with verdicts.open("w", encoding="utf-8") as fh:
         for item, verdict in zip(items, summary.verdicts):
-            fh.write(json.dumps({"question": item.question, "reference": item.reference,
-                                 "prediction": item.prediction, "verdict": verdict}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "question": item.question,
+                        "reference": item.reference,
+                        "prediction": item.prediction,
+                        "verdict": verdict,
+                    }
+                )
+                + "\n"
+            )
     event = summary.to_event("test", str(path))
     store.add_eval(run.id, event)
     return event

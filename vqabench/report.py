@@ -6,6 +6,7 @@ plain rows (:class:`ReportTable`) that the headless console draws with rich. The
 come from :func:`summarize_run`, which works on stored runs and equally on events the
 dashboard collects live (:class:`RunData`). A value that was not measured is "n/a", never 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ from vqabench.store import ResultsStore, SessionRecord
 
 NA = "n/a"
 MIB = 2**20
-EPOCH_NOTE = ("Training loss over the epoch, eval loss and preference metrics on the eval split; "
-              "★ marks the best epoch (lowest eval loss), the checkpoint that is evaluated and handed on.")
+EPOCH_NOTE = (
+    "Training loss over the epoch, eval loss and preference metrics on the eval split; "
+    "★ marks the best epoch (lowest eval loss), the checkpoint that is evaluated and handed on."
+)
 
 
 @dataclass
@@ -66,8 +69,19 @@ class RunSummary:
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
-SEED_FIELDS = ("mean_epoch_seconds", "relative_epoch_time", "aligned_seconds", "samples_per_s",
-               "peak_memory_mib", "peak_vs_orpo_mib", "reference_mib", "em", "f1", "judge_score", "kappa")
+SEED_FIELDS = (
+    "mean_epoch_seconds",
+    "relative_epoch_time",
+    "aligned_seconds",
+    "samples_per_s",
+    "peak_memory_mib",
+    "peak_vs_orpo_mib",
+    "reference_mib",
+    "em",
+    "f1",
+    "judge_score",
+    "kappa",
+)
 
 
 def seed_group(name: str) -> str:
@@ -78,7 +92,7 @@ def seed_group(name: str) -> str:
 
 def seed_suffix(name: str) -> str:
     """'@s2' for 'dpo-beta0.1@s2'; '' for a run that is not repeated per seed."""
-    return name[len(seed_group(name)):]
+    return name[len(seed_group(name)) :]
 
 
 def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
@@ -95,13 +109,24 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             continue
         done = [m for m in members if m.status == "done"]
         first = members[0]
-        merged = RunSummary(name=f"{name} ({len(done)} seeds)", method=first.method,
-                            status="done" if len(done) == len(members) else f"{len(done)} of {len(members)} done",
-                            mean_epoch_seconds=None, relative_epoch_time=None, aligned_seconds=None,
-                            samples_per_s=None, peak_memory_mib=None, peak_vs_orpo_mib=None,
-                            memory_source=first.memory_source,
-                            reference_mib=None, uses_reference=first.uses_reference, em=None, f1=None,
-                            judge_score=None, seeds=len(done))
+        merged = RunSummary(
+            name=f"{name} ({len(done)} seeds)",
+            method=first.method,
+            status="done" if len(done) == len(members) else f"{len(done)} of {len(members)} done",
+            mean_epoch_seconds=None,
+            relative_epoch_time=None,
+            aligned_seconds=None,
+            samples_per_s=None,
+            peak_memory_mib=None,
+            peak_vs_orpo_mib=None,
+            memory_source=first.memory_source,
+            reference_mib=None,
+            uses_reference=first.uses_reference,
+            em=None,
+            f1=None,
+            judge_score=None,
+            seeds=len(done),
+        )
         for key in SEED_FIELDS:
             values = [v for v in (getattr(m, key) for m in done) if _number(v) is not None]
             if not values:
@@ -140,9 +165,20 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
     data = []
     for run in store.runs(session_id):
         tests = [e for e in store.evals(run.id) if e.split == "test"]
-        data.append(RunData(run.name, run.method, run.status, run.reason, run.after, run.started,
-                            run.finished, store.epochs(run.id), tests[-1] if tests else None,
-                            run_setup(run.spec)))
+        data.append(
+            RunData(
+                run.name,
+                run.method,
+                run.status,
+                run.reason,
+                run.after,
+                run.started,
+                run.finished,
+                store.epochs(run.id),
+                tests[-1] if tests else None,
+                run_setup(run.spec),
+            )
+        )
     return data
 
 
@@ -176,22 +212,29 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
         peak, source = _peak_memory(run.epochs)
         evaluation = run.final_eval
         extra: dict[str, Any] = evaluation.extra if evaluation else {}
-        intervals = {key: extra[f"{key}_ci"] for key in ("em", "f1", "judge")
-                     if _is_interval(extra.get(f"{key}_ci"))}
+        intervals = {key: extra[f"{key}_ci"] for key in ("em", "f1", "judge") if _is_interval(extra.get(f"{key}_ci"))}
         uses_reference = None if run.started is None else run.started.reference_strategy is not None
-        summaries.append(RunSummary(
-            name=run.name, method=run.method, status=run.status,
-            mean_epoch_seconds=epoch_mean,
-            relative_epoch_time=(epoch_mean / means[sft]) if sft and epoch_mean is not None else None,
-            aligned_seconds=_aligned_seconds(run, by_name),
-            samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
-            peak_memory_mib=peak, memory_source=source,
-            peak_vs_orpo_mib=(peak - orpo_peak) if peak is not None and orpo_peak is not None else None,
-            reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
-            uses_reference=uses_reference,
-            em=evaluation.em if evaluation else None, f1=evaluation.f1 if evaluation else None,
-            judge_score=evaluation.judge_score if evaluation else None,
-            intervals=intervals, kappa=_number(extra.get("judge_kappa"))))
+        summaries.append(
+            RunSummary(
+                name=run.name,
+                method=run.method,
+                status=run.status,
+                mean_epoch_seconds=epoch_mean,
+                relative_epoch_time=(epoch_mean / means[sft]) if sft and epoch_mean is not None else None,
+                aligned_seconds=_aligned_seconds(run, by_name),
+                samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
+                peak_memory_mib=peak,
+                memory_source=source,
+                peak_vs_orpo_mib=(peak - orpo_peak) if peak is not None and orpo_peak is not None else None,
+                reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
+                uses_reference=uses_reference,
+                em=evaluation.em if evaluation else None,
+                f1=evaluation.f1 if evaluation else None,
+                judge_score=evaluation.judge_score if evaluation else None,
+                intervals=intervals,
+                kappa=_number(extra.get("judge_kappa")),
+            )
+        )
     return summaries
 
 
@@ -223,8 +266,12 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         if base is None or base is run:
             continue
         ours, theirs = read_predictions(run), read_predictions(base)
-        if not ours or not theirs or len(ours) != len(theirs) or any(
-                (a["question"], a["reference"]) != (b["question"], b["reference"]) for a, b in zip(ours, theirs)):
+        if (
+            not ours
+            or not theirs
+            or len(ours) != len(theirs)
+            or any((a["question"], a["reference"]) != (b["question"], b["reference"]) for a, b in zip(ours, theirs))
+        ):
             continue
         row = [run.name, base.name]
         for key in ("em", "f1"):
@@ -233,11 +280,18 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         rows.append(row + [str(len(ours))])
     if not rows:
         return None
-    notes = ["Difference to the SFT run of the same model and data on the same test questions (positive: "
-             "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions) and a "
-             "two-sided bootstrap p-value. An interval that contains 0 means no measurable difference."]
-    return ReportTable("Versus SFT", ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]",
-                                      "p (F1)", "n"], ["left", "left"] + ["right"] * 5, rows, notes)
+    notes = [
+        "Difference to the SFT run of the same model and data on the same test questions (positive: "
+        "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions) and a "
+        "two-sided bootstrap p-value. An interval that contains 0 means no measurable difference."
+    ]
+    return ReportTable(
+        "Versus SFT",
+        ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "n"],
+        ["left", "left"] + ["right"] * 5,
+        rows,
+        notes,
+    )
 
 
 def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
@@ -255,8 +309,9 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
         for table in (quality_table(summaries, runs), efficiency_table(summaries)):
             table.title += " per seed"
             tables.append(table)
-    return SessionReport(header_line(session, runs), unfinished, tables,
-                         [epoch_table(run) for run in runs if run.epochs])
+    return SessionReport(
+        header_line(session, runs), unfinished, tables, [epoch_table(run) for run in runs if run.epochs]
+    )
 
 
 def render_markdown(store: ResultsStore, session_id: int, per_seed: bool = False) -> str:
@@ -294,12 +349,16 @@ def markdown_table(table: ReportTable) -> list[str]:
     widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(table.columns))]
 
     def line(row: list[str]) -> str:
-        padded = [c.rjust(w) if a == "right" else c.ljust(w)
-                  for c, w, a in zip(row, widths, table.align)]
+        padded = [c.rjust(w) if a == "right" else c.ljust(w) for c, w, a in zip(row, widths, table.align)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if a == "right" else (":" + "-" * (w + 1))
-                          for w, a in zip(widths, table.align)) + "|"
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (w + 1) + ":") if a == "right" else (":" + "-" * (w + 1)) for w, a in zip(widths, table.align)
+        )
+        + "|"
+    )
     return [line(cells[0]), rule, *(line(row) for row in cells[1:])]
 
 
@@ -314,9 +373,11 @@ def header_line(session: SessionRecord, runs: Sequence[RunData]) -> str:
         date = datetime.fromisoformat(session.started_at).strftime("%Y-%m-%d %H:%M %Z").strip()
     except ValueError:
         date = session.started_at
-    return (f"Machine {machine} · device {', '.join(devices) or NA} · torch {', '.join(torches) or NA}"
-            f" · vqabench {session.vqabench_version or NA} · {date} · session {session.id}"
-            f" ({session.label})")
+    return (
+        f"Machine {machine} · device {', '.join(devices) or NA} · torch {', '.join(torches) or NA}"
+        f" · vqabench {session.vqabench_version or NA} · {date} · session {session.id}"
+        f" ({session.label})"
+    )
 
 
 def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> ReportTable:
@@ -328,8 +389,12 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
         if s.seeds > 1:
             row = [s.name, _pm(s, "em", 3), _pm(s, "f1", 3), _pm(s, "judge_score", 3)]
         else:
-            row = [s.name, _score(s.em, s.intervals.get("em")), _score(s.f1, s.intervals.get("f1")),
-                   _score(s.judge_score, s.intervals.get("judge"))]
+            row = [
+                s.name,
+                _score(s.em, s.intervals.get("em")),
+                _score(s.f1, s.intervals.get("f1")),
+                _score(s.judge_score, s.intervals.get("judge")),
+            ]
         if with_kappa:
             row.append(_pm(s, "kappa", 2))
         rows.append(row + [_pm(s, "mean_epoch_seconds", 2)])
@@ -343,19 +408,22 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             f"Test split, best checkpoint of each run ({'/'.join(map(str, n))} questions). "
             f"EM: exact match after answer normalisation; F1: token overlap with the reference; "
             f"Judge: share of judged answers graded CORRECT by the {', '.join(judges) or NA} judge"
-            + (f", {unparseable} unparseable verdicts left out" if unparseable else "") + ".")
+            + (f", {unparseable} unparseable verdicts left out" if unparseable else "")
+            + "."
+        )
         for run in runs:
             error = run.final_eval.extra.get("judge_error") if run.final_eval else None
             if error:
-                notes.append(f"{run.name}: the judge failed ({error}); judge it later with "
-                             f"'vqabench judge --run ID'.")
+                notes.append(f"{run.name}: the judge failed ({error}); judge it later with 'vqabench judge --run ID'.")
     if any(s.intervals for s in summaries if s.seeds == 1):
         notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     if with_kappa:
-        notes.append("κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
-                     "(1 = always agree, 0 = chance); a low κ means the judge measures something else.")
+        notes.append(
+            "κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
+            "(1 = always agree, 0 = chance); a low κ means the judge measures something else."
+        )
     notes.append("Epoch time: mean wall clock of the training steps of one epoch (evaluation excluded).")
     return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
@@ -363,10 +431,19 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
 def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
     """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory."""
     sources = {s.memory_source for s in summaries if s.memory_source}
-    memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓",
-                     frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(frozenset(sources), "Peak memory [MiB] ↓")
-    columns = ["Method", "Epoch time [s] ↓", "Relative to SFT", "Time to aligned model [s] ↓",
-               "Samples/s ↑", memory_header, "Peak − ORPO [MiB]", "Reference memory [MiB] ↓"]
+    memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓", frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(
+        frozenset(sources), "Peak memory [MiB] ↓"
+    )
+    columns = [
+        "Method",
+        "Epoch time [s] ↓",
+        "Relative to SFT",
+        "Time to aligned model [s] ↓",
+        "Samples/s ↑",
+        memory_header,
+        "Peak − ORPO [MiB]",
+        "Reference memory [MiB] ↓",
+    ]
     rows = []
     for s in summaries:
         memory = _fmt(s.peak_memory_mib, 1)
@@ -377,21 +454,37 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
             memory = _pm(s, "peak_memory_mib", 1)
             if s.uses_reference:
                 reference = _pm(s, "reference_mib", 1)
-        rows.append([s.name, _pm(s, "mean_epoch_seconds", 2), _pm(s, "relative_epoch_time", 2),
-                     _pm(s, "aligned_seconds", 2), _pm(s, "samples_per_s", 1), memory,
-                     _pm(s, "peak_vs_orpo_mib", 1), reference])
-    notes = ["Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
-             "data (SFT = 1.00). "
-             "Time to aligned model: training time of the run plus every run it starts from "
-             "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."]
-    memory_notes = {"CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
-                    "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's."}
+        rows.append(
+            [
+                s.name,
+                _pm(s, "mean_epoch_seconds", 2),
+                _pm(s, "relative_epoch_time", 2),
+                _pm(s, "aligned_seconds", 2),
+                _pm(s, "samples_per_s", 1),
+                memory,
+                _pm(s, "peak_vs_orpo_mib", 1),
+                reference,
+            ]
+        )
+    notes = [
+        "Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
+        "data (SFT = 1.00). "
+        "Time to aligned model: training time of the run plus every run it starts from "
+        "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."
+    ]
+    memory_notes = {
+        "CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
+        "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's.",
+    }
     notes += [memory_notes[s] for s in sorted(sources)]
-    notes.append("Peak − ORPO: this run's peak memory minus that of the ORPO run on the same model, "
-                 "data and batch size (ORPO scores the same chosen and rejected answers without a "
-                 "reference), so for DPO it is mostly the reference model's cost at the peak.")
-    notes.append("Reference memory: the frozen reference model held while training; "
-                 "none: the method keeps no reference.")
+    notes.append(
+        "Peak − ORPO: this run's peak memory minus that of the ORPO run on the same model, "
+        "data and batch size (ORPO scores the same chosen and rejected answers without a "
+        "reference), so for DPO it is mostly the reference model's cost at the peak."
+    )
+    notes.append(
+        "Reference memory: the frozen reference model held while training; none: the method keeps no reference."
+    )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
@@ -401,21 +494,32 @@ def epoch_table(run: RunData) -> ReportTable:
     """Per-epoch losses, cost and preference metrics of one run."""
     cuda = any(e.cuda_max_allocated_mib is not None for e in run.epochs)
     scored = any(e.em is not None or e.judge_score is not None for e in run.epochs)
-    columns = ["Epoch", "Train loss ↓", "Eval loss ↓", "Epoch time [s]",
-               "Peak CUDA memory [MiB]" if cuda else "Peak RSS [MiB]", "Pref. accuracy ↑",
-               "Reward margin ↑"] + (["EM ↑", "F1 ↑", "Judge ↑"] if scored else [])
+    columns = [
+        "Epoch",
+        "Train loss ↓",
+        "Eval loss ↓",
+        "Epoch time [s]",
+        "Peak CUDA memory [MiB]" if cuda else "Peak RSS [MiB]",
+        "Pref. accuracy ↑",
+        "Reward margin ↑",
+    ] + (["EM ↑", "F1 ↑", "Judge ↑"] if scored else [])
     rows = []
     for e in run.epochs:
         memory = e.cuda_max_allocated_mib if cuda else e.peak_rss_mib
-        row = [f"{e.epoch}{' ★' if e.is_best else ''}", _fmt(e.train_loss, 4), _fmt(e.eval_loss, 4),
-               _fmt(e.epoch_seconds, 2), _fmt(memory, 1), _fmt(e.pref_accuracy, 3),
-               _fmt(e.reward_margin, 3)]
+        row = [
+            f"{e.epoch}{' ★' if e.is_best else ''}",
+            _fmt(e.train_loss, 4),
+            _fmt(e.eval_loss, 4),
+            _fmt(e.epoch_seconds, 2),
+            _fmt(memory, 1),
+            _fmt(e.pref_accuracy, 3),
+            _fmt(e.reward_margin, 3),
+        ]
         if scored:
             row += [_fmt(e.em, 3), _fmt(e.f1, 3), _fmt(e.judge_score, 3)]
         rows.append(row)
     notes = ["EM, F1, Judge per epoch: scored on a sample of eval-split answers."] if scored else []
-    return ReportTable(f"{run.name} ({run.method}, {run.status})", columns,
-                       ["right"] * len(columns), rows, notes)
+    return ReportTable(f"{run.name} ({run.method}, {run.status})", columns, ["right"] * len(columns), rows, notes)
 
 
 def _status_text(status: str, reason: str) -> str:
@@ -462,8 +566,7 @@ def _number(value: Any) -> float | None:
 
 
 def _is_interval(value: Any) -> bool:
-    return (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(_number(v) is not None for v in value))
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) is not None for v in value)
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -475,9 +578,11 @@ def _fmt(value: Any, digits: int) -> str:
     return f"{number:.{digits}f}"
 
 
-SEEDS_NOTE = ("Rows marked (N seeds): mean over the runs NAME@s0, NAME@s1, ... ± the half-width of a "
-              "95% Student-t interval across seeds (pairs and splits fixed; initialisation, shuffling "
-              "and dropout vary). `vqabench export --per-seed` adds every seed's own row.")
+SEEDS_NOTE = (
+    "Rows marked (N seeds): mean over the runs NAME@s0, NAME@s1, ... ± the half-width of a "
+    "95% Student-t interval across seeds (pairs and splits fixed; initialisation, shuffling "
+    "and dropout vary). `vqabench export --per-seed` adds every seed's own row."
+)
 
 
 def _pm(summary: RunSummary, key: str, digits: int) -> str:

@@ -27,6 +27,7 @@ so no grandchild outlives its run. If the task running :meth:`Runner.run` is its
 cancelled, the running worker is terminated the same way before the cancellation goes on.
 A host killed with SIGKILL cannot clean up; its worker then runs to its end on its own.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,7 @@ from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED = (
-    "queued", "running", "done", "failed", "skipped", "cancelled")
+QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED = ("queued", "running", "done", "failed", "skipped", "cancelled")
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED)
 FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED})
 
@@ -132,8 +132,7 @@ class RunnerFinished:
     cancelled: bool
 
 
-Notification = Union[RunQueued, RunStatusChanged, WorkerEvent, WorkerStderr, InvalidWorkerLine,
-                     RunnerFinished]
+Notification = Union[RunQueued, RunStatusChanged, WorkerEvent, WorkerStderr, InvalidWorkerLine, RunnerFinished]
 Subscriber = Callable[[Notification], None]
 
 
@@ -232,8 +231,7 @@ class Runner:
             for state in self.states.values():
                 if state.status not in FINAL_STATUSES:
                     self._set_status(state, CANCELLED, "cancelled: the runner was stopped")
-            self._notify(RunnerFinished({n: s.status for n, s in self.states.items()},
-                                        self._cancel_all))
+            self._notify(RunnerFinished({n: s.status for n, s in self.states.items()}, self._cancel_all))
         return self.states
 
     def cancel(self, run_name: str | None = None) -> None:
@@ -294,14 +292,18 @@ class Runner:
         self._launching = state.name
         try:
             proc = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, env=self._env,
-                limit=LINE_LIMIT)
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                env=self._env,
+                limit=LINE_LIMIT,
+            )
         except OSError as exc:
             self._launching = None
             state.finished_at = time.time()
-            self._set_status(state, FAILED, f"the worker could not start: {command[0]}: "
-                                            f"{exc.strerror or exc}.")
+            self._set_status(state, FAILED, f"the worker could not start: {command[0]}: {exc.strerror or exc}.")
             return
         state.pid = proc.pid
         cancel_signal = self._cancel_signals[state.name] = asyncio.Event()
@@ -310,8 +312,10 @@ class Runner:
             cancel_signal.set()
         self._set_status(state, RUNNING, spec=state.spec, pid=proc.pid)
         assert proc.stdout is not None and proc.stderr is not None
-        readers = [asyncio.ensure_future(self._read_stdout(state, proc.stdout)),
-                   asyncio.ensure_future(self._read_stderr(state, proc.stderr))]
+        readers = [
+            asyncio.ensure_future(self._read_stdout(state, proc.stdout)),
+            asyncio.ensure_future(self._read_stderr(state, proc.stderr)),
+        ]
         try:
             exited = asyncio.ensure_future(proc.wait())
             cancelled = asyncio.ensure_future(cancel_signal.wait())
@@ -435,8 +439,9 @@ class Runner:
 
     def _invalid(self, state: RunState, line: str, error: str) -> None:
         state.invalid_lines += 1
-        log.warning("run %s: ignored a stdout line that is not an event (%s): %s",
-                    state.name, error, _shorten(line, 200))
+        log.warning(
+            "run %s: ignored a stdout line that is not an event (%s): %s", state.name, error, _shorten(line, 200)
+        )
         self._notify(InvalidWorkerLine(state.name, line, error))
 
     @staticmethod
@@ -453,9 +458,16 @@ class Runner:
         elif isinstance(event, RunFailed):
             state.failed = event
 
-    def _set_status(self, state: RunState, status: str, reason: str = "", *,
-                    spec: RunSpec | None = None, pid: int | None = None,
-                    exit_code: int | None = None) -> None:
+    def _set_status(
+        self,
+        state: RunState,
+        status: str,
+        reason: str = "",
+        *,
+        spec: RunSpec | None = None,
+        pid: int | None = None,
+        exit_code: int | None = None,
+    ) -> None:
         state.status, state.reason = status, reason
         self._notify(RunStatusChanged(state.name, status, reason, spec, pid, exit_code))
 
@@ -464,8 +476,9 @@ class Runner:
             try:
                 callback(notification)
             except Exception:
-                log.exception("a runner subscriber (%r) failed on %s; the runs go on",
-                              callback, type(notification).__name__)
+                log.exception(
+                    "a runner subscriber (%r) failed on %s; the runs go on", callback, type(notification).__name__
+                )
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -531,4 +544,3 @@ async def _drain(readers: list[asyncio.Future[None]], timeout: float = 5.0) -> N
 
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-

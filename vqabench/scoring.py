@@ -3,6 +3,7 @@
 One place for answer scoring, used by the worker (test and per-epoch eval answers) and by
 ``vqabench judge`` (re-judging stored predictions without retraining). No torch here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,18 @@ class ScoreSummary:
     extra: dict[str, Any] = field(default_factory=dict)  # 95% intervals and judge agreement
 
     def to_event(self, split: str, predictions: str | None) -> Evaluated:
-        return Evaluated(split=split, n=self.n, em=self.em, f1=self.f1, judge=self.judge,
-                         judge_score=self.judge_score, judge_n=self.judge_n, unparseable=self.unparseable,
-                         predictions=predictions, extra=self.extra)
+        return Evaluated(
+            split=split,
+            n=self.n,
+            em=self.em,
+            f1=self.f1,
+            judge=self.judge,
+            judge_score=self.judge_score,
+            judge_n=self.judge_n,
+            unparseable=self.unparseable,
+            predictions=predictions,
+            extra=self.extra,
+        )
 
 
 def _interval(values: list[float]) -> list[float] | None:
@@ -57,9 +67,13 @@ def judge_with_cache(judge_spec: JudgeSpec, cache_dir: Path) -> Iterator[tuple[J
             cache.close()
 
 
-def score_items(items: Sequence[JudgeItem], judge_spec: JudgeSpec | None, cache_dir: Path,
-                progress: Callable[[int, int], None] | None = None,
-                with_intervals: bool = True) -> ScoreSummary:
+def score_items(
+    items: Sequence[JudgeItem],
+    judge_spec: JudgeSpec | None,
+    cache_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    with_intervals: bool = True,
+) -> ScoreSummary:
     """EM and F1 on every item; the judge (None: none) on the first `judge_spec.limit` (all by default)."""
     ems = [metrics.exact_match(i.prediction, i.reference) for i in items]
     f1s = [metrics.token_f1(i.prediction, i.reference) for i in items]
@@ -79,8 +93,11 @@ def score_items(items: Sequence[JudgeItem], judge_spec: JudgeSpec | None, cache_
     summary.judge_score, summary.judge_n, summary.unparseable = js.score, js.n, js.unparseable
     summary.verdicts = [v.grade.value for v in verdicts]
     if with_intervals and n:
-        graded = [(1 if v.grade is Grade.CORRECT else 0, int(ems[i])) for i, v in enumerate(verdicts)
-                  if v.grade is not Grade.UNPARSEABLE]
+        graded = [
+            (1 if v.grade is Grade.CORRECT else 0, int(ems[i]))
+            for i, v in enumerate(verdicts)
+            if v.grade is not Grade.UNPARSEABLE
+        ]
         if graded:
             summary.extra["judge_ci"] = _interval([float(g) for g, _ in graded])
             summary.extra["judge_kappa"] = stats.cohen_kappa([g for g, _ in graded], [e for _, e in graded])

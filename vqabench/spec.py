@@ -5,6 +5,7 @@ worker, which reads it back with :func:`spec_from_dict`. Validation errors are o
 sentence naming where, which key, which value and what is allowed (:class:`SpecError`).
 Pure Python: no torch, no textual.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -142,10 +143,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
 }
-_POSITIVE = {"epochs", "batch_size", "dataset.eval_size", "max_question_tokens", "max_answer_tokens", "base_samples",
-             "judge.concurrency", "judge.requests_per_minute", "judge.max_attempts"}
-_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.test_size", "seed",
-                 "dataset.min_margin", "weight_decay"}
+_POSITIVE = {
+    "epochs",
+    "batch_size",
+    "dataset.eval_size",
+    "max_question_tokens",
+    "max_answer_tokens",
+    "base_samples",
+    "judge.concurrency",
+    "judge.requests_per_minute",
+    "judge.max_attempts",
+}
+_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.test_size", "seed", "dataset.min_margin", "weight_decay"}
 
 
 def _type_name(tp: Any) -> str:
@@ -192,7 +201,9 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
                 elif isinstance(v, val_tp) and not isinstance(v, bool):
                     out[k] = v
                 else:
-                    raise SpecError(f"{where}: key '{key}.{k}' has value {v!r}, which must be {_article(_type_name(val_tp))}.")
+                    raise SpecError(
+                        f"{where}: key '{key}.{k}' has value {v!r}, which must be {_article(_type_name(val_tp))}."
+                    )
             return out
     elif base is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -232,7 +243,9 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
             continue
         value = _coerce(value, tp, where, full)
         if full in _CHOICES and value not in _CHOICES[full]:
-            raise SpecError(f"{where}: key '{full}' has value {value!r}; allowed values are {', '.join(_CHOICES[full])}.")
+            raise SpecError(
+                f"{where}: key '{full}' has value {value!r}; allowed values are {', '.join(_CHOICES[full])}."
+            )
         if full in _POSITIVE and value is not None and value <= 0:
             raise SpecError(f"{where}: key '{full}' has value {value!r}; it must be at least 1.")
         if full in _NON_NEGATIVE and value is not None and value < 0:
@@ -256,7 +269,9 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
     if spec.beta is not None and spec.beta <= 0:
         raise SpecError(f"{where}: key 'beta' has value {spec.beta!r}; it must be greater than 0.")
     if not 0 <= spec.dataset.max_skip_share <= 1:
-        raise SpecError(f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; it must be between 0 and 1.")
+        raise SpecError(
+            f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; it must be between 0 and 1."
+        )
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
         raise SpecError(
             f"{where}: method '{spec.method}' needs an SFT checkpoint as its start and reference; "

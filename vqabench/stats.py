@@ -3,6 +3,7 @@
 Pure Python and numpy (no torch, no scipy) so the host-side report can use it. All
 resampling is seeded: the same inputs give the same intervals on every machine.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ def _resampled_means(values: np.ndarray, n_resamples: int, seed: int) -> np.ndar
     return means
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = DEFAULT_RESAMPLES,
-                 seed: int = 0, level: float = 0.95) -> Interval:
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, level: float = 0.95
+) -> Interval:
     """The mean and its percentile-bootstrap interval (e.g. per-item EM of 0/1 values)."""
     _check_level(level)
     array = _as_values(values, "bootstrap_ci")
@@ -76,9 +78,13 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_resamples: int = DEFAUL
     return Interval(float(array.mean()), float(low), float(high))
 
 
-def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
-                     n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-                     level: float = 0.95) -> PairedDifference:
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedDifference:
     """Is method a better than b on the same items? Resamples items, keeping pairs together.
 
     The p-value is twice the share of resampled mean differences that are zero or on the
@@ -90,8 +96,10 @@ def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     first = _as_values(a, "paired_bootstrap")
     second = _as_values(b, "paired_bootstrap")
     if first.size != second.size:
-        raise ValueError(f"paired_bootstrap got {first.size} and {second.size} values; "
-                         "a paired comparison needs one value per item from each method.")
+        raise ValueError(
+            f"paired_bootstrap got {first.size} and {second.size} values; "
+            "a paired comparison needs one value per item from each method."
+        )
     diffs = first - second
     observed = float(diffs.mean())
     means = _resampled_means(diffs, n_resamples, seed)
@@ -113,7 +121,9 @@ def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> f
     every item: chance agreement is then 1.
     """
     if len(labels_a) != len(labels_b):
-        raise ValueError(f"cohen_kappa got {len(labels_a)} and {len(labels_b)} labels; both raters must label the same items.")
+        raise ValueError(
+            f"cohen_kappa got {len(labels_a)} and {len(labels_b)} labels; both raters must label the same items."
+        )
     n = len(labels_a)
     if n == 0:
         raise ValueError("cohen_kappa needs at least one labelled item; got none.")
@@ -133,15 +143,16 @@ def _regularized_incomplete_beta(x: float, a: float, b: float) -> float:
         return 1.0
     if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
         return 1.0 - _regularized_incomplete_beta(1.0 - x, b, a)
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     tiny = 1e-300
     c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
     d = 1.0 / (d if abs(d) > tiny else tiny)
     fraction = d
     for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -185,8 +196,9 @@ def mean_ci_across_seeds(values: Sequence[float], level: float = 0.95) -> Interv
     mean = float(array.mean())
     if array.size < 2:
         return Interval(mean, None, None)
-    half_width = (student_t_quantile(1.0 - (1.0 - level) / 2.0, array.size - 1)
-                  * float(array.std(ddof=1)) / math.sqrt(array.size))
+    half_width = (
+        student_t_quantile(1.0 - (1.0 - level) / 2.0, array.size - 1) * float(array.std(ddof=1)) / math.sqrt(array.size)
+    )
     return Interval(mean, mean - half_width, mean + half_width)
 
 
@@ -234,8 +246,9 @@ def _triple(item: Any) -> tuple[str, str, str]:
 _SWAPPED = {"A": "B", "B": "A"}
 
 
-def win_rate(compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[Any],
-             items_b: Sequence[Any]) -> WinRate:
+def win_rate(
+    compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[Any], items_b: Sequence[Any]
+) -> WinRate:
     """Compare two runs' answers item by item, asking A-then-B and B-then-A.
 
     `compare_fn(question, reference, first, second)` returns "A" (first is better), "B",
@@ -243,7 +256,9 @@ def win_rate(compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[
     with those attributes, the two lists in the same item order.
     """
     if len(items_a) != len(items_b):
-        raise ValueError(f"win_rate got {len(items_a)} and {len(items_b)} answers; both runs must answer the same items.")
+        raise ValueError(
+            f"win_rate got {len(items_a)} and {len(items_b)} answers; both runs must answer the same items."
+        )
     a_wins = b_wins = ties = unparseable = 0
     first_picks = decisive = 0
     outcomes = []
@@ -251,8 +266,10 @@ def win_rate(compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[
         question, reference, answer_a = _triple(item_a)
         question_b, reference_b, answer_b = _triple(item_b)
         if (question, reference) != (question_b, reference_b):
-            raise ValueError(f"win_rate item {index}: the runs answered different questions "
-                             f"({question!r} vs {question_b!r}); align both lists by item first.")
+            raise ValueError(
+                f"win_rate item {index}: the runs answered different questions "
+                f"({question!r} vs {question_b!r}); align both lists by item first."
+            )
         forward = compare_fn(question, reference, answer_a, answer_b)
         backward = compare_fn(question, reference, answer_b, answer_a)
         for reply in (forward, backward):
@@ -272,5 +289,12 @@ def win_rate(compare_fn: Callable[[str, str, str, str], str], items_a: Sequence[
             outcome = "tie"
             ties += 1
         outcomes.append(outcome)
-    return WinRate(n=len(outcomes), a_wins=a_wins, b_wins=b_wins, ties=ties, unparseable=unparseable,
-                   first_position_rate=first_picks / decisive if decisive else None, outcomes=outcomes)
+    return WinRate(
+        n=len(outcomes),
+        a_wins=a_wins,
+        b_wins=b_wins,
+        ties=ties,
+        unparseable=unparseable,
+        first_position_rate=first_picks / decisive if decisive else None,
+        outcomes=outcomes,
+    )

@@ -15,6 +15,7 @@ order when an older store is opened. A store from a newer vqabench is refused wi
 sentence. Queries return the same event dataclasses the worker sends (:class:`EpochEnded`,
 :class:`Evaluated`, ...), so live and stored data look alike to the report and dashboard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -165,11 +166,20 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _EPOCH_FIELDS = [f.name for f in dataclasses.fields(EpochEnded)]
 _EVAL_FIELDS = [f.name for f in dataclasses.fields(Evaluated)]
 # run_started fields and the runs column each is kept in
-_STARTED_COLUMNS = {"config": "config", "device": "device", "torch_version": "torch_version",
-                    "trainable_params": "trainable_params", "total_params": "total_params",
-                    "reference_strategy": "reference_strategy", "reference_bytes": "reference_bytes",
-                    "epochs": "epochs", "steps_per_epoch": "steps_per_epoch",
-                    "telemetry": "telemetry", "data": "data", "pid": "worker_pid"}
+_STARTED_COLUMNS = {
+    "config": "config",
+    "device": "device",
+    "torch_version": "torch_version",
+    "trainable_params": "trainable_params",
+    "total_params": "total_params",
+    "reference_strategy": "reference_strategy",
+    "reference_bytes": "reference_bytes",
+    "epochs": "epochs",
+    "steps_per_epoch": "steps_per_epoch",
+    "telemetry": "telemetry",
+    "data": "data",
+    "pid": "worker_pid",
+}
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}
 _JSON_FIELDS = {"config", "data", "extra", "spec"}
@@ -235,12 +245,12 @@ class ResultsStore:
         self.results_dir = Path(results_dir)
         self.path = self.results_dir / DB_NAME
         if not self.path.exists() and not create:
-            raise StoreError(f"there is no results store at {self.path}; run "
-                             f"'vqabench --headless' first or pass --results DIR.")
+            raise StoreError(
+                f"there is no results store at {self.path}; run 'vqabench --headless' first or pass --results DIR."
+            )
         try:
             self.results_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                         timeout=10.0)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"the results store {self.path} cannot be opened ({exc}).") from None
         self._conn.row_factory = sqlite3.Row
@@ -255,8 +265,9 @@ class ResultsStore:
             raise
         except sqlite3.DatabaseError as exc:
             self._conn.close()
-            raise StoreError(f"{self.path} is not a vqabench results store ({exc}); "
-                             f"pass another --results folder.") from None
+            raise StoreError(
+                f"{self.path} is not a vqabench results store ({exc}); pass another --results folder."
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -279,7 +290,8 @@ class ResultsStore:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer vqabench (schema version {version}; this one "
-                f"reads up to {SCHEMA_VERSION}); upgrade vqabench or pass another --results folder.")
+                f"reads up to {SCHEMA_VERSION}); upgrade vqabench or pass another --results folder."
+            )
         for step in range(version, SCHEMA_VERSION):
             with self._transaction() as conn:
                 for statement in _statements(MIGRATIONS[step]):
@@ -299,8 +311,15 @@ class ResultsStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def begin_session(self, selection: str = "", command: str = "", *, machine: str | None = None,
-                      processor: str | None = None, started_at: str | None = None) -> SessionRecord:
+    def begin_session(
+        self,
+        selection: str = "",
+        command: str = "",
+        *,
+        machine: str | None = None,
+        processor: str | None = None,
+        started_at: str | None = None,
+    ) -> SessionRecord:
         """Record a new session (machine details from this host unless given) and return it."""
         started_at = started_at or now_iso()
         with self._transaction() as conn:
@@ -308,10 +327,18 @@ class ResultsStore:
                 "INSERT INTO sessions (label, started_at, status, selection, command, machine, "
                 "processor, platform, python_version, vqabench_version) "
                 "VALUES ('', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (started_at, RUNNING, selection, command,
-                 machine if machine is not None else platform.node(),
-                 processor if processor is not None else (platform.processor() or platform.machine()),
-                 platform.platform(), sys.version.split()[0], vqabench.__version__))
+                (
+                    started_at,
+                    RUNNING,
+                    selection,
+                    command,
+                    machine if machine is not None else platform.node(),
+                    processor if processor is not None else (platform.processor() or platform.machine()),
+                    platform.platform(),
+                    sys.version.split()[0],
+                    vqabench.__version__,
+                ),
+            )
             session_id = cursor.lastrowid
             stamp = re.sub(r"[^0-9T]", "", started_at[:19]).replace("T", "-")
             conn.execute("UPDATE sessions SET label = ? WHERE id = ?", (f"{stamp}-{session_id}", session_id))
@@ -319,8 +346,10 @@ class ResultsStore:
 
     def finish_session(self, session_id: int, status: str, finished_at: str | None = None) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE sessions SET status = ?, finished_at = ? WHERE id = ?",
-                         (status, finished_at or now_iso(), session_id))
+            conn.execute(
+                "UPDATE sessions SET status = ?, finished_at = ? WHERE id = ?",
+                (status, finished_at or now_iso(), session_id),
+            )
 
     def recorder(self, session: SessionRecord) -> SessionRecorder:
         """A runner subscriber that writes the session's notifications here."""
@@ -346,20 +375,22 @@ class ResultsStore:
 
     def runs(self, session_id: int) -> list[RunRecord]:
         """The session's runs in the order they were queued."""
-        return [_run_record(row) for row in
-                self._query("SELECT * FROM runs WHERE session_id = ? ORDER BY position", (session_id,))]
+        return [
+            _run_record(row)
+            for row in self._query("SELECT * FROM runs WHERE session_id = ? ORDER BY position", (session_id,))
+        ]
 
     def epochs(self, run_id: int) -> list[EpochEnded]:
         """The run's completed epochs, in order."""
         rows = self._query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
-        return [EpochEnded(**{k: (bool(row[k]) if k == "is_best" else row[k]) for k in _EPOCH_FIELDS})
-                for row in rows]
+        return [EpochEnded(**{k: (bool(row[k]) if k == "is_best" else row[k]) for k in _EPOCH_FIELDS}) for row in rows]
 
     def evals(self, run_id: int) -> list[Evaluated]:
         """The run's evaluations, in the order they arrived."""
         rows = self._query("SELECT * FROM evals WHERE run_id = ? ORDER BY id", (run_id,))
-        return [Evaluated(**{k: (json.loads(row[k]) if k == "extra" else row[k]) for k in _EVAL_FIELDS})
-                for row in rows]
+        return [
+            Evaluated(**{k: (json.loads(row[k]) if k == "extra" else row[k]) for k in _EVAL_FIELDS}) for row in rows
+        ]
 
     def stderr_tail(self, run: RunRecord, lines: int = 20) -> list[str]:
         """The last log lines of a run's worker, from its stderr file."""
@@ -384,8 +415,18 @@ class ResultsStore:
             cursor = conn.execute(
                 "INSERT INTO runs (session_id, name, position, method, after, status, spec, "
                 "events_path, stderr_path, queued_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (session.id, note.run, note.position, note.spec.method, note.spec.after,
-                 _json(note.spec.to_dict()), events_path, stderr_path, now_iso()))
+                (
+                    session.id,
+                    note.run,
+                    note.position,
+                    note.spec.method,
+                    note.spec.after,
+                    _json(note.spec.to_dict()),
+                    events_path,
+                    stderr_path,
+                    now_iso(),
+                ),
+            )
         return cursor.lastrowid, events_path, stderr_path
 
     def _update_run(self, run_id: int, columns: dict[str, Any]) -> None:
@@ -400,17 +441,20 @@ class ResultsStore:
         names = ["run_id", *_EPOCH_FIELDS, "recorded_at"]
         values = [run_id, *(getattr(event, f) for f in _EPOCH_FIELDS), now_iso()]
         with self._transaction() as conn:
-            conn.execute(f"INSERT OR REPLACE INTO epochs ({', '.join(names)}) "
-                         f"VALUES ({', '.join('?' * len(names))})", values)
+            conn.execute(
+                f"INSERT OR REPLACE INTO epochs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values
+            )
 
     def add_eval(self, run_id: int, event: Evaluated) -> None:
         """Record a test or eval score of a run (from its worker, or a later re-judging)."""
         names = ["run_id", *_EVAL_FIELDS, "recorded_at"]
-        values = [run_id, *(_json(getattr(event, f)) if f == "extra" else getattr(event, f)
-                            for f in _EVAL_FIELDS), now_iso()]
+        values = [
+            run_id,
+            *(_json(getattr(event, f)) if f == "extra" else getattr(event, f) for f in _EVAL_FIELDS),
+            now_iso(),
+        ]
         with self._transaction() as conn:
-            conn.execute(f"INSERT INTO evals ({', '.join(names)}) "
-                         f"VALUES ({', '.join('?' * len(names))})", values)
+            conn.execute(f"INSERT INTO evals ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
 
 
 class SessionRecorder:
@@ -447,8 +491,9 @@ class SessionRecorder:
         elif isinstance(note, InvalidWorkerLine):
             self._append(self._files[note.run][1], f"[vqabench: ignored stdout line: {note.error}] {note.line}")
             with self.store._transaction() as conn:
-                conn.execute("UPDATE runs SET invalid_lines = invalid_lines + 1 WHERE id = ?",
-                             (self.run_ids[note.run],))
+                conn.execute(
+                    "UPDATE runs SET invalid_lines = invalid_lines + 1 WHERE id = ?", (self.run_ids[note.run],)
+                )
         elif isinstance(note, RunnerFinished):
             statuses = set(note.statuses.values())
             status = CANCELLED if note.cancelled else (DONE if statuses <= {DONE} else FAILED)
@@ -476,17 +521,23 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
     data = dict(row)
     started = None
     if data["device"] is not None:
-        started = RunStarted(run=data["name"], method=data["method"],
-                             **{f: (json.loads(data[c]) if c in _JSON_FIELDS and data[c] is not None
-                                    else data[c]) for f, c in _STARTED_COLUMNS.items()})
+        started = RunStarted(
+            run=data["name"],
+            method=data["method"],
+            **{
+                f: (json.loads(data[c]) if c in _JSON_FIELDS and data[c] is not None else data[c])
+                for f, c in _STARTED_COLUMNS.items()
+            },
+        )
     finished = None
     if data["checkpoint"] is not None:
         finished = RunFinished(**{f: data[f] for f in _FINISHED_FIELDS})
     failed = None
     if data["error_kind"] is not None:
         failed = RunFailed(**{f: data[c] for f, c in _FAILED_COLUMNS.items()})
-    return _record(RunRecord, {**data, "spec": json.loads(data["spec"])},
-                   started=started, finished=finished, failed=failed)
+    return _record(
+        RunRecord, {**data, "spec": json.loads(data["spec"])}, started=started, finished=finished, failed=failed
+    )
 
 
 def _record(cls: type, row: Any, **more: Any) -> Any:

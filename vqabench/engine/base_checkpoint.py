@@ -10,6 +10,7 @@ It is built in a child process (``python -m vqabench.engine.base_checkpoint``) t
 progress with the worker's event protocol, so the memory it used is given back before the
 run it serves starts measuring.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
     return cache_dir / "base" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def build_base_checkpoint(folder: Path, *, seed: int, samples: int, device: torch.device,
-                          progress: Callable[[int, int, float], None] | None = None) -> None:
+def build_base_checkpoint(
+    folder: Path,
+    *,
+    seed: int,
+    samples: int,
+    device: torch.device,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> None:
     """Train the small BLIP on easy-VQA's base split and save it to `folder` atomically."""
     data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1, with_base=True)
     loaded = blip.build_embedded(seed)
@@ -89,15 +96,26 @@ def build_base_checkpoint(folder: Path, *, seed: int, samples: int, device: torc
         raise
 
 
-def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, device: torch.device,
-                           emit: Callable[[ev.Event], None]) -> Path:
+def ensure_base_checkpoint(
+    *, seed: int, samples: int, cache_dir: Path, device: torch.device, emit: Callable[[ev.Event], None]
+) -> Path:
     """The cached base checkpoint's folder, built first in a child process if missing."""
     folder = base_folder(cache_dir, seed, samples)
     if (folder / blip.META_FILE).exists():
         return folder
     log.info("building the embedded base checkpoint in %s (%d samples)", folder, samples)
-    cmd = [sys.executable, "-m", "vqabench.engine.base_checkpoint", str(folder), "--seed", str(seed),
-           "--samples", str(samples), "--device", device.type]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vqabench.engine.base_checkpoint",
+        str(folder),
+        "--seed",
+        str(seed),
+        "--samples",
+        str(samples),
+        "--device",
+        device.type,
+    ]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout is not None
         for line in child.stdout:
@@ -106,8 +124,9 @@ def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, device: 
             except ev.EventError:
                 log.warning("base checkpoint builder wrote a non-event line: %s", line.rstrip())
     if child.returncode != 0 or not (folder / blip.META_FILE).exists():
-        raise RuntimeError(f"building the embedded base checkpoint failed (exit code {child.returncode}); "
-                           f"its log is above on stderr.")
+        raise RuntimeError(
+            f"building the embedded base checkpoint failed (exit code {child.returncode}); its log is above on stderr."
+        )
     return folder
 
 
@@ -126,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     def progress(step: int, steps: int, loss: float) -> None:
         emit(ev.Progress(phase="base", epoch=0, step=step, steps=steps, running_loss=loss, message=BASE_MESSAGE))
 
-    build_base_checkpoint(args.folder, seed=args.seed, samples=args.samples, device=torch.device(args.device),
-                          progress=progress)
+    build_base_checkpoint(
+        args.folder, seed=args.seed, samples=args.samples, device=torch.device(args.device), progress=progress
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ no per-sequence scores, so the engine calls the three parts itself: the encoders
 per batch and their output is shared by the chosen and the rejected answer (one
 concatenated decoder pass) and by a reference decoder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -93,8 +94,9 @@ def build_embedded(seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     model = BlipForQuestionAnswering(config)
     size = int(config.vision_config.image_size)
-    return LoadedModel(model, embedded_tokenizer(), size, BLIP_IMAGE_MEAN, BLIP_IMAGE_STD,
-                       "embedded small BLIP (random init)")
+    return LoadedModel(
+        model, embedded_tokenizer(), size, BLIP_IMAGE_MEAN, BLIP_IMAGE_STD, "embedded small BLIP (random init)"
+    )
 
 
 def build_random_blip_vqa_base(seed: int) -> LoadedModel:
@@ -113,8 +115,14 @@ def build_random_blip_vqa_base(seed: int) -> LoadedModel:
     model = BlipForQuestionAnswering(config)
     tok = embedded_tokenizer()
     # Keep BLIP's own frame tokens so generation starts and stops like the real model.
-    return LoadedModel(model, tok, int(config.vision_config.image_size), BLIP_IMAGE_MEAN,
-                       BLIP_IMAGE_STD, "blip-vqa-base architecture (random weights)")
+    return LoadedModel(
+        model,
+        tok,
+        int(config.vision_config.image_size),
+        BLIP_IMAGE_MEAN,
+        BLIP_IMAGE_STD,
+        "blip-vqa-base architecture (random weights)",
+    )
 
 
 def load_pretrained(name_or_path: str) -> LoadedModel:
@@ -124,7 +132,9 @@ def load_pretrained(name_or_path: str) -> LoadedModel:
     path = Path(name_or_path)
     local = path.exists()
     if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-        raise ModelError(f"model '{name_or_path}' is neither an existing folder nor a hub id like 'Salesforce/blip-vqa-base'.")
+        raise ModelError(
+            f"model '{name_or_path}' is neither an existing folder nor a hub id like 'Salesforce/blip-vqa-base'."
+        )
     try:
         model = BlipForQuestionAnswering.from_pretrained(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -154,8 +164,12 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
-    meta = {"image_size": loaded.image_size, "image_mean": list(loaded.image_mean),
-            "image_std": list(loaded.image_std), "source": loaded.source}
+    meta = {
+        "image_size": loaded.image_size,
+        "image_mean": list(loaded.image_mean),
+        "image_std": list(loaded.image_std),
+        "source": loaded.source,
+    }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
@@ -199,23 +213,38 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def encode_questions(model: nn.Module, pixel_values: torch.Tensor, question_ids: torch.Tensor,
-                     question_mask: torch.Tensor) -> torch.Tensor:
+def encode_questions(
+    model: nn.Module, pixel_values: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+) -> torch.Tensor:
     """Vision encoder then question encoder: the question encoding the decoder attends to."""
     image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    out = model.text_encoder(input_ids=question_ids, attention_mask=question_mask,
-                             encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-                             return_dict=True)
+    out = model.text_encoder(
+        input_ids=question_ids,
+        attention_mask=question_mask,
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+        return_dict=True,
+    )
     return out.last_hidden_state
 
 
-def answer_logps(decoder: nn.Module, question_embeds: torch.Tensor, question_mask: torch.Tensor,
-                 answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logps(
+    decoder: nn.Module,
+    question_embeds: torch.Tensor,
+    question_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each answer and its token count (the first token, BOS, is given)."""
-    logits = decoder(input_ids=answer_ids, attention_mask=answer_mask,
-                     encoder_hidden_states=question_embeds, encoder_attention_mask=question_mask,
-                     return_logits=True, use_cache=False)
+    logits = decoder(
+        input_ids=answer_ids,
+        attention_mask=answer_mask,
+        encoder_hidden_states=question_embeds,
+        encoder_attention_mask=question_mask,
+        return_logits=True,
+        use_cache=False,
+    )
     targets = answer_ids[:, 1:]
     mask = answer_mask[:, 1:].to(torch.float32)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -226,13 +255,17 @@ def pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> t
     extra = length - ids.shape[1]
     if extra <= 0:
         return ids, mask
-    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id),
-            torch.nn.functional.pad(mask, (0, extra), value=0))
+    return (torch.nn.functional.pad(ids, (0, extra), value=pad_id), torch.nn.functional.pad(mask, (0, extra), value=0))
 
 
-def pair_logps(decoder: nn.Module, question_embeds: torch.Tensor, question_mask: torch.Tensor,
-               chosen: tuple[torch.Tensor, torch.Tensor], rejected: tuple[torch.Tensor, torch.Tensor],
-               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_logps(
+    decoder: nn.Module,
+    question_embeds: torch.Tensor,
+    question_mask: torch.Tensor,
+    chosen: tuple[torch.Tensor, torch.Tensor],
+    rejected: tuple[torch.Tensor, torch.Tensor],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen and rejected answers scored in ONE decoder pass, concatenated along the batch.
 
     Returns (chosen_logps, rejected_logps, chosen_lengths, rejected_lengths).
@@ -241,24 +274,38 @@ def pair_logps(decoder: nn.Module, question_embeds: torch.Tensor, question_mask:
     length = max(chosen[0].shape[1], rejected[0].shape[1])
     c_ids, c_mask = pad_to(*chosen, length, pad_id)
     r_ids, r_mask = pad_to(*rejected, length, pad_id)
-    logps, lengths = answer_logps(decoder, torch.cat([question_embeds, question_embeds]),
-                                  torch.cat([question_mask, question_mask]),
-                                  torch.cat([c_ids, r_ids]), torch.cat([c_mask, r_mask]))
+    logps, lengths = answer_logps(
+        decoder,
+        torch.cat([question_embeds, question_embeds]),
+        torch.cat([question_mask, question_mask]),
+        torch.cat([c_ids, r_ids]),
+        torch.cat([c_mask, r_mask]),
+    )
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
 
 
 @torch.no_grad()
-def greedy_answers(loaded: LoadedModel, pixel_values: torch.Tensor, question_ids: torch.Tensor,
-                   question_mask: torch.Tensor, max_tokens: int) -> list[str]:
+def greedy_answers(
+    loaded: LoadedModel,
+    pixel_values: torch.Tensor,
+    question_ids: torch.Tensor,
+    question_mask: torch.Tensor,
+    max_tokens: int,
+) -> list[str]:
     """Greedy decoding from BOS until SEP, for a batch; returns decoded answer strings."""
     model = loaded.model
     q = encode_questions(model, pixel_values, question_ids, question_mask)
     seq = torch.full((q.shape[0], 1), loaded.bos_token_id, dtype=torch.long, device=q.device)
     done = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
     for _ in range(max_tokens):
-        logits = model.text_decoder(input_ids=seq, attention_mask=torch.ones_like(seq),
-                                    encoder_hidden_states=q, encoder_attention_mask=question_mask,
-                                    use_cache=False, return_dict=True).logits
+        logits = model.text_decoder(
+            input_ids=seq,
+            attention_mask=torch.ones_like(seq),
+            encoder_hidden_states=q,
+            encoder_attention_mask=question_mask,
+            use_cache=False,
+            return_dict=True,
+        ).logits
         nxt = logits[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, loaded.pad_token_id), nxt)
         seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)

@@ -5,6 +5,7 @@ Timing and memory do not depend on weight values, so ``blip-vqa-base-random`` bu
 shipped in ``vqabench/assets/blip-vqa-base.json`` (each value's source is named there and
 in ``docs/telemetry.md``). transformers is imported lazily.
 """
+
 from __future__ import annotations
 
 import json

@@ -11,6 +11,7 @@ Both run the reference in eval mode (no dropout), so they give the same numbers.
 KTO's KL term pairs question i with the chosen answer of row (i+1) mod N of its split: a
 fixed "mismatched" pairing that can be precomputed too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -67,8 +68,14 @@ class CopyReference:
         return module_bytes(self.part)
 
     @torch.no_grad()
-    def logps(self, encoded: EncodedData, split: str, batch: Batch, question_embeds: torch.Tensor,
-              with_mismatched: bool = False) -> ReferenceLogps:
+    def logps(
+        self,
+        encoded: EncodedData,
+        split: str,
+        batch: Batch,
+        question_embeds: torch.Tensor,
+        with_mismatched: bool = False,
+    ) -> ReferenceLogps:
         if self.train == "decoder":
             decoder, q = self.part, question_embeds.detach()
         else:  # a full copy: it has its own encoders
@@ -87,15 +94,20 @@ class PrecomputedReference:
     strategy = "precompute"
     resident_bytes = 0  # no reference weights stay resident while training
 
-    def __init__(self, table: dict[str, dict[str, torch.Tensor]], path: Path | None, seconds: float,
-                 from_cache: bool):
+    def __init__(self, table: dict[str, dict[str, torch.Tensor]], path: Path | None, seconds: float, from_cache: bool):
         self.table = table
         self.path = path
         self.seconds = seconds
         self.from_cache = from_cache
 
-    def logps(self, encoded: EncodedData, split: str, batch: Batch, question_embeds: torch.Tensor,
-              with_mismatched: bool = False) -> ReferenceLogps:
+    def logps(
+        self,
+        encoded: EncodedData,
+        split: str,
+        batch: Batch,
+        question_embeds: torch.Tensor,
+        with_mismatched: bool = False,
+    ) -> ReferenceLogps:
         t = self.table[split]
         device = question_embeds.device
         rows = batch.rows
@@ -103,15 +115,25 @@ class PrecomputedReference:
         return ReferenceLogps(t["chosen"][rows].to(device), t["rejected"][rows].to(device), mm)
 
     @classmethod
-    def build(cls, loaded: blip.LoadedModel, encoded: EncodedData, *, batch_size: int,
-              device: torch.device, cache_dir: Path | None, checkpoint_key: str, data_key: str,
-              progress: ProgressFn | None = None) -> PrecomputedReference:
+    def build(
+        cls,
+        loaded: blip.LoadedModel,
+        encoded: EncodedData,
+        *,
+        batch_size: int,
+        device: torch.device,
+        cache_dir: Path | None,
+        checkpoint_key: str,
+        data_key: str,
+        progress: ProgressFn | None = None,
+    ) -> PrecomputedReference:
         """Load the cached table for this checkpoint and data, or score every pair once."""
         import time
 
         key = hashlib.sha256(
             f"{checkpoint_key}|{data_key}|{encoded.splits['train'].chosen_ids.shape}|"
-            f"{len(encoded.splits['eval'])}".encode()).hexdigest()[:24]
+            f"{len(encoded.splits['eval'])}".encode()
+        ).hexdigest()[:24]
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
         if path is not None and path.exists():
             try:
@@ -134,10 +156,12 @@ class PrecomputedReference:
                 for lo in range(0, n, batch_size):
                     batch = encoded.batch(split, torch.arange(lo, min(lo + batch_size, n)), device)
                     q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
-                    c, r, _, _ = blip.pair_logps(model.text_decoder, q, batch.question_mask, batch.chosen,
-                                                 batch.rejected, loaded.pad_token_id)
-                    mm, _ = blip.answer_logps(model.text_decoder, q, batch.question_mask,
-                                              *mismatched_answers(encoded, split, batch))
+                    c, r, _, _ = blip.pair_logps(
+                        model.text_decoder, q, batch.question_mask, batch.chosen, batch.rejected, loaded.pad_token_id
+                    )
+                    mm, _ = blip.answer_logps(
+                        model.text_decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch)
+                    )
                     for name, value in (("chosen", c), ("rejected", r), ("mismatched", mm)):
                         parts[name].append(value.float().cpu())
                     done += 1

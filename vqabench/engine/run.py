@@ -2,6 +2,7 @@
 
 Everything is reported as events through `emit`; nothing here writes to stdout.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,13 +38,11 @@ class Throttled:
     def __init__(self, emit: Emit, interval: float = 0.25):
         self.emit, self.interval, self.last = emit, interval, 0.0
 
-    def __call__(self, phase: str, epoch: int, step: int, steps: int, loss: float | None,
-                 message: str = "") -> None:
+    def __call__(self, phase: str, epoch: int, step: int, steps: int, loss: float | None, message: str = "") -> None:
         now = time.monotonic()
         if step >= steps or now - self.last >= self.interval:
             self.last = now
-            self.emit(ev.Progress(phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss,
-                                  message=message))
+            self.emit(ev.Progress(phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss, message=message))
 
 
 def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path) -> DataSplits:
@@ -51,19 +50,28 @@ def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path
         return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
     from vqabench.engine.data.hub import load_splits
 
-    return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, count_tokens=count_tokens,
-                       max_answer_tokens=spec.max_answer_tokens, cache_dir=cache_dir / "datasets")
+    return load_splits(
+        spec.dataset,
+        seed=spec.dataset.seed,
+        limit=spec.limit,
+        count_tokens=count_tokens,
+        max_answer_tokens=spec.max_answer_tokens,
+        cache_dir=cache_dir / "datasets",
+    )
 
 
-def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
-                        emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
+def load_model_and_data(
+    spec: RunSpec, cache_dir: Path, device: torch.device, emit: Emit
+) -> tuple[blip.LoadedModel, DataSplits]:
     """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
     builds_base = spec.init_checkpoint is None and spec.model == "embedded"
     loaded: blip.LoadedModel | None = None
     if spec.init_checkpoint is not None:
         if not Path(spec.init_checkpoint).is_dir():
-            raise blip.ModelError(f"the starting checkpoint '{spec.init_checkpoint}' does not exist; "
-                                  f"run the preset named in 'after' first.")
+            raise blip.ModelError(
+                f"the starting checkpoint '{spec.init_checkpoint}' does not exist; "
+                f"run the preset named in 'after' first."
+            )
         loaded = blip.load_pretrained(spec.init_checkpoint)
     elif spec.model == "blip-vqa-base-random":
         loaded = blip.build_random_blip_vqa_base(spec.seed)
@@ -74,8 +82,9 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, device: torch.device,
     if builds_base:
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
         # same "pretrained" model for every dataset.
-        folder = ensure_base_checkpoint(seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir,
-                                        device=device, emit=emit)
+        folder = ensure_base_checkpoint(
+            seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, device=device, emit=emit
+        )
         loaded = blip.load_pretrained(str(folder))
     assert loaded is not None
     return loaded, data
@@ -95,8 +104,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     loaded.model.to(device)
     if not data.report.token_stats:
         count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        data.report.token_stats = answer_token_stats([*data.train, *data.eval, *data.test], count,
-                                                     spec.max_answer_tokens)
+        data.report.token_stats = answer_token_stats(
+            [*data.train, *data.eval, *data.test], count, spec.max_answer_tokens
+        )
     encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
@@ -108,27 +118,54 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             reference.part.to(device)
         else:
             ckpt = spec.init_checkpoint
-            start = blip.checkpoint_fingerprint(Path(ckpt)) if ckpt else \
-                f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
+            start = (
+                blip.checkpoint_fingerprint(Path(ckpt))
+                if ckpt
+                else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
+            )
             key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
             reference = PrecomputedReference.build(
-                loaded, encoded, batch_size=spec.batch_size, device=device, cache_dir=cache_dir,
-                checkpoint_key=key, data_key=data.fingerprint,
-                progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"))
+                loaded,
+                encoded,
+                batch_size=spec.batch_size,
+                device=device,
+                cache_dir=cache_dir,
+                checkpoint_key=key,
+                data_key=data.fingerprint,
+                progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
+            )
             reference_seconds = reference.seconds
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
     telemetry = Telemetry(str(device), interval=spec.telemetry_interval)
-    data_info = {"dataset": data.name, "sizes": data.sizes(), "quality": data.report.to_dict(),
-                 "fingerprint": data.fingerprint, "model_source": loaded.source,
-                 "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
-                 "reference_seconds": reference_seconds}
-    emit(ev.RunStarted(run=spec.name, method=spec.method, config=spec.to_dict(), device=_describe(device),
-                       torch_version=torch.__version__, trainable_params=trainable, total_params=total,
-                       reference_strategy=spec.reference if reference is not None else None,
-                       reference_bytes=ref_bytes, epochs=spec.epochs, steps_per_epoch=trainer.steps_per_epoch,
-                       telemetry=telemetry.status, data=data_info, pid=os.getpid()))
+    data_info = {
+        "dataset": data.name,
+        "sizes": data.sizes(),
+        "quality": data.report.to_dict(),
+        "fingerprint": data.fingerprint,
+        "model_source": loaded.source,
+        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
+        "reference_seconds": reference_seconds,
+    }
+    emit(
+        ev.RunStarted(
+            run=spec.name,
+            method=spec.method,
+            config=spec.to_dict(),
+            device=_describe(device),
+            torch_version=torch.__version__,
+            trainable_params=trainable,
+            total_params=total,
+            reference_strategy=spec.reference if reference is not None else None,
+            reference_bytes=ref_bytes,
+            epochs=spec.epochs,
+            steps_per_epoch=trainer.steps_per_epoch,
+            telemetry=telemetry.status,
+            data=data_info,
+            pid=os.getpid(),
+        )
+    )
 
     if spec.eval_every_epoch:
         # Judging happens after every epoch: load the judge's model now, so it is resident from
@@ -157,16 +194,28 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 except JudgeError as exc:
                     log.error("judging epoch %d's eval answers failed: %s", epoch, exc)
                     summary = score_items(eval_items, None, cache_dir, with_intervals=False)
-                scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score,
-                          "scored_n": summary.n}
+                scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score, "scored_n": summary.n}
             e = result.eval
-            emit(ev.EpochEnded(epoch=epoch, epochs=spec.epochs, train_loss=result.train_loss, eval_loss=e.loss,
-                               epoch_seconds=result.epoch_seconds, eval_seconds=e.seconds,
-                               samples_per_s=result.samples / result.epoch_seconds if result.epoch_seconds else 0.0,
-                               lr=result.lr, reference_bytes=ref_bytes, chosen_logp=e.chosen_logp,
-                               rejected_logp=e.rejected_logp, reward_margin=e.reward_margin,
-                               pref_accuracy=e.pref_accuracy, is_best=result.is_best, **tel.event_fields(),
-                               **scored))
+            emit(
+                ev.EpochEnded(
+                    epoch=epoch,
+                    epochs=spec.epochs,
+                    train_loss=result.train_loss,
+                    eval_loss=e.loss,
+                    epoch_seconds=result.epoch_seconds,
+                    eval_seconds=e.seconds,
+                    samples_per_s=result.samples / result.epoch_seconds if result.epoch_seconds else 0.0,
+                    lr=result.lr,
+                    reference_bytes=ref_bytes,
+                    chosen_logp=e.chosen_logp,
+                    rejected_logp=e.rejected_logp,
+                    reward_margin=e.reward_margin,
+                    pref_accuracy=e.pref_accuracy,
+                    is_best=result.is_best,
+                    **tel.event_fields(),
+                    **scored,
+                )
+            )
 
     if best_state is not None:
         part.load_state_dict(best_state)
@@ -174,8 +223,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     pairs = encoded.splits["test"].pairs
     items = judge_items_of(pairs, answers)
     try:
-        summary = score_items(items, spec.judge, cache_dir,
-                              progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers"))
+        summary = score_items(
+            items, spec.judge, cache_dir, progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers")
+        )
     except JudgeError as exc:
         # Training and answers are sound: keep them (and the runs that start from this one);
         # the answers can be judged later with `vqabench judge --run ID`.
@@ -185,15 +235,27 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
         for i, (pair, answer) in enumerate(zip(pairs, answers)):
-            row = {"image_id": pair.image_id, "question": pair.question, "reference": pair.chosen,
-                   "prediction": answer, "em": metrics.exact_match(answer, pair.chosen),
-                   "f1": metrics.token_f1(answer, pair.chosen)}
+            row = {
+                "image_id": pair.image_id,
+                "question": pair.question,
+                "reference": pair.chosen,
+                "prediction": answer,
+                "em": metrics.exact_match(answer, pair.chosen),
+                "f1": metrics.token_f1(answer, pair.chosen),
+            }
             if i < len(summary.verdicts):
                 row["verdict"] = summary.verdicts[i]
             fh.write(json.dumps(row) + "\n")
     emit(summary.to_event("test", str(predictions)))
-    emit(ev.RunFinished(best_epoch=trainer.best_epoch, best_eval_loss=trainer.best_loss, checkpoint=str(best_dir),
-                        total_seconds=time.perf_counter() - t_start, train_seconds=train_seconds))
+    emit(
+        ev.RunFinished(
+            best_epoch=trainer.best_epoch,
+            best_eval_loss=trainer.best_loss,
+            checkpoint=str(best_dir),
+            total_seconds=time.perf_counter() - t_start,
+            train_seconds=train_seconds,
+        )
+    )
 
 
 def judge_items_of(pairs: list, answers: list[str]) -> list[JudgeItem]:

@@ -6,6 +6,7 @@ Where something cannot be measured (no GPU, no NVML, a counter the driver does n
 the figure is ``None``, never a fake zero. torch and pynvml are imported lazily, so importing
 this module is cheap. Documented in ``docs/telemetry.md``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,15 @@ from typing import Any, Iterable, Protocol
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-_EVENT_FIELDS = ("peak_rss_mib", "cuda_max_allocated_mib", "cuda_max_reserved_mib",
-                 "gpu_process_peak_mib", "gpu_device_peak_mib", "gpu_util_mean", "gpu_power_mean_w")
+_EVENT_FIELDS = (
+    "peak_rss_mib",
+    "cuda_max_allocated_mib",
+    "cuda_max_reserved_mib",
+    "gpu_process_peak_mib",
+    "gpu_device_peak_mib",
+    "gpu_util_mean",
+    "gpu_power_mean_w",
+)
 
 
 @dataclass(frozen=True)
@@ -245,7 +253,7 @@ def _nvml_handle(nvml: Any, cuda_index: int) -> Any:
 
 
 def _torch_device_uuid(cuda_index: int) -> str | None:
-    """"GPU-<uuid>" of torch's cuda:`cuda_index`, or None where torch cannot say."""
+    """ "GPU-<uuid>" of torch's cuda:`cuda_index`, or None where torch cannot say."""
     if "torch" not in sys.modules:
         return None
     import torch
@@ -308,8 +316,9 @@ class Telemetry:
     returns a :class:`Reading` or None, so the aggregation is testable without a GPU.
     """
 
-    def __init__(self, device: str, interval: float = 0.2, pid: int | None = None,
-                 source: ReadingSource | None = None) -> None:
+    def __init__(
+        self, device: str, interval: float = 0.2, pid: int | None = None, source: ReadingSource | None = None
+    ) -> None:
         if interval <= 0:
             raise ValueError(f"telemetry interval must be positive, got {interval!r}")
         self.device = device
@@ -436,4 +445,3 @@ class Telemetry:
             samples=window.samples,
             failed_samples=window.failed,
         )
-

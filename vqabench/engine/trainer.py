@@ -5,6 +5,7 @@ split (eval loss = the method's own loss; preference metrics on plain log-probs,
 compare across methods), steps the LR schedule, and keeps the checkpoint with the lowest
 eval loss. The caller owns the events; the trainer reports through callbacks.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,14 @@ class Reference(Protocol):
     @property
     def resident_bytes(self) -> int: ...
 
-    def logps(self, encoded: EncodedData, split: str, batch: Batch, question_embeds: torch.Tensor,
-              with_mismatched: bool = False) -> ReferenceLogps: ...
+    def logps(
+        self,
+        encoded: EncodedData,
+        split: str,
+        batch: Batch,
+        question_embeds: torch.Tensor,
+        with_mismatched: bool = False,
+    ) -> ReferenceLogps: ...
 
 
 @dataclass
@@ -78,8 +85,7 @@ def synchronize(device: torch.device) -> None:
 class MethodStep:
     """Computes one method's per-example losses for a batch: the step every run and benchmark shares."""
 
-    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData,
-                 reference: Reference | None):
+    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData, reference: Reference | None):
         self.spec = spec
         self.loaded = loaded
         self.encoded = encoded
@@ -99,8 +105,9 @@ class MethodStep:
         if not self.needs.needs_rejected:
             c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
             return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None, q)
-        c, r, c_len, r_len = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected,
-                                             self.loaded.pad_token_id)
+        c, r, c_len, r_len = blip.pair_logps(
+            decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.loaded.pad_token_id
+        )
         method, beta = spec.method, spec.resolved_beta
         ref = None
         if self.needs.needs_reference:
@@ -116,11 +123,13 @@ class MethodStep:
             losses = objectives.ipo_loss(c, r, ref.chosen, ref.rejected, c_len, r_len, beta)
         elif method == "kto":
             with torch.no_grad():
-                mm, _ = blip.answer_logps(decoder, q.detach(), batch.question_mask,
-                                          *mismatched_answers(self.encoded, split, batch))
+                mm, _ = blip.answer_logps(
+                    decoder, q.detach(), batch.question_mask, *mismatched_answers(self.encoded, split, batch)
+                )
             kl = objectives.kto_kl_estimate(mm, ref.mismatched)
-            losses = objectives.kto_loss(c, r, ref.chosen, ref.rejected, kl, beta,
-                                         spec.kto_desirable_weight, spec.kto_undesirable_weight)
+            losses = objectives.kto_loss(
+                c, r, ref.chosen, ref.rejected, kl, beta, spec.kto_desirable_weight, spec.kto_undesirable_weight
+            )
         else:
             raise ValueError(f"unknown method '{method}'")
         return StepOutput(losses, c.detach(), r.detach(), q)
@@ -129,9 +138,15 @@ class MethodStep:
 class Trainer:
     """Trains `loaded.model` on `encoded` with the spec's method; reports through callbacks."""
 
-    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData,
-                 reference: Reference | None, device: torch.device,
-                 on_progress: Callable[[str, int, int, int, float | None], None] | None = None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        loaded: blip.LoadedModel,
+        encoded: EncodedData,
+        reference: Reference | None,
+        device: torch.device,
+        on_progress: Callable[[str, int, int, int, float | None], None] | None = None,
+    ):
         self.spec = spec
         self.loaded = loaded
         self.encoded = encoded
@@ -172,14 +187,15 @@ class Trainer:
         synchronize(self.device)
         start = time.perf_counter()
         for step in range(steps):
-            rows = order[step * bs:(step + 1) * bs]
+            rows = order[step * bs : (step + 1) * bs]
             batch = self.encoded.batch("train", rows, self.device)
             try:
                 loss = self.train_step(batch)
             except NumericsError:
                 raise NumericsError(
                     f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {step + 1} of {steps}; "
-                    f"lower lr (now {self.spec.lr:g}) or check the data.") from None
+                    f"lower lr (now {self.spec.lr:g}) or check the data."
+                ) from None
             total += loss * len(batch)
             count += len(batch)
             now = time.perf_counter()
@@ -201,16 +217,22 @@ class Trainer:
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
-                r, _ = blip.answer_logps(self.loaded.model.text_decoder, out.question_embeds,
-                                         batch.question_mask, *batch.rejected)
+                r, _ = blip.answer_logps(
+                    self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
+                )
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
         c, r = torch.cat(chosen), torch.cat(rejected)
         margins = objectives.reward_margins(c, r)
-        return EvalResult(float(torch.cat(losses).mean()), float(c.mean()), float(r.mean()),
-                          float(margins.mean()), objectives.preference_accuracy(margins),
-                          time.perf_counter() - start)
+        return EvalResult(
+            float(torch.cat(losses).mean()),
+            float(c.mean()),
+            float(r.mean()),
+            float(margins.mean()),
+            objectives.preference_accuracy(margins),
+            time.perf_counter() - start,
+        )
 
     def run_epoch(self, epoch: int) -> EpochResult:
         lr = self.optimizer.param_groups[0]["lr"]
@@ -235,7 +257,8 @@ class Trainer:
         steps = -(-n // bs)
         for i, lo in enumerate(range(0, n, bs)):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
-            out += blip.greedy_answers(self.loaded, batch.pixel_values, batch.question_ids,
-                                       batch.question_mask, self.spec.max_answer_tokens)
+            out += blip.greedy_answers(
+                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+            )
             self.on_progress("generate", 0, i + 1, steps, None)
         return out

@@ -5,6 +5,7 @@ and nothing else: before anything is imported that might print, the real stdout 
 for events and file descriptor 1 is pointed at stderr, where all logs go. Exit code 0
 only on success; on failure a ``run_failed`` event carries a one-sentence message.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
     from vqabench.spec import SpecError
 
     text = str(exc).strip() or type(exc).__name__
-    for cls, kind in ((SpecError, "config"), (DataError, "data"), (ModelError, "model"),
-                      (NumericsError, "numerics"), (JudgeError, "judge")):
+    for cls, kind in (
+        (SpecError, "config"),
+        (DataError, "data"),
+        (ModelError, "model"),
+        (NumericsError, "numerics"),
+        (JudgeError, "judge"),
+    ):
         if isinstance(exc, cls):
             return kind, text
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
@@ -60,8 +66,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     emit = EventWriter(protocol_stream())
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if len(argv) != 1:
         emit(ev.RunFailed(error_kind="config", message="usage: python -m vqabench.engine.worker SPEC.json"))
         return 2

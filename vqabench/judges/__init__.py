@@ -4,24 +4,53 @@
 set, else the offline `semantic` judge. Heavy imports (torch, the together client) happen
 only when such a judge is built. See docs/judges.md.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from vqabench.judges.base import (
-    Grade, Judge, JudgeAuthError, JudgeError, JudgeItem, JudgeQuotaError, JudgeRequestError,
-    JudgeSummary, JudgeUnavailableError, Preference, Verdict, score,
+    Grade,
+    Judge,
+    JudgeAuthError,
+    JudgeError,
+    JudgeItem,
+    JudgeQuotaError,
+    JudgeRequestError,
+    JudgeSummary,
+    JudgeUnavailableError,
+    Preference,
+    Verdict,
+    score,
 )
 from vqabench.judges.batch import JudgeInputError, cached_compare, judge_file, judge_items, read_items
 from vqabench.judges.cache import CachedJudge, JudgmentCache, default_cache_path
 from vqabench.spec import JudgeSpec
 
 __all__ = [
-    "CachedJudge", "Grade", "Judge", "JudgeAuthError", "JudgeError", "JudgeInputError", "JudgeItem",
-    "JudgeQuotaError", "JudgeRequestError", "JudgeSummary", "JudgeUnavailableError",
-    "JudgmentCache", "Preference", "Verdict", "cached_compare", "default_cache_path",
-    "judge_file", "judge_items", "make_judge", "read_items", "resolve_judge_name", "score",
+    "CachedJudge",
+    "Grade",
+    "Judge",
+    "JudgeAuthError",
+    "JudgeError",
+    "JudgeInputError",
+    "JudgeItem",
+    "JudgeQuotaError",
+    "JudgeRequestError",
+    "JudgeSummary",
+    "JudgeUnavailableError",
+    "JudgmentCache",
+    "Preference",
+    "Verdict",
+    "cached_compare",
+    "default_cache_path",
+    "judge_file",
+    "judge_items",
+    "make_judge",
+    "read_items",
+    "resolve_judge_name",
+    "score",
 ]
 
 

@@ -4,6 +4,7 @@ A judge grades (question, reference answer, predicted answer) as CORRECT, INCORR
 UNPARSEABLE, in batches, and compares two answers to the same question for win rates.
 Pure Python: judges that need torch or an API client import them in their own module.
 """
+
 from __future__ import annotations
 
 import enum
@@ -66,8 +67,10 @@ class JudgeSummary:
         graded = self.n - self.unparseable
         if self.score is None:
             return f"no score: none of {self.n} answers could be graded ({self.unparseable} unparseable)"
-        return (f"{self.score:.3f} ({self.correct} of {graded} graded answers correct; "
-                f"{self.n} judged, {self.unparseable} unparseable)")
+        return (
+            f"{self.score:.3f} ({self.correct} of {graded} graded answers correct; "
+            f"{self.n} judged, {self.unparseable} unparseable)"
+        )
 
 
 def score(verdicts: Sequence[Verdict]) -> JudgeSummary:
@@ -76,8 +79,7 @@ def score(verdicts: Sequence[Verdict]) -> JudgeSummary:
     unparseable = sum(1 for v in verdicts if v.grade is Grade.UNPARSEABLE)
     correct = sum(1 for v in verdicts if v.grade is Grade.CORRECT)
     graded = n - unparseable
-    return JudgeSummary(score=correct / graded if graded else None, n=n,
-                        unparseable=unparseable, correct=correct)
+    return JudgeSummary(score=correct / graded if graded else None, n=n, unparseable=unparseable, correct=correct)
 
 
 class JudgeError(RuntimeError):
@@ -110,8 +112,7 @@ class Judge(ABC):
     uses_cache: bool = True  # False where a verdict costs less than a cache lookup
 
     @abstractmethod
-    def grade(self, items: Sequence[JudgeItem],
-              on_verdict: VerdictCallback | None = None) -> list[Verdict]:
+    def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         """Grade every item, in order; call `on_verdict` in the caller's thread as each is ready."""
 
     @abstractmethod

@@ -4,6 +4,7 @@
 ``{"question": ..., "reference": ..., "prediction": ...}`` (other keys are kept) and each
 output line is the input plus the verdict, the judge's reply and the judge's identity.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ class JudgeInputError(ValueError):
     """A judge input file that cannot be read; the message names the file, line and key."""
 
 
-def judge_items(judge: Judge, items: Sequence[JudgeItem], cache: JudgmentCache | None = None,
-                on_progress: ProgressCallback | None = None) -> list[Verdict]:
+def judge_items(
+    judge: Judge,
+    items: Sequence[JudgeItem],
+    cache: JudgmentCache | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> list[Verdict]:
     """Grade `items` in order, answering from `cache` where it can and filling it as it goes."""
     if cache is not None and judge.uses_cache and not isinstance(judge, CachedJudge):
         judge = CachedJudge(judge, cache)
@@ -57,21 +62,31 @@ def read_items(path: str | os.PathLike[str]) -> tuple[list[JudgeItem], list[dict
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise JudgeInputError(f"{path} line {number}: not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
+            raise JudgeInputError(
+                f"{path} line {number}: not valid JSON ({exc.msg}); each line must be one JSON object."
+            ) from exc
         if not isinstance(row, dict):
-            raise JudgeInputError(f"{path} line {number}: a {type(row).__name__} where a JSON object with keys question, reference and prediction is needed.")
+            raise JudgeInputError(
+                f"{path} line {number}: a {type(row).__name__} where a JSON object with keys question, reference and prediction is needed."
+            )
         for key in ITEM_KEYS:
             if not isinstance(row.get(key), str):
                 problem = "is missing" if key not in row else f"has value {row[key]!r}"
-                raise JudgeInputError(f"{path} line {number}: key '{key}' {problem}; question, reference and prediction must be strings.")
+                raise JudgeInputError(
+                    f"{path} line {number}: key '{key}' {problem}; question, reference and prediction must be strings."
+                )
         rows.append(row)
         items.append(JudgeItem(row["question"], row["reference"], row["prediction"]))
     return items, rows
 
 
-def judge_file(path_in: str | os.PathLike[str], judge: Judge, out_path: str | os.PathLike[str],
-               cache: JudgmentCache | None = None,
-               on_progress: ProgressCallback | None = None) -> JudgeSummary:
+def judge_file(
+    path_in: str | os.PathLike[str],
+    judge: Judge,
+    out_path: str | os.PathLike[str],
+    cache: JudgmentCache | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> JudgeSummary:
     """Judge every line of a JSONL file, write the verdicts as JSONL and return the score."""
     items, rows = read_items(path_in)
     verdicts = judge_items(judge, items, cache=cache, on_progress=on_progress)

@@ -6,6 +6,7 @@ outage, timeout) leaves no row, so a rerun asks again, while everything judged b
 interruption is reused. UNPARSEABLE replies are stored too: the same prompt at
 temperature 0 would get the same reply, and a new prompt version is a new key.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,13 +85,15 @@ class JudgmentCache:
 
     @staticmethod
     def grade_key(judge: Judge, item: JudgeItem) -> str:
-        return judgment_key("grade", judge.name, judge.model, judge.prompt_version,
-                            item.question, item.reference, item.prediction)
+        return judgment_key(
+            "grade", judge.name, judge.model, judge.prompt_version, item.question, item.reference, item.prediction
+        )
 
     @staticmethod
     def compare_key(judge: Judge, question: str, reference: str, answer_a: str, answer_b: str) -> str:
-        return judgment_key("compare", judge.name, judge.model, judge.compare_version,
-                            question, reference, answer_a, answer_b)
+        return judgment_key(
+            "compare", judge.name, judge.model, judge.compare_version, question, reference, answer_a, answer_b
+        )
 
     def get_verdicts(self, keys: Iterable[str]) -> dict[str, Verdict]:
         """The stored verdicts among `keys`."""
@@ -98,36 +101,56 @@ class JudgmentCache:
         found: dict[str, Verdict] = {}
         with self._lock:
             for start in range(0, len(keys), _LOOKUP_CHUNK):
-                chunk = keys[start:start + _LOOKUP_CHUNK]
+                chunk = keys[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(
-                    f"SELECT key, outcome, reply, similarity FROM judgments "
-                    f"WHERE kind = 'grade' AND key IN ({marks})", chunk)
+                    f"SELECT key, outcome, reply, similarity FROM judgments WHERE kind = 'grade' AND key IN ({marks})",
+                    chunk,
+                )
                 for key, outcome, reply, similarity in rows:
                     found[key] = Verdict(Grade(outcome), reply=reply, similarity=similarity)
         return found
 
     def put_verdict(self, key: str, judge: Judge, verdict: Verdict) -> None:
-        self._put(key, "grade", judge.name, judge.model, judge.prompt_version,
-                  verdict.grade.value, verdict.reply, verdict.similarity)
+        self._put(
+            key,
+            "grade",
+            judge.name,
+            judge.model,
+            judge.prompt_version,
+            verdict.grade.value,
+            verdict.reply,
+            verdict.similarity,
+        )
 
     def get_preference(self, key: str) -> Preference | None:
         with self._lock:
-            row = self._db.execute("SELECT outcome FROM judgments WHERE kind = 'compare' AND key = ?",
-                                   (key,)).fetchone()
+            row = self._db.execute(
+                "SELECT outcome FROM judgments WHERE kind = 'compare' AND key = ?", (key,)
+            ).fetchone()
         return row[0] if row else None
 
     def put_preference(self, key: str, judge: Judge, preference: Preference) -> None:
         self._put(key, "compare", judge.name, judge.model, judge.compare_version, preference, "", None)
 
-    def _put(self, key: str, kind: str, judge: str, model: str, version: str, outcome: str,
-             reply: str, similarity: float | None) -> None:
+    def _put(
+        self,
+        key: str,
+        kind: str,
+        judge: str,
+        model: str,
+        version: str,
+        outcome: str,
+        reply: str,
+        similarity: float | None,
+    ) -> None:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO judgments "
                 "(key, kind, judge, model, version, outcome, reply, similarity, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, kind, judge, model, version, outcome, reply, similarity, time.time()))
+                (key, kind, judge, model, version, outcome, reply, similarity, time.time()),
+            )
             self._db.commit()
 
 
@@ -152,8 +175,7 @@ class CachedJudge(Judge):
     def prepare(self) -> None:
         self.inner.prepare()
 
-    def grade(self, items: Sequence[JudgeItem],
-              on_verdict: VerdictCallback | None = None) -> list[Verdict]:
+    def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         verdicts: list[Verdict | None] = [None] * len(items)
 
         def deliver(index: int, verdict: Verdict) -> None:

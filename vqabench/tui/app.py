@@ -8,6 +8,7 @@ subscriber only posts messages (:mod:`vqabench.tui.messages`); their handlers up
 cancels the runner and waits until its worker is gone (SIGTERM, then SIGKILL after the
 grace period), so nothing is left running; SIGTERM and SIGHUP (a closed terminal) do the same.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,12 @@ REDRAW_DELAY = 0.05
 #: Exit status after the terminal hung up (128 + SIGHUP, as a shell reports it).
 EXIT_HANGUP = 128 + signal.SIGHUP
 #: (tab id, panel id, label) of the lower panels; one at a time on a small terminal.
-PANELS = (("tab-epochs", "panel-epochs", "1 Epochs"), ("tab-loss", "panel-loss", "2 Loss"),
-          ("tab-efficiency", "panel-efficiency", "3 Efficiency"), ("tab-log", "panel-log", "4 Log"))
+PANELS = (
+    ("tab-epochs", "panel-epochs", "1 Epochs"),
+    ("tab-loss", "panel-loss", "2 Loss"),
+    ("tab-efficiency", "panel-efficiency", "3 Efficiency"),
+    ("tab-log", "panel-log", "4 Log"),
+)
 
 
 class Dashboard(App[int]):
@@ -78,10 +83,18 @@ class Dashboard(App[int]):
         *(Binding(label[0], f"show_panel('{tab}')", label[2:], show=False) for tab, _, label in PANELS),
     ]
 
-    def __init__(self, store: ResultsStore, *, selection: str | None = None,
-                 overrides: Overrides | None = None, worker_cmd: Sequence[str] | None = None,
-                 cache_dir: Path | str | None = None, grace_seconds: float = 5.0,
-                 clock: Clock = time.monotonic, command: str = "vqabench") -> None:
+    def __init__(
+        self,
+        store: ResultsStore,
+        *,
+        selection: str | None = None,
+        overrides: Overrides | None = None,
+        worker_cmd: Sequence[str] | None = None,
+        cache_dir: Path | str | None = None,
+        grace_seconds: float = 5.0,
+        clock: Clock = time.monotonic,
+        command: str = "vqabench",
+    ) -> None:
         super().__init__()
         self.store = store
         self.selection = selection or "all"
@@ -119,7 +132,7 @@ class Dashboard(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        for (_, panel, label) in PANELS:
+        for _, panel, label in PANELS:
             self.query_one(f"#{panel}").border_title = label[2:]
         self.query_one("#panel-tabs", Tabs).can_focus = False
         self.query_one(RunsTable).focus()
@@ -162,9 +175,14 @@ class Dashboard(App[int]):
             self.notify(str(exc), title="Cannot start", severity="error", timeout=15)
             return False
         specs = chosen.specs
-        runner = Runner(specs, runs_dir=self.store.results_dir / "runs", session=session.label,
-                        worker_cmd=self.worker_cmd, cache_dir=self.cache_dir,
-                        grace_seconds=self.grace_seconds)
+        runner = Runner(
+            specs,
+            runs_dir=self.store.results_dir / "runs",
+            session=session.label,
+            worker_cmd=self.worker_cmd,
+            cache_dir=self.cache_dir,
+            grace_seconds=self.grace_seconds,
+        )
         runner.subscribe(self.store.recorder(session))
         runner.subscribe(self._on_runner_note)
         self.runner = runner
@@ -174,10 +192,11 @@ class Dashboard(App[int]):
         self._show_view(self.live)
         self.query_one(RunsTable).user_moved = False
         self._tab_chosen = False
-        self.runner_worker = self.run_worker(runner.run(), name="runner", group="runner",
-                                             exit_on_error=False)
-        added = "".join(f" Added {name}: {', '.join(s.name for s in specs if s.after == name)} start(s) "
-                        f"from its checkpoint." for name in chosen.added)
+        self.runner_worker = self.run_worker(runner.run(), name="runner", group="runner", exit_on_error=False)
+        added = "".join(
+            f" Added {name}: {', '.join(s.name for s in specs if s.after == name)} start(s) from its checkpoint."
+            for name in chosen.added
+        )
         self.notify(f"Session {session.id}: {len(specs)} run(s) started; results in {self.store.path}.{added}")
         return True
 
@@ -207,8 +226,11 @@ class Dashboard(App[int]):
             counts[status] = counts.get(status, 0) + 1
         text = ", ".join(f"{n} {s}" for s, n in counts.items())
         assert self.live is not None
-        self.notify(f"Session {self.live.session_id} ended: {text}. Export with e.",
-                    severity="information" if set(counts) <= {DONE} else "warning", timeout=10)
+        self.notify(
+            f"Session {self.live.session_id} ended: {text}. Export with e.",
+            severity="information" if set(counts) <= {DONE} else "warning",
+            timeout=10,
+        )
         if not self._tab_chosen:
             self.action_show_panel("tab-efficiency", chosen=False)
 
@@ -250,8 +272,9 @@ class Dashboard(App[int]):
                 spec = read_preset(path).spec
             except SpecError:
                 continue
-            presets.append((name, spec.method, spec.description.strip().splitlines()[0]
-                            if spec.description.strip() else ""))
+            presets.append(
+                (name, spec.method, spec.description.strip().splitlines()[0] if spec.description.strip() else "")
+            )
         chosen = [seed_group(s.name) for s in self.planned]  # "sft@s1" was chosen as "sft"
 
         def picked(names: list[str] | None) -> None:
@@ -275,8 +298,11 @@ class Dashboard(App[int]):
             self.notify(f"{run.name} is already {run.status}.", severity="warning")
             return
         self.runner.cancel(run.name)
-        how = (f"stopping its worker (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)"
-               if run.status == RUNNING else "it will not start")
+        how = (
+            f"stopping its worker (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)"
+            if run.status == RUNNING
+            else "it will not start"
+        )
         self.notify(f"Cancelling {run.name}: {how}.")
 
     def action_export(self) -> None:
@@ -330,8 +356,7 @@ class Dashboard(App[int]):
             return
         self._stopping = True
         if self.running:
-            self.notify(f"Stopping the runs (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)…",
-                        timeout=30)
+            self.notify(f"Stopping the runs (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)…", timeout=30)
             self._stop_then_exit()
         else:
             self._leave()
@@ -389,8 +414,7 @@ class Dashboard(App[int]):
         view = self.view
         title = Text("vqabench", "bold")
         if view.session_id is None:
-            title.append(f" · {len(view.runs)} run(s) of '{self.selection}' not started"
-                         f"{self._overrides_text()}")
+            title.append(f" · {len(view.runs)} run(s) of '{self.selection}' not started{self._overrides_text()}")
         else:
             counts = view.counts()
             order = ("running", "queued", "done", "failed", "skipped", "cancelled")
@@ -416,16 +440,21 @@ class Dashboard(App[int]):
     def _overrides_text(self) -> str:
         """The command-line overrides, as flags: ' (--epochs 2 --limit 256)'."""
         o = self.overrides
-        parts = [f"--{k} {v}" for k, v in (("epochs", o.epochs), ("limit", o.limit), ("seed", o.seed))
-                 if v is not None]
+        parts = [f"--{k} {v}" for k, v in (("epochs", o.epochs), ("limit", o.limit), ("seed", o.seed)) if v is not None]
         if o.seeds:
             parts.append(f"--seeds {','.join(map(str, o.seeds))}")
         parts += [f"--set {item}" for item in o.settings]
         return f" ({' '.join(parts)})" if parts else ""
 
 
-def run_dashboard(*, selection: str | None, overrides: Overrides, results_dir: Path | str,
-                  worker_cmd: Sequence[str] | None = None, cache_dir: Path | str | None = None) -> int:
+def run_dashboard(
+    *,
+    selection: str | None,
+    overrides: Overrides,
+    results_dir: Path | str,
+    worker_cmd: Sequence[str] | None = None,
+    cache_dir: Path | str | None = None,
+) -> int:
     """Open the dashboard on a results folder; returns the exit code once the user quits.
 
     Raises SpecError for a bad --preset selection and StoreError for an unusable results
@@ -436,8 +465,8 @@ def run_dashboard(*, selection: str | None, overrides: Overrides, results_dir: P
 
     command = shlex.join(["vqabench", *sys.argv[1:]])
     with ResultsStore(results_dir) as store:
-        app = Dashboard(store, selection=selection, overrides=overrides, worker_cmd=worker_cmd,
-                        cache_dir=cache_dir, command=command)
+        app = Dashboard(
+            store, selection=selection, overrides=overrides, worker_cmd=worker_cmd, cache_dir=cache_dir, command=command
+        )
         code = app.run()
     return code if isinstance(code, int) else 0
-

@@ -1,4 +1,5 @@
 """Textual messages that carry the runner's notifications into the dashboard."""
+
 from __future__ import annotations
 
 from textual.message import Message

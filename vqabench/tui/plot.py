@@ -1,5 +1,6 @@
 """A plain-text loss plot: train and eval loss per epoch and the running loss of the epoch
 in progress, drawn with distinct glyphs so that it reads without colour."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ class Series:
     style: str
 
 
-def loss_plot(epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float]],
-              epochs_total: int, width: int, height: int) -> Text:
+def loss_plot(
+    epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float]], epochs_total: int, width: int, height: int
+) -> Text:
     """The plot as rich Text of `height` lines at most `width` cells wide."""
     finite = lambda v: v is not None and math.isfinite(v)  # noqa: E731
     train = [(float(e.epoch), e.train_loss) for e in epochs if finite(e.train_loss)]
@@ -62,9 +64,11 @@ def loss_plot(epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float
 
     grid: list[list[tuple[str, str]]] = [[(" ", "")] * plot_width for _ in range(rows)]
     marks: dict[tuple[int, int], str] = {}
-    series = [Series(live, RUNNING_MARK, None, "yellow"),
-              Series(train, TRAIN_MARK, TRAIN_LINE, "bold cyan"),
-              Series(evals, EVAL_MARK, EVAL_LINE, "bold magenta")]
+    series = [
+        Series(live, RUNNING_MARK, None, "yellow"),
+        Series(train, TRAIN_MARK, TRAIN_LINE, "bold cyan"),
+        Series(evals, EVAL_MARK, EVAL_LINE, "bold magenta"),
+    ]
     for s in series:  # connectors first, so that every marker stays visible
         if s.line is None:
             continue
@@ -76,8 +80,11 @@ def loss_plot(epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float
     for s in series:
         for x, y in s.points:
             cell = (row(y), column(x))
-            if marks.get(cell) in (TRAIN_MARK, EVAL_MARK) and s.mark in (TRAIN_MARK, EVAL_MARK) \
-                    and marks[cell] != s.mark:
+            if (
+                marks.get(cell) in (TRAIN_MARK, EVAL_MARK)
+                and s.mark in (TRAIN_MARK, EVAL_MARK)
+                and marks[cell] != s.mark
+            ):
                 grid[cell[0]][cell[1]] = (BOTH_MARK, "bold")
                 marks[cell] = BOTH_MARK
             else:
@@ -86,8 +93,7 @@ def loss_plot(epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float
     labelled = {0: high, rows - 1: low, (rows - 1) // 2: high - (high - low) * ((rows - 1) // 2) / (rows - 1)}
     lines = [legend]
     for r, cells in enumerate(grid):
-        line = Text(f"{_number(labelled[r]):>{LABEL_WIDTH}}┤" if r in labelled else " " * LABEL_WIDTH + "│",
-                    "dim")
+        line = Text(f"{_number(labelled[r]):>{LABEL_WIDTH}}┤" if r in labelled else " " * LABEL_WIDTH + "│", "dim")
         for glyph, style in cells:
             line.append(glyph, style)
         lines.append(line)
@@ -98,8 +104,8 @@ def loss_plot(epochs: Sequence[EpochEnded], running: Sequence[tuple[float, float
     for c, e in sorted(ticks.items()):
         text = str(e)
         start = min(max(c - len(text) + 1, 0), plot_width - len(text))
-        if all(ch == " " for ch in labels[max(start - 1, 0):start + len(text)]):
-            labels[start:start + len(text)] = list(text)
+        if all(ch == " " for ch in labels[max(start - 1, 0) : start + len(text)]):
+            labels[start : start + len(text)] = list(text)
     lines.append(Text("  epoch".ljust(LABEL_WIDTH + 1) + "".join(labels), "dim"))
     return Text("\n").join(lines)
 

@@ -6,6 +6,7 @@ A :class:`SessionView` is filled either by the runner's notifications as they ar
 also shows are handed to :mod:`vqabench.report` as :class:`~vqabench.report.RunData`, so the
 efficiency panel and the Markdown export agree. No textual import here.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -39,8 +40,14 @@ STDERR_KEPT = 200
 
 Clock = Callable[[], float]
 
-_PHASE_NAMES = {"base": "base model", "reference": "reference", "train": "train", "eval": "eval",
-                "generate": "test answers", "judge": "judging"}
+_PHASE_NAMES = {
+    "base": "base model",
+    "reference": "reference",
+    "train": "train",
+    "eval": "eval",
+    "generate": "test answers",
+    "judge": "judging",
+}
 
 
 @dataclass
@@ -94,8 +101,18 @@ class RunView:
 
     def run_data(self) -> RunData:
         """This run in the shape vqabench.report summarizes."""
-        return RunData(self.name, self.method, self.status, self.reason, self.after, self.started,
-                       self.finished, list(self.epochs), self.final_eval, self.setup)
+        return RunData(
+            self.name,
+            self.method,
+            self.status,
+            self.reason,
+            self.after,
+            self.started,
+            self.finished,
+            list(self.epochs),
+            self.final_eval,
+            self.setup,
+        )
 
     def progress_fraction(self) -> float:
         """Share of the training epochs done, counting the steps of the epoch in progress."""
@@ -218,10 +235,21 @@ class SessionView:
         runs: dict[str, RunView] = {}
         for data in session_run_data(store, session.id):
             record = records[data.name]
-            view = RunView(data.name, data.method, data.after,
-                           data.started.epochs if data.started else int(record.spec.get("epochs") or 0),
-                           data.setup, data.status, data.reason, record.pid, data.started, data.finished,
-                           record.failed, list(data.epochs), data.final_eval)
+            view = RunView(
+                data.name,
+                data.method,
+                data.after,
+                data.started.epochs if data.started else int(record.spec.get("epochs") or 0),
+                data.setup,
+                data.status,
+                data.reason,
+                record.pid,
+                data.started,
+                data.finished,
+                record.failed,
+                list(data.epochs),
+                data.final_eval,
+            )
             view.stored_elapsed = _seconds_between(record.started_at, record.finished_at)
             view.stderr.extend(store.stderr_tail(record, stderr_lines))
             view.stderr_total = len(view.stderr)
@@ -309,8 +337,10 @@ def cheapest_alignment(summaries: Sequence[RunSummary]) -> str:
     text = f"Cheapest aligned model: {_label(best)}, {best.aligned_seconds:.1f} s of training in all"
     if len(aligned) > 1 and best.aligned_seconds:
         last = aligned[-1]
-        text += (f"; {_label(last)} took {last.aligned_seconds:.1f} s, "
-                 f"{last.aligned_seconds / best.aligned_seconds:.2f}× as long")
+        text += (
+            f"; {_label(last)} took {last.aligned_seconds:.1f} s, "
+            f"{last.aligned_seconds / best.aligned_seconds:.2f}× as long"
+        )
     return text + "."
 
 

@@ -5,6 +5,7 @@ Every panel draws from a :class:`~vqabench.tui.state.SessionView` or one of its
 :class:`~vqabench.tui.state.RunView`; cell texts of the per-epoch and efficiency tables
 are the report's own (:mod:`vqabench.report`), under shorter headers.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,8 +32,15 @@ from vqabench.tui.state import (
     progress_bar,
 )
 
-STATUS_STYLES = {PLANNED: "dim", QUEUED: "", RUNNING: "bold yellow", DONE: "bold green",
-                 FAILED: "bold red", SKIPPED: "magenta", CANCELLED: "magenta"}
+STATUS_STYLES = {
+    PLANNED: "dim",
+    QUEUED: "",
+    RUNNING: "bold yellow",
+    DONE: "bold green",
+    FAILED: "bold red",
+    SKIPPED: "magenta",
+    CANCELLED: "magenta",
+}
 BAR_WIDTH = 6
 
 
@@ -48,8 +56,15 @@ class RunsTable(DataTable):
     """One row per run: preset, method, status, epoch and bar, elapsed time, ETA, and a note:
     what it does now, its test scores, or why it ended."""
 
-    COLUMNS = (("Run", "run"), ("Method", "method"), ("Status", "status"), ("Epoch", "epoch"),
-               ("Time", "elapsed"), ("ETA", "eta"), ("Note", "note"))
+    COLUMNS = (
+        ("Run", "run"),
+        ("Method", "method"),
+        ("Status", "status"),
+        ("Epoch", "epoch"),
+        ("Time", "elapsed"),
+        ("ETA", "eta"),
+        ("Note", "note"),
+    )
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
@@ -78,8 +93,9 @@ class RunsTable(DataTable):
         self._last = (session, now, selected)
         names = list(session.runs)
         rows = [self._cells(session.runs[n], now) for n in names]
-        fixed = sum(max(len(label),
-                        *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self.COLUMNS[:-1]))
+        fixed = sum(
+            max(len(label), *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self.COLUMNS[:-1])
+        )
         note_width = max(self.size.width - fixed - 2 * self.cell_padding * len(self.COLUMNS) - 1, 12)
         rows = [[*row[:-1], _truncate(row[-1], note_width)] for row in rows]
         if names != self._names:
@@ -107,10 +123,15 @@ class RunsTable(DataTable):
             epoch = run.epoch
         counter = f"{epoch}/{total}" if total else "-"
         eta = run.eta(now)
-        return [run.name, run.method, status_text(run.status),
-                f"{counter:>5} {progress_bar(run.progress_fraction(), BAR_WIDTH)}",
-                format_duration(run.elapsed(now)), format_duration(eta) if eta is not None else "-",
-                run.activity()]
+        return [
+            run.name,
+            run.method,
+            status_text(run.status),
+            f"{counter:>5} {progress_bar(run.progress_fraction(), BAR_WIDTH)}",
+            format_duration(run.elapsed(now)),
+            format_duration(eta) if eta is not None else "-",
+            run.activity(),
+        ]
 
 
 class ReportDataTable(DataTable):
@@ -162,14 +183,25 @@ class EpochPanel(Vertical):
         head = Text.assemble((run.name, "bold"), f" ({run.method}) ", status_text(run.status))
         if run.started is not None:
             reference = run.started.reference_strategy
-            head.append(f" · {run.started.device} · {run.started.trainable_params:,} trained params"
-                        f" · reference: {reference or 'none'}")
+            head.append(
+                f" · {run.started.device} · {run.started.trainable_params:,} trained params"
+                f" · reference: {reference or 'none'}"
+            )
         caption.update(head)
         report = epoch_table(run.run_data())
         memory_header = "CUDA MiB" if any("CUDA" in c for c in report.columns) else "RSS MiB"
-        wanted = [("Epoch", "Epoch"), ("Train loss", "Train"), ("Eval loss", "Eval"),
-                  ("Epoch time", "Time s"), ("Peak", memory_header), ("Pref. accuracy", "Pref acc"),
-                  ("Reward margin", "Margin"), ("EM", "EM"), ("F1", "F1"), ("Judge", "Judge")]
+        wanted = [
+            ("Epoch", "Epoch"),
+            ("Train loss", "Train"),
+            ("Eval loss", "Eval"),
+            ("Epoch time", "Time s"),
+            ("Peak", memory_header),
+            ("Pref. accuracy", "Pref acc"),
+            ("Reward margin", "Margin"),
+            ("EM", "EM"),
+            ("F1", "F1"),
+            ("Judge", "Judge"),
+        ]
         present = [(p, h) for p, h in wanted if _column(report, p) is not None]
         columns = [_cells(report, p) for p, _ in present]
         keeps_reference = run.started is None or run.started.reference_strategy is not None
@@ -216,17 +248,21 @@ class LossPanel(Static):
         if self.run is None:
             return Text("No run selected.")
         width, height = self.content_size.width, self.content_size.height
-        plot = loss_plot(self.run.epochs, self.run.running_points, self.run.epochs_total,
-                         max(width, 20), max(height, 4))
+        plot = loss_plot(
+            self.run.epochs, self.run.running_points, self.run.epochs_total, max(width, 20), max(height, 4)
+        )
         return Text.assemble((f"{self.run.name} ", "bold"), plot) if height < 4 else plot
 
 
 #: What the efficiency columns mean (left out on short terminals; docs/dashboard.md has it too).
-LEGEND = Text("s/epoch: mean training time of an epoch; ×SFT: that time relative to SFT on the same "
-              "model and data; Aligned s: training time including the runs it starts from; −ORPO MiB "
-              "(on wide screens): peak memory minus the ORPO run's; Ref MiB: the frozen reference model "
-              "(none: no reference). EM/F1/Judge on the test split; the exported report adds their "
-              "95% intervals.", "dim")
+LEGEND = Text(
+    "s/epoch: mean training time of an epoch; ×SFT: that time relative to SFT on the same "
+    "model and data; Aligned s: training time including the runs it starts from; −ORPO MiB "
+    "(on wide screens): peak memory minus the ORPO run's; Ref MiB: the frozen reference model "
+    "(none: no reference). EM/F1/Judge on the test split; the exported report adds their "
+    "95% intervals.",
+    "dim",
+)
 
 
 class EfficiencyPanel(Vertical):
@@ -251,18 +287,34 @@ class EfficiencyPanel(Vertical):
         cost = efficiency_table(summaries)
         quality = quality_table(summaries, session.run_data())
         memory = next((c for c in cost.columns if c.startswith("Peak") and not c.startswith("Peak −")), "Peak")
-        memory_header = {"Peak CUDA memory [MiB] ↓": "CUDA MiB",
-                         "Peak RSS [MiB] ↓": "RSS MiB"}.get(memory, "Peak MiB")
+        memory_header = {"Peak CUDA memory [MiB] ↓": "CUDA MiB", "Peak RSS [MiB] ↓": "RSS MiB"}.get(memory, "Peak MiB")
         wide = self.size.width >= self.WIDE
-        headers = ["Run", "s/epoch", "×SFT", "Aligned s", memory_header, *(["−ORPO MiB"] if wide else []),
-                   "Ref MiB", "EM", "F1", "Judge"]
-        columns = [_cells(cost, "Method"), _cells(cost, "Epoch time"), _cells(cost, "Relative"),
-                   _cells(cost, "Time to aligned"), _cells(cost, memory),
-                   *([_cells(cost, "Peak −")] if wide else []), _cells(cost, "Reference"),
-                   *([_point(c) for c in _cells(quality, name)] for name in ("EM", "F1", "Judge"))]
+        headers = [
+            "Run",
+            "s/epoch",
+            "×SFT",
+            "Aligned s",
+            memory_header,
+            *(["−ORPO MiB"] if wide else []),
+            "Ref MiB",
+            "EM",
+            "F1",
+            "Judge",
+        ]
+        columns = [
+            _cells(cost, "Method"),
+            _cells(cost, "Epoch time"),
+            _cells(cost, "Relative"),
+            _cells(cost, "Time to aligned"),
+            _cells(cost, memory),
+            *([_cells(cost, "Peak −")] if wide else []),
+            _cells(cost, "Reference"),
+            *([_point(c) for c in _cells(quality, name)] for name in ("EM", "F1", "Judge")),
+        ]
         rows = [list(r) for r in zip(*columns)]
         self.query_one("#efficiency-table", ReportDataTable).show_rows(
-            headers, rows, [False] + [True] * (len(headers) - 1))
+            headers, rows, [False] + [True] * (len(headers) - 1)
+        )
         verdict = cheapest_alignment(summaries)
         self.query_one("#efficiency-verdict", Static).update(Text(verdict, "bold"))
 
@@ -302,8 +354,13 @@ class LogPanel(Vertical):
         if id(run) != self._shown_run:
             self._replace(log, run, "")
         if run.stderr_total == 0:
-            placeholder = ("(not started)" if run.status in (PLANNED, QUEUED) else
-                           "(no log lines yet)" if run.status == RUNNING else "(the worker wrote no log lines)")
+            placeholder = (
+                "(not started)"
+                if run.status in (PLANNED, QUEUED)
+                else "(no log lines yet)"
+                if run.status == RUNNING
+                else "(the worker wrote no log lines)"
+            )
             if placeholder != self._placeholder:
                 self._replace(log, run, placeholder)
             return
@@ -312,7 +369,7 @@ class LogPanel(Vertical):
         new = run.stderr_total - self._written
         if new > 0:
             kept = list(run.stderr)
-            for text in kept[-min(new, len(kept)):]:
+            for text in kept[-min(new, len(kept)) :]:
                 log.write(Text(text))
             self._written = run.stderr_total
 
@@ -331,8 +388,11 @@ class PresetPicker(ModalScreen[list[str] | None]):
     The choice is written as [x] / [ ] in each line, so it reads without colour.
     """
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Back"), Binding("space", "toggle", "Choose"),
-                Binding("enter", "start", "Start", priority=True)]
+    BINDINGS = [
+        Binding("escape", "dismiss_none", "Back"),
+        Binding("space", "toggle", "Choose"),
+        Binding("enter", "start", "Start", priority=True),
+    ]
 
     def __init__(self, presets: Sequence[tuple[str, str, str]], chosen: Sequence[str], overrides: str) -> None:
         super().__init__()
@@ -343,10 +403,14 @@ class PresetPicker(ModalScreen[list[str] | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker"):
-            yield Static(Text.assemble(("Start presets", "bold"),
-                                       f" — space: choose · enter: start · escape: back{self.overrides}"))
-            yield OptionList(*(Option(self._prompt(i), id=name) for i, (name, _, _) in enumerate(self.presets)),
-                             id="preset-list")
+            yield Static(
+                Text.assemble(
+                    ("Start presets", "bold"), f" — space: choose · enter: start · escape: back{self.overrides}"
+                )
+            )
+            yield OptionList(
+                *(Option(self._prompt(i), id=name) for i, (name, _, _) in enumerate(self.presets)), id="preset-list"
+            )
 
     def _prompt(self, index: int) -> Text:
         name, method, description = self.presets[index]
@@ -396,8 +460,13 @@ class SessionPicker(ModalScreen[int | None]):
             for s in self.sessions:
                 live = " (live)" if s.id == self.live_id else ""
                 started = s.started_at.replace("T", " ")[:16]
-                options.append(Option(f"#{s.id:<3} {started}  {s.status:<9} {self.run_counts.get(s.id, 0)} run(s)"
-                                      f"  {s.selection or '-'}{live}", id=str(s.id)))
+                options.append(
+                    Option(
+                        f"#{s.id:<3} {started}  {s.status:<9} {self.run_counts.get(s.id, 0)} run(s)"
+                        f"  {s.selection or '-'}{live}",
+                        id=str(s.id),
+                    )
+                )
             if not options:
                 options.append(Option("the results store holds no session yet", id="none", disabled=True))
             yield OptionList(*options, id="session-list")

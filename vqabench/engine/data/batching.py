@@ -3,6 +3,7 @@
 Images are resized once into a uint8 tensor (normalised per batch, which is cheap) and
 text is tokenized once, so no epoch repeats preprocessing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class EncodedData:
         # cross-attention mask, so the number of padded question positions would otherwise
         # change an answer's score with the batch it happens to be in.
         q_ids, q_mask = s.question_ids[rows].to(device), s.question_mask[rows].to(device)
-        return Batch(pixels, q_ids, q_mask, trimmed(s.chosen_ids, s.chosen_mask),
-                     trimmed(s.rejected_ids, s.rejected_mask), rows)
+        return Batch(
+            pixels, q_ids, q_mask, trimmed(s.chosen_ids, s.chosen_mask), trimmed(s.rejected_ids, s.rejected_mask), rows
+        )
 
 
 def image_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -125,8 +127,7 @@ class TextEncoder:
         return self._a[text]
 
 
-def encode(data: DataSplits, loaded: LoadedModel, max_question_tokens: int,
-           max_answer_tokens: int) -> EncodedData:
+def encode(data: DataSplits, loaded: LoadedModel, max_question_tokens: int, max_answer_tokens: int) -> EncodedData:
     """Preprocess every split once: images to uint8 tensors, text to padded token ids."""
     text = TextEncoder(loaded, max_question_tokens, max_answer_tokens)
     names = [n for n in ("base", "train", "eval", "test") if getattr(data, n)]
@@ -143,8 +144,16 @@ def encode(data: DataSplits, loaded: LoadedModel, max_question_tokens: int,
         q_ids, q_mask = _pad([text.question(p.question) for p in pairs], pad)
         c_ids, c_mask = _pad([text.answer(p.chosen) for p in pairs], pad)
         r_ids, r_mask = _pad([text.answer(p.rejected or p.chosen) for p in pairs], pad)
-        splits[name] = EncodedSplit(pairs, torch.tensor([index[p.image_id] for p in pairs], dtype=torch.long),
-                                    q_ids, q_mask, c_ids, c_mask, r_ids, r_mask)
+        splits[name] = EncodedSplit(
+            pairs,
+            torch.tensor([index[p.image_id] for p in pairs], dtype=torch.long),
+            q_ids,
+            q_mask,
+            c_ids,
+            c_mask,
+            r_ids,
+            r_mask,
+        )
     mean = torch.tensor(loaded.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(loaded.image_std, dtype=torch.float32).view(1, 3, 1, 1)
     return EncodedData(images, mean, std, splits, text.truncated)

@@ -9,6 +9,7 @@ method and every run seed sees identical pairs. Splits are by image, so no image
 * eval  — train images 3600-3999: eval loss, checkpoint choice, preference metrics;
 * test  — the package's own test split: final EM / F1 / judge.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,9 @@ def rejected_answer(answer: str, rng: random.Random) -> str:
     raise DataError(f"easy-VQA answer {answer!r} is not a colour, a shape or yes/no.")
 
 
-def _pairs(questions: list[str], answers: list[str], image_ids: list[int], prefix: str,
-           seed: int) -> list[PreferencePair]:
+def _pairs(
+    questions: list[str], answers: list[str], image_ids: list[int], prefix: str, seed: int
+) -> list[PreferencePair]:
     out = []
     for i, (q, a, img) in enumerate(zip(questions, answers, image_ids)):
         rng = random.Random(seed * 1_000_003 + i)
@@ -87,5 +89,13 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, with_base: b
     h = hashlib.sha256(f"easyvqa:{seed}".encode())
     for p in (*train, *eval_):
         h.update(f"{p.image_id}|{p.question}|{p.chosen}|{p.rejected}\n".encode())
-    return DataSplits(train=train, eval=eval_, test=test, images=images, base=base, report=report,
-                      name="easy-VQA", fingerprint=h.hexdigest()[:16])
+    return DataSplits(
+        train=train,
+        eval=eval_,
+        test=test,
+        images=images,
+        base=base,
+        report=report,
+        name="easy-VQA",
+        fingerprint=h.hexdigest()[:16],
+    )

@@ -15,6 +15,7 @@ pairs with images resolved and verified once (images.py), the skip-share check, 
 (splits.py), the train limit, token statistics and a fingerprint of the exact pairs and image
 bytes that keys reference caches.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,12 @@ from urllib.parse import quote
 
 from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
 from vqabench.engine.data.records import (
-    DataError, DataSplits, PreferencePair, QualityReport, answer_token_stats, nearest_rank,
+    DataError,
+    DataSplits,
+    PreferencePair,
+    QualityReport,
+    answer_token_stats,
+    nearest_rank,
 )
 from vqabench.engine.data.schemas import RowPair, Schema, read_row, resolve_schema
 from vqabench.engine.data.splits import carve, limit_train, sample
@@ -54,8 +60,10 @@ def _builder_for(filename: str, source: str) -> str:
     for suffix, builder in BUILDERS.items():
         if filename.lower().endswith(suffix):
             return builder
-    raise DataError(f"dataset.source = {source!r}: cannot read {Path(filename).name!r}; "
-                    f"allowed files are .parquet, .json, .jsonl and .arrow, or a save_to_disk folder.")
+    raise DataError(
+        f"dataset.source = {source!r}: cannot read {Path(filename).name!r}; "
+        f"allowed files are .parquet, .json, .jsonl and .arrow, or a save_to_disk folder."
+    )
 
 
 def _as_splits(loaded: Any) -> dict[str, Any]:
@@ -95,8 +103,10 @@ def open_source(spec: DatasetSpec, cache_dir: str | None = None) -> OpenedSource
 
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataError(f"dataset.source = {source!r}: no such file or folder; use \"easyvqa\", \"hf:NAME\", "
-                            f"or a path to a .parquet, .json, .jsonl or .arrow file or a save_to_disk folder.")
+            raise DataError(
+                f'dataset.source = {source!r}: no such file or folder; use "easyvqa", "hf:NAME", '
+                f"or a path to a .parquet, .json, .jsonl or .arrow file or a save_to_disk folder."
+            )
         if path.is_dir():
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(str(path))
@@ -117,16 +127,19 @@ def assign_roles(splits: dict[str, Any], wanted: str | None, name: str) -> dict[
     names = list(splits)
     if wanted is not None:
         if wanted not in splits:
-            raise DataError(f"dataset.split = {wanted!r}: dataset '{name}' has no such split; "
-                            f"it has {', '.join(names)}.")
+            raise DataError(
+                f"dataset.split = {wanted!r}: dataset '{name}' has no such split; it has {', '.join(names)}."
+            )
         train = wanted
     elif "train" in splits:
         train = "train"
     elif len(names) == 1:
         train = names[0]
     else:
-        raise DataError(f"dataset '{name}' has the splits {', '.join(names)} and none is called train; "
-                        f"set dataset.split to the one to train on.")
+        raise DataError(
+            f"dataset '{name}' has the splits {', '.join(names)} and none is called train; "
+            f"set dataset.split to the one to train on."
+        )
     roles = {"train": splits[train]}
     if "test" in splits and train != "test":
         roles["test"] = splits["test"]
@@ -148,8 +161,9 @@ def without_image_decoding(ds: Any) -> Any:
     return ds
 
 
-def build_pairs(ds: Any, schema: Schema, store: ImageStore, report: QualityReport,
-                chunk_rows: int = 512) -> list[PreferencePair]:
+def build_pairs(
+    ds: Any, schema: Schema, store: ImageStore, report: QualityReport, chunk_rows: int = 512
+) -> list[PreferencePair]:
     """Every usable row of one split as a pair; unusable rows are counted in `report` by reason.
 
     Rows are reduced to text first; their images are then resolved a chunk at a time, so the
@@ -197,19 +211,24 @@ def check_skips(report: QualityReport, max_skip_share: float, name: str, image_r
         raise DataError(f"dataset '{name}' has no rows.")
     if report.pairs_built == 0:
         reason, count = _main_reason(report.skipped)
-        hint = root_hint if reason == MISSING_IMAGE else (
-            " (check dataset.columns.image)" if reason == NO_IMAGE else "")
-        raise DataError(f"dataset '{name}' gave no usable pairs from {report.rows_read} rows; the main reason is "
-                        f"{reason} ({count} rows){hint}.")
+        hint = (
+            root_hint if reason == MISSING_IMAGE else (" (check dataset.columns.image)" if reason == NO_IMAGE else "")
+        )
+        raise DataError(
+            f"dataset '{name}' gave no usable pairs from {report.rows_read} rows; the main reason is "
+            f"{reason} ({count} rows){hint}."
+        )
     text_only = report.skipped.get(NO_IMAGE, 0)
     considered = report.rows_read - text_only
     bad = report.skipped_total - text_only
     if considered > 0 and bad / considered > max_skip_share:
         reason, count = _main_reason(report.skipped, exclude=(NO_IMAGE,))
         hint = root_hint if reason == MISSING_IMAGE else ""
-        raise DataError(f"dataset '{name}': {bad} of {considered} rows with an image were skipped "
-                        f"({bad / considered:.0%}), more than dataset.max_skip_share = {max_skip_share:.0%}; "
-                        f"the main reason is {reason} ({count} rows){hint}.")
+        raise DataError(
+            f"dataset '{name}': {bad} of {considered} rows with an image were skipped "
+            f"({bad / considered:.0%}), more than dataset.max_skip_share = {max_skip_share:.0%}; "
+            f"the main reason is {reason} ({count} rows){hint}."
+        )
 
 
 def fingerprint(parts: dict[str, list[PreferencePair]], store: ImageStore) -> str:
@@ -226,14 +245,17 @@ def fingerprint(parts: dict[str, list[PreferencePair]], store: ImageStore) -> st
     return h.hexdigest()[:16]
 
 
-def split_pairs(pairs: dict[str, list[PreferencePair]], spec: DatasetSpec, seed: int,
-                name: str) -> dict[str, list[PreferencePair]]:
+def split_pairs(
+    pairs: dict[str, list[PreferencePair]], spec: DatasetSpec, seed: int, name: str
+) -> dict[str, list[PreferencePair]]:
     """Use the dataset's own eval/test splits where it has them; carve the missing ones from train."""
     to_carve: dict[str, int] = {}
     if "test" not in pairs:
         if spec.test_size == 0:
-            raise DataError(f"dataset.test_size = 0 means the whole test split, but dataset '{name}' has none; "
-                            f"set dataset.test_size to the number of pairs to hold out for testing.")
+            raise DataError(
+                f"dataset.test_size = 0 means the whole test split, but dataset '{name}' has none; "
+                f"set dataset.test_size to the number of pairs to hold out for testing."
+            )
         to_carve["test"] = spec.test_size
     if "eval" not in pairs:
         to_carve["eval"] = spec.eval_size
@@ -246,16 +268,25 @@ def split_pairs(pairs: dict[str, list[PreferencePair]], spec: DatasetSpec, seed:
     train = carved["train"]
     if not train:
         images = len({p.image_id for p in pairs["train"]})
-        raise DataError(f"dataset '{name}' has {len(pairs['train'])} usable train pairs on {images} images, all "
-                        f"taken by the held-out parts (dataset.eval_size = {spec.eval_size}, "
-                        f"dataset.test_size = {spec.test_size}); lower them.")
+        raise DataError(
+            f"dataset '{name}' has {len(pairs['train'])} usable train pairs on {images} images, all "
+            f"taken by the held-out parts (dataset.eval_size = {spec.eval_size}, "
+            f"dataset.test_size = {spec.test_size}); lower them."
+        )
     if not test:
         raise DataError(f"dataset '{name}' left no test pairs; check dataset.test_size and the test split.")
     return {"train": train, "eval": eval_, "test": test}
 
 
-def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens: Callable[[str], int],
-                max_answer_tokens: int, cache_dir: str | None = None) -> DataSplits:
+def load_splits(
+    spec: DatasetSpec,
+    *,
+    seed: int,
+    limit: int | None,
+    count_tokens: Callable[[str], int],
+    max_answer_tokens: int,
+    cache_dir: str | None = None,
+) -> DataSplits:
     """Load a hub or local preference dataset as train/eval/test pairs with their images and report.
 
     `seed` fixes the carved splits and the train subset `limit` picks (pass the dataset seed,
@@ -263,8 +294,9 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens
     `datasets` keeps its Arrow cache (None: its default).
     """
     opened = open_source(spec, cache_dir=cache_dir)
-    roles = {role: without_image_decoding(ds)
-             for role, ds in assign_roles(opened.splits, spec.split, opened.name).items()}
+    roles = {
+        role: without_image_decoding(ds) for role, ds in assign_roles(opened.splits, spec.split, opened.name).items()
+    }
     train_ds = roles["train"]
     first_row = train_ds[0] if len(train_ds) else None
     schema = resolve_schema(spec, list(train_ds.column_names), first_row, opened.name)
@@ -273,8 +305,10 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens
     for role, ds in roles.items():
         missing = [c for c in schema.columns_used() if c not in ds.column_names]
         if missing:
-            raise DataError(f"dataset '{opened.name}': its {role} split lacks the column(s) {', '.join(missing)} "
-                            f"that its train split has; its columns are {', '.join(ds.column_names)}.")
+            raise DataError(
+                f"dataset '{opened.name}': its {role} split lacks the column(s) {', '.join(missing)} "
+                f"that its train split has; its columns are {', '.join(ds.column_names)}."
+            )
     store = ImageStore(opened.image_root)
     report = QualityReport()
     pairs = {role: build_pairs(ds, schema, store, report) for role, ds in roles.items()}
@@ -285,5 +319,12 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, count_tokens
     every_pair = [p for role in ROLES for p in parts[role]]
     report.token_stats = answer_token_stats(every_pair, count_tokens, max_answer_tokens)
     images = store.load_many_rgb([pair.image_id for pair in every_pair])
-    return DataSplits(train=parts["train"], eval=parts["eval"], test=parts["test"], images=images,
-                      report=report, name=opened.name, fingerprint=fingerprint(parts, store))
+    return DataSplits(
+        train=parts["train"],
+        eval=parts["eval"],
+        test=parts["test"],
+        images=images,
+        report=report,
+        name=opened.name,
+        fingerprint=fingerprint(parts, store),
+    )

@@ -5,6 +5,7 @@ a ``{"bytes", "path"}`` dict (what a `datasets` Image feature stores), a PIL ima
 of any of these (the first is used). Every distinct image is identified by the SHA-256 of its
 bytes, so the same picture reached by two paths is one image (and lands in one split).
 """
+
 from __future__ import annotations
 
 import hashlib

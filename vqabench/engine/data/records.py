@@ -1,4 +1,5 @@
 """Records that every data source produces: preference pairs, images, a quality report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,9 +43,13 @@ class QualityReport:
         return sum(self.skipped.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows_read": self.rows_read, "pairs_built": self.pairs_built,
-                "skipped": dict(self.skipped), "skipped_total": self.skipped_total,
-                "token_stats": dict(self.token_stats)}
+        return {
+            "rows_read": self.rows_read,
+            "pairs_built": self.pairs_built,
+            "skipped": dict(self.skipped),
+            "skipped_total": self.skipped_total,
+            "token_stats": dict(self.token_stats),
+        }
 
 
 @dataclass
@@ -64,8 +69,13 @@ class DataSplits:
     fingerprint: str = ""  # stable hash of the pairs, keys reference caches
 
     def sizes(self) -> dict[str, int]:
-        return {"base": len(self.base), "train": len(self.train), "eval": len(self.eval),
-                "test": len(self.test), "images": len(self.images)}
+        return {
+            "base": len(self.base),
+            "train": len(self.train),
+            "eval": len(self.eval),
+            "test": len(self.test),
+            "images": len(self.images),
+        }
 
 
 def nearest_rank(sorted_values: list[int], percent: float) -> int:
@@ -74,8 +84,9 @@ def nearest_rank(sorted_values: list[int], percent: float) -> int:
     return sorted_values[int(rank) - 1]
 
 
-def answer_token_stats(pairs: list[PreferencePair], count_tokens: Callable[[str], int],
-                       max_answer_tokens: int) -> dict[str, Any]:
+def answer_token_stats(
+    pairs: list[PreferencePair], count_tokens: Callable[[str], int], max_answer_tokens: int
+) -> dict[str, Any]:
     """Answer lengths in tokens (chosen and non-empty rejected answers) and how many get truncated."""
     cache: dict[str, int] = {}
     lengths = []
@@ -86,9 +97,13 @@ def answer_token_stats(pairs: list[PreferencePair], count_tokens: Callable[[str]
                     cache[answer] = int(count_tokens(answer))
                 lengths.append(cache[answer])
     lengths.sort()
-    stats: dict[str, Any] = {"answers": len(lengths), "max_answer_tokens": max_answer_tokens,
-                             "truncated": sum(1 for n in lengths if n > max_answer_tokens)}
+    stats: dict[str, Any] = {
+        "answers": len(lengths),
+        "max_answer_tokens": max_answer_tokens,
+        "truncated": sum(1 for n in lengths if n > max_answer_tokens),
+    }
     if lengths:
-        stats.update(p50=nearest_rank(lengths, 50), p90=nearest_rank(lengths, 90),
-                     p99=nearest_rank(lengths, 99), max=lengths[-1])
+        stats.update(
+            p50=nearest_rank(lengths, 50), p90=nearest_rank(lengths, 90), p99=nearest_rank(lengths, 99), max=lengths[-1]
+        )
     return stats

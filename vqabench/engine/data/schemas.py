@@ -14,6 +14,7 @@ Text in any of the conversational forms (strings, role/content or from/value tur
 of them, TRL content parts) reduces to the user turn for the question and the assistant turn
 for an answer, with image placeholders such as ``<image>`` stripped.
 """
+
 from __future__ import annotations
 
 import ast
@@ -238,8 +239,10 @@ def rated_pair(completions: Any, weights: dict[str, float], min_margin: float) -
         return RATING_TIE
     if best - worst < min_margin:  # type: ignore[operator]
         return SMALL_MARGIN
-    return (answer_text(items[scores.index(best)].get("response")),
-            answer_text(items[scores.index(worst)].get("response")))
+    return (
+        answer_text(items[scores.index(best)].get("response")),
+        answer_text(items[scores.index(worst)].get("response")),
+    )
 
 
 # ------------------------------------------------------------------------------- schema
@@ -272,8 +275,10 @@ def resolve_schema(spec: DatasetSpec, columns: list[str], first_row: dict[str, A
         needed = _template_fields(theirs) if ours == "image" and "{" in theirs else [theirs]
         missing = [c for c in needed if c not in columns]
         if missing:
-            raise DataError(f"dataset.columns.{ours} = {theirs!r}: dataset '{name}' has no column "
-                            f"'{missing[0]}'; its columns are {have}.")
+            raise DataError(
+                f"dataset.columns.{ours} = {theirs!r}: dataset '{name}' has no column "
+                f"'{missing[0]}'; its columns are {have}."
+            )
     mapped = dict(spec.columns)
 
     def pick(ours: str, candidates: tuple[str, ...]) -> str | None:
@@ -291,28 +296,41 @@ def resolve_schema(spec: DatasetSpec, columns: list[str], first_row: dict[str, A
         else:
             raise DataError(
                 f"dataset '{name}' has no chosen/rejected columns (its columns are {have}); set "
-                f"dataset.columns.chosen and dataset.columns.rejected, or dataset.schema = \"vlfeedback\" "
-                f"with dataset.columns.completions for rated completions.")
+                f'dataset.columns.chosen and dataset.columns.rejected, or dataset.schema = "vlfeedback" '
+                f"with dataset.columns.completions for rated completions."
+            )
     image = pick("image", IMAGE_COLUMNS)
     if image is None:
-        raise DataError(f"dataset '{name}' has no image column (its columns are {have}); "
-                        f"set dataset.columns.image to the column holding the image or its path.")
+        raise DataError(
+            f"dataset '{name}' has no image column (its columns are {have}); "
+            f"set dataset.columns.image to the column holding the image or its path."
+        )
     question = pick("question", QUESTION_COLUMNS)
 
     if kind == VLFEEDBACK:
         if completions is None:
-            raise DataError(f"dataset '{name}' has no completions column for schema \"vlfeedback\" "
-                            f"(its columns are {have}); set dataset.columns.completions.")
+            raise DataError(
+                f"dataset '{name}' has no completions column for schema \"vlfeedback\" "
+                f"(its columns are {have}); set dataset.columns.completions."
+            )
         if question is None:
-            raise DataError(f"dataset '{name}' has no prompt column (its columns are {have}); "
-                            f"set dataset.columns.question.")
+            raise DataError(
+                f"dataset '{name}' has no prompt column (its columns are {have}); set dataset.columns.question."
+            )
         weights = _aspect_weights(spec, first_row.get(completions) if first_row else None)
-        return Schema(VLFEEDBACK, image, question=question, completions=completions,
-                      aspect_weights=weights, min_margin=spec.min_margin)
+        return Schema(
+            VLFEEDBACK,
+            image,
+            question=question,
+            completions=completions,
+            aspect_weights=weights,
+            min_margin=spec.min_margin,
+        )
     if not (chosen and rejected):
         raise DataError(
             f"dataset '{name}' has no chosen/rejected columns for schema \"{kind}\" (its columns are {have}); "
-            f"set dataset.columns.chosen and dataset.columns.rejected.")
+            f"set dataset.columns.chosen and dataset.columns.rejected."
+        )
     return Schema(kind, image, question=question, chosen=chosen, rejected=rejected)
 
 
@@ -334,8 +352,10 @@ def _aspect_weights(spec: DatasetSpec, sample_completions: Any) -> dict[str, flo
         present = [a for a, v in annotations.items() if v is not None]
         for aspect in spec.aspect_weights:
             if aspect not in annotations:
-                raise DataError(f"dataset.aspect_weights.{aspect}: the completions rate no such aspect; "
-                                f"they rate {', '.join(present)}.")
+                raise DataError(
+                    f"dataset.aspect_weights.{aspect}: the completions rate no such aspect; "
+                    f"they rate {', '.join(present)}."
+                )
     return weights
 
 

@@ -8,6 +8,7 @@ so the order depends on nothing but the seed and the image bytes, not on row ord
 holds at least its size in pairs; the rest is train. All pairs of one image go to one split, so
 no image is ever in two carved splits, and a split can exceed its size by one image's pairs.
 """
+
 from __future__ import annotations
 
 import hashlib
