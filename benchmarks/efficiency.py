@@ -31,7 +31,7 @@ from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.reference import CopyReference, PrecomputedReference
-from vqabench.engine.telemetry import module_bytes, process_rss_mib
+from vqabench.engine.telemetry import process_rss_mib
 from vqabench.engine.trainer import MethodStep, pick_device, synchronize
 from vqabench.spec import DatasetSpec, RunSpec
 

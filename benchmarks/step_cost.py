@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficiency import main  # noqa: E402
+from efficiency import main
 
 if __name__ == "__main__":
     sys.exit(main(["--model", "embedded", "--methods", "sft,orpo,dpo-copy,dpo-precompute", *sys.argv[1:]]))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
@@ -12,8 +12,6 @@ from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import module_bytes
 from vqabench.engine.trainer import MethodStep
 from vqabench.spec import DatasetSpec, RunSpec
-
-import pytest
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_worker import process_alive, worker_cmd
+
 from vqabench.store import ResultsStore
 
 REPO = Path(__file__).resolve().parent.parent

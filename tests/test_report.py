@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fake_worker import canned_events
+
 from vqabench.events import Progress, encode_event
 from vqabench.report import RunData, build_report, render_markdown, summarize_runs
 from vqabench.runner import RunnerFinished, RunQueued, RunStatusChanged, WorkerEvent

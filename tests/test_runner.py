@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from fake_worker import process_alive, worker_cmd
+
 from vqabench.events import EpochEnded, RunStarted
 from vqabench.runner import (
     InvalidWorkerLine,

@@ -6,9 +6,9 @@ import dataclasses
 import sqlite3
 
 import pytest
+from fake_worker import canned_events
 
 import vqabench.store as store_module
-from fake_worker import canned_events
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted, encode_event
 from vqabench.runner import (
     InvalidWorkerLine,

@@ -6,8 +6,8 @@ import socket
 import time
 
 import pytest
-
 from fake_together_server import FakeTogetherServer, Reply, completion, error_body
+
 from vqabench.judges import (
     Grade,
     JudgeAuthError,
@@ -102,9 +102,8 @@ def test_unauthorized_fails_after_exactly_one_request_even_with_concurrency():
     ],
 )
 def test_quota_errors_fail_at_once(reply):
-    with FakeTogetherServer(responder=always(reply)) as server:
-        with pytest.raises(JudgeQuotaError) as caught:
-            make(server).grade(ITEMS)
+    with FakeTogetherServer(responder=always(reply)) as server, pytest.raises(JudgeQuotaError) as caught:
+        make(server).grade(ITEMS)
     assert len(server.chat_requests) == 1
     assert "cached" in str(caught.value)
 

@@ -12,8 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from rich.console import Console
@@ -23,12 +23,12 @@ from vqabench.events import EpochEnded, Progress, RunStarted
 from vqabench.headless import run_headless
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import build_report, render_markdown
+from vqabench.runner import RunStatusChanged, WorkerEvent
 from vqabench.store import ResultsStore
 from vqabench.tui.app import Dashboard
 from vqabench.tui.messages import ProgressNotice
 from vqabench.tui.plot import EVAL_MARK, RUNNING_MARK, TRAIN_MARK, loss_plot
 from vqabench.tui.state import RunView, SessionView, format_duration
-from vqabench.runner import RunStatusChanged, WorkerEvent
 from vqabench.tui.widgets import PresetPicker, ReportDataTable, RunsTable
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import of_type, run_worker, tiny_spec
+
 from vqabench import events as ev
 
 

@@ -6,9 +6,9 @@ import json
 import random
 from pathlib import Path
 
+from conftest import of_type, run_worker, tiny_spec
 from PIL import Image
 
-from conftest import of_type, run_worker, tiny_spec
 from vqabench import events as ev
 
 SHAPES = ("circle", "rectangle", "triangle")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import vqabench
-from vqabench.presets import Overrides
 from vqabench.judges import JudgeError, JudgeInputError
+from vqabench.presets import Overrides
 from vqabench.spec import SpecError
 from vqabench.store import DEFAULT_RESULTS_DIR, ResultsStore, StoreError
 

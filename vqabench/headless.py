@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from vqabench.events import EpochEnded, Evaluated, Progress as ProgressEvent, RunFailed, RunFinished, RunStarted
+from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
+from vqabench.events import Progress as ProgressEvent
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
 from vqabench.runner import (

@@ -20,9 +20,10 @@ name is a file stem.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from vqabench.spec import BUILTIN_MODELS, RunSpec, SpecError, spec_from_dict
 

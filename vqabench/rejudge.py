@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vqabench.events import Evaluated
 from vqabench import stats
+from vqabench.events import Evaluated
 from vqabench.judges import JudgeInputError, JudgeItem, cached_compare, judge_file, read_items
 from vqabench.scoring import judge_with_cache, score_items
 from vqabench.spec import JudgeSpec, default_cache_dir

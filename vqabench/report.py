@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from statistics import mean
-from typing import Any, Sequence
+from typing import Any
 
 from vqabench.events import EpochEnded, Evaluated, RunFinished, RunStarted
 from vqabench.store import ResultsStore, SessionRecord

@@ -39,9 +39,10 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Union
 
 from vqabench.events import (
     EpochEnded,

@@ -7,10 +7,11 @@ One place for answer scoring, used by the worker (test and per-epoch eval answer
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from vqabench import metrics, stats
 from vqabench.events import Evaluated

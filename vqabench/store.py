@@ -25,11 +25,12 @@ import re
 import sqlite3
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import vqabench
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted

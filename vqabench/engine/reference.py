@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.telemetry import module_bytes

@@ -9,15 +9,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from vqabench import events as ev
 from vqabench import metrics
-from vqabench.judges import JudgeError, JudgeItem
-from vqabench.scoring import judge_with_cache, score_items
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
@@ -26,6 +24,8 @@ from vqabench.engine.data.records import DataError, DataSplits, answer_token_sta
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
+from vqabench.judges import JudgeError, JudgeItem
+from vqabench.scoring import judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -270,4 +270,4 @@ def _describe(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-__all__ = ["execute", "DataError"]
+__all__ = ["DataError", "execute"]

@@ -14,8 +14,9 @@ import os
 import resource
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 

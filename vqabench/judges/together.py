@@ -30,7 +30,6 @@ from tenacity import (
     wait_random,
 )
 
-from vqabench.spec import JudgeSpec
 from vqabench.judges.base import (
     Grade,
     Judge,
@@ -44,6 +43,7 @@ from vqabench.judges.base import (
     Verdict,
     VerdictCallback,
 )
+from vqabench.spec import JudgeSpec
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ in progress, drawn with distinct glyphs so that it reads without colour."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from rich.text import Text
 

@@ -10,10 +10,10 @@ efficiency panel and the Markdown export agree. No textual import here.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from statistics import mean
-from typing import Callable, Iterable, Sequence
 
 from vqabench.events import EpochEnded, Evaluated, Progress, RunFailed, RunFinished, RunStarted
 from vqabench.report import RunData, RunSummary, aggregate_seeds, run_setup, session_run_data, summarize_runs

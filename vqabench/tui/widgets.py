@@ -8,7 +8,7 @@ are the report's own (:mod:`vqabench.report`), under shorter headers.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rich.text import Text
 from textual import events

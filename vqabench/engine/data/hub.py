@@ -22,9 +22,10 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
@@ -34,7 +35,6 @@ from vqabench.engine.data.records import (
     PreferencePair,
     QualityReport,
     answer_token_stats,
-    nearest_rank,
 )
 from vqabench.engine.data.schemas import RowPair, Schema, read_row, resolve_schema
 from vqabench.engine.data.splits import carve, limit_train, sample
