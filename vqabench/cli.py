@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--set judge.name=exact (repeatable)",
     )
     _add_results_option(parser, top_level=True)
-    parser.add_argument("--export", type=Path, metavar="FILE.md", help="write the Markdown report when the runs end")
+    parser.add_argument(
+        "--export",
+        type=Path,
+        metavar="FILE.md",
+        help="write the Markdown report when the runs end, with SVG figures in FILE_files/",
+    )
+    _add_figures_option(parser)
     parser.add_argument(
         "--cache",
         type=Path,
@@ -116,9 +122,19 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         "--output",
         default="-",
         metavar="FILE.md",
-        help="where to write the report ('-' = standard output, the default)",
+        help="where to write the report ('-' = standard output, the default; figures need a file)",
     )
+    _add_figures_option(export)
     _add_results_option(export)
+
+
+def _add_figures_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="write the Markdown alone, without the SVG figures in FILE_files/ next to it",
+    )
 
 
 def _seed_list(text: str) -> tuple[int, ...]:
@@ -207,26 +223,28 @@ def _overrides(args: argparse.Namespace) -> Overrides:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vqabench.report import render_markdown
+    from vqabench.export import export_report
+    from vqabench.figures import FigureError, figures_dir
+    from vqabench.report import build_report, report_markdown
 
     with ResultsStore(args.results, create=False) as store:
         session = store.session(args.session) if args.session is not None else store.last_session()
         if session is None:
             raise StoreError(f"the results store {store.path} holds no session yet; run 'vqabench --headless' first.")
-        text = render_markdown(store, session.id, per_seed=args.per_seed)
+        report = build_report(store, session.id, per_seed=args.per_seed)
     if args.output == "-":
-        sys.stdout.write(text)
-    else:
-        _write(Path(args.output), text)
-        print(f"Wrote the report of session {session.id} to {args.output}.")
-    return 0
-
-
-def _write(path: Path, text: str) -> None:
+        sys.stdout.write(report_markdown(report))
+        return 0
+    path = Path(args.output)
     try:
-        path.write_text(text, encoding="utf-8")
+        written = export_report(report, path, figures=args.figures)
     except OSError as exc:
-        raise StoreError(f"cannot write {path} ({exc.strerror}).") from None
+        raise StoreError(f"cannot write {exc.filename or path} ({exc.strerror}).") from None
+    except FigureError as exc:
+        raise StoreError(str(exc)) from None
+    shown = f" and {len(written.figures)} SVG figure(s) to {figures_dir(path)}/" if written.figures else ""
+    print(f"Wrote the report of session {session.id} to {args.output}{shown}.")
+    return 0
 
 
 def _run_headless(args: argparse.Namespace) -> int:
@@ -242,6 +260,7 @@ def _run_headless(args: argparse.Namespace) -> int:
         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
         cache_dir=args.cache,
         command=shlex.join(["vqabench", *sys.argv[1:]]),
+        figures=args.figures,
     )
 
 

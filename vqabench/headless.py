@@ -23,7 +23,9 @@ from rich.text import Text
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
 from vqabench.presets import Overrides, select_presets
-from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
+from vqabench.export import export_report
+from vqabench.figures import FigureError, figures_dir
+from vqabench.report import SessionReport, build_report, markdown_table
 from vqabench.runner import (
     DONE,
     FAILED,
@@ -53,6 +55,7 @@ def run_headless(
     cache_dir: Path | str | None = None,
     console: Console | None = None,
     command: str = "",
+    figures: bool = True,
 ) -> int:
     """Validate, run and store the selected presets; print the comparison; return the exit code.
 
@@ -87,11 +90,15 @@ def run_headless(
         export_failed = False
         if export:
             try:
-                Path(export).write_text(report_markdown(report), encoding="utf-8")
-                console.print(f"Wrote the Markdown report to {export}.")
+                written = export_report(report, Path(export), figures=figures)
+                shown = f" and {len(written.figures)} SVG figure(s) to {figures_dir(Path(export))}" if written.figures else ""
+                console.print(f"Wrote the Markdown report to {export}{shown}.")
             except OSError as exc:
                 export_failed = True
                 console.print(f"Could not write the Markdown report to {export} ({exc.strerror}).")
+            except FigureError as exc:
+                export_failed = True
+                console.print(f"Could not write the report's figures: {exc}")
         console.print(
             f"Export it again with: vqabench export --session {session.id} --results {store.results_dir} -o results.md"
         )

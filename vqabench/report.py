@@ -67,6 +67,7 @@ class RunSummary:
     kappa: float | None = None
     seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
     spread: dict[str, float] = field(default_factory=dict)  # field name -> ± half-width
+    stage_seconds: float | None = None  # this run's own share of aligned_seconds (its stage)
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
@@ -82,6 +83,7 @@ SEED_FIELDS = (
     "f1",
     "judge_score",
     "kappa",
+    "stage_seconds",
 )
 
 
@@ -159,6 +161,8 @@ class SessionReport:
     unfinished: list[str]
     tables: list[ReportTable]  # quality, efficiency
     epoch_tables: list[ReportTable] = field(default_factory=list)  # one per run with epochs
+    runs: list[RunData] = field(default_factory=list)  # what the tables were built from (figures draw it)
+    summaries: list[RunSummary] = field(default_factory=list)  # one per preset, as in the tables
 
 
 def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
@@ -234,6 +238,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 judge_score=evaluation.judge_score if evaluation else None,
                 intervals=intervals,
                 kappa=_number(extra.get("judge_kappa")),
+                stage_seconds=_stage_seconds(run),
             )
         )
     return summaries
@@ -311,7 +316,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
             table.title += " per seed"
             tables.append(table)
     return SessionReport(
-        header_line(session, runs), unfinished, tables, [epoch_table(run) for run in runs if run.epochs]
+        header_line(session, runs), unfinished, tables, [epoch_table(run) for run in runs if run.epochs], runs, merged
     )
 
 
@@ -320,8 +325,9 @@ def render_markdown(store: ResultsStore, session_id: int, per_seed: bool = False
     return report_markdown(build_report(store, session_id, per_seed))
 
 
-def report_markdown(report: SessionReport) -> str:
-    """A SessionReport as Markdown: first line, unfinished runs, tables with their notes."""
+def report_markdown(report: SessionReport, figures: Sequence[tuple[str, str]] = ()) -> str:
+    """A SessionReport as Markdown: first line, unfinished runs, tables with their notes, and
+    `figures` ((caption, relative path) of images written next to it) after the tables."""
     parts = [report.header, ""]
     if report.unfinished:
         parts += ["Runs that did not finish:", ""]
@@ -329,6 +335,10 @@ def report_markdown(report: SessionReport) -> str:
         parts.append("")
     for table in report.tables:
         parts += _markdown_section("##", table)
+    if figures:
+        parts += ["## Figures", ""]
+        for caption, link in figures:
+            parts += [f"![{caption}]({link.replace(' ', '%20')})", "", f"*{caption}*", ""]
     if report.epoch_tables:
         parts += ["## Per epoch", "", EPOCH_NOTE, ""]
         for table in report.epoch_tables:
@@ -534,17 +544,24 @@ def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
     """Train seconds of the run and of every run it starts from; None if a stage is missing."""
     total, seen, node = 0.0, set(), run
     while True:
-        if node.finished is None or node.name in seen:
+        stage = _stage_seconds(node)
+        if stage is None or node.name in seen:
             return None
         seen.add(node.name)
-        total += node.finished.train_seconds
-        if node.started is not None:  # a `precompute` reference's one-off scoring pass
-            total += _number(node.started.data.get("reference_seconds")) or 0.0
+        total += stage
         if node.after is None:
             return total
         if node.after not in by_name:
             return None
         node = by_name[node.after]
+
+
+def _stage_seconds(run: RunData) -> float | None:
+    """Train seconds of this run alone, plus its `precompute` reference's one-off scoring pass."""
+    if run.finished is None:
+        return None
+    reference = _number(run.started.data.get("reference_seconds")) if run.started is not None else None
+    return run.finished.train_seconds + (reference or 0.0)
 
 
 def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:
