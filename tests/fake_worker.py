@@ -17,6 +17,8 @@ with these keys (all optional):
     stderr          lines to write to stderr before run_started
     eval_extra      the `extra` of the final eval event (intervals, kappa)
     cuda            report CUDA memory fields (default false)
+    telemetry       progress events carry live telemetry: 4 per epoch with RSS, and with
+                    `cuda` also NVML GPU memory and utilisation (default false)
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
@@ -117,12 +119,26 @@ def canned_events(
     cuda: bool = False,
     eval_extra: dict[str, Any] | None = None,
     checkpoint: str = "best",
+    telemetry: bool = False,
 ) -> Iterator[Event]:
     """The events of a normal run: started, progress and epoch_end per epoch, eval, finished."""
     epochs = epochs or spec.get("epochs", 3)
     yield run_started(spec, epochs, cuda)
     for epoch in range(1, epochs + 1):
-        yield Progress(phase="train", epoch=epoch, step=1, steps=4, running_loss=1.0 / epoch)
+        if not telemetry:
+            yield Progress(phase="train", epoch=epoch, step=1, steps=4, running_loss=1.0 / epoch)
+        for step in range(1, 5) if telemetry else ():
+            yield Progress(
+                phase="train",
+                epoch=epoch,
+                step=step,
+                steps=4,
+                running_loss=round(1.0 / epoch - 0.02 * step, 4),
+                rss_mib=500.0 + 10 * step + epoch,
+                gpu_process_mib=(900.0 + 50 * step) if cuda else None,
+                gpu_device_mib=(1200.0 + 50 * step) if cuda else None,
+                gpu_util=(40.0 + 10 * step) if cuda else None,
+            )
         yield epoch_ended(spec, epoch, epochs, cuda)
     yield evaluated(spec, eval_extra)
     train_seconds = sum(epoch_ended(spec, e, epochs, cuda).epoch_seconds for e in range(1, epochs + 1))
@@ -177,7 +193,10 @@ def main(script_path: str, spec_path: str) -> int:
     checkpoint = output_dir / "best"
     checkpoint.mkdir(parents=True, exist_ok=True)
     epochs = plan.get("epochs") or spec["epochs"]
-    for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint)):
+    events = canned_events(
+        spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint), plan.get("telemetry", False)
+    )
+    for event in events:
         if isinstance(event, Progress):
             epoch = event.epoch
             time.sleep(plan.get("epoch_sleep", 0))

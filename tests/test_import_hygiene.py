@@ -16,6 +16,9 @@ HOST_MODULES = [
     "vqabench.report",
     "vqabench.headless",
     "vqabench.cli",
+    "vqabench.charts",
+    "vqabench.export",
+    "vqabench.figures",
 ]
 
 
@@ -39,6 +42,7 @@ def test_runner_store_report_headless_and_cli_do_not_import_textual_or_torch():
     assert "vqabench" in loaded
     assert "textual" not in loaded
     assert "torch" not in loaded and "transformers" not in loaded
+    assert "matplotlib" not in loaded  # imported only when figures are drawn, so start-up stays fast
 
 
 def test_cli_help_stays_light():

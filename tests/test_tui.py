@@ -27,7 +27,6 @@ from vqabench.runner import RunStatusChanged, WorkerEvent
 from vqabench.store import ResultsStore
 from vqabench.tui.app import Dashboard
 from vqabench.tui.messages import ProgressNotice
-from vqabench.tui.plot import EVAL_MARK, RUNNING_MARK, TRAIN_MARK, loss_plot
 from vqabench.tui.state import RunView, SessionView, format_duration
 from vqabench.tui.widgets import PresetPicker, ReportDataTable, RunsTable
 
@@ -422,38 +421,6 @@ def test_eta_uses_the_pace_of_the_phase_and_the_finished_epochs():
     assert format_duration(3725) == "1:02:05" and format_duration(65.4) == "1:05"
 
 
-def test_loss_plot_marks_train_eval_and_running_loss_distinctly():
-    def epoch(n: int, train: float, evaluation: float) -> EpochEnded:
-        return EpochEnded(
-            epoch=n,
-            epochs=4,
-            train_loss=train,
-            eval_loss=evaluation,
-            epoch_seconds=1.0,
-            eval_seconds=0.1,
-            samples_per_s=1.0,
-            lr=1e-4,
-            peak_rss_mib=1.0,
-            reference_bytes=0,
-            chosen_logp=-1.0,
-            rejected_logp=-2.0,
-            reward_margin=1.0,
-            pref_accuracy=0.5,
-            is_best=False,
-        )
-
-    text = loss_plot([epoch(1, 2.0, 2.5), epoch(2, 1.0, 1.5)], [(2.5, 0.9), (2.75, 0.8)], 4, width=50, height=12).plain
-    lines = text.splitlines()
-    assert len(lines) == 12 and max(len(line) for line in lines) <= 50
-    assert "running (epoch 3)" in lines[0]
-    body = "\n".join(lines[1:])
-    assert body.count(TRAIN_MARK) == 2 and body.count(EVAL_MARK) == 2 and body.count(RUNNING_MARK) == 2
-    assert lines[1].strip().startswith("2.5")  # the highest loss labels the top row
-    assert lines[-1].split()[1:] == ["1", "2", "3", "4"]
-    top = next(i for i, line in enumerate(lines) if EVAL_MARK in line)
-    assert EVAL_MARK in lines[top] and lines[top].index(EVAL_MARK) < lines[-2].rindex("┴")
-
-
 def test_a_bad_preset_selection_is_one_sentence_before_the_screen_opens(tmp_path, capsys):
     from vqabench.cli import main
 
@@ -462,10 +429,11 @@ def test_a_bad_preset_selection_is_one_sentence_before_the_screen_opens(tmp_path
     assert err.startswith("vqabench: --preset names 'nope'") and err.count("\n") == 1
 
 
-def test_the_dashboards_state_and_plot_modules_do_not_import_textual():
-    """The host modules are checked in test_import_hygiene.py; the dashboard's model is UI-free too."""
+def test_the_dashboards_state_and_chart_data_modules_do_not_import_textual():
+    """The host modules are checked in test_import_hygiene.py; the dashboard's model and the
+    chart data it draws are UI-free too."""
     code = (
-        "import sys; import vqabench.tui.state, vqabench.tui.plot; "
+        "import sys; import vqabench.tui.state, vqabench.charts; "
         "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.')); "
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

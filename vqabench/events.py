@@ -59,6 +59,11 @@ class Progress(Event):
     steps: int
     running_loss: float | None = None
     message: str = ""
+    # Live telemetry at the time of the report (optional: None where not measured or not sampled yet)
+    rss_mib: float | None = None  # the worker's resident set size now
+    gpu_process_mib: float | None = None  # NVML, this worker's pid
+    gpu_device_mib: float | None = None  # NVML, the whole device
+    gpu_util: float | None = None  # NVML, percent
 
 
 @dataclass

@@ -33,16 +33,23 @@ Emit = Callable[[ev.Event], None]
 
 
 class Throttled:
-    """Progress events at most every `interval` seconds (always the last step)."""
+    """Progress events at most every `interval` seconds (always the last step), with the latest
+    telemetry sample once `telemetry` is set (a function returning Progress's telemetry fields)."""
 
     def __init__(self, emit: Emit, interval: float = 0.25):
         self.emit, self.interval, self.last = emit, interval, 0.0
+        self.telemetry: Callable[[], dict[str, float | None]] | None = None
 
     def __call__(self, phase: str, epoch: int, step: int, steps: int, loss: float | None, message: str = "") -> None:
         now = time.monotonic()
         if step >= steps or now - self.last >= self.interval:
             self.last = now
-            self.emit(ev.Progress(phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss, message=message))
+            sample = self.telemetry() if self.telemetry is not None else {}
+            self.emit(
+                ev.Progress(
+                    phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss, message=message, **sample
+                )
+            )
 
 
 def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path) -> DataSplits:
@@ -139,6 +146,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
     telemetry = Telemetry(str(device), interval=spec.telemetry_interval)
+    progress.telemetry = telemetry.latest
     data_info = {
         "dataset": data.name,
         "sizes": data.sizes(),

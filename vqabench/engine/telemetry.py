@@ -333,6 +333,7 @@ class Telemetry:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self._hwm_reset = False
+        self._latest: tuple[Reading | None, float | None] = (None, None)  # the last sample: reading, RSS
         if source is not None:
             self.source: ReadingSource | None = source
             self.status = "nvml" if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
@@ -404,9 +405,21 @@ class Telemetry:
                     self.last_error = f"{type(exc).__name__}: {exc}"
         rss = process_rss_mib()
         with self._lock:
+            self._latest = (reading, rss)
             if self._window is not None:
                 self._window.add(reading, rss)
                 self._window.failed += int(failed)
+
+    def latest(self) -> dict[str, float | None]:
+        """The last sample as events.Progress's telemetry fields (all None before the first)."""
+        with self._lock:
+            reading, rss = self._latest
+        return {
+            "rss_mib": rss,
+            "gpu_process_mib": reading.process_mib if reading else None,
+            "gpu_device_mib": reading.device_used_mib if reading else None,
+            "gpu_util": reading.util_percent if reading else None,
+        }
 
     def begin_epoch(self) -> None:
         """Open a new window and reset torch's CUDA peak counters."""

@@ -39,13 +39,13 @@ from vqabench.runner import (
 )
 from vqabench.spec import SpecError
 from vqabench.store import ResultsStore, StoreError
+from vqabench.tui.charts import LossPanel
 from vqabench.tui.messages import ProgressNotice, RunnerNotice, notice_for
 from vqabench.tui.state import Clock, RunView, SessionView
 from vqabench.tui.widgets import (
     EfficiencyPanel,
     EpochPanel,
     LogPanel,
-    LossPanel,
     PresetPicker,
     RunsTable,
     SessionPicker,
@@ -80,6 +80,9 @@ class Dashboard(App[int]):
         Binding("e", "export", "Export"),
         Binding("o", "open_session", "Sessions"),
         Binding("q", "quit", "Quit"),
+        Binding("s", "loss_scope", "Loss: all runs / selected", show=False),
+        Binding("t", "loss_kind", "Loss: train / eval", show=False),
+        Binding("b", "cost_charts", "Cost bar charts", show=False),
         *(Binding(label[0], f"show_panel('{tab}')", label[2:], show=False) for tab, _, label in PANELS),
     ]
 
@@ -345,6 +348,30 @@ class Dashboard(App[int]):
         self._tab_chosen = self._tab_chosen or chosen
         self.query_one("#panel-tabs", Tabs).active = tab
 
+    def action_loss_scope(self) -> None:
+        """`s`: the loss curves of all runs, or of the selected run alone."""
+        panel = self.query_one(LossPanel)
+        panel.all_runs = not panel.all_runs
+        self._show_panel_of(panel, "tab-loss")
+
+    def action_loss_kind(self) -> None:
+        """`t`: train loss or eval loss."""
+        panel = self.query_one(LossPanel)
+        panel.kind = "eval" if panel.kind == "train" else "train"
+        self._show_panel_of(panel, "tab-loss")
+
+    def action_cost_charts(self) -> None:
+        """`b`: the efficiency table, then each cost chart in turn."""
+        panel = self.query_one(EfficiencyPanel)
+        if panel.has_class("-active") or not self.query_one("#panel-tabs", Tabs).display:
+            panel.cycle()  # on screen already: go on; else the first press brings it up
+        self._show_panel_of(panel, "tab-efficiency")
+
+    def _show_panel_of(self, panel: LossPanel | EfficiencyPanel, tab: str) -> None:
+        if not panel.has_class("-active"):
+            self.action_show_panel(tab)
+        self._schedule_redraw()
+
     def on_tabs_tab_activated(self, event: Tabs.TabActivated) -> None:
         panel = dict((t, p) for t, p, _ in PANELS).get(event.tab.id or "")
         for _, other, _ in PANELS:
@@ -406,7 +433,7 @@ class Dashboard(App[int]):
         detail.update(text)
         detail.set_class(bool(text), "-shown")
         self.query_one(EpochPanel).show(run)
-        self.query_one(LossPanel).show(run)
+        self.query_one(LossPanel).show(view, self.selected)
         self.query_one(EfficiencyPanel).show(view)
         self.query_one(LogPanel).show(run)
 

@@ -37,6 +37,8 @@ from vqabench.store import ResultsStore, SessionRecord
 PLANNED = "planned"
 #: stderr lines kept per run for the log panel.
 STDERR_KEPT = 200
+#: Live telemetry samples kept per run for its sparklines.
+TELEMETRY_KEPT = 120
 
 Clock = Callable[[], float]
 
@@ -48,6 +50,16 @@ _PHASE_NAMES = {
     "generate": "test answers",
     "judge": "judging",
 }
+
+
+@dataclass(frozen=True)
+class TelemetrySample:
+    """One progress report's telemetry (events.Progress); None where it was not measured."""
+
+    rss_mib: float | None = None
+    gpu_process_mib: float | None = None
+    gpu_device_mib: float | None = None
+    gpu_util: float | None = None
 
 
 @dataclass
@@ -82,6 +94,7 @@ class RunView:
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_KEPT))
     stderr_total: int = 0  # lines received in all; `stderr` keeps the last STDERR_KEPT
     invalid_lines: int = 0
+    telemetry: deque[TelemetrySample] = field(default_factory=lambda: deque(maxlen=TELEMETRY_KEPT))
 
     @classmethod
     def from_spec(cls, spec: RunSpec, status: str = PLANNED) -> RunView:
@@ -194,6 +207,9 @@ class RunView:
             self.step, self.steps = event.step, event.steps
             self.running_loss = event.running_loss
             self.phase_message = event.message
+            sample = TelemetrySample(event.rss_mib, event.gpu_process_mib, event.gpu_device_mib, event.gpu_util)
+            if sample != TelemetrySample():
+                self.telemetry.append(sample)
             if event.phase == "train" and event.running_loss is not None and event.steps > 0:
                 x = (event.epoch - 1) + min(event.step, event.steps) / event.steps
                 self.running_points.append((x, event.running_loss))

@@ -1,5 +1,6 @@
-"""The dashboard's panels: runs table, per-epoch table, loss plot, efficiency panel, worker
-log, and the two pickers (presets to start, a previous session to open).
+"""The dashboard's panels: runs table, per-epoch table, efficiency panel, worker log, and the
+two pickers (presets to start, a previous session to open); the charts are in
+:mod:`vqabench.tui.charts`.
 
 Every panel draws from a :class:`~vqabench.tui.state.SessionView` or one of its
 :class:`~vqabench.tui.state.RunView`; cell texts of the per-epoch and efficiency tables
@@ -14,7 +15,7 @@ from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
@@ -22,7 +23,7 @@ from textual.widgets.option_list import Option
 from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, quality_table
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
-from vqabench.tui.plot import loss_plot
+from vqabench.tui.charts import CostCharts, TelemetryStrip
 from vqabench.tui.state import (
     PLANNED,
     RunView,
@@ -168,6 +169,7 @@ class EpochPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Static(id="epoch-caption")
+        yield TelemetryStrip(id="epoch-telemetry")
         yield ReportDataTable(id="epoch-table")
         yield Static(id="epoch-test")
 
@@ -175,6 +177,7 @@ class EpochPanel(Vertical):
         caption = self.query_one("#epoch-caption", Static)
         test = self.query_one("#epoch-test", Static)
         table = self.query_one("#epoch-table", ReportDataTable)
+        self.query_one(TelemetryStrip).show(run)
         if run is None:
             caption.update("No run selected.")
             table.show_rows([], [], [])
@@ -233,27 +236,6 @@ def _mib(value: int | None) -> str:
     return f"{value / MIB:.1f}" if value else "0.0"
 
 
-class LossPanel(Static):
-    """Train and eval loss per epoch and the running loss of the epoch in progress."""
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.run: RunView | None = None
-
-    def show(self, run: RunView | None) -> None:
-        self.run = run
-        self.refresh()
-
-    def render(self) -> Text:
-        if self.run is None:
-            return Text("No run selected.")
-        width, height = self.content_size.width, self.content_size.height
-        plot = loss_plot(
-            self.run.epochs, self.run.running_points, self.run.epochs_total, max(width, 20), max(height, 4)
-        )
-        return Text.assemble((f"{self.run.name} ", "bold"), plot) if height < 4 else plot
-
-
 #: What the efficiency columns mean (left out on short terminals; docs/dashboard.md has it too).
 LEGEND = Text(
     "s/epoch: mean training time of an epoch; ×SFT: that time relative to SFT on the same "
@@ -265,30 +247,62 @@ LEGEND = Text(
 )
 
 
-class EfficiencyPanel(Vertical):
+class EfficiencyPanel(Horizontal):
     """Every run side by side: cost (epoch time, ratio to SFT, time to aligned model,
-    memory, reference memory) and quality (EM, F1, judge), as the report computes them."""
+    memory, reference memory) and quality (EM, F1, judge), as the report computes them, and
+    the cost as bar charts: beside the table where the panel is wide enough, else instead of
+    it (`b` goes from the table through the charts and back)."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._session: SessionView | None = None
 
     def compose(self) -> ComposeResult:
-        yield ReportDataTable(id="efficiency-table")
-        yield Static(id="efficiency-verdict")
-        yield Static(LEGEND, id="efficiency-legend")
+        with Vertical(id="efficiency-numbers"):
+            yield ReportDataTable(id="efficiency-table")
+            yield Static(id="efficiency-verdict")
+            yield Static(LEGEND, id="efficiency-legend")
+        yield CostCharts(id="efficiency-charts")
 
     #: From this panel width on, the "Peak − ORPO" column fits too.
     WIDE = 92
+    #: From this panel width on, the charts stand beside the table.
+    SIDE_BY_SIDE = 130
+
+    @property
+    def side_by_side(self) -> bool:
+        return self.has_class("-side")
+
+    @property
+    def charts_shown(self) -> bool:
+        return self.side_by_side or self.has_class("-charts")
+
+    def cycle(self) -> None:
+        """`b`: table, then each chart, then the table again (beside the table: each chart in turn)."""
+        charts = self.query_one(CostCharts)
+        if self.side_by_side:
+            charts.next_chart()
+        elif not self.has_class("-charts"):
+            charts.chart = 0
+            self.add_class("-charts")
+            if self._session is not None:
+                charts.show(self._session)
+        elif charts.chart + 1 >= charts.count:
+            self.remove_class("-charts")
+        else:
+            charts.next_chart()
 
     def show(self, session: SessionView) -> None:
         self._session = session
+        self.set_class(self.size.width >= self.SIDE_BY_SIDE, "-side")
+        if self.charts_shown:
+            self.query_one(CostCharts).show(session)
         summaries = session.summaries()
         cost = efficiency_table(summaries)
         quality = quality_table(summaries, session.run_data())
         memory = next((c for c in cost.columns if c.startswith("Peak") and not c.startswith("Peak −")), "Peak")
         memory_header = {"Peak CUDA memory [MiB] ↓": "CUDA MiB", "Peak RSS [MiB] ↓": "RSS MiB"}.get(memory, "Peak MiB")
-        wide = self.size.width >= self.WIDE
+        wide = not self.side_by_side and self.size.width >= self.WIDE
         headers = [
             "Run",
             "s/epoch",
@@ -315,8 +329,9 @@ class EfficiencyPanel(Vertical):
         self.query_one("#efficiency-table", ReportDataTable).show_rows(
             headers, rows, [False] + [True] * (len(headers) - 1)
         )
-        verdict = cheapest_alignment(summaries)
-        self.query_one("#efficiency-verdict", Static).update(Text(verdict, "bold"))
+        verdict = Text(cheapest_alignment(summaries), "bold")
+        verdict.append(("  " if verdict else "") + "b: bar charts", "dim")
+        self.query_one("#efficiency-verdict", Static).update(verdict)
 
     def on_resize(self) -> None:
         if self._session is not None:
