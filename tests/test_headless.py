@@ -69,11 +69,15 @@ def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
     spec = json.loads(next((tmp_path / "vqabench-results" / "runs").glob("*-dpo-beta0.1/spec.json")).read_text())
     assert spec["epochs"] == 2 and spec["init_checkpoint"].endswith("-sft/best")
 
+    assert "and 3 SVG figure(s) to r_files" in out
+    assert sorted(p.name for p in (tmp_path / "r_files").iterdir()) == ["cost.svg", "loss.svg", "quality-vs-cost.svg"]
+
     again = vqabench(tmp_path, "export", "--last", "-o", "again.md")
     assert again.returncode == 0 and "Wrote the report of session 1" in again.stdout
-    assert (tmp_path / "again.md").read_text() == report
-    to_stdout = vqabench(tmp_path, "export", "--session", "1")
-    assert to_stdout.stdout == report
+    assert (tmp_path / "again.md").read_text() == report.replace("](r_files/", "](again_files/")
+    to_stdout = vqabench(tmp_path, "export", "--session", "1")  # no file, so no figures: the tables alone
+    figures = re.search(r"^## Figures\n.*?(?=^## )", report, re.M | re.S)
+    assert figures is not None and to_stdout.stdout == report.replace(figures.group(0), "")
 
 
 def test_a_crashed_run_makes_the_exit_code_1_and_is_explained(tmp_path):

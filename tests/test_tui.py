@@ -26,9 +26,10 @@ from vqabench.report import build_report, render_markdown
 from vqabench.runner import RunStatusChanged, WorkerEvent
 from vqabench.store import ResultsStore
 from vqabench.tui.app import Dashboard
+from vqabench.tui.charts import MARKERS, CostCharts, LossPanel, TelemetryStrip
 from vqabench.tui.messages import ProgressNotice
 from vqabench.tui.state import RunView, SessionView, format_duration
-from vqabench.tui.widgets import PresetPicker, ReportDataTable, RunsTable
+from vqabench.tui.widgets import EfficiencyPanel, PresetPicker, ReportDataTable, RunsTable
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 SIZE = (80, 24)
@@ -357,6 +358,185 @@ def test_a_burst_of_progress_costs_one_update_per_run(tmp_path):
             assert app.live.runs["sft"].step == 200  # the latest report won
 
     asyncio.run(scenario())
+
+
+def plot_text(app: Dashboard, selector: str) -> str:
+    """What a plotext chart draws, without colours."""
+    from textual_plotext import PlotextPlot
+
+    plot = app.query_one(selector, PlotextPlot)
+    return str(plot.render().plain) if plot.display else ""
+
+
+#: The fake worker's sessions for the chart views: progress reports carry telemetry, dpo-beta0.5 crashes.
+CHARTS = {"default": {"telemetry": True, "eval_extra": {"em_ci": [0.55, 0.7]}}, **CRASH_DPO}
+
+
+def test_the_loss_tab_overlays_every_run_and_toggles_scope_and_kind(tmp_path):
+    app = make_app(tmp_path, CHARTS, selection=FOUR, epochs=3)
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.live is not None and not app.running)
+            await pilot.press("2")
+            await pilot.pause(0.2)
+            panel = app.query_one(LossPanel)
+            legend = shown(app, "#loss-legend")
+            names = list(app.live.runs)  # queue order: each run keeps its marker in every chart
+            assert legend == "  ".join(f"{MARKERS[i]} {n}" for i, n in enumerate(names))
+            assert "Train loss · all runs" in shown(app, "#loss-caption")
+            # one curve per run, in queue order; dpo-beta0.5 crashed in epoch 2
+            assert {c.run: len(c.points) for c in panel.curves} == {n: 1 if n == "dpo-beta0.5" else 3 for n in names}
+            assert [c.run for c in panel.curves] == names
+            plot = plot_text(app, "#loss-plot")
+            assert MARKERS[len(names) - 1] in plot  # the last run's markers lie on top where curves meet
+            assert "epoch" in plot and "3" in plot.splitlines()[-2]  # the x axis runs to epoch 3
+
+            await pilot.press("t")  # eval loss: the same runs
+            await pilot.pause(0.2)
+            assert panel.kind == "eval" and "Eval loss · all runs" in shown(app, "#loss-caption")
+            sft_index = names.index("sft")
+            runs = app.query_one(RunsTable)
+            runs.move_cursor(row=sft_index)
+            await pilot.press("s")  # the selected run alone
+            await pilot.pause(0.2)
+            assert not panel.all_runs and "Eval loss · sft" in shown(app, "#loss-caption")
+            assert shown(app, "#loss-legend") == f"{MARKERS[sft_index]} sft"
+            plot = plot_text(app, "#loss-plot")
+            assert MARKERS[sft_index] in plot and not any(
+                MARKERS[i] in plot for i in range(len(names)) if i != sft_index
+            )
+            # the eval loss of the fake sft run: 1.2 after epoch 1, 1.1/3 + 0.1 ≈ 0.467 after 3
+            assert "1.2" in plot and "0.4" in plot
+
+    asyncio.run(scenario())
+
+
+def test_the_running_runs_loss_curve_grows_per_progress_event(tmp_path):
+    store = ResultsStore(tmp_path / "results")
+    app = Dashboard(store, selection="sft")
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            spec = select_presets("sft").specs[0]
+            app.live = SessionView.planned([spec])
+            app._show_view(app.live)
+            app.live.apply(RunStatusChanged("sft", "running", pid=1), 0.0)
+            await pilot.press("2")
+            await pilot.pause(0.2)
+            assert "no train loss yet" in shown(app, "#loss-legend")
+            assert not app.query_one("#loss-plot").display  # nothing drawn without data
+            counts = []
+            for step in (1, 2, 3):
+                event = Progress(phase="train", epoch=1, step=step, steps=4, running_loss=2.0 - 0.5 * step)
+                app._on_runner_note(WorkerEvent("sft", event, ""))
+                await pilot.pause(0.2)
+                counts.append(plot_text(app, "#loss-plot").count(MARKERS[0]))
+            assert app.query_one("#loss-plot").display
+            # the running loss is drawn as a line (braille) and grows; markers mark finished epochs only
+            assert counts == [0, 0, 0]
+            assert len(app.live.runs["sft"].running_points) == 3
+            assert "1.5" in plot_text(app, "#loss-plot") and "0.5" in plot_text(app, "#loss-plot")
+
+    asyncio.run(scenario())
+
+
+def test_the_efficiency_tab_draws_the_reports_cost_as_bars(tmp_path):
+    app = make_app(tmp_path, CHARTS, selection=FOUR)
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.live is not None and not app.running)
+            panel = app.query_one(EfficiencyPanel)
+            assert panel.has_class("-active") and not panel.charts_shown  # the table first at 80x24
+            assert "b: bar charts" in shown(app, "#efficiency-verdict")
+            charts = app.query_one(CostCharts)
+            titles = []
+            for _ in range(4):
+                await pilot.press("b")
+                await pilot.pause(0.2)
+                assert panel.charts_shown and not app.query_one("#efficiency-numbers").display
+                titles.append(shown(app, "#cost-caption").split(" [")[0])
+                plot = plot_text(app, "#cost-plot")
+                for run in app.live.runs:  # a labelled row per run
+                    assert f"{run}┤" in plot
+                if charts.current.key == "aligned_seconds":
+                    assert "n/a" in plot  # dpo-beta0.5 crashed: no time to an aligned model, not 0
+                    assert "SFT stage" in shown(app, "#cost-caption")
+                    assert [b.parts for b in charts.current.bars if b.run == "dpo-beta0.1"] == [(4.0, 6.4)]
+                if charts.current.key == "reference_mib":
+                    assert "none" in plot  # sft and orpo keep no reference
+            assert titles == [
+                "Epoch time relative to SFT",
+                "Time to an aligned model",
+                "Peak memory",
+                "Reference memory",
+            ]
+            await pilot.press("b")  # after the last chart, the table again
+            await pilot.pause(0.2)
+            assert not panel.charts_shown and app.query_one("#efficiency-numbers").display
+
+    asyncio.run(scenario())
+
+
+def test_telemetry_sparklines_show_rss_on_cpu_gpu_on_gpu_and_n_a_without_samples(tmp_path):
+    app = make_app(tmp_path, {"default": {"telemetry": True}, "runs": {"orpo": {"cuda": True}}}, selection="sft,orpo")
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.live is not None and not app.running)
+            await pilot.press("1")
+            runs = app.query_one(RunsTable)
+            strip = app.query_one(TelemetryStrip)
+            runs.move_cursor(row=list(app.live.runs).index("sft"))
+            await pilot.pause(0.2)
+            assert shown(app, "#telemetry-memory-label").split() == ["RSS", "MiB", "542"]  # 500 + 10·4 + epoch 2, the last report
+            assert not app.query_one("#telemetry-util-label").display  # no GPU figure on the CPU
+            assert app.query_one("#telemetry-memory-spark").display
+            runs.move_cursor(row=list(app.live.runs).index("orpo"))
+            await pilot.pause(0.2)
+            assert shown(app, "#telemetry-memory-label").split() == ["GPU", "MiB", "1100"]
+            assert shown(app, "#telemetry-util-label").split() == ["util", "%", "80"]
+            util = list(app.query_one("#telemetry-util-spark").data)
+            # a burst of progress reports coalesces into its latest, so some samples may be skipped
+            assert len(util) >= 2 and util[-1] == 80.0 and set(util) <= {50.0, 60.0, 70.0, 80.0}
+
+            # the same session from the store: no live samples, so n/a and no sparkline (never 0)
+            stored = SessionView.from_store(app.store, app.store.session(1))
+            strip.show(stored.runs["sft"])
+            await pilot.pause(0.1)
+            assert shown(app, "#telemetry-memory-label").split() == ["RSS", "MiB", "n/a"]
+            assert not app.query_one("#telemetry-memory-spark").display
+
+    asyncio.run(scenario())
+
+
+def chart_views(app: Dashboard, keys: str):
+    """run_before for a snapshot: run the session, then press `keys`."""
+
+    async def run_before(pilot) -> None:
+        await pilot.press("a")
+        await wait_for(pilot, lambda: app.live is not None and not app.running)
+        app.clear_notifications()
+        for key in keys:
+            await pilot.press(key)
+        await pilot.pause(0.3)
+
+    return run_before
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize(
+    "view, keys",
+    [("loss", "2"), ("cost-bars", "3bb"), ("telemetry", "1")],
+)
+def test_chart_views_snapshot(tmp_path, monkeypatch, snap_compare, view, keys, size):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tmp_path, CHARTS, results=Path("results"), selection=FOUR, clock=lambda: 1000.0)
+    assert snap_compare(app, terminal_size=size, run_before=chart_views(app, keys))
 
 
 def test_dashboard_snapshot_at_80x24_after_runs_end(tmp_path, monkeypatch, snap_compare):

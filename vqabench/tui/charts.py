@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Sparkline, Static
 from textual_plotext import PlotextPlot
 
-from vqabench.charts import STAGES, CostChart, cost_charts, loss_curve
+from vqabench.charts import STAGES, CostChart, LossCurve, cost_charts, loss_curve
 from vqabench.report import NA
 from vqabench.tui.state import RunView, SessionView
 
@@ -53,8 +53,7 @@ class LossPanel(Vertical):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.all_runs = True
         self.kind = "train"
-        self._session: SessionView | None = None
-        self._selected: str | None = None
+        self.curves: list[LossCurve] = []  # what the plot shows now
 
     def compose(self) -> ComposeResult:
         yield Static(id="loss-caption")
@@ -62,14 +61,13 @@ class LossPanel(Vertical):
         yield Static(id="loss-legend")
 
     def show(self, session: SessionView, selected: str | None) -> None:
-        self._session, self._selected = session, selected
         runs = list(session.runs.values())
         indices = {r.name: i for i, r in enumerate(runs)}
         chosen = runs if self.all_runs else [r for r in runs if r.name == selected]
         curves = [
             loss_curve(r.name, self.kind, r.epochs, r.running_points if r.status == "running" else ()) for r in chosen
         ]
-        curves = [c for c in curves if c.points]
+        curves = self.curves = [c for c in curves if c.points]
         scope = "all runs" if self.all_runs else (selected or "no run selected")
         other = "eval" if self.kind == "train" else "train"
         caption = Text.assemble(
@@ -147,12 +145,11 @@ class CostCharts(Vertical):
             caption.update("No runs.")
             plot.display = False
             return
-        head = Text.assemble(
-            (f"{chart.title} [{chart.unit}] ↓", "bold"), f"  {self.chart + 1}/{len(self._charts)} ", ("b: next", "dim")
-        )
+        head = Text.assemble((f"{chart.title} [{chart.unit}] ↓", "bold"))
         if chart.parts:
             for stage, colour in zip(STAGES, STAGE_COLORS):
-                head.append(f"  █ {stage}", f"color({colour})")
+                head.append(f"  █ {stage.split()[0]}", f"color({colour})")
+        head.append(f"  {self.chart + 1}/{len(self._charts)} · b: next", "dim")
         caption.update(head)
         measured = chart.measured
         plot.display = bool(measured)
