@@ -464,7 +464,7 @@ def test_the_efficiency_tab_draws_the_reports_cost_as_bars(tmp_path):
                     assert f"{run}┤" in plot
                 if charts.current.key == "aligned_seconds":
                     assert "n/a" in plot  # dpo-beta0.5 crashed: no time to an aligned model, not 0
-                    assert "SFT stage" in shown(app, "#cost-caption")
+                    assert "█ SFT  █ preference" in shown(app, "#cost-caption")
                     assert [b.parts for b in charts.current.bars if b.run == "dpo-beta0.1"] == [(4.0, 6.4)]
                 if charts.current.key == "reference_mib":
                     assert "none" in plot  # sft and orpo keep no reference
@@ -493,7 +493,11 @@ def test_telemetry_sparklines_show_rss_on_cpu_gpu_on_gpu_and_n_a_without_samples
             strip = app.query_one(TelemetryStrip)
             runs.move_cursor(row=list(app.live.runs).index("sft"))
             await pilot.pause(0.2)
-            assert shown(app, "#telemetry-memory-label").split() == ["RSS", "MiB", "542"]  # 500 + 10·4 + epoch 2, the last report
+            assert shown(app, "#telemetry-memory-label").split() == [
+                "RSS",
+                "MiB",
+                "542",
+            ]  # 500 + 10·4 + epoch 2, the last report
             assert not app.query_one("#telemetry-util-label").display  # no GPU figure on the CPU
             assert app.query_one("#telemetry-memory-spark").display
             runs.move_cursor(row=list(app.live.runs).index("orpo"))

@@ -114,7 +114,8 @@ def cost_charts(summaries: Sequence[RunSummary]) -> list[CostChart]:
             if key == "aligned_seconds" and value is not None and s.stage_seconds is not None:
                 own = min(s.stage_seconds, value)
                 parts = (own, 0.0) if s.method == "sft" else (value - own, own)
-            bars.append(Bar(s.name, value, *(ci or (None, None)), parts=parts, missing=missing))
+            low, high = ci if ci is not None else (None, None)
+            bars.append(Bar(s.name, value, low, high, parts=parts, missing=missing))
         if key == "peak_memory_mib":
             sources = sorted({s.memory_source for s in summaries if s.memory_source})
             unit = f"MiB ({'/'.join(sources)})" if sources else unit
@@ -144,15 +145,15 @@ class QualityCost:
 def quality_vs_cost(summaries: Sequence[RunSummary]) -> QualityCost:
     """A point per run with both numbers; `pareto` marks the runs no other run beats on both
     (as cheap or cheaper and at least as good, better in one)."""
-    rows = [s for s in summaries if s.em is not None and s.aligned_seconds is not None]
-    front = pareto_front([(s.aligned_seconds, s.em) for s in rows])  # type: ignore[misc]
+    rows = [(s, s.aligned_seconds, s.em) for s in summaries if s.em is not None and s.aligned_seconds is not None]
+    front = pareto_front([(cost, em) for _, cost, em in rows if cost is not None and em is not None])
     points = []
-    for i, s in enumerate(rows):
-        ci = interval(s, "em")
-        points.append(
-            QualityPoint(s.name, s.method, s.aligned_seconds, s.em, *(ci or (None, None)), pareto=i in front)  # type: ignore[arg-type]
-        )
-    return QualityCost(points, [s.name for s in summaries if s not in rows])
+    for i, (s, cost, em) in enumerate(rows):
+        assert cost is not None and em is not None
+        low, high = interval(s, "em") or (None, None)
+        points.append(QualityPoint(s.name, s.method, cost, em, low, high, pareto=i in front))
+    kept = {id(s) for s, _, _ in rows}
+    return QualityCost(points, [s.name for s in summaries if id(s) not in kept])
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> set[int]:

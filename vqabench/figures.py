@@ -98,9 +98,9 @@ def _loss(figure: Any, report: SessionReport, colours: dict[str, int]) -> bool:
         return False
     figure.set_size_inches(9, 3.6)
     axes = figure.subplots(1, 2, sharey=True)
-    for ax, kind in zip(axes, LOSS_KINDS):
+    for ax, kind in zip(axes, LOSS_KINDS, strict=True):
         for curve in curves[kind]:
-            xs, ys = zip(*curve.points)
+            xs, ys = [x for x, _ in curve.points], [y for _, y in curve.points]
             (line,) = ax.plot(xs, ys, label=curve.run, linewidth=1.5, markersize=5, **_style(colours, curve.run))
             line.set_gid(series_id("loss", kind, curve.run))
         ax.set_title(f"{kind} loss")
@@ -122,7 +122,7 @@ def _cost(figure: Any, report: SessionReport, colours: dict[str, int]) -> bool:
     rows = max(len(report.summaries), 1)
     figure.set_size_inches(10, 1.2 + 0.55 * rows * ((len(charts) + 1) // 2))
     axes = figure.subplots((len(charts) + 1) // 2, min(len(charts), 2), squeeze=False).ravel()
-    for ax, chart in zip(axes, charts):
+    for ax, chart in zip(axes, charts, strict=False):  # a spare axes is hidden below
         _cost_axes(ax, chart, colours)
     for ax in axes[len(charts) :]:
         ax.set_visible(False)
@@ -132,14 +132,14 @@ def _cost(figure: Any, report: SessionReport, colours: dict[str, int]) -> bool:
 def _cost_axes(ax: Any, chart: CostChart, colours: dict[str, int]) -> None:
     names = [b.run for b in chart.bars]
     ys = list(range(len(names)))
-    for y, bar in zip(ys, chart.bars):
+    for y, bar in zip(ys, chart.bars, strict=True):
         style = _style(colours, bar.run)
         if bar.value is None:
             ax.text(0, y, f" {bar.missing}", va="center", ha="left", color="#555555")
             continue
         if chart.parts and bar.parts:
             left = 0.0
-            for stage, width, colour in zip(chart.parts, bar.parts, STAGE_COLORS):
+            for stage, width, colour in zip(chart.parts, bar.parts, STAGE_COLORS, strict=True):
                 if width <= 0:
                     continue
                 (rect,) = ax.barh(y, width, left=left, color=colour, edgecolor=style["color"], linewidth=1.2)
@@ -162,7 +162,9 @@ def _cost_axes(ax: Any, chart: CostChart, colours: dict[str, int]) -> None:
         from matplotlib.patches import Patch
 
         ax.legend(
-            handles=[Patch(color=c, label=p) for p, c in zip(chart.parts, STAGE_COLORS)], loc="lower right", fontsize=7
+            handles=[Patch(color=c, label=p) for p, c in zip(chart.parts, STAGE_COLORS, strict=True)],
+            loc="lower right",
+            fontsize=7,
         )
     ax.set_yticks(ys, names)
     ax.invert_yaxis()
@@ -199,7 +201,14 @@ def _quality(figure: Any, report: SessionReport, colours: dict[str, int]) -> boo
         ax.annotate(p.run, (p.cost, p.em), textcoords="offset points", xytext=(6, 4), fontsize=8)
     front = sorted((p.cost, p.em) for p in data.points if p.pareto)
     if len(front) > 1:
-        (line,) = ax.plot(*zip(*front), color="black", linewidth=1, linestyle="--", drawstyle="steps-post")
+        (line,) = ax.plot(
+            [c for c, _ in front],
+            [q for _, q in front],
+            color="black",
+            linewidth=1,
+            linestyle="--",
+            drawstyle="steps-post",
+        )
         line.set_gid("pareto-front")
     ax.set_xlabel("time to an aligned model [s] ↓")
     ax.set_ylabel("EM on the test split ↑")

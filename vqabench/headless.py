@@ -91,7 +91,11 @@ def run_headless(
         if export:
             try:
                 written = export_report(report, Path(export), figures=figures)
-                shown = f" and {len(written.figures)} SVG figure(s) to {figures_dir(Path(export))}" if written.figures else ""
+                shown = (
+                    f" and {len(written.figures)} SVG figure(s) to {figures_dir(Path(export))}"
+                    if written.figures
+                    else ""
+                )
                 console.print(f"Wrote the Markdown report to {export}{shown}.")
             except OSError as exc:
                 export_failed = True

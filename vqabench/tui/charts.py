@@ -10,6 +10,7 @@ without colour too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -24,7 +25,7 @@ from vqabench.tui.state import RunView, SessionView
 #: One xterm-256 colour per run (plotext and rich both take these numbers) and one marker.
 COLORS = (33, 208, 40, 160, 135, 130, 205, 244, 142, 37)
 MARKERS = ("●", "■", "▲", "◆", "▼", "+", "x", "*", "o", "#")
-STAGE_COLORS = (117, 25)  # SFT stage, preference stage
+STAGE_COLORS = (153, 33)  # SFT stage, preference stage
 #: Rows a bar chart needs beyond one per bar: frame top and bottom, x tick labels.
 BAR_CHART_ROWS = 3
 
@@ -90,14 +91,12 @@ class LossPanel(Vertical):
         plt.clear_figure()
         for curve in curves:  # lines first, so that every run's markers stay on top
             colour, _ = run_style(indices[curve.run])
-            xs, ys = zip(*curve.points)
-            plt.plot(xs, ys, marker="braille", color=colour)
+            plt.plot([x for x, _ in curve.points], [y for _, y in curve.points], marker="braille", color=colour)
         for curve in curves:
             colour, marker = run_style(indices[curve.run])
-            xs, ys = zip(*curve.points)
-            whole = [(x, y) for x, y in zip(xs, ys) if float(x).is_integer()]  # finished epochs
+            whole = [(x, y) for x, y in curve.points if float(x).is_integer()]  # finished epochs
             if whole:
-                plt.scatter(*zip(*whole), marker=marker, color=colour)
+                plt.scatter([x for x, _ in whole], [y for _, y in whole], marker=marker, color=colour)
         epochs = max([r.epochs_total for r in chosen] + [int(max(x for c in curves for x, _ in c.points))] + [1])
         plt.xlim(0.8, epochs + 0.2)
         plt.xticks(list(range(1, epochs + 1)))
@@ -147,7 +146,7 @@ class CostCharts(Vertical):
             return
         head = Text.assemble((f"{chart.title} [{chart.unit}] ↓", "bold"))
         if chart.parts:
-            for stage, colour in zip(STAGES, STAGE_COLORS):
+            for stage, colour in zip(STAGES, STAGE_COLORS, strict=True):
                 head.append(f"  █ {stage.split()[0]}", f"color({colour})")
         head.append(f"  {self.chart + 1}/{len(self._charts)} · b: next", "dim")
         caption.update(head)
@@ -161,18 +160,19 @@ class CostCharts(Vertical):
         plt.clear_data()
         plt.clear_figure()
         count = len(chart.bars)
-        positions = list(range(count, 0, -1))  # the first run on top
-        top = max(max(b.high if b.high is not None else b.value for b in measured), 1e-9)  # type: ignore[type-var]
-        for pos, bar in zip(positions, chart.bars):
+        positions = [float(p) for p in range(count, 0, -1)]  # the first run on top
+        top = max([b.high for b in measured if b.high is not None] + [b.value for b in measured if b.value] + [1e-9])
+        for pos, bar in zip(positions, chart.bars, strict=True):
             if bar.value is None:
                 plt.text(bar.missing, top * 0.01, pos, alignment="left", background="default")
                 continue
-            stacks = [(p, c) for p, c in zip(bar.parts, STAGE_COLORS) if p > 0] if chart.parts else []
+            stacks = [(p, c) for p, c in zip(bar.parts, STAGE_COLORS, strict=False) if p > 0] if chart.parts else []
             if len(stacks) > 1:
-                plt.stacked_bar([pos], [[p] for p, _ in stacks], orientation="h", color=[c for _, c in stacks], width=0.1)
+                colours: Any = [c for _, c in stacks]  # one per stack; textual-plotext's hint allows one only
+                plt.stacked_bar([pos], [[p] for p, _ in stacks], orientation="horizontal", color=colours, width=0.1)
             else:
-                colour = stacks[0][1] if stacks else run_style(self._indices.get(bar.run, pos))[0]
-                plt.bar([pos], [bar.value], orientation="h", color=colour, width=0.1)
+                colour = stacks[0][1] if stacks else run_style(self._indices.get(bar.run, int(pos)))[0]
+                plt.bar([pos], [bar.value], orientation="horizontal", color=colour, width=0.1)
             if bar.low is not None and bar.high is not None:
                 plt.error([(bar.low + bar.high) / 2], [pos], xerr=[(bar.high - bar.low) / 2])
         plt.yticks(positions, [b.run for b in chart.bars])
