@@ -22,9 +22,9 @@ from rich.text import Text
 
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
-from vqabench.presets import Overrides, select_presets
 from vqabench.export import export_report
 from vqabench.figures import FigureError, figures_dir
+from vqabench.presets import Overrides, select_presets
 from vqabench.report import SessionReport, build_report, markdown_table
 from vqabench.runner import (
     DONE,
