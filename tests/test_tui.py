@@ -20,9 +20,10 @@ from rich.console import Console
 from textual.widgets import OptionList, Static
 
 from vqabench.events import EpochEnded, Progress, RunStarted
+from vqabench.figures import FIGURES
 from vqabench.headless import run_headless
 from vqabench.presets import Overrides, select_presets
-from vqabench.report import build_report, render_markdown
+from vqabench.report import build_report, report_markdown
 from vqabench.runner import RunStatusChanged, WorkerEvent
 from vqabench.store import ResultsStore
 from vqabench.tui.app import Dashboard
@@ -32,6 +33,8 @@ from vqabench.tui.state import RunView, SessionView, format_duration
 from vqabench.tui.widgets import EfficiencyPanel, PresetPicker, ReportDataTable, RunsTable
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+FIGURE_FILES = ("loss.svg", "cost.svg", "quality-vs-cost.svg")
+FIGURE_CAPTIONS = tuple(caption for _, caption, _ in FIGURES)
 SIZE = (80, 24)
 
 
@@ -242,12 +245,15 @@ def test_export_writes_the_report_markdown_and_shows_where(tmp_path):
             await pilot.press("a")
             await wait_for(pilot, lambda: app.live is not None and not app.running)
             await pilot.press("e")
-            await pilot.pause(0.2)
+            await wait_for(pilot, lambda: app.last_export is not None)
             path = tmp_path / "results" / "report-session-1.md"
             assert app.last_export == path.resolve()
-            assert path.read_text() == render_markdown(app.store, 1)
+            figures = path.parent / "report-session-1_files"
+            links = [(c, f"report-session-1_files/{n}") for c, n in zip(FIGURE_CAPTIONS, FIGURE_FILES, strict=True)]
+            assert path.read_text() == report_markdown(build_report(app.store, 1), links)
+            assert sorted(f.name for f in figures.iterdir()) == sorted(FIGURE_FILES)
             assert "exported report-session-1.md" in shown(app, "#title")
-            assert messages[-1] == f"Wrote {path.resolve()}"
+            assert messages[-1] == f"Wrote {path.resolve()} and 3 SVG figure(s) in report-session-1_files/"
 
     asyncio.run(scenario())
 
@@ -518,15 +524,54 @@ def test_telemetry_sparklines_show_rss_on_cpu_gpu_on_gpu_and_n_a_without_samples
     asyncio.run(scenario())
 
 
-def chart_views(app: Dashboard, keys: str):
-    """run_before for a snapshot: run the session, then press `keys`."""
+def replay_session(app: Dashboard) -> None:
+    """A finished session fed to the dashboard's handlers one notification at a time, in order
+    (no queue, so no progress report coalesces and no pid varies): sft and dpo-beta0.1 on the
+    CPU, orpo on a GPU, dpo-beta0.5 killed in its second epoch. Snapshots need this much
+    determinism; the same views driven by real workers are checked by content above."""
+    from fake_worker import canned_events
+
+    from vqabench.runner import RunnerFinished, RunQueued
+    from vqabench.tui.messages import notice_for
+
+    specs = select_presets(FOUR, Overrides(epochs=2)).specs
+    app.live = SessionView.planned(specs)
+    app.live.session_id, app.live.label, app.live.live, app.live.status = 1, "replayed", True, "running"
+    app._show_view(app.live)
+    notes: list = [RunQueued(s.name, s, i) for i, s in enumerate(specs)]
+    statuses = {}
+    for pid, spec in enumerate(specs, 4001):
+        notes.append(RunStatusChanged(spec.name, "running", pid=pid))
+        crash = spec.name == "dpo-beta0.5"
+        for event in canned_events(spec.to_dict(), 2, cuda=spec.name == "orpo", telemetry=True):
+            notes.append(WorkerEvent(spec.name, event, ""))
+            if crash and isinstance(event, EpochEnded):
+                break
+        status = "failed" if crash else "done"
+        reason = "worker exited with signal 9 (killed) during epoch 2 of 2" if crash else ""
+        notes.append(RunStatusChanged(spec.name, status, reason))
+        statuses[spec.name] = status
+    notes.append(RunnerFinished(statuses, cancelled=False))
+    for note in notes:
+        app.on_runner_notice(notice_for(note))
+
+
+def chart_views(app: Dashboard, keys: str, select: str | None = None):
+    """run_before for a snapshot: replay the session, select a run, then press `keys`."""
 
     async def run_before(pilot) -> None:
-        await pilot.press("a")
-        await wait_for(pilot, lambda: app.live is not None and not app.running)
+        replay_session(app)
+        await pilot.pause(0.2)
         app.clear_notifications()
+        runs = app.query_one(RunsTable)
+        if select is not None:
+            runs.move_cursor(row=list(app.view.runs).index(select))
         for key in keys:
             await pilot.press(key)
+        await pilot.pause(0.2)
+        # The runs table's columns only grow ("running" -> "done" keeps the wider column) until a
+        # resize rebuilds them, and when that happens depends on timing: rebuild now, as a resize would.
+        runs.on_resize()
         await pilot.pause(0.3)
 
     return run_before
@@ -534,13 +579,14 @@ def chart_views(app: Dashboard, keys: str):
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
 @pytest.mark.parametrize(
-    "view, keys",
-    [("loss", "2"), ("cost-bars", "3bb"), ("telemetry", "1")],
+    "view, keys, select",
+    [("loss", "2", None), ("cost-bars", "3bb", None), ("telemetry-gpu", "1", "orpo"), ("telemetry-cpu", "1", "sft")],
 )
-def test_chart_views_snapshot(tmp_path, monkeypatch, snap_compare, view, keys, size):
-    monkeypatch.chdir(tmp_path)
-    app = make_app(tmp_path, CHARTS, results=Path("results"), selection=FOUR, clock=lambda: 1000.0)
-    assert snap_compare(app, terminal_size=size, run_before=chart_views(app, keys))
+def test_chart_views_snapshot(tmp_path, snap_compare, view, keys, select, size):
+    app = Dashboard(
+        ResultsStore(tmp_path / "results"), selection=FOUR, overrides=Overrides(epochs=2), clock=lambda: 1000.0
+    )
+    assert snap_compare(app, terminal_size=size, run_before=chart_views(app, keys, select))
 
 
 def test_dashboard_snapshot_at_80x24_after_runs_end(tmp_path, monkeypatch, snap_compare):
@@ -552,6 +598,8 @@ def test_dashboard_snapshot_at_80x24_after_runs_end(tmp_path, monkeypatch, snap_
         await wait_for(pilot, lambda: app.live is not None and not app.running)
         app.clear_notifications()
         await pilot.pause(0.2)
+        app.query_one(RunsTable).on_resize()  # rebuild the columns now, as chart_views does
+        await pilot.pause(0.3)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_all)
 

@@ -10,7 +10,7 @@ and the headless start-up does not pay for it. No textual import here.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,11 +70,7 @@ def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
     colours.update({s.name: i for i, s in enumerate(report.summaries) if s.name not in colours})
     written = []
     with matplotlib.rc_context({"svg.hashsalt": "vqabench", "font.size": 9}):
-        for name, caption, draw in (
-            ("loss.svg", "Train and eval loss per epoch, all runs", _loss),
-            ("cost.svg", "What each method costs (whiskers: 95% interval where there is one)", _cost),
-            ("quality-vs-cost.svg", "Quality against cost: EM (95% interval) vs time to an aligned model", _quality),
-        ):
+        for name, caption, draw in FIGURES:
             figure = MplFigure(layout="constrained")
             if not draw(figure, report, colours):
                 continue
@@ -222,3 +218,11 @@ def figure_links(figures: Sequence[Figure], report_path: Path) -> list[tuple[str
     """(caption, path relative to the report) of each figure, for report_markdown."""
     base = report_path.parent.resolve()
     return [(f.caption, f.path.resolve().relative_to(base).as_posix()) for f in figures]
+
+
+#: (file name, caption, drawing function) of each figure, in the order the report shows them.
+FIGURES: tuple[tuple[str, str, Callable[[Any, SessionReport, dict[str, int]], bool]], ...] = (
+    ("loss.svg", "Train and eval loss per epoch, all runs", _loss),
+    ("cost.svg", "What each method costs (whiskers: 95% interval where there is one)", _cost),
+    ("quality-vs-cost.svg", "Quality against cost: EM (95% interval) vs time to an aligned model", _quality),
+)

@@ -28,8 +28,10 @@ from textual.containers import Container
 from textual.widgets import DataTable, Footer, Static, Tab, Tabs
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
 
+from vqabench.export import Export, export_report
+from vqabench.figures import FigureError
 from vqabench.presets import Overrides, packaged_presets, read_preset, select_presets
-from vqabench.report import render_markdown, seed_group
+from vqabench.report import SessionReport, build_report, seed_group
 from vqabench.runner import (
     DONE,
     FINAL_STATUSES,
@@ -316,19 +318,34 @@ class Dashboard(App[int]):
         self.notify(f"Cancelling {run.name}: {how}.")
 
     def action_export(self) -> None:
-        """Write the Markdown report of the shown session next to the results store."""
+        """Write the Markdown report of the shown session, with its SVG figures, next to the
+        results store (the same export as `vqabench export`)."""
         session_id = self.view.session_id
         if session_id is None:
             self.notify("Nothing to export yet: start runs (a) or open a session (o).", severity="warning")
             return
         path = (self.store.results_dir / f"report-session-{session_id}.md").resolve()
         try:
-            path.write_text(render_markdown(self.store, session_id), encoding="utf-8")
-        except (OSError, StoreError) as exc:
+            report = build_report(self.store, session_id)  # the store's connection belongs to this thread
+        except StoreError as exc:
             self.notify(f"Cannot write {path} ({exc}).", severity="error", timeout=15)
             return
-        self.last_export = path
-        self.notify(f"Wrote {path}", title="Markdown report", timeout=15)
+        self._write_export(report, path)
+
+    @work(thread=True, group="export", exclusive=True)
+    def _write_export(self, report: SessionReport, path: Path) -> None:
+        """Drawing the figures takes a moment (matplotlib): off the event loop."""
+        try:
+            written = export_report(report, path)
+        except (OSError, FigureError) as exc:
+            self.call_from_thread(self.notify, f"Cannot write {path} ({exc}).", severity="error", timeout=15)
+            return
+        self.call_from_thread(self._exported, written)
+
+    def _exported(self, written: Export) -> None:
+        self.last_export = written.path
+        figures = f" and {len(written.figures)} SVG figure(s) in {written.path.stem}_files/" if written.figures else ""
+        self.notify(f"Wrote {written.path}{figures}", title="Markdown report", timeout=15)
         self._schedule_redraw()
 
     def action_open_session(self) -> None:

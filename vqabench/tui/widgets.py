@@ -149,8 +149,9 @@ class ReportDataTable(DataTable):
             return
         self._shown = key
         self.clear(columns=True)
-        for header, is_right in zip(headers, right, strict=True):
-            self.add_column(Text(header, justify="right" if is_right else "left"))
+        for i, (header, is_right) in enumerate(zip(headers, right, strict=True)):
+            width = max([len(header)] + [len(row[i]) for row in rows])  # explicit: drawn at once, no measuring pass
+            self.add_column(Text(header, justify="right" if is_right else "left"), width=width)
         for row in rows:
             self.add_row(*(Text(c, justify="right" if r else "left") for c, r in zip(row, right, strict=True)))
 
