@@ -163,3 +163,13 @@ def test_no_figures_writes_the_markdown_alone(session, tmp_path):
     assert main(["export", "--last", "--no-figures", "-o", str(out), "--results", str(session)]) == 0
     assert "## Figures" not in out.read_text() and "](" not in out.read_text()
     assert not (tmp_path / "plain_files").exists()
+
+
+def test_losses_of_very_different_scales_go_on_a_log_axis():
+    from vqabench.charts import LossCurve, log_scale
+
+    dpo = LossCurve("dpo", "train", [(1.0, 0.69), (2.0, 0.6)])
+    ipo = LossCurve("ipo", "train", [(1.0, 24.7), (2.0, 20.1)])  # IPO's squared loss, as measured
+    assert log_scale([dpo, ipo]) and not log_scale([dpo])
+    assert not log_scale([dpo, LossCurve("x", "train", [(1.0, -0.1), (2.0, 20.0)])])  # a log axis needs > 0
+    assert not log_scale([])

@@ -43,6 +43,17 @@ def loss_curve(
     return LossCurve(run, kind, [(x, float(y)) for x, y in points if _finite(y)])
 
 
+#: Losses spanning more than this ratio are drawn on a log scale (IPO's squared loss is tens
+#: of times DPO's, which would flatten every other curve on a shared linear axis).
+LOG_SCALE_RATIO = 10.0
+
+
+def log_scale(curves: Sequence[LossCurve]) -> bool:
+    """Whether `curves` read better on a log axis: every loss positive, spanning > LOG_SCALE_RATIO."""
+    values = [y for c in curves for _, y in c.points]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > LOG_SCALE_RATIO
+
+
 def loss_curves(runs: Sequence[RunData], kind: str) -> list[LossCurve]:
     """One curve per run of a stored session (runs without a finished epoch have none)."""
     curves = [loss_curve(r.name, kind, r.epochs) for r in runs]

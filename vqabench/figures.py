@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vqabench.charts import LOSS_KINDS, CostChart, cost_charts, loss_curves, quality_vs_cost
+from vqabench.charts import LOSS_KINDS, CostChart, cost_charts, log_scale, loss_curves, quality_vs_cost
 from vqabench.report import SessionReport
 
 #: One colour and marker per run, in queue order (matplotlib's tab10 colours).
@@ -100,6 +100,8 @@ def _loss(figure: Any, report: SessionReport, colours: dict[str, int]) -> bool:
             (line,) = ax.plot(xs, ys, label=curve.run, linewidth=1.5, markersize=5, **_style(colours, curve.run))
             line.set_gid(series_id("loss", kind, curve.run))
         ax.set_title(f"{kind} loss")
+        if log_scale([c for k in LOSS_KINDS for c in curves[k]]):
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

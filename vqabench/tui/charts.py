@@ -18,7 +18,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Sparkline, Static
 from textual_plotext import PlotextPlot
 
-from vqabench.charts import STAGES, CostChart, LossCurve, cost_charts, loss_curve
+from vqabench.charts import STAGES, CostChart, LossCurve, cost_charts, log_scale, loss_curve
 from vqabench.report import NA
 from vqabench.tui.state import RunView, SessionView
 
@@ -72,7 +72,7 @@ class LossPanel(Vertical):
         scope = "all runs" if self.all_runs else (selected or "no run selected")
         other = "eval" if self.kind == "train" else "train"
         caption = Text.assemble(
-            (f"{self.kind.capitalize()} loss", "bold"),
+            (f"{self.kind.capitalize()} loss{' (log scale)' if log_scale(curves) else ''}", "bold"),
             f" · {scope}  ",
             (f"t: {other} · s: {'selected run' if self.all_runs else 'all runs'}", "dim"),
         )
@@ -99,6 +99,8 @@ class LossPanel(Vertical):
                 plt.scatter([x for x, _ in whole], [y for _, y in whole], marker=marker, color=colour)
         epochs = max([r.epochs_total for r in chosen] + [int(max(x for c in curves for x, _ in c.points))] + [1])
         plt.xlim(0.8, epochs + 0.2)
+        if log_scale(curves):
+            plt.yscale("log")
         plt.xticks(list(range(1, epochs + 1)))
         plt.xlabel("epoch")
         plot.refresh()
