@@ -145,7 +145,7 @@ def test_intervals_and_kappa_are_shown_and_explained(tmp_path):
     assert "κ judge/EM" in quality.columns
     row = next(r for r in quality.rows if r[0] == "dpo-beta0.1")
     assert row[1:5] == ["0.640 [0.610, 0.670]", "0.690 [0.660, 0.720]", "0.740 [0.700, 0.780]", "0.52"]
-    assert any("95% bootstrap" in note for note in quality.notes)
+    assert any("Wilson score" in note and "bootstrap interval for F1" in note for note in quality.notes)
     assert any("Cohen's kappa" in note for note in quality.notes)
 
 

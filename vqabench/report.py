@@ -251,9 +251,12 @@ def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
         return None
 
 
+TOO_FEW = "too few items"
+
+
 def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
     """Paired differences to the SFT run of the same setup on the very same test items."""
-    from vqabench.stats import paired_bootstrap
+    from vqabench.stats import MIN_PAIRED_ITEMS, mcnemar_exact, paired_bootstrap
 
     done = [r for r in runs if r.status == "done" and r.final_eval is not None]
     baselines: dict[tuple[str, str], RunData] = {}  # (setup, seed suffix) -> SFT run; "" = any seed
@@ -276,23 +279,50 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             continue
         row = [run.name, base.name]
         for key in ("em", "f1"):
-            d = paired_bootstrap([a[key] for a in ours], [b[key] for b in theirs])
-            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"]
+            a, b = [x[key] for x in ours], [x[key] for x in theirs]
+            d = paired_bootstrap(a, b)
+            if len(a) < MIN_PAIRED_ITEMS:
+                p = TOO_FEW
+            elif key == "em":  # a binary score: the exact McNemar test
+                p = _p_text(mcnemar_exact(a, b).p_value)
+            else:
+                p = _p_text(d.p_value)
+            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", p]
+        graded = [
+            (x["verdict"] == "correct", y["verdict"] == "correct")
+            for x, y in zip(ours, theirs)
+            if x.get("verdict") in ("correct", "incorrect") and y.get("verdict") in ("correct", "incorrect")
+        ]
+        if graded:
+            test = mcnemar_exact([int(x) for x, _ in graded], [int(y) for _, y in graded])
+            diff = (test.a_only - test.b_only) / test.n
+            row += [f"{diff:+.3f}", TOO_FEW if test.too_few else _p_text(test.p_value)]
+        else:
+            row += [NA, NA]
         rows.append(row + [str(len(ours))])
     if not rows:
         return None
     notes = [
         "Difference to the SFT run of the same model and data on the same test questions (positive: "
-        "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions) and a "
-        "two-sided bootstrap p-value. An interval that contains 0 means no measurable difference."
+        "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions). "
+        "p (EM) and p (judge): exact McNemar test on the questions only one of the two runs got right "
+        "(judge: questions both verdicts graded); p (F1): two-sided paired bootstrap. "
+        f"Fewer than {MIN_PAIRED_ITEMS} paired questions: '{TOO_FEW}' instead of a p-value. "
+        "An interval that contains 0 means no measurable difference."
     ]
     return ReportTable(
         "Versus SFT",
-        ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "n"],
-        ["left", "left"] + ["right"] * 5,
+        ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "ΔJudge", "p (judge)", "n"],
+        ["left", "left"] + ["right"] * 7,
         rows,
         notes,
     )
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return TOO_FEW
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
@@ -417,7 +447,10 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             if error:
                 notes.append(f"{run.name}: the judge failed ({error}); judge it later with 'vqabench judge --run ID'.")
     if any(s.intervals for s in summaries if s.seeds == 1):
-        notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
+        notes.append(
+            "Brackets: 95% confidence interval [low, high] over the test questions: Wilson score "
+            "intervals for EM and Judge (proportions), a bootstrap interval for F1."
+        )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     if with_kappa:
