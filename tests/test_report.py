@@ -199,9 +199,13 @@ def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
     table = versus_sft_table([sft, better])
     assert table is not None and [r[0] for r in table.rows] == ["orpo"]
     row = table.rows[0]
-    assert row[2].startswith("+0.300 [") and float(row[3]) < 0.01 and row[6] == "100"
+    # 30 questions only ORPO got right, none the other way: exact McNemar p = 2 * 0.5**30
+    assert row[2].startswith("+0.300 [") and row[3] == "< 0.001" and row[8] == "100"
+    assert row[6:8] == ["n/a", "n/a"]  # no judge verdicts in these predictions
     low = float(row[2].split("[")[1].split(",")[0])
     assert 0.0 < low < 0.3
+    few = versus_sft_table([run("sft20", "sft", [0] * 20), run("few", "orpo", [1] * 20)])
+    assert few is not None and few.rows[0][3] == "too few items" and few.rows[0][5] == "too few items"
     other = run("other", "orpo", [1] * 100)
     other.final_eval.predictions = str(tmp_path / "missing.jsonl")
     assert versus_sft_table([sft, other]) is None  # no predictions: no row, never a made-up one
