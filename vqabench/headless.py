@@ -82,6 +82,8 @@ def run_headless(
         runner.subscribe(view)
         with view:
             interrupted = asyncio.run(_run_until_done(runner, console))
+        if runner.fatal:
+            console.print(f"vqabench: the runs were stopped: {runner.fatal}", markup=False, highlight=False)
         report = build_report(store, session.id)  # once: it reads every run's predictions
         _print_summary(console, report, runner)
         export_failed = False

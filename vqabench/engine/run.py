@@ -213,6 +213,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                     pref_accuracy=e.pref_accuracy,
                     is_best=result.is_best,
                     **tel.event_fields(),
+                    **trainer.clock.event_fields(),
                     **scored,
                 )
             )

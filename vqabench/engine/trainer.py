@@ -20,6 +20,7 @@ from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.timing import StepClock
 from vqabench.spec import RunSpec
 
 
@@ -161,6 +162,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.best_loss = math.inf
         self.best_epoch = 0
+        self.clock = StepClock(cores=torch.get_num_threads())  # every step's wall clock, machine load
 
     @property
     def steps_per_epoch(self) -> int:
@@ -187,6 +189,7 @@ class Trainer:
         steps = self.steps_per_epoch
         synchronize(self.device)
         start = time.perf_counter()
+        self.clock.begin()
         for step in range(steps):
             rows = order[step * bs : (step + 1) * bs]
             batch = self.encoded.batch("train", rows, self.device)
@@ -197,6 +200,7 @@ class Trainer:
                     f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {step + 1} of {steps}; "
                     f"lower lr (now {self.spec.lr:g}) or check the data."
                 ) from None
+            self.clock.step_done()  # train_step ends in a host sync (the loss value), so this is the step's time
             total += loss * len(batch)
             count += len(batch)
             now = time.perf_counter()
