@@ -17,7 +17,7 @@ from datetime import datetime
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
-from vqabench.events import EpochEnded, Evaluated, RunFinished, RunStarted
+from vqabench.events import EpochEnded, Evaluated, ProbeMeasured, ProbeStarted, RunFinished, RunStarted
 from vqabench.store import ResultsStore, SessionRecord
 
 if TYPE_CHECKING:
@@ -250,7 +250,9 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 timing_warning=timing.warning(run.name),
             )
         )
-        if sft and epoch_mean is not None:
+        if sft == run.name:
+            summaries[-1].relative_epoch_time = 1.0
+        elif sft and epoch_mean is not None:
             summary = summaries[-1]
             summary.relative_epoch_time, summary.relative_interval = relative_time(timing, timings[sft])
     return summaries
@@ -310,10 +312,10 @@ def run_timing(run: RunData) -> RunTiming:
 def relative_time(run: RunTiming, baseline: RunTiming) -> tuple[float | None, list[float] | None]:
     """Cost relative to a baseline run: mean step time ratio with a 95% bootstrap interval over
     both runs' steps; the ratio of median epoch times, without an interval, where steps are unknown."""
-    from vqabench.stats import ratio_of_means_ci
+    from vqabench.stats import ratio_ci
 
     if run.step_ms and baseline.step_ms:
-        ratio = ratio_of_means_ci(run.step_ms, baseline.step_ms)
+        ratio = ratio_ci(run.step_ms, baseline.step_ms)
         interval = [ratio.low, ratio.high] if ratio.low is not None and ratio.high is not None else None
         return ratio.mean, interval
     if run.epoch_seconds is None or not baseline.epoch_seconds:
@@ -418,12 +420,19 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     versus = versus_sft_table(runs)
     if versus is not None:
         tables.append(versus)
+    probe = store.probe(session_id)
+    if probe is not None:
+        tables = [t for t in tables if t.rows] + [probe_table(*probe)]
     if per_seed and len(merged) < len(summaries):
         for table in (quality_table(summaries, runs), efficiency_table(summaries)):
             table.title += " per seed"
             tables.append(table)
+    extra_devices = [probe[0].device] if probe is not None else []
     return SessionReport(
-        header_line(session, runs), unfinished, tables, [epoch_table(run) for run in runs if run.epochs]
+        header_line(session, runs, extra_devices),
+        unfinished,
+        tables,
+        [epoch_table(run) for run in runs if run.epochs],
     )
 
 
@@ -475,9 +484,9 @@ def markdown_table(table: ReportTable) -> list[str]:
     return [line(cells[0]), rule, *(line(row) for row in cells[1:])]
 
 
-def header_line(session: SessionRecord, runs: Sequence[RunData]) -> str:
+def header_line(session: SessionRecord, runs: Sequence[RunData], devices_too: Sequence[str] = ()) -> str:
     """The first line: machine, device, torch and vqabench versions, date, session."""
-    devices = sorted({r.started.device for r in runs if r.started})
+    devices = sorted({r.started.device for r in runs if r.started} | set(devices_too))
     torches = sorted({r.started.torch_version for r in runs if r.started})
     machine = session.machine or NA
     if session.processor:
@@ -667,6 +676,76 @@ def epoch_table(run: RunData) -> ReportTable:
             "CPU threads the run used; above them, other work competed for the cores."
         )
     return ReportTable(f"{run.name} ({run.method}, {run.status})", columns, ["right"] * len(columns), rows, notes)
+
+
+def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> ReportTable:
+    """`vqabench probe`: each preset's step on the same batches, interleaved rounds, one process."""
+    from vqabench.stats import quantiles, ratio_ci
+
+    by_preset: dict[str, list[ProbeMeasured]] = {}
+    for m in measured:
+        by_preset.setdefault(m.preset, []).append(m)
+    steps = {name: [ms for m in rows for ms in m.step_ms] for name, rows in by_preset.items()}
+    base = next((n for n, rows in by_preset.items() if rows[0].method == "sft"), next(iter(by_preset), None))
+    sources = {m.memory_source for m in measured}
+    memory = "Peak CUDA memory [MiB] ↓" if sources == {"CUDA"} else "Peak RSS [MiB] ↓" if sources == {"RSS"} else "Peak memory [MiB] ↓"
+    rows = []
+    for name, rounds in by_preset.items():
+        times = steps[name]
+        if not times:
+            rows.append([name, rounds[0].method] + [NA] * 6)
+            continue
+        p10, median, p90 = quantiles(times, (0.1, 0.5, 0.9))
+        relative = NA
+        if name == base:
+            relative = "1.00"
+        elif base is not None and steps[base]:
+            ratio = ratio_ci(times, steps[base], "median")
+            relative = f"{ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}]"
+        peaks = [m.peak_memory_mib for m in rounds if _number(m.peak_memory_mib) is not None]
+        uses_reference = rounds[0].reference_strategy is not None
+        setup = sorted(m.setup_seconds for m in rounds)[len(rounds) // 2]
+        rows.append(
+            [
+                name,
+                rounds[0].method + (f" ({rounds[0].reference_strategy})" if uses_reference else ""),
+                f"{median:.1f} ({p10:.1f} … {p90:.1f})",
+                relative,
+                f"{started.batch_size * 1000.0 / median:.1f}",
+                _fmt(max(peaks), 1) if peaks else NA,
+                _fmt(rounds[0].reference_bytes / MIB, 1) if uses_reference else "none",
+                _fmt(setup, 2) if uses_reference else "–",
+            ]
+        )
+    loads = [m.load_avg_max for m in measured if _number(m.load_avg_max) is not None]
+    notes = [
+        f"{started.device}, torch {started.torch_version}; batch {started.batch_size}; "
+        f"{started.steps} timed steps (after {started.warmup} warm-up steps) per preset in each of "
+        f"{started.rounds} interleaved rounds, in one process on the same batches, so whatever else "
+        "runs on the machine lands on every preset alike.",
+        f"Every preset starts from the same model ({started.model_source}), dependants included: "
+        "no preset is trained first, the probe measures what a step costs, not what it learns.",
+        "ms/step: median over every timed step of every round (p10 … p90). Relative: the median "
+        f"step time divided by {base or 'the first preset'}'s, with a 95% bootstrap interval over both "
+        "presets' steps; two presets that do the same work should overlap.",
+        "Peak memory: "
+        + ("CUDA max allocated" if sources == {"CUDA"} else "the process's peak RSS (VmHWM, reset before the timed steps)")
+        + ", the highest round's. Reference: the frozen copy's bytes (precompute keeps none resident). "
+        "Setup: building the copy, or the precompute pass over the probe's pairs (a run pays it over all its "
+        "pairs), median over rounds.",
+    ]
+    if loads and max(loads) > started.cores:
+        notes.append(
+            f"The 1-minute load average reached {max(loads):.1f} on the {started.cores} cores the probe used: "
+            "absolute times are disturbed, the interleaved ratios much less."
+        )
+    return ReportTable(
+        "Step cost probe",
+        ["Preset", "Method", "ms/step ↓", "Relative [95% CI]", "Samples/s ↑", memory, "Reference [MiB] ↓", "Setup [s]"],
+        ["left", "left"] + ["right"] * 6,
+        rows,
+        notes,
+    )
 
 
 def epoch_time_text(times: Spread | None) -> str:
