@@ -305,8 +305,8 @@ class EfficiencyPanel(Vertical):
         ]
         columns = [
             _cells(cost, "Method"),
-            _cells(cost, "Epoch time"),
-            _cells(cost, "Relative"),
+            [c.split(" s", 1)[0] for c in _cells(cost, "Epoch time")],  # the median; the spread is in the export
+            [_point(c) for c in _cells(cost, "Relative")],
             _cells(cost, "Time to aligned"),
             _cells(cost, memory),
             *([_cells(cost, "Peak −")] if wide else []),
