@@ -17,8 +17,8 @@ from vqabench.store import ResultsStore
 
 
 def _plan(rounds: int = 3) -> dict:
-    specs = [RunSpec(name=n, method=m, after="sft" if m == "dpo" else None, beta=b) for n, m, b in (
-        ("sft", "sft", None), ("dpo-beta0.1", "dpo", 0.1), ("dpo-beta0.5", "dpo", 0.5), ("orpo", "orpo", None))]  # fmt: skip
+    presets = (("sft", "sft", None), ("dpo-beta0.1", "dpo", 0.1), ("dpo-beta0.5", "dpo", 0.5), ("orpo", "orpo", None))
+    specs = [RunSpec(name=n, method=m, after="sft" if m == "dpo" else None, beta=b) for n, m, b in presets]
     return ProbePlan(specs, steps=20, rounds=rounds, warmup=3).to_dict()["probe"]
 
 

@@ -289,8 +289,8 @@ def test_epoch_times_show_their_spread_warmup_and_a_bootstrap_interval_against_s
 def test_a_disturbed_timing_is_flagged_in_one_sentence():
     from vqabench.report import RunData, efficiency_table, summarize_runs
 
-    noisy = RunData("orpo", "orpo", "done", setup="s", epochs=[
-        _timed_epoch(1, 10.0, [50.0]), _timed_epoch(2, 9.0, [50.0]), _timed_epoch(3, 13.0, [50.0], load=3.4)])  # fmt: skip
+    epochs = [_timed_epoch(1, 10.0, [50.0]), _timed_epoch(2, 9.0, [50.0]), _timed_epoch(3, 13.0, [50.0], load=3.4)]
+    noisy = RunData("orpo", "orpo", "done", setup="s", epochs=epochs)
     [summary] = summarize_runs([noisy])
     assert summary.timing_warning == (
         "orpo: timing disturbed: its epoch times vary by 26% (coefficient of variation, over 2 epochs) and the "

@@ -181,7 +181,12 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
     # Defaults suppressed: `vqabench --preset X probe` keeps X, as --results does.
     probe.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
     probe.add_argument(
-        "--set", dest="settings", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE", help="as for --headless"
+        "--set",
+        dest="settings",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="as for --headless",
     )
     probe.add_argument("--steps", type=_positive_int, default=20, metavar="N", help="timed steps per preset per round")
     probe.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="interleaved rounds")
@@ -214,7 +219,9 @@ def _run_probe(args: argparse.Namespace) -> int:
     if outcome.error:
         print(f"vqabench: the probe failed: {outcome.error}", file=sys.stderr)
         return 1
-    print(f"\nStored as session {outcome.session_id}; print it again with: vqabench export --session {outcome.session_id}")
+    print(
+        f"\nStored as session {outcome.session_id}; print it again with: vqabench export --session {outcome.session_id}"
+    )
     return 0
 
 

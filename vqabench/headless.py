@@ -239,7 +239,9 @@ class ConsoleView:
                 scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
             steps = ""
             if event.step_ms_median is not None and event.step_ms_p10 is not None and event.step_ms_p90 is not None:
-                steps = f" (step {event.step_ms_median:.1f} ms, p10 {event.step_ms_p10:.1f}, p90 {event.step_ms_p90:.1f})"
+                steps = (
+                    f" (step {event.step_ms_median:.1f} ms, p10 {event.step_ms_p10:.1f}, p90 {event.step_ms_p90:.1f})"
+                )
             self.say(
                 run,
                 f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "

@@ -273,7 +273,7 @@ class RunTiming:
         """One sentence when the run's timing was disturbed (epoch-time CV or machine load), else None."""
         reasons = []
         cv = self.spread.cv if self.spread else None
-        if cv is not None and cv > NOISY_CV:
+        if self.spread is not None and cv is not None and cv > NOISY_CV:
             reasons.append(f"its epoch times vary by {cv:.0%} (coefficient of variation, over {self.spread.n} epochs)")
         if self.load_max is not None and self.cores and self.load_max > self.cores:
             reasons.append(
@@ -297,7 +297,7 @@ def run_timing(run: RunData) -> RunTiming:
     steady = epochs[1:] if len(epochs) > 2 else epochs
     times = spread([e.epoch_seconds for e in steady]) if steady else None
     step_ms = [ms for e in steady for ms in (e.step_ms or [])] if all(e.step_ms for e in steady) else []
-    loads = [e.load_avg_max for e in run.epochs if _number(e.load_avg_max) is not None]
+    loads = [v for v in (_number(e.load_avg_max) for e in run.epochs) if v is not None]
     cores = [e.cores for e in run.epochs if e.cores]
     return RunTiming(
         times.median if times else None,
@@ -688,7 +688,13 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
     steps = {name: [ms for m in rows for ms in m.step_ms] for name, rows in by_preset.items()}
     base = next((n for n, rows in by_preset.items() if rows[0].method == "sft"), next(iter(by_preset), None))
     sources = {m.memory_source for m in measured}
-    memory = "Peak CUDA memory [MiB] ↓" if sources == {"CUDA"} else "Peak RSS [MiB] ↓" if sources == {"RSS"} else "Peak memory [MiB] ↓"
+    memory = (
+        "Peak CUDA memory [MiB] ↓"
+        if sources == {"CUDA"}
+        else "Peak RSS [MiB] ↓"
+        if sources == {"RSS"}
+        else "Peak memory [MiB] ↓"
+    )
     rows = []
     for name, rounds in by_preset.items():
         times = steps[name]
@@ -702,7 +708,7 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         elif base is not None and steps[base]:
             ratio = ratio_ci(times, steps[base], "median")
             relative = f"{ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}]"
-        peaks = [m.peak_memory_mib for m in rounds if _number(m.peak_memory_mib) is not None]
+        peaks = [v for v in (_number(m.peak_memory_mib) for m in rounds) if v is not None]
         uses_reference = rounds[0].reference_strategy is not None
         setup = sorted(m.setup_seconds for m in rounds)[len(rounds) // 2]
         rows.append(
@@ -717,7 +723,7 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
                 _fmt(setup, 2) if uses_reference else "–",
             ]
         )
-    loads = [m.load_avg_max for m in measured if _number(m.load_avg_max) is not None]
+    loads = [v for v in (_number(m.load_avg_max) for m in measured) if v is not None]
     notes = [
         f"{started.device}, torch {started.torch_version}; batch {started.batch_size}; "
         f"{started.steps} timed steps (after {started.warmup} warm-up steps) per preset in each of "
@@ -729,14 +735,18 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         f"step time divided by {base or 'the first preset'}'s, with a 95% bootstrap interval over both "
         "presets' steps; two presets that do the same work should overlap.",
         "Peak memory: "
-        + ("CUDA max allocated" if sources == {"CUDA"} else "the process's peak RSS (VmHWM, reset before the timed steps)")
+        + (
+            "CUDA max allocated"
+            if sources == {"CUDA"}
+            else "the process's peak RSS (VmHWM, reset before the timed steps)"
+        )
         + ", the highest round's. Reference: the frozen copy's bytes (precompute keeps none resident). "
         "Setup: building the copy, or the precompute pass over the probe's pairs (a run pays it over all its "
         "pairs), median over rounds.",
     ]
     if loads and max(loads) > started.cores:
         notes.append(
-            f"The 1-minute load average reached {max(loads):.1f} on the {started.cores} cores the probe used: "
+            f"The 1-minute load average reached {max(loads):.1f} on the {started.cores} core(s) the probe used: "
             "absolute times are disturbed, the interleaved ratios much less."
         )
     return ReportTable(

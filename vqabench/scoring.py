@@ -63,8 +63,8 @@ def _proportion_interval(values: list[float]) -> list[float] | None:
     """95% Wilson interval of a binary per-item score (EM, a CORRECT verdict)."""
     if not values:
         return None
-    _, low, high = stats.wilson_interval(int(sum(values)), len(values))
-    return [low, high]
+    interval = stats.wilson_interval(int(sum(values)), len(values))
+    return [interval.low, interval.high] if interval.low is not None and interval.high is not None else None
 
 
 @contextmanager

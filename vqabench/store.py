@@ -317,9 +317,7 @@ class ResultsStore:
             )
         try:
             self.results_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout
-            )
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"the results store {self.path} cannot be opened ({exc}).") from None
         self._conn.row_factory = sqlite3.Row
@@ -471,7 +469,8 @@ class ResultsStore:
             if row["machine"] != platform.node() or process_alive(row["host_pid"], row["host_started"]):
                 continue
             runs = self._query(
-                "SELECT id, status, pid FROM runs WHERE session_id = ? AND status IN (?, ?)", (row["id"], RUNNING, QUEUED)
+                "SELECT id, status, pid FROM runs WHERE session_id = ? AND status IN (?, ?)",
+                (row["id"], RUNNING, QUEUED),
             )
             if any(r["status"] == RUNNING and r["pid"] and process_alive(r["pid"]) for r in runs):
                 continue  # its worker still runs on its own; look again later
@@ -570,10 +569,10 @@ class ResultsStore:
     def epochs(self, run_id: int) -> list[EpochEnded]:
         """The run's completed epochs, in order."""
         rows = self._query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
-        return [
-            EpochEnded(**{k: (bool(row[k]) if k == "is_best" else _from_column(k, row[k])) for k in _EPOCH_FIELDS})
-            for row in rows
+        fields: list[dict[str, Any]] = [
+            {k: (bool(row[k]) if k == "is_best" else _from_column(k, row[k])) for k in _EPOCH_FIELDS} for row in rows
         ]
+        return [EpochEnded(**f) for f in fields]
 
     def evals(self, run_id: int) -> list[Evaluated]:
         """The run's evaluations, in the order they arrived."""

@@ -130,12 +130,7 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
         setup_seconds=setup_seconds if reference is not None else 0.0,
         load_avg_max=fields["load_avg_max"],
     )
-    del trainer, reference, loaded
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    release_free_memory()
-    return result
+    return result  # the copy, its reference and optimizer go with this frame; execute_probe frees them
 
 
 def execute_probe(plan: ProbePlan, emit: Emit) -> list[ev.ProbeMeasured]:
@@ -157,17 +152,17 @@ def execute_probe(plan: ProbePlan, emit: Emit) -> list[ev.ProbeMeasured]:
             pid=os.getpid(),
         )
     )
-    results = []
+    results: list[ev.ProbeMeasured] = []
     total = plan.rounds * len(plan.specs)
     for r in range(1, plan.rounds + 1):
         order = plan.specs if r % 2 else list(reversed(plan.specs))
         for spec in order:
-            emit(
-                ev.Progress(
-                    phase="probe", epoch=0, step=len(results), steps=total, message=f"round {r}: {spec.name}"
-                )
-            )
+            emit(ev.Progress(phase="probe", epoch=0, step=len(results), steps=total, message=f"round {r}: {spec.name}"))
             result = measure(probe, spec, r)
+            gc.collect()
+            if probe.device.type == "cuda":
+                torch.cuda.empty_cache()
+            release_free_memory()
             results.append(result)
             emit(result)
     return results

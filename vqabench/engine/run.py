@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -185,7 +186,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
                 blip.save_checkpoint(loaded, best_dir)
-            scored = {}
+            scored: dict[str, Any] = {}
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
                 eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)

@@ -328,7 +328,9 @@ class Dashboard(App[int]):
     def action_probe_cost(self) -> None:
         """`vqabench probe` on the current selection: every preset's step, interleaved; shown under Efficiency."""
         if self.running:
-            self.notify("Runs are going: probe the step cost when they end (it would disturb both).", severity="warning")
+            self.notify(
+                "Runs are going: probe the step cost when they end (it would disturb both).", severity="warning"
+            )
             return
         if self.probe_worker is not None and not self.probe_worker.is_finished:
             self.notify("The cost probe is already running.", severity="warning")
