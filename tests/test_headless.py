@@ -243,8 +243,17 @@ def test_a_session_whose_host_was_sigkilled_is_marked_interrupted_keeping_its_ep
     results = tmp_path / "results"
     plan = {"default": {"epochs": 3}, "runs": {"sft": {"hang_in_epoch": 2}}}
     host = subprocess.Popen(
-        [sys.executable, "-m", "vqabench.cli", "--headless", "--preset", "sft,dpo-beta0.1", "--results", str(results)]
-        + fake(tmp_path, plan),
+        [
+            sys.executable,
+            "-m",
+            "vqabench.cli",
+            "--headless",
+            "--preset",
+            "sft,dpo-beta0.1",
+            "--results",
+            str(results),
+            *fake(tmp_path, plan),
+        ],
         cwd=tmp_path,
         env=cli_env(tmp_path),
         stdout=subprocess.DEVNULL,

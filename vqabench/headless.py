@@ -237,15 +237,15 @@ class ConsoleView:
             if event.scored_n:
                 judge = f", judge {event.judge_score:.3f}" if event.judge_score is not None else ""
                 scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
-            steps = ""
+            step_text = ""
             if event.step_ms_median is not None and event.step_ms_p10 is not None and event.step_ms_p90 is not None:
-                steps = (
+                step_text = (
                     f" (step {event.step_ms_median:.1f} ms, p10 {event.step_ms_p10:.1f}, p90 {event.step_ms_p90:.1f})"
                 )
             self.say(
                 run,
                 f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
-                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s{steps}, "
+                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s{step_text}, "
                 f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
                 f"{memory}{scores}{' (best)' if event.is_best else ''}",
             )
@@ -253,7 +253,7 @@ class ConsoleView:
                 self.say(
                     run,
                     f"timing disturbed: the 1-minute load average reached {event.load_avg_max:.1f} on the "
-                    f"{event.cores} cores this run uses, so other work competed with this epoch.",
+                    f"{event.cores} core(s) this run uses, so other work competed with this epoch.",
                 )
             if task is not None:
                 steps = self._steps.get(run, 1)
@@ -307,7 +307,7 @@ def _print_summary(console: Console, report: SessionReport, runner: Runner) -> N
     for table in report.tables:  # quality and efficiency; per-epoch tables are in the export
         if console.is_terminal:
             rich_table = Table(title=table.title, title_justify="left")
-            for column, align in zip(table.columns, table.align):  # Text: "[s]" is no markup
+            for column, align in zip(table.columns, table.align, strict=True):  # Text: "[s]" is no markup
                 rich_table.add_column(Text(column), justify="right" if align == "right" else "left")
             for row in table.rows:
                 rich_table.add_row(*map(Text, row))
