@@ -189,7 +189,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             scored: ScoreSummary | None = None
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
-                eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
+                eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
                     summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
                 except JudgeError as exc:
