@@ -13,29 +13,9 @@ import logging
 import os
 import sys
 import traceback
-from typing import IO
 
 from vqabench import events as ev
-
-
-class EventWriter:
-    """Writes events as JSON lines to the stream kept for the protocol."""
-
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-
-    def __call__(self, event: ev.Event) -> None:
-        self.stream.write(ev.encode_event(event) + "\n")
-        self.stream.flush()
-
-
-def protocol_stream() -> IO[str]:
-    """Keep fd 1 for events; send everything else written to stdout to stderr."""
-    sys.stdout.flush()
-    events_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
+from vqabench.event_stream import EventWriter, protocol_stream
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
