@@ -17,6 +17,8 @@ with these keys (all optional):
     stderr          lines to write to stderr before run_started
     eval_extra      the `extra` of the final eval event (intervals, kappa)
     cuda            report CUDA memory fields (default false)
+    record_env      write <output_dir>/env.json: the CUDA_VISIBLE_DEVICES it got and its
+                    start and end times (time.time())
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
@@ -176,6 +178,7 @@ def main(script_path: str, spec_path: str) -> int:
         print(f"not an event {n}", flush=True)
     checkpoint = output_dir / "best"
     checkpoint.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     epochs = plan.get("epochs") or spec["epochs"]
     for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint)):
         if isinstance(event, Progress):
@@ -194,6 +197,9 @@ def main(script_path: str, spec_path: str) -> int:
                 return 1
             continue
         _emit(event)
+    if plan.get("record_env"):
+        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}
+        (output_dir / "env.json").write_text(json.dumps(record))
     return 0
 
 

@@ -43,17 +43,18 @@ class Placement:
     concurrent_runs: int = 1  # how many runs may share the host while this one trains
 
     def label(self, spec: RunSpec) -> str:
-        """Short text for the runs table and the log: 'GPU 1', 'GPUs 0,1', 'cpu ×2'."""
-        processes = spec.nproc_per_node * spec.nnodes
+        """Short text for the runs table and the log ('GPU 1', 'GPUs 0,1, 2 processes', 'cpu');
+        empty for a single process on the default device."""
+        parts = []
         if self.gpus:
-            text = f"GPU{'s' if len(self.gpus) > 1 else ''} {','.join(map(str, self.gpus))}"
-        else:
-            text = spec.device
+            parts.append(f"GPU{'s' if len(self.gpus) > 1 else ''} {','.join(map(str, self.gpus))}")
+        elif spec.device != "auto":
+            parts.append(spec.device)
+        if spec.nproc_per_node > 1:
+            parts.append(f"{spec.nproc_per_node} processes")
         if spec.nnodes > 1:
-            text += f" (node {spec.node_rank} of {spec.nnodes})"
-        elif processes > 1 and not self.gpus:
-            text += f" ×{processes}"
-        return text
+            parts.append(f"node {spec.node_rank} of {spec.nnodes}")
+        return ", ".join(parts)
 
     def env(self) -> dict[str, str]:
         """What the worker's environment gets: its GPUs, numbered as nvidia-smi numbers them."""

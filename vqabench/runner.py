@@ -73,7 +73,7 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED)
 FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED})
 
 #: stderr lines kept per run for the failure message and the dashboard.
-STDERR_TAIL = 50
+STDERR_TAIL = 80
 #: Longest stdout line accepted from a worker (a run_started with a large config is long).
 LINE_LIMIT = 16 * 2**20
 
@@ -106,7 +106,7 @@ class RunStatusChanged:
     spec: RunSpec | None = None
     pid: int | None = None
     exit_code: int | None = None
-    device: str = ""  # for "running": where it trains ("GPU 1", "cpu ×2", "auto")
+    device: str = ""  # for "running": where it trains ("GPU 1", "2 processes"; "" = the default device)
 
 
 @dataclass(frozen=True)
@@ -424,10 +424,27 @@ class Runner:
             self._set_status(state, DONE, exit_code=code)
         elif state.cancel_requested:
             self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
+        elif state.failed is not None and state.failed.error_kind != "distributed":
+            self._set_status(state, FAILED, state.failed.message, exit_code=code)
+        elif is_distributed(state.spec) and (rank_failure := _rank_failure(state.stderr_tail)) is not None:
+            self._set_status(state, FAILED, self._rank_reason(state, *rank_failure), exit_code=code)
         elif state.failed is not None:
             self._set_status(state, FAILED, state.failed.message, exit_code=code)
         else:
             self._set_status(state, FAILED, self._exit_reason(state, code), exit_code=code)
+
+    def _rank_reason(self, state: RunState, rank: int, code: int) -> str:
+        """One sentence for a multi-process run that torchrun ended because one rank failed."""
+        world = state.spec.nproc_per_node * state.spec.nnodes
+        if code < 0:
+            try:
+                description = (signal.strsignal(-code) or "").lower()
+            except ValueError:
+                description = ""
+            how = f"was killed by signal {-code}" + (f" ({description})" if description else "")
+        else:
+            how = f"exited with code {code}"
+        return f"rank {rank} of {world} {how} {self._where(state)}, so torchrun stopped the run."
 
     def _exit_reason(self, state: RunState, code: int | None) -> str:
         """One sentence for a worker that ended without a run_finished or run_failed."""
@@ -548,6 +565,29 @@ class Runner:
                 log.exception(
                     "a runner subscriber (%r) failed on %s; the runs go on", callback, type(notification).__name__
                 )
+
+
+_TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
+    """(rank, exit code) of the failed rank in torchrun's failure summary on stderr.
+
+    torchrun lists every failed rank; the one killed by a signal is the cause (the others
+    lost their peer), else the lowest rank that failed.
+    """
+    failures: list[tuple[int, int]] = []
+    rank: int | None = None
+    for line in lines:
+        if (m := _TORCHRUN_RANK.match(line)) is not None:
+            rank = int(m.group(1))
+        elif (m := _TORCHRUN_EXIT.match(line)) is not None and rank is not None:
+            failures.append((rank, int(m.group(1))))
+            rank = None
+    if not failures:
+        return None
+    return min(failures, key=lambda f: (f[1] >= 0, f[0]))
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:

@@ -118,12 +118,16 @@ class Ranks:
         """The trainable part under DDP (None for one process: no wrapper, no cost)."""
         if not self.distributed:
             return None
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel
 
+        # No batch norm here: buffers never change, so they are not resent every step
+        # (torch 2.13 renamed the switch; older releases know only broadcast_buffers).
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_resend = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
         return DistributedDataParallel(
-            StepModule(part),
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # no batch norm here: buffers never change, so never resend them
+            StepModule(part), device_ids=[device.index] if device.type == "cuda" else None, **no_resend
         )
 
     def barrier(self) -> None:

@@ -62,6 +62,7 @@ class RunView:
     status: str = PLANNED
     reason: str = ""
     pid: int | None = None
+    device: str = ""  # where the runner placed it ("GPU 1", "auto ×2")
     started: RunStarted | None = None
     finished: RunFinished | None = None
     failed: RunFailed | None = None
@@ -290,6 +291,8 @@ class SessionView:
             view.status, view.reason = note.status, note.reason
             if note.pid is not None:
                 view.pid = note.pid
+            if note.device:
+                view.device = note.device
             if note.status == RUNNING:
                 view.started_at = now
                 view.phase = ""
