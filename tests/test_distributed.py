@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def tiny_run(name: str, checkpoint: Path, **changes) -> RunSpec:
 
 
 def run_session(specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=None) -> tuple[Runner, list]:
-    runner = Runner(specs, runs_dir=tmp_path / "runs", session="d", cache_dir=vqa_cache, gpus=[])
+    runner = Runner(
+        specs, runs_dir=tmp_path / "runs", session="d", cache_dir=vqa_cache, gpus=[], env={"OMP_NUM_THREADS": "1"}
+    )
     notes: list = []
     runner.subscribe(notes.append)
     if on_note is not None:
@@ -187,7 +190,9 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout
         assert b.eval_loss == pytest.approx(a.eval_loss, abs=1e-4)
         assert b.pref_accuracy == pytest.approx(a.pref_accuracy, abs=1e-6)
         assert b.rank_peak_mib is not None and len(b.rank_peak_mib) == 2 and all(p > 0 for p in b.rank_peak_mib)
-        assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(sum(b.rank_peak_mib))
+        assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(
+            sum(b.rank_peak_mib)
+        )
     assert one[0].rank_peak_mib is None  # one process: no per-rank figures
     # Test generation is sharded and gathered: every test question answered once, in order.
     [test_one], [test_two] = events_of(notes, "one", ev.Evaluated), events_of(notes, "two", ev.Evaluated)
@@ -210,7 +215,8 @@ def test_killing_one_rank_fails_the_run_in_one_sentence_and_keeps_its_epochs(
     spec = tiny_run("two", dropout_free_checkpoint, nproc_per_node=2, epochs=20)
     runner, notes = run_session([spec], tmp_path, vqa_cache, on_note=kill_rank_one)
     state = runner.states["two"]
-    assert state.status == FAILED
+    assert state.status == FAILED, state.reason
+    assert state.reason.startswith("rank 1 of 2 was killed by signal 9"), "\n".join(state.stderr_tail)
     assert state.reason.startswith("rank 1 of 2 was killed by signal 9") and state.reason.count(". ") == 0
     assert "so torchrun stopped the run." in state.reason
     assert state.epochs_done >= 1 and events_of(notes, "two", ev.EpochEnded)  # epochs already recorded stay
@@ -243,3 +249,46 @@ def worker_processes(root: int | None) -> list[int]:
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def cli(tmp_path: Path, *args: str, gpus: str = "") -> subprocess.CompletedProcess:
+    from test_headless import cli_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "vqabench.cli", "--headless", *args],
+        cwd=tmp_path,
+        env={**cli_env(tmp_path), VISIBLE_GPUS_ENV: gpus},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_headless_gpus_place_runs_on_fake_devices_and_log_them(tmp_path):
+    from test_headless import fake
+
+    proc = cli(tmp_path, "--preset", "sft,orpo", "--epochs", "1", "--gpus", "0,1", *fake(tmp_path, {}), gpus="0,1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[sft] running (pid" in proc.stdout and "on GPU " in proc.stdout
+    placed = sorted(line.rsplit("on ", 1)[1] for line in proc.stdout.splitlines() if ", on GPU " in line)
+    assert placed in (["GPU 0)", "GPU 0)"], ["GPU 0)", "GPU 1)"], ["GPU 1)", "GPU 1)"])
+
+
+@pytest.mark.parametrize(
+    "args, gpus, parts",
+    [
+        (["--gpus", "0,5"], "0,1", ["run 'sft': --gpus / key 'gpus' names GPU 5, which does not exist"]),
+        (["--gpus", "0"], "", ["names GPU 0, which does not exist; no GPU is visible"]),
+        (["--set", "nproc_per_node=3"], "", ["key 'batch_size' has value 16, which 3 processes"]),
+        (["--set", "nproc_per_node=4"], "0,1", ["'nproc_per_node' has value 4, but this machine has 2 visible GPU(s)"]),
+    ],
+)
+def test_bad_placement_is_one_sentence_and_exit_code_2_before_anything_runs(tmp_path, args, gpus, parts):
+    from test_headless import assert_one_sentence_error, fake
+
+    proc = cli(tmp_path, "--preset", "sft", *args, *fake(tmp_path, {}), gpus=gpus)
+    assert_one_sentence_error(proc, *parts)
+    assert not (tmp_path / "vqabench-results").exists()

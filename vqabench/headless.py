@@ -190,7 +190,8 @@ class ConsoleView:
         if note.status == RUNNING:
             self.say(
                 note.run,
-                f"running (pid {note.pid}" + (f", on {note.device})" if note.device else ")")
+                f"running (pid {note.pid}"
+                + (f", on {note.device})" if note.device else ")")
                 + (f", starting from {note.spec.init_checkpoint}" if note.spec and note.spec.init_checkpoint else ""),
             )
             if self.live:

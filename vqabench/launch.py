@@ -141,7 +141,9 @@ def is_distributed(spec: RunSpec) -> bool:
     return spec.nproc_per_node > 1 or spec.nnodes > 1
 
 
-def launch_command(spec: RunSpec, worker_cmd: Sequence[str], spec_path: Path, python: str = sys.executable) -> list[str]:
+def launch_command(
+    spec: RunSpec, worker_cmd: Sequence[str], spec_path: Path, python: str = sys.executable
+) -> list[str]:
     """The command that starts `spec`'s worker: itself, or torchrun starting one per process.
 
     One node: ``--standalone`` (torchrun picks a free port, so concurrent runs never collide).
@@ -170,8 +172,10 @@ def check_launch(specs: Sequence[RunSpec], gpus: Sequence[int], *, has_torchrun:
     for spec in specs:
         for gpu in spec.gpus:
             if gpu not in visible:
-                where = f"no GPU is visible here (${VISIBLE_GPUS_ENV} or nvidia-smi)" if not visible else (
-                    f"the visible GPUs are {shown}"
+                where = (
+                    f"no GPU is visible here (${VISIBLE_GPUS_ENV} or nvidia-smi)"
+                    if not visible
+                    else (f"the visible GPUs are {shown}")
                 )
                 raise SpecError(
                     f"run '{spec.name}': --gpus / key 'gpus' names GPU {gpu}, which does not exist; {where}."
@@ -185,7 +189,7 @@ def check_launch(specs: Sequence[RunSpec], gpus: Sequence[int], *, has_torchrun:
         if not spec.gpus and uses_cuda and spec.nproc_per_node > len(visible):
             raise SpecError(
                 f"run '{spec.name}': key 'nproc_per_node' has value {spec.nproc_per_node}, but this machine has "
-                f"{len(visible)} visible GPU(s); use at most {len(visible)} or set device = \"cpu\"."
+                f'{len(visible)} visible GPU(s); use at most {len(visible)} or set device = "cpu".'
             )
         if is_distributed(spec):
             if has_torchrun is None:

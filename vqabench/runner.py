@@ -574,8 +574,9 @@ _TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
     """(rank, exit code) of the failed rank in torchrun's failure summary on stderr.
 
-    torchrun lists every failed rank; the one killed by a signal is the cause (the others
-    lost their peer), else the lowest rank that failed.
+    torchrun lists every failed rank: the cause is one killed by a signal other than SIGTERM
+    (torchrun stops the survivors with SIGTERM), else the lowest rank that exited with an
+    error (the others may only have lost their peer), else the lowest rank.
     """
     failures: list[tuple[int, int]] = []
     rank: int | None = None
@@ -587,7 +588,7 @@ def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
             rank = None
     if not failures:
         return None
-    return min(failures, key=lambda f: (f[1] >= 0, f[0]))
+    return min(failures, key=lambda f: (f[1] == -signal.SIGTERM, f[1] >= 0, f[0]))
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:

@@ -25,12 +25,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from vqabench.spec import SpecError
 
@@ -81,7 +81,8 @@ class Ranks:
         return batch_size // self.world_size
 
     def train_sampler(self, n: int, seed: int) -> DistributedSampler:
-        return DistributedSampler(range(n), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
+        rows = cast("Dataset[int]", range(n))  # the sampler only needs len()
+        return DistributedSampler(rows, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
 
     def shard(self, n: int) -> range:
         """This rank's contiguous slice of `n` rows (later ranks may get fewer or none)."""
@@ -125,7 +126,7 @@ class Ranks:
         # No batch norm here: buffers never change, so they are not resent every step
         # (torch 2.13 renamed the switch; older releases know only broadcast_buffers).
         newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        no_resend = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+        no_resend: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
         return DistributedDataParallel(
             StepModule(part), device_ids=[device.index] if device.type == "cuda" else None, **no_resend
         )
