@@ -126,6 +126,11 @@ def test_the_report_states_processes_batches_and_concurrent_epoch_times(tmp_path
     text = render_markdown(store, session.id)
     assert "sft on 2 processes (gloo), global batch 16 = 8 per process" in text
     assert "Epoch times were measured concurrently: up to 2 runs shared the host at once (--parallel 2; orpo)" in text
+    # A run recorded before schema version 2 has NULL there: it reads back as one process.
+    with store._transaction() as conn:
+        conn.execute("UPDATE runs SET world_size = NULL, global_batch = NULL, per_device_batch = NULL")
+    old = [r.started for r in store.runs(session.id)]
+    assert all(s is not None and (s.world_size, s.per_device_batch) == (1, 0) for s in old)
 
 
 # -- 2 processes against 1, through the real runner and torchrun ------------------------------
@@ -164,25 +169,29 @@ def run_session(specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=N
     return runner, notes
 
 
-def events_of(notes: list, run: str, cls: type) -> list:
-    return [n.event for n in notes if isinstance(n, WorkerEvent) and n.run == run and isinstance(n.event, cls)]
+def events_of(notes: list, run: str | None, cls: type) -> list:
+    return [n.event for n in notes if isinstance(n, WorkerEvent) and run in (None, n.run) and isinstance(n.event, cls)]
 
 
-def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout_free_checkpoint, vqa_cache, tmp_path):
-    specs = [
-        tiny_run("one", dropout_free_checkpoint),
-        tiny_run("two", dropout_free_checkpoint, nproc_per_node=2),
-    ]
-    runner, notes = run_session(specs, tmp_path, vqa_cache)
-    assert {n: s.status for n, s in runner.states.items()} == {"one": DONE, "two": DONE}, [
-        s.reason for s in runner.states.values()
-    ]
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout_free_checkpoint, tmp_path):
+    # DPO with a precomputed reference: the sharded precompute pass, the pair step under DDP,
+    # sharded eval and generation. Two caches, so each run computes its own reference.
+    dpo = {"method": "dpo", "reference": "precompute"}
+    first, notes = run_session([tiny_run("one", dropout_free_checkpoint, **dpo)], tmp_path / "1", tmp_path / "c1")
+    second, more = run_session(
+        [tiny_run("two", dropout_free_checkpoint, **dpo, nproc_per_node=2)], tmp_path / "2", tmp_path / "c2"
+    )
+    notes += more
+    for runner in (first, second):
+        assert all(s.status == DONE for s in runner.states.values()), [s.reason for s in runner.states.values()]
+    assert len(list((tmp_path / "c2" / "reference").glob("*.pt"))) == 1  # written once, by rank 0
     for name in ("one", "two"):
         assert len(events_of(notes, name, ev.RunStarted)) == 1
         assert len(events_of(notes, name, ev.RunFinished)) == 1
     [started] = events_of(notes, "two", ev.RunStarted)
     assert (started.world_size, started.backend, started.global_batch, started.per_device_batch) == (2, "gloo", 8, 4)
-    assert runner.states["two"].device == "2 processes"
+    assert all(s.data["reference_seconds"] > 0 for s in events_of(notes, None, ev.RunStarted))  # none from a cache
+    assert second.states["two"].device == "2 processes"
     one, two = events_of(notes, "one", ev.EpochEnded), events_of(notes, "two", ev.EpochEnded)
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
@@ -217,8 +226,7 @@ def test_killing_one_rank_fails_the_run_in_one_sentence_and_keeps_its_epochs(
     state = runner.states["two"]
     assert state.status == FAILED, state.reason
     assert state.reason.startswith("rank 1 of 2 was killed by signal 9"), "\n".join(state.stderr_tail)
-    assert state.reason.startswith("rank 1 of 2 was killed by signal 9") and state.reason.count(". ") == 0
-    assert "so torchrun stopped the run." in state.reason
+    assert state.reason.endswith(", so torchrun stopped the run.") and state.reason.count(". ") == 0  # one sentence
     assert state.epochs_done >= 1 and events_of(notes, "two", ev.EpochEnded)  # epochs already recorded stay
     assert len(seen["ranks"]) == 2
     assert not [pid for pid in [state.pid, *seen["ranks"]] if pid is not None and process_alive(pid)]
@@ -292,3 +300,15 @@ def test_bad_placement_is_one_sentence_and_exit_code_2_before_anything_runs(tmp_
     proc = cli(tmp_path, "--preset", "sft", *args, *fake(tmp_path, {}), gpus=gpus)
     assert_one_sentence_error(proc, *parts)
     assert not (tmp_path / "vqabench-results").exists()
+
+
+def test_another_node_marks_a_run_that_ended_well_done_and_points_at_node_0(tmp_path):
+    spec = RunSpec(name="sft", method="sft", nnodes=2, node_rank=1, rdzv_endpoint="n0:29500")
+    runner = Runner([spec], runs_dir=tmp_path, gpus=[])
+    notes: list = []
+    runner.subscribe(notes.append)
+    runner._finish(runner.states["sft"], 0)  # its ranks reported nothing: none of them is rank 0
+    assert runner.states["sft"].status == DONE
+    assert notes[-1].reason == "done on node 1 of 2; node 0 records the results"
+    runner._finish(runner.states["sft"], 1)
+    assert runner.states["sft"].status == FAILED

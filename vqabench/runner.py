@@ -422,6 +422,10 @@ class Runner:
         state.finished_at = time.time()
         if code == 0 and state.finished is not None and state.failed is None:
             self._set_status(state, DONE, exit_code=code)
+        elif code == 0 and state.failed is None and state.spec.node_rank > 0 and not state.cancel_requested:
+            # Another node of a multi-node run: its ranks are not rank 0, so they report nothing.
+            reason = f"done on node {state.spec.node_rank} of {state.spec.nnodes}; node 0 records the results"
+            self._set_status(state, DONE, reason, exit_code=code)
         elif state.cancel_requested:
             self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
         elif state.failed is not None and state.failed.error_kind != "distributed":
