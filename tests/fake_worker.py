@@ -11,7 +11,8 @@ with these keys (all optional):
     crash_code      ... or with this exit code instead, both without a run_failed event
     fail_in_epoch   emit run_failed (error_kind "numerics") in this epoch and exit 1
     hang_in_epoch   start a grandchild in the same process group, write both pids to
-                    <output_dir>/pids.json, and sleep until killed
+                    <output_dir>/pids.json (pids-rank<RANK>.json when torchrun started it),
+                    and sleep until killed
     ignore_sigterm  ignore SIGTERM (the host must escalate to SIGKILL)
     garbage_lines   print this many lines that are not events before run_started
     stderr          lines to write to stderr before run_started
@@ -160,7 +161,8 @@ def _emit(event: Event) -> None:
 
 def _hang(output_dir: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    (output_dir / "pids.json").write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
+    name = f"pids-rank{os.environ['RANK']}.json" if "RANK" in os.environ else "pids.json"
+    (output_dir / name).write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
     while True:
         time.sleep(1)
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import TINY
-from fake_worker import canned_events, process_alive
+from fake_worker import canned_events, process_alive, worker_cmd
 
 from vqabench import events as ev
 from vqabench.engine.distributed import Ranks
@@ -312,3 +314,36 @@ def test_another_node_marks_a_run_that_ended_well_done_and_points_at_node_0(tmp_
     assert notes[-1].reason == "done on node 1 of 2; node 0 records the results"
     runner._finish(runner.states["sft"], 1)
     assert runner.states["sft"].status == FAILED
+
+
+def test_cancelling_a_torchrun_run_leaves_no_rank_and_no_grandchild(tmp_path):
+    # The canned-event worker under the real torchrun: each rank starts a grandchild and hangs.
+    spec = RunSpec(name="two", method="sft", epochs=2, nproc_per_node=2)
+    runner = Runner(
+        [spec],
+        runs_dir=tmp_path / "runs",
+        session="c",
+        worker_cmd=worker_cmd(tmp_path, {"default": {"hang_in_epoch": 1}}),
+        cache_dir=tmp_path / "cache",
+        gpus=[],
+        grace_seconds=3.0,
+    )
+
+    async def scenario() -> list[dict]:
+        task = asyncio.ensure_future(runner.run())
+        folder = tmp_path / "runs" / "c-two"
+        deadline = time.monotonic() + 120
+        while not all((folder / f"pids-rank{r}.json").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline, "the ranks never started"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        pids = [json.loads((folder / f"pids-rank{r}.json").read_text()) for r in (0, 1)]
+        runner.cancel()
+        await asyncio.wait_for(task, 60)
+        return pids
+
+    pids = asyncio.run(scenario())
+    state = runner.states["two"]
+    assert state.status == "cancelled"
+    everyone = [state.pid, *(pid for p in pids for pid in p.values())]
+    assert len(everyone) == 5 and not [pid for pid in everyone if pid is not None and process_alive(pid)]
