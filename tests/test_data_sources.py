@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vqabench.engine.data.hub import load_splits, nearest_rank
+from vqabench.engine.data.hub import load_splits
 from vqabench.engine.data.images import CORRUPT_IMAGE, MISSING_IMAGE, NO_IMAGE, ImageStore
-from vqabench.engine.data.records import DataError, PreferencePair
+from vqabench.engine.data.records import DataError, PreferencePair, nearest_rank
 from vqabench.engine.data.splits import carve, limit_train
 from vqabench.spec import DatasetSpec
 
