@@ -213,7 +213,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
             if spec.eval_every_epoch and ranks.is_main:
-                eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
+                eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
                     summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
                 except JudgeError as exc:
