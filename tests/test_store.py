@@ -95,8 +95,8 @@ def test_infinite_losses_survive_the_round_trip(tmp_path):
 def test_every_event_field_has_a_column():
     tables = {}
     with sqlite3.connect(":memory:") as conn:
-        for migration in store_module.MIGRATIONS:
-            for statement in store_module._statements(migration):
+        for script in store_module.MIGRATIONS:  # every schema step, as a new store gets them
+            for statement in store_module._statements(script):
                 conn.execute(statement)
         for table in ("runs", "epochs", "evals", "probes", "probe_rounds"):
             tables[table] = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}

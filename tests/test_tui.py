@@ -557,4 +557,30 @@ def test_key_t_probes_the_step_cost_and_shows_it_under_efficiency(tmp_path):
             started, measured = app.store.probe(1)
             assert started.presets == ["sft", "dpo-beta0.1", "dpo-beta0.5"] and len(measured) == 9
 
+
+def test_concurrent_runs_show_their_gpus_in_the_runs_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQABENCH_VISIBLE_GPUS", "0,1")  # two fake devices: the runner only hands out ids
+    app = Dashboard(
+        ResultsStore(tmp_path / "results"),
+        selection="sft,orpo",
+        overrides=Overrides(epochs=2, settings=("gpus=[0,1]",)),
+        worker_cmd=fake_worker_cmd(tmp_path, {"default": {"epoch_sleep": 1.0}}),
+        grace_seconds=1.0,
+        cache_dir=tmp_path / "cache",
+    )
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            runs = app.query_one(RunsTable)
+            await pilot.press("a")
+
+            def both_running() -> bool:
+                """sft and orpo running at the same time"""
+                return app.live is not None and all(v.status == "running" for v in app.live.runs.values())
+
+            await wait_for(pilot, both_running)
+            shown_status = sorted(cell(runs, n, "status") for n in ("sft", "orpo"))
+            assert shown_status == ["running · GPU 0", "running · GPU 1"]
+            await wait_for(pilot, lambda: app.live is not None and app.live.status != "running")
+
     asyncio.run(scenario())

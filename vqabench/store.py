@@ -170,6 +170,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX evals_by_run ON evals(run_id);
     """,
     """
+    -- runs on several processes (torchrun + DDP): run_started's world and batches, epoch_end's per-rank peaks
+    ALTER TABLE runs ADD COLUMN world_size INTEGER;
+    ALTER TABLE runs ADD COLUMN backend TEXT;
+    ALTER TABLE runs ADD COLUMN global_batch INTEGER;
+    ALTER TABLE runs ADD COLUMN per_device_batch INTEGER;
+    ALTER TABLE epochs ADD COLUMN rank_peak_mib JSON;
+    ALTER TABLE epochs ADD COLUMN rank_peak_max_mib REAL;
+    ALTER TABLE epochs ADD COLUMN rank_peak_sum_mib REAL;
+    """,
+    """
     ALTER TABLE sessions ADD COLUMN host_pid INTEGER;      -- the vqabench process that ran it
     ALTER TABLE sessions ADD COLUMN host_started TEXT;     -- its start time (/proc), against pid reuse
     ALTER TABLE epochs ADD COLUMN step_ms_median REAL;
@@ -226,10 +236,14 @@ _STARTED_COLUMNS = {
     "telemetry": "telemetry",
     "data": "data",
     "pid": "worker_pid",
+    "world_size": "world_size",
+    "backend": "backend",
+    "global_batch": "global_batch",
+    "per_device_batch": "per_device_batch",
 }
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}
-_JSON_FIELDS = {"config", "data", "extra", "spec", "step_ms", "presets"}
+_JSON_FIELDS = {"config", "data", "extra", "spec", "step_ms", "presets", "rank_peak_mib"}
 _PROBE_FIELDS = [f.name for f in dataclasses.fields(ProbeStarted)]
 _PROBE_ROUND_FIELDS = [f.name for f in dataclasses.fields(ProbeMeasured)]
 
@@ -237,6 +251,8 @@ _PROBE_ROUND_FIELDS = [f.name for f in dataclasses.fields(ProbeMeasured)]
 #: tried again after a backoff (doubling from WRITE_BACKOFF), WRITE_ATTEMPTS times in all.
 WRITE_ATTEMPTS = 5
 WRITE_BACKOFF = 0.5
+#: run_started fields added by a later migration, with the value a run recorded before it had
+_STARTED_DEFAULTS = {"world_size": 1, "global_batch": 0, "per_device_batch": 0}
 
 
 class StoreError(Exception):
@@ -569,10 +585,7 @@ class ResultsStore:
     def epochs(self, run_id: int) -> list[EpochEnded]:
         """The run's completed epochs, in order."""
         rows = self._query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
-        fields: list[dict[str, Any]] = [
-            {k: (bool(row[k]) if k == "is_best" else _from_column(k, row[k])) for k in _EPOCH_FIELDS} for row in rows
-        ]
-        return [EpochEnded(**f) for f in fields]
+        return [EpochEnded(**{k: _epoch_value(k, row[k]) for k in _EPOCH_FIELDS}) for row in rows]
 
     def evals(self, run_id: int) -> list[Evaluated]:
         """The run's evaluations, in the order they arrived."""
@@ -630,7 +643,7 @@ class ResultsStore:
         names = ["run_id", *_EPOCH_FIELDS, "recorded_at"]
         values = [
             run_id,
-            *(_json(getattr(event, f)) if f in _JSON_FIELDS else getattr(event, f) for f in _EPOCH_FIELDS),
+            *(_json(v) if f in _JSON_FIELDS and v is not None else v for f, v in dataclasses.asdict(event).items()),
             now_iso(),
         ]
         with self._transaction() as conn:
@@ -720,6 +733,7 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
             **{
                 f: (json.loads(data[c]) if c in _JSON_FIELDS and data[c] is not None else data[c])
                 for f, c in _STARTED_COLUMNS.items()
+                if data[c] is not None or f not in _STARTED_DEFAULTS
             },
         )
     finished = None
@@ -731,6 +745,14 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
     return _record(
         RunRecord, {**data, "spec": json.loads(data["spec"])}, started=started, finished=finished, failed=failed
     )
+
+
+def _epoch_value(name: str, value: Any) -> Any:
+    if name == "is_best":
+        return bool(value)
+    if name in _JSON_FIELDS and value is not None:
+        return json.loads(value)
+    return value
 
 
 def _record(cls: type, row: Any, **more: Any) -> Any:
