@@ -101,12 +101,13 @@ STAGES = ("SFT stage", "preference stage")
 
 def interval(summary: RunSummary, key: str) -> tuple[float, float] | None:
     """The 95% interval the report gives `key` of this row: ± its across-seed half-width, or its
-    own [low, high]; None where the number has none."""
+    own [low, high] (the bootstrap interval of the ratio to SFT, EM's interval); None where the
+    number has none."""
     value = getattr(summary, key, None)
     spread = summary.spread.get(key)
     if spread is not None and value is not None:
         return value - spread, value + spread
-    own = summary.intervals.get(key)
+    own = summary.relative_interval if key == "relative_epoch_time" else summary.intervals.get(key)
     if own is not None and len(own) == 2:
         return float(own[0]), float(own[1])
     return None

@@ -74,7 +74,7 @@ class LossPanel(Vertical):
         caption = Text.assemble(
             (f"{self.kind.capitalize()} loss{' (log scale)' if log_scale(curves) else ''}", "bold"),
             f" · {scope}  ",
-            (f"t: {other} · s: {'selected run' if self.all_runs else 'all runs'}", "dim"),
+            (f"l: {other} · s: {'selected run' if self.all_runs else 'all runs'}", "dim"),
         )
         self.query_one("#loss-caption", Static).update(caption)
         plot = self.query_one("#loss-plot", PlotextPlot)
