@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pynvml
 import pytest
@@ -405,7 +406,7 @@ class MigNvml(FakeNvml):
     """Two GPUs; GPU 1 has MIG on with slots 0 and 2 filled. Handles are the UUIDs."""
 
     GPUS = ("GPU-aaaa-0000", "GPU-bbbb-1111")
-    MIGS = {1: {0: "MIG-cccc-2222", 2: "MIG-dddd-3333"}}
+    MIGS: ClassVar[dict[int, dict[int, str]]] = {1: {0: "MIG-cccc-2222", 2: "MIG-dddd-3333"}}
     NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
 
     def nvmlDeviceGetCount(self) -> int:

@@ -278,3 +278,12 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
             f"set 'after' to an SFT preset's name or 'init_checkpoint' to a checkpoint folder."
         )
     return spec
+
+
+def check_device(spec: RunSpec, cuda_available: bool, where: str = "spec") -> None:
+    """Refuse a run that asks for CUDA where there is none (the worker calls this; spec.py stays torch-free)."""
+    if spec.device == "cuda" and not cuda_available:
+        raise SpecError(
+            f"{where}: key 'device' has value 'cuda', but torch sees no CUDA GPU here; "
+            f"use 'auto' or 'cpu', or run on a machine with a GPU."
+        )

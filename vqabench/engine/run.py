@@ -21,6 +21,7 @@ from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
+from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
@@ -60,9 +61,7 @@ def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path
     )
 
 
-def load_model_and_data(
-    spec: RunSpec, cache_dir: Path, device: torch.device, emit: Emit
-) -> tuple[blip.LoadedModel, DataSplits]:
+def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
     """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
     builds_base = spec.init_checkpoint is None and spec.model == "embedded"
     loaded: blip.LoadedModel | None = None
@@ -81,9 +80,10 @@ def load_model_and_data(
     data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
     if builds_base:
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
-        # same "pretrained" model for every dataset.
+        # same "pretrained" model for every dataset. Built on the CPU whatever the run's device,
+        # so it is the same bytes everywhere and its cache key holds.
         folder = ensure_base_checkpoint(
-            seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, device=device, emit=emit
+            seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, emit=emit
         )
         loaded = blip.load_pretrained(str(folder))
     assert loaded is not None
@@ -100,8 +100,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Throttled(emit)
 
-    loaded, data = load_model_and_data(spec, cache_dir, device, emit)
-    loaded.model.to(device)
+    loaded, data = load_model_and_data(spec, cache_dir, emit)
+    with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
+        loaded.model.to(device)
     if not data.report.token_stats:
         count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         data.report.token_stats = answer_token_stats(
@@ -124,16 +125,17 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
             )
             key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
-            reference = PrecomputedReference.build(
-                loaded,
-                encoded,
-                batch_size=spec.batch_size,
-                device=device,
-                cache_dir=cache_dir,
-                checkpoint_key=key,
-                data_key=data.fingerprint,
-                progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
-            )
+            with explain_out_of_memory("precomputing the reference log-probs", spec.batch_size):
+                reference = PrecomputedReference.build(
+                    loaded,
+                    encoded,
+                    batch_size=spec.batch_size,
+                    device=device,
+                    cache_dir=cache_dir,
+                    checkpoint_key=key,
+                    data_key=data.fingerprint,
+                    progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
+                )
             reference_seconds = reference.seconds
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
     trainable, total = blip.count_parameters(loaded.model)
@@ -177,17 +179,18 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     train_seconds = 0.0
     part = blip.trainable_part(loaded.model, spec.train)
     with telemetry:
+        trainer.warm_up()  # untimed, outside every window; training numbers are unchanged
         for epoch in range(1, spec.epochs + 1):
-            telemetry.begin_epoch()
-            result = trainer.run_epoch(epoch)
-            tel = telemetry.end_epoch()
+            result = trainer.run_epoch(epoch, telemetry)  # the window covers exactly the timed steps
+            tel = result.telemetry
             train_seconds += result.epoch_seconds
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
                 blip.save_checkpoint(loaded, best_dir)
             scored = {}
             if spec.eval_every_epoch:
-                answers = trainer.answers("eval", spec.eval_every_epoch)
+                with explain_out_of_memory(f"generating eval answers after epoch {epoch}", spec.batch_size):
+                    answers = trainer.answers("eval", spec.eval_every_epoch)
                 eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
                 try:
                     summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
@@ -219,7 +222,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 
     if best_state is not None:
         part.load_state_dict(best_state)
-    answers = trainer.answers("test")
+    with explain_out_of_memory("generating the test answers", spec.batch_size):
+        answers = trainer.answers("test")
     pairs = encoded.splits["test"].pairs
     items = judge_items_of(pairs, answers)
     try:

@@ -9,6 +9,7 @@ this module is cheap. Documented in ``docs/telemetry.md``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -242,10 +243,8 @@ class NvmlSource:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            try:
+            with contextlib.suppress(Exception):
                 self.nvml.nvmlShutdown()
-            except Exception:
-                pass
 
     def _query(self, counter: str, function: Any) -> Any:
         try:
@@ -464,7 +463,9 @@ class Telemetry:
         self._hwm_reset = False
         if source is not None:
             self.source: ReadingSource | None = source
-            self.status = _nvml_status(source) if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
+            self.status = (
+                _nvml_status(source) if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
+            )
         else:
             self.source, self.status = self._open_nvml()
 

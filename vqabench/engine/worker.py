@@ -42,6 +42,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     """(error kind, one-sentence message) for a failure."""
     from vqabench.engine.data.records import DataError
     from vqabench.engine.model import ModelError
+    from vqabench.engine.out_of_memory import OutOfMemory, out_of_memory_sentence
     from vqabench.engine.trainer import NumericsError
     from vqabench.judges import JudgeError
     from vqabench.spec import SpecError
@@ -53,11 +54,17 @@ def classify(exc: BaseException) -> tuple[str, str]:
         (ModelError, "model"),
         (NumericsError, "numerics"),
         (JudgeError, "judge"),
+        (OutOfMemory, "memory"),
     ):
         if isinstance(exc, cls):
             return kind, text
-    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-        return "memory", f"the run ran out of memory ({text.splitlines()[0]}); lower batch_size."
+    error_kind = getattr(exc, "error_kind", None)  # a child's failure (the base checkpoint build)
+    if isinstance(error_kind, str):
+        return error_kind, text
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():  # torch's, not translated
+        return "memory", out_of_memory_sentence(exc, "running", None)
+    if isinstance(exc, MemoryError):
+        return "memory", "the host ran out of memory; lower the preset key 'batch_size' or 'limit', or free memory."
     if isinstance(exc, KeyboardInterrupt):
         return "cancelled", "the run was interrupted."
     return "internal", f"internal error {type(exc).__name__}: {text.splitlines()[0]}"
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(ev.RunFailed(error_kind="config", message="usage: python -m vqabench.engine.worker SPEC.json"))
         return 2
     try:
-        from vqabench.spec import SpecError, spec_from_dict
+        from vqabench.spec import SpecError, check_device, spec_from_dict
 
         try:
             with open(argv[0], encoding="utf-8") as fh:
@@ -79,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecError(f"cannot read the run spec '{argv[0]}': {exc}") from None
         spec = spec_from_dict(data, where=argv[0])
+        import torch
+
+        check_device(spec, torch.cuda.is_available(), where=argv[0])
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from transformers.utils import logging as hf_logging
 
