@@ -157,6 +157,8 @@ class MethodStep:
 class Trainer:
     """Trains `loaded.model` on `encoded` with the spec's method; reports through callbacks."""
 
+    check_interval = 0.25  # seconds between progress reports, each one host sync (loss and finiteness)
+
     def __init__(
         self,
         spec: RunSpec,
@@ -206,7 +208,10 @@ class Trainer:
         blip.set_train_mode(self.loaded.model, self.spec.train)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         lrs = [group["lr"] for group in self.optimizer.param_groups]
-        with torch.random.fork_rng(devices=cuda), explain_out_of_memory("the warm-up step", self.spec.batch_size):
+        with (
+            torch.random.fork_rng(devices=cuda),
+            explain_out_of_memory("running the warm-up step", self.spec.batch_size),
+        ):
             batch = self.encoded.batch("train", rows, self.device)
             try:
                 for group in self.optimizer.param_groups:
@@ -261,7 +266,7 @@ class Trainer:
                 activity = f"training step {step + 1} of {steps} in epoch {epoch}"
                 raise OutOfMemory(out_of_memory_sentence(exc, activity, bs)) from exc
             now = time.perf_counter()
-            if now - last >= 0.25 or step + 1 == steps:
+            if now - last >= self.check_interval or step + 1 == steps:
                 last = now
                 done = self._check_finite(step_losses, step + 1, epoch, steps)
                 self.on_progress("train", epoch, step + 1, steps, float(done.sum()) / sum(sizes[: step + 1]))

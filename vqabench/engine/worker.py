@@ -61,7 +61,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
     error_kind = getattr(exc, "error_kind", None)  # a child's failure (the base checkpoint build)
     if isinstance(error_kind, str):
         return error_kind, text
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():  # torch's, not translated
+    lowered = text.lower()
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in lowered or "can't allocate memory" in lowered:
         return "memory", out_of_memory_sentence(exc, "running", None)
     if isinstance(exc, MemoryError):
         return "memory", "the host ran out of memory; lower the preset key 'batch_size' or 'limit', or free memory."
