@@ -107,10 +107,8 @@ def release_free_memory() -> None:
     gc.collect()
     name = ctypes.util.find_library("c")
     if name and sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def reset_peak_rss() -> bool:
@@ -216,7 +214,9 @@ class NvmlSource:
         NvmlUnavailable when it cannot tell which device is ours (MIG without a matching UUID).
         """
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         nvml.nvmlInit()
         try:
             handle = _nvml_handle(nvml, cuda_index)
@@ -243,7 +243,7 @@ class NvmlSource:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # pynvml raises more than NVMLError
                 self.nvml.nvmlShutdown()
 
     def _query(self, counter: str, function: Any) -> Any:
@@ -573,7 +573,8 @@ class Telemetry:
             reserved = torch.cuda.max_memory_reserved(self._cuda_index) / MIB
         # the kernel updates its high-water mark lazily, so a sampled RSS can run slightly above it
         since_reset = peak_rss_since_reset_mib() if self._hwm_reset else None
-        peak = _max(since_reset if since_reset is not None else process_peak_rss_mib(), window.rss_peak)
+        high_water = since_reset if since_reset is not None else process_peak_rss_mib()
+        peak = high_water if window.rss_peak is None else max(high_water, window.rss_peak)
         return EpochTelemetry(
             peak_rss_mib=peak,
             epoch_rss_peak_mib=window.rss_peak,
