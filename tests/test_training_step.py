@@ -266,7 +266,7 @@ def test_an_out_of_memory_step_in_a_real_worker_ends_as_error_kind_memory(vqa_ca
         f"sys.exit(main([{str(path)!r}]))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=REPO, env=_env(REPO)
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(REPO)
     )
     events = [ev.parse_event(line) for line in proc.stdout.splitlines()]
     failed = of_type(events, ev.RunFailed)

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         kind, message = classify(exc)
         if kind == "memory":
-            message = f"the host ran out of memory (batch {RECIPE['batch_size']} on the CPU); free memory and retry."
+            message = f"the host ran out of memory (batch {RECIPE.batch_size} on the CPU); free memory and retry."
         log.error("%s\n%s", message, traceback.format_exc())
         emit(ev.RunFailed(error_kind=kind, message=message))
         return 1
