@@ -192,7 +192,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             if spec.eval_every_epoch:
                 with explain_out_of_memory(f"generating eval answers after epoch {epoch}", spec.batch_size):
                     answers = trainer.answers("eval", spec.eval_every_epoch)
-                eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
+                eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
                     summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
                 except JudgeError as exc:
