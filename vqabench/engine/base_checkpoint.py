@@ -35,6 +35,7 @@ from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataSplits
+from vqabench.event_stream import EventWriter, protocol_stream
 from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, emit: Ca
 def main(argv: list[str] | None = None) -> int:
     import traceback
 
-    from vqabench.engine.worker import EventWriter, classify, protocol_stream
+    from vqabench.engine.worker import classify
 
     emit = EventWriter(protocol_stream())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

@@ -4,6 +4,10 @@ One obvious loop: every epoch trains on the shuffled train split, then scores th
 split (eval loss = the method's own loss; preference metrics on plain log-probs, so they
 compare across methods), steps the LR schedule, and keeps the checkpoint with the lowest
 eval loss. The caller owns the events; the trainer reports through callbacks.
+
+On several processes (engine/distributed.py) the train split is sharded by a
+DistributedSampler, the step runs under DDP, and eval and generation score a slice per
+rank and gather it, so every rank ends an epoch with the same figures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.spec import RunSpec
@@ -173,28 +178,32 @@ class Trainer:
         reference: Reference | None,
         device: torch.device,
         on_progress: Callable[[str, int, int, int, float | None], None] | None = None,
+        ranks: Ranks = SINGLE,
     ):
         self.spec = spec
+        self.ranks = ranks
+        self.batch_size = ranks.per_device_batch(spec.batch_size)  # this process's share of the global batch
         self.loaded = loaded
         self.encoded = encoded
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
         blip.freeze_for_training(loaded.model, spec.train)
         self.step_fn = MethodStep(spec, loaded, encoded, reference)
+        self.ddp = ranks.wrap(blip.trainable_part(loaded.model, spec.train), device)
+        self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
-        self.generator = torch.Generator().manual_seed(spec.seed)
         self.best_loss = math.inf
         self.best_epoch = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.encoded.splits["train"]) // self.spec.batch_size)
+        return -(-len(self.sampler) // self.batch_size)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; returns the detached mean loss, still on the device (no host sync)."""
-        out = self.step_fn("train", batch)
+        out = self.step_fn("train", batch) if self.ddp is None else self.ddp(self.step_fn, "train", batch)
         loss = out.losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,13 +219,13 @@ class Trainer:
         no-op on the weights) and its state is zeroed afterwards, which is what a fresh AdamW
         starts from, so the first real step is unchanged too.
         """
-        rows = torch.arange(min(self.spec.batch_size, len(self.encoded.splits["train"])))
+        rows = torch.arange(min(self.batch_size, len(self.encoded.splits["train"])))
         blip.set_train_mode(self.loaded.model, self.spec.train)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         with (
             torch.random.fork_rng(devices=cuda),
-            explain_out_of_memory("running the warm-up step", self.spec.batch_size),
+            explain_out_of_memory("running the warm-up step", self.batch_size),
         ):
             batch = self.encoded.batch("train", rows, self.device)
             try:
@@ -251,13 +260,13 @@ class Trainer:
         at the throttled progress points and at the end, so no step waits for the GPU before its
         backward pass, and a non-finite loss is still reported with the step where it began.
         """
-        n = len(self.encoded.splits["train"])
-        order = torch.randperm(n, generator=self.generator)
-        bs = self.spec.batch_size
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        bs = self.batch_size
         blip.set_train_mode(self.loaded.model, self.spec.train)
         last = 0.0
         steps = self.steps_per_epoch
-        sizes = [min(bs, n - step * bs) for step in range(steps)]
+        sizes = [min(bs, len(order) - step * bs) for step in range(steps)]
         step_losses = torch.zeros(steps, device=self.device)  # loss x batch size, per step
         done = torch.zeros(0, dtype=torch.float64)  # the step losses checked so far, on the host
         if window is not None:
@@ -280,16 +289,18 @@ class Trainer:
         synchronize(self.device)
         seconds = time.perf_counter() - start
         figures = window.end_epoch() if window is not None else None
-        return float(done.sum()) / max(sum(sizes), 1), seconds, sum(sizes), figures  # the last step always checks
+        # `done` holds every step (the last step always checks); summed over every rank's samples
+        loss_sum, samples = self.ranks.sum([float(done.sum()), float(sum(sizes))], self.device)
+        return loss_sum / max(samples, 1.0), seconds, int(samples), figures
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> EvalResult:
         start = time.perf_counter()
         self.loaded.model.eval()
-        s = self.encoded.splits[split]
-        losses, chosen, rejected = [], [], []
-        for lo in range(0, len(s), self.spec.batch_size):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.spec.batch_size, len(s))), self.device)
+        shard = self.ranks.shard(len(self.encoded.splits[split]))
+        losses, chosen, rejected = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
+        for lo in range(shard.start, shard.stop, self.batch_size):
+            batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.batch_size, shard.stop)), self.device)
             out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
@@ -300,10 +311,11 @@ class Trainer:
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
-        c, r = torch.cat(chosen), torch.cat(rejected)
+        gather = self.ranks.gather_cat
+        c, r, loss = gather(torch.cat(chosen)), gather(torch.cat(rejected)), gather(torch.cat(losses))
         margins = objectives.reward_margins(c, r)
         return EvalResult(
-            float(torch.cat(losses).mean()),
+            float(loss.mean()),
             float(c.mean()),
             float(r.mean()),
             float(margins.mean()),
@@ -315,7 +327,7 @@ class Trainer:
         """Train (measured by `window`, which covers exactly the timed steps), then evaluate."""
         lr = self.optimizer.param_groups[0]["lr"]
         train_loss, seconds, samples, figures = self.train_epoch(epoch, window)
-        with explain_out_of_memory(f"evaluating epoch {epoch}", self.spec.batch_size):
+        with explain_out_of_memory(f"evaluating epoch {epoch}", self.batch_size):
             ev = self.evaluate("eval")
         if not math.isfinite(ev.loss):
             raise NumericsError(f"the {self.spec.method} eval loss became non-finite after epoch {epoch}.")
@@ -331,13 +343,14 @@ class Trainer:
         self.loaded.model.eval()
         s = self.encoded.splits[split]
         n = len(s) if limit is None else min(limit, len(s))
+        shard = self.ranks.shard(n)
         out: list[str] = []
-        bs = max(self.spec.batch_size, 32)
-        steps = -(-n // bs)
-        for i, lo in enumerate(range(0, n, bs)):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
+        bs = max(self.batch_size, 32)
+        steps = -(-len(shard) // bs)
+        for i, lo in enumerate(range(shard.start, shard.stop, bs)):
+            batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, shard.stop)), self.device)
             out += blip.greedy_answers(
                 self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
             )
             self.on_progress("generate", 0, i + 1, steps, None)
-        return out
+        return [answer for part in self.ranks.gather(out) for answer in part]
