@@ -12,6 +12,7 @@ rank and gather it, so every rank ends an epoch with the same figures.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.timing import StepClock
 from vqabench.spec import RunSpec
 
 
@@ -196,6 +198,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
         self.best_loss = math.inf
         self.best_epoch = 0
+        self.clock = StepClock(cores=torch.get_num_threads())  # every step's wall clock, machine load
 
     @property
     def steps_per_epoch(self) -> int:
@@ -273,6 +276,12 @@ class Trainer:
             window.begin_epoch()
         synchronize(self.device)
         start = time.perf_counter()
+        self.clock.begin()
+        # The step does not wait for the GPU, so on CUDA a step's time is read from events recorded
+        # between steps (no sync), after the epoch's one synchronize.
+        marks = [torch.cuda.Event(enable_timing=True)] if self.device.type == "cuda" else None
+        if marks is not None:
+            marks[0].record()
         for step in range(steps):
             rows = order[step * bs : (step + 1) * bs]
             try:
@@ -281,6 +290,10 @@ class Trainer:
             except torch.OutOfMemoryError as exc:
                 activity = f"training step {step + 1} of {steps} in epoch {epoch}"
                 raise OutOfMemory(out_of_memory_sentence(exc, activity, bs)) from exc
+            self.clock.step_done()  # host wall clock; on CUDA replaced by the steps' event times below
+            if marks is not None:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
             now = time.perf_counter()
             if now - last >= self.check_interval or step + 1 == steps:
                 last = now
@@ -288,6 +301,8 @@ class Trainer:
                 self.on_progress("train", epoch, step + 1, steps, float(done.sum()) / sum(sizes[: step + 1]))
         synchronize(self.device)
         seconds = time.perf_counter() - start
+        if marks is not None:
+            self.clock.step_seconds = [a.elapsed_time(b) / 1000.0 for a, b in itertools.pairwise(marks)]
         figures = window.end_epoch() if window is not None else None
         # `done` holds every step (the last step always checks); summed over every rank's samples
         loss_sum, samples = self.ranks.sum([float(done.sum()), float(sum(sizes))], self.device)
