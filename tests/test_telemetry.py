@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pynvml
 import pytest
@@ -311,3 +313,187 @@ def test_peak_rss_is_per_epoch_not_the_lifetime_peak():
     tel.begin_epoch()
     second = tel.end_epoch().peak_rss_mib
     assert second < first - 50  # the second epoch does not inherit the first one's peak
+
+
+class FakeCLibrary:
+    """Stands in for libnvidia-ml behind the REAL pynvml wrappers: an old driver without ``_v3``.
+
+    pynvml looks each C function up by name on ``pynvml.nvmlLib``; a missing name becomes
+    NVML_ERROR_FUNCTION_NOT_FOUND, which the unversioned wrapper turns into
+    NVMLLibraryMismatchError (not an NVMLError). ``_v2`` fills the caller's struct array.
+    """
+
+    def __init__(self, processes: list[tuple[int, int]]) -> None:
+        self.processes = processes
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle, count_ref, array):
+        count = count_ref._obj
+        if array is None:
+            count.value = len(self.processes)
+            return pynvml.NVML_ERROR_INSUFFICIENT_SIZE if self.processes else pynvml.NVML_SUCCESS
+        for i, (pid, used) in enumerate(self.processes):
+            array[i].pid = pid
+            array[i].usedGpuMemory = used
+        count.value = len(self.processes)
+        return pynvml.NVML_SUCCESS
+
+
+@pytest.fixture
+def old_driver(monkeypatch):
+    """Installs FakeCLibrary as pynvml's loaded library; returns a factory taking the process list."""
+
+    def install(processes: list[tuple[int, int]]) -> None:
+        monkeypatch.setattr(pynvml, "nvmlLib", FakeCLibrary(processes))
+        monkeypatch.setattr(pynvml, "_nvmlGetFunctionPointer_cache", {})
+
+    return install
+
+
+class RealWrappersNvml(FakeNvml):
+    """FakeNvml whose process queries are pynvml's own wrappers (over FakeCLibrary)."""
+
+    nvmlDeviceGetComputeRunningProcesses = staticmethod(pynvml.nvmlDeviceGetComputeRunningProcesses)
+    nvmlDeviceGetComputeRunningProcesses_v2 = staticmethod(pynvml.nvmlDeviceGetComputeRunningProcesses_v2)
+
+
+def test_library_mismatch_on_v3_falls_back_to_v2_and_keeps_every_other_counter(old_driver):
+    me = os.getpid()
+    old_driver([(me, 640 * MIB), (me + 1, 9000 * MIB)])
+    with pytest.raises(pynvml.NVMLLibraryMismatchError):  # the real wrapper: not an NVMLError
+        pynvml.nvmlDeviceGetComputeRunningProcesses("h")
+    source = NvmlSource("h", me, RealWrappersNvml([]))
+    reading = source.read()
+    assert reading.process_mib == 640
+    assert reading.device_used_mib == 3 * 1024 and reading.util_percent == 87.0 and reading.power_w == 250
+    assert source._process_queries == ["nvmlDeviceGetComputeRunningProcesses_v2"]  # v3 is not retried
+    assert source.read().process_mib == 640
+    assert Telemetry("cuda:0", source=source).status == "nvml"
+
+
+def test_library_mismatch_on_every_process_query_leaves_only_process_memory_none(monkeypatch):
+    class NoProcessQueries(FakeNvml):
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            raise pynvml.NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not match")
+
+        def nvmlDeviceGetComputeRunningProcesses_v2(self, handle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    source = NvmlSource("h", os.getpid(), NoProcessQueries([]))
+    reading = source.read()
+    assert reading.process_mib is None
+    assert reading.device_used_mib == 3 * 1024 and reading.util_percent == 87.0 and reading.power_w == 250
+    status = Telemetry("cuda:0", source=source).status
+    assert status.startswith("nvml; per-process memory n/a") and "Function Not Found" in status
+
+
+def test_any_exception_from_one_counter_leaves_only_that_figure_none():
+    class Broken(FakeNvml):
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            raise OSError("ctypes argument error")
+
+        def nvmlDeviceGetMemoryInfo(self, handle):
+            raise pynvml.NVMLLibraryMismatchError("mismatch")
+
+    me = os.getpid()
+    source = NvmlSource("h", me, Broken([_proc(me, 100 * MIB)]))
+    reading = source.read()
+    assert reading.util_percent is None and reading.device_used_mib is None and reading.device_total_mib is None
+    assert reading.process_mib == 100 and reading.power_w == 250
+    assert set(source.unavailable) == {"utilisation", "memory"}
+
+
+class MigNvml(FakeNvml):
+    """Two GPUs; GPU 1 has MIG on with slots 0 and 2 filled. Handles are the UUIDs."""
+
+    GPUS = ("GPU-aaaa-0000", "GPU-bbbb-1111")
+    MIGS: ClassVar[dict[int, dict[int, str]]] = {1: {0: "MIG-cccc-2222", 2: "MIG-dddd-3333"}}
+    NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.GPUS)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
+        self.index_asked.append(index)
+        return self.GPUS[index]
+
+    def nvmlDeviceGetUUID(self, handle: str) -> bytes:
+        return handle.encode()  # older bindings return bytes
+
+    def nvmlDeviceGetMigMode(self, handle: str) -> tuple[int, int]:
+        index = self.GPUS.index(handle)
+        if index not in self.MIGS:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: str) -> int:
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: str, slot: int) -> str:
+        migs = self.MIGS[self.GPUS.index(handle)]
+        if slot not in migs:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return migs[slot]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> SimpleNamespace:
+        if handle.startswith("MIG-"):
+            return SimpleNamespace(used=2 * 1024 * MIB, total=10 * 1024 * MIB, free=8 * 1024 * MIB)
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: str) -> SimpleNamespace:
+        if handle.startswith("MIG-"):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return super().nvmlDeviceGetUtilizationRates(handle)
+
+
+def test_mig_device_is_found_by_its_mig_uuid_not_the_parent_card(monkeypatch):
+    monkeypatch.setattr(telemetry, "_torch_device_uuid", lambda index: "dddd-3333")  # torch prints no prefix
+    fake = MigNvml([])
+    handle = telemetry._nvml_handle(fake, 0)
+    assert handle == "MIG-dddd-3333"
+    reading = NvmlSource(handle, os.getpid(), fake).read()
+    assert reading.device_total_mib == 10 * 1024  # the slice, not the 80 GiB card
+    assert reading.util_percent is None  # not supported on MIG: only that figure is lost
+    monkeypatch.setattr(telemetry, "_torch_device_uuid", lambda index: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-cccc-2222")
+    assert telemetry._nvml_handle(fake, 0) == "MIG-cccc-2222"
+
+
+def test_mig_without_a_matching_uuid_is_na_with_the_reason_never_the_parent(monkeypatch):
+    monkeypatch.setattr(telemetry, "_torch_device_uuid", lambda index: "ffff-9999")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    fake = MigNvml([])
+    with pytest.raises(telemetry.NvmlUnavailable, match="MIG is enabled"):
+        telemetry._nvml_handle(fake, 0)
+    fake.index_asked.clear()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)  # what Telemetry imports
+    tele = Telemetry("cuda:0")
+    assert tele.status.startswith("n/a: MIG is enabled") and "ffff-9999" in tele.status
+    assert tele.source is None and fake.init_count == 0  # NVML released again
+    assert fake.index_asked == [0, 1]  # listed, never used as the fallback
+
+
+def test_gpu_uuid_matches_across_prefixes_without_mig(monkeypatch):
+    monkeypatch.setattr(telemetry, "_torch_device_uuid", lambda index: "bbbb-1111")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake = MigNvml([])
+    fake.MIGS = {}
+    assert telemetry._nvml_handle(fake, 0) == "GPU-bbbb-1111"
+
+
+def test_container_pid_comes_from_vqabench_host_pid_and_the_status_says_why_when_missing(monkeypatch):
+    inner = os.getpid()
+    fake = FakeNvml([_proc(424242, 700 * MIB), _proc(515151, 90 * MIB)])  # NVML lists host pids only
+    status = Telemetry("cuda:0", source=NvmlSource("h", inner, fake)).status
+    assert status.startswith("nvml; per-process memory n/a")
+    assert f"pid {inner} is not among" in status and "VQABENCH_HOST_PID" in status and "424242" in status
+    monkeypatch.setenv("VQABENCH_HOST_PID", "424242")
+    assert telemetry.host_pid() == 424242
+    tele = Telemetry("cpu", source=ScriptedSource([]))
+    assert tele.pid == 424242
+    source = NvmlSource("h", tele.pid, fake)
+    assert source.read().process_mib == 700
+    assert Telemetry("cuda:0", pid=tele.pid, source=source).status == "nvml"
+    monkeypatch.setenv("VQABENCH_HOST_PID", "not-a-pid")
+    with pytest.raises(ValueError, match="VQABENCH_HOST_PID"):
+        telemetry.host_pid()
+    assert Telemetry("cpu").pid == inner  # a bad setting is logged, never fatal

@@ -351,3 +351,12 @@ class ProbePlan:
                 raise SpecError(f"{where}: '{key}' is {getattr(self, key)}; it must be at least 1.")
         if self.warmup < 0:
             raise SpecError(f"{where}: 'warmup' is {self.warmup}; it must be 0 or more.")
+
+
+def check_device(spec: RunSpec, cuda_available: bool, where: str = "spec") -> None:
+    """Refuse a run that asks for CUDA where there is none (the worker calls this; spec.py stays torch-free)."""
+    if spec.device == "cuda" and not cuda_available:
+        raise SpecError(
+            f"{where}: key 'device' has value 'cuda', but torch sees no CUDA GPU here; "
+            f"use 'auto' or 'cpu', or run on a machine with a GPU."
+        )

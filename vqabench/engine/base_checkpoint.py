@@ -8,7 +8,10 @@ the shipped config, vocabulary, seed, sample count and recipe; rebuilt if missin
 
 It is built in a child process (``python -m vqabench.engine.base_checkpoint``) that reports
 progress with the worker's event protocol, so the memory it used is given back before the
-run it serves starts measuring.
+run it serves starts measuring. It is always built on the CPU, whatever device the run uses:
+CPU kernels give the same bytes on every machine, so the cache key (which names no device)
+holds. A failure of the child is re-raised with its kind (``memory``, ``data``, ...) and its
+one-sentence message.
 """
 
 from __future__ import annotations
@@ -61,15 +64,23 @@ def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
     return cache_dir / "base" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class BaseCheckpointError(RuntimeError):
+    """Building the base checkpoint failed; carries the child's error kind for the worker's report."""
+
+    def __init__(self, error_kind: str, message: str) -> None:
+        super().__init__(message)
+        self.error_kind = error_kind
+
+
 def build_base_checkpoint(
     folder: Path,
     *,
     seed: int,
     samples: int,
-    device: torch.device,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
-    """Train the small BLIP on easy-VQA's base split and save it to `folder` atomically."""
+    """Train the small BLIP on easy-VQA's base split (on the CPU) and save it to `folder` atomically."""
+    device = torch.device("cpu")
     data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1, with_base=True)
     loaded = blip.build_embedded(seed)
     model = loaded.model.to(device)
@@ -113,9 +124,7 @@ def build_base_checkpoint(
         raise
 
 
-def ensure_base_checkpoint(
-    *, seed: int, samples: int, cache_dir: Path, device: torch.device, emit: Callable[[ev.Event], None]
-) -> Path:
+def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, emit: Callable[[ev.Event], None]) -> Path:
     """The cached base checkpoint's folder, built first in a child process if missing."""
     folder = base_folder(cache_dir, seed, samples)
     if (folder / blip.META_FILE).exists():
@@ -130,16 +139,32 @@ def ensure_base_checkpoint(
         str(seed),
         "--samples",
         str(samples),
-        "--device",
-        device.type,
     ]
+    failure: ev.RunFailed | None = None
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as child:
         assert child.stdout is not None
         for line in child.stdout:
             try:
-                emit(ev.parse_event(line))
+                event = ev.parse_event(line)
             except ev.EventError:
                 log.warning("base checkpoint builder wrote a non-event line: %s", line.rstrip())
+                continue
+            if isinstance(event, ev.RunFailed):  # the run's own failure is reported once, by the worker
+                failure = event
+            else:
+                emit(event)
+    if failure is not None:
+        raise BaseCheckpointError(
+            failure.error_kind, f"building the embedded base checkpoint failed: {failure.message.rstrip('.')}."
+        )
+    if child.returncode is not None and child.returncode < 0:
+        signal_number = -child.returncode
+        kind = "memory" if signal_number == 9 else "internal"
+        raise BaseCheckpointError(
+            kind,
+            f"the embedded base checkpoint build was killed by signal {signal_number}"
+            f"{' (most likely the out-of-memory killer)' if signal_number == 9 else ''}; free host memory and retry.",
+        )
     if child.returncode != 0 or not (folder / blip.META_FILE).exists():
         raise RuntimeError(
             f"building the embedded base checkpoint failed (exit code {child.returncode}); its log is above on stderr."
@@ -148,21 +173,30 @@ def ensure_base_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
+    import traceback
+
+    from vqabench.engine.worker import classify
+
     emit = EventWriter(protocol_stream())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     p = argparse.ArgumentParser(description="Build the embedded base checkpoint (used by the worker).")
     p.add_argument("folder", type=Path)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--samples", type=int, required=True)
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
     def progress(step: int, steps: int, loss: float) -> None:
         emit(ev.Progress(phase="base", epoch=0, step=step, steps=steps, running_loss=loss, message=BASE_MESSAGE))
 
-    build_base_checkpoint(
-        args.folder, seed=args.seed, samples=args.samples, device=torch.device(args.device), progress=progress
-    )
+    try:
+        build_base_checkpoint(args.folder, seed=args.seed, samples=args.samples, progress=progress)
+    except BaseException as exc:
+        kind, message = classify(exc)
+        if kind == "memory":
+            message = f"the host ran out of memory (batch {RECIPE.batch_size} on the CPU); free memory and retry."
+        log.error("%s\n%s", message, traceback.format_exc())
+        emit(ev.RunFailed(error_kind=kind, message=message))
+        return 1
     return 0
 
 

@@ -151,7 +151,8 @@ def start(device_name: str) -> tuple[Ranks, torch.device]:
     """
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if not launched_by_torchrun():
-        return SINGLE, torch.device("cuda" if use_cuda else "cpu")
+        # indexed: torch.device("cuda") != torch.device("cuda:0") would defeat "already there" checks
+        return SINGLE, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     env = os.environ
     ranks = Ranks(
         rank=int(env["RANK"]),

@@ -236,17 +236,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def attention_bias(mask: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A [B, L] 0/1 padding mask as the [B, 1, 1, L] additive bias `module`'s attention adds to its scores.
+
+    transformers builds this same bias (0 where attended, the dtype's minimum where padded), but
+    first asks ``mask.all()`` to see whether it can skip it: a blocking host sync on every call.
+    A 4D mask is taken as already prepared, so passing the bias keeps the step sync-free.
+    """
+    dtype = next(module.parameters()).dtype
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
 def encode_questions(
     model: nn.Module, pixel_values: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
 ) -> torch.Tensor:
     """Vision encoder then question encoder: the question encoding the decoder attends to."""
     image_embeds = model.get_submodule("vision_model")(pixel_values=pixel_values).last_hidden_state
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    out = model.get_submodule("text_encoder")(
+    text_encoder = model.get_submodule("text_encoder")
+    out = text_encoder(
         input_ids=question_ids,
-        attention_mask=question_mask,
+        attention_mask=attention_bias(question_mask, text_encoder),
         encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_mask,
+        encoder_attention_mask=None,  # every image position is attended: same as an all-ones mask
         return_dict=True,
     )
     return out.last_hidden_state
@@ -264,7 +275,7 @@ def answer_logps(
         input_ids=answer_ids,
         attention_mask=answer_mask,
         encoder_hidden_states=question_embeds,
-        encoder_attention_mask=question_mask,
+        encoder_attention_mask=attention_bias(question_mask, decoder),
         return_logits=True,
         use_cache=False,
     )

@@ -62,7 +62,7 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
     n_batches = plan.warmup + plan.steps
     dataset = dataclasses.replace(first.dataset, eval_size=bs, test_size=bs)
     start_spec = first.replace(dataset=dataset, limit=bs * n_batches, after=None)
-    start, data = load_model_and_data(start_spec, cache_dir, device, emit)
+    start, data = load_model_and_data(start_spec, cache_dir, emit)
     encoded = encode(data, start, first.max_question_tokens, first.max_answer_tokens)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(first.seed))
     batches = [order[i * bs : (i + 1) * bs] for i in range(n_batches)]

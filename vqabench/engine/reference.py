@@ -39,11 +39,11 @@ def mismatched_rows(split_rows: torch.Tensor, split_size: int) -> torch.Tensor:
 
 def mismatched_answers(encoded: EncodedData, split: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     s = encoded.splits[split]
-    rows = mismatched_rows(batch.rows, len(s))
-    ids, mask = s.chosen_ids[rows], s.chosen_mask[rows]
-    width = max(int(mask.sum(1).max()), 1)
     device = batch.question_ids.device
-    return ids[:, :width].to(device), mask[:, :width].to(device)
+    width = s.answer_width(s.chosen_mask, mismatched_rows(batch.rows, len(s)))  # CPU: no device sync
+    tokens = s.tokens_on(device)
+    at = mismatched_rows(batch.rows_on(device), len(s))
+    return tokens.chosen_ids[at, :width], tokens.chosen_mask[at, :width]
 
 
 @dataclass
@@ -101,6 +101,17 @@ class PrecomputedReference:
         self.path = path
         self.seconds = seconds
         self.from_cache = from_cache
+        self._on_device: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def table_on(self, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+        """The table on `device`, copied once per run (a few floats per pair), then indexed there."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = {
+                split: {name: values.to(device) for name, values in columns.items()}
+                for split, columns in self.table.items()
+            }
+        return self._on_device[key]
 
     def logps(
         self,
@@ -110,11 +121,11 @@ class PrecomputedReference:
         question_embeds: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps:
-        t = self.table[split]
         device = question_embeds.device
-        rows = batch.rows
-        mm = t["mismatched"][rows].to(device) if with_mismatched else None
-        return ReferenceLogps(t["chosen"][rows].to(device), t["rejected"][rows].to(device), mm)
+        t = self.table_on(device)[split]
+        rows = batch.rows_on(device)
+        mm = t["mismatched"][rows] if with_mismatched else None
+        return ReferenceLogps(t["chosen"][rows], t["rejected"][rows], mm)
 
     @classmethod
     def build(

@@ -22,6 +22,7 @@ from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
+from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer
@@ -68,9 +69,7 @@ def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path
     )
 
 
-def load_model_and_data(
-    spec: RunSpec, cache_dir: Path, device: torch.device, emit: Emit
-) -> tuple[blip.LoadedModel, DataSplits]:
+def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
     """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
     builds_base = spec.init_checkpoint is None and spec.model == "embedded"
     loaded: blip.LoadedModel | None = None
@@ -89,9 +88,10 @@ def load_model_and_data(
     data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
     if builds_base:
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
-        # same "pretrained" model for every dataset.
+        # same "pretrained" model for every dataset. Built on the CPU whatever the run's device,
+        # so it is the same bytes everywhere and its cache key holds.
         folder = ensure_base_checkpoint(
-            seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, device=device, emit=emit
+            seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, emit=emit
         )
         loaded = blip.load_pretrained(str(folder))
     assert loaded is not None
@@ -121,10 +121,11 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
 
     if not ranks.is_main:  # rank 0 first: it alone builds the base checkpoint and fills the caches
         ranks.barrier()
-    loaded, data = load_model_and_data(spec, cache_dir, device, emit)
+    loaded, data = load_model_and_data(spec, cache_dir, emit)
     if ranks.is_main:
         ranks.barrier()
-    loaded.model.to(device)
+    with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
+        loaded.model.to(device)
     if not data.report.token_stats:
         count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         data.report.token_stats = answer_token_stats(
@@ -148,17 +149,18 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                 else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
             )
             key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
-            precomputed = PrecomputedReference.build(
-                loaded,
-                encoded,
-                batch_size=ranks.per_device_batch(spec.batch_size),
-                device=device,
-                cache_dir=cache_dir,
-                checkpoint_key=key,
-                data_key=data.fingerprint,
-                progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
-                ranks=ranks,
-            )
+            with explain_out_of_memory("precomputing the reference log-probs", spec.batch_size):
+                precomputed = PrecomputedReference.build(
+                    loaded,
+                    encoded,
+                    batch_size=ranks.per_device_batch(spec.batch_size),
+                    device=device,
+                    cache_dir=cache_dir,
+                    checkpoint_key=key,
+                    data_key=data.fingerprint,
+                    progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
+                    ranks=ranks,
+                )
             reference, reference_seconds = precomputed, precomputed.seconds
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress, ranks=ranks)
     trainable, total = blip.count_parameters(loaded.model)
@@ -207,10 +209,10 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
     train_seconds = 0.0
     part = blip.trainable_part(loaded.model, spec.train)
     with telemetry:
+        trainer.warm_up()  # untimed, outside every window; training numbers are unchanged
         for epoch in range(1, spec.epochs + 1):
-            telemetry.begin_epoch()
-            result = trainer.run_epoch(epoch)
-            tel = telemetry.end_epoch()
+            result = trainer.run_epoch(epoch, telemetry)  # the window covers exactly the timed steps
+            tel = result.telemetry
             train_seconds += result.epoch_seconds
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
@@ -219,7 +221,8 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             ranks_memory = distributed.rank_memory(tel.event_fields(), ranks) if ranks.distributed else {}
             scored: ScoreSummary | None = None
             if spec.eval_every_epoch:
-                answers = trainer.answers("eval", spec.eval_every_epoch)
+                with explain_out_of_memory(f"generating eval answers after epoch {epoch}", spec.batch_size):
+                    answers = trainer.answers("eval", spec.eval_every_epoch)
             if spec.eval_every_epoch and ranks.is_main:
                 eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
@@ -257,7 +260,8 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
 
     if best_state is not None:
         part.load_state_dict(best_state)
-    answers = trainer.answers("test")
+    with explain_out_of_memory("generating the test answers", spec.batch_size):
+        answers = trainer.answers("test")
     if not ranks.is_main:  # rank 0 judges, writes the predictions and reports
         return
     pairs = encoded.splits["test"].pairs

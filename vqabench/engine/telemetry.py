@@ -147,6 +147,22 @@ def process_rss_mib() -> float | None:
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
+def host_pid() -> int:
+    """The pid NVML knows this process by: $VQABENCH_HOST_PID where set (containers), else os.getpid()."""
+    value = os.environ.get("VQABENCH_HOST_PID", "").strip()
+    if not value:
+        return os.getpid()
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"environment variable VQABENCH_HOST_PID has value {value!r}; it must be a positive pid.")
+    return int(value)
+
+
+def _nvml_status(source: NvmlSource) -> str:
+    """ "nvml", or "nvml; per-process memory n/a (<reason>)" when only the worker's own figure is missing."""
+    problem = source.process_memory_problem()
+    return "nvml" if problem is None else f"nvml; {problem}"
+
+
 def _cuda_index(device: str) -> int | None:
     """The torch device index of a "cuda" / "cuda:N" device string; None for other devices."""
     kind, _, index = device.partition(":")
@@ -159,12 +175,27 @@ def _cuda_index(device: str) -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
+class NvmlUnavailable(RuntimeError):
+    """NVML is loaded but cannot say which device is ours; the message is the reason for the status."""
+
+
+#: The process queries, newest first: drivers older than the bindings lack ``_v3``, and pynvml
+#: then raises NVMLLibraryMismatchError (not an NVMLError) from the unversioned name.
+PROCESS_QUERIES = ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2")
+
+
+def _describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class NvmlSource:
-    """Reads one GPU through NVML: this pid's memory, device memory, utilisation and power.
+    """Reads one GPU (or MIG device) through NVML: this pid's memory, device memory, utilisation and power.
 
     `nvml` is the pynvml module; tests pass a stand-in because no GPU runs here. Every
-    counter is read on its own, so one unsupported counter (power on some boards, process
-    memory on MIG slices) leaves only that figure None.
+    counter is read on its own and any exception leaves only that figure None (power on some
+    boards, utilisation on MIG slices, process queries on old drivers). ``unavailable`` keeps
+    the last reason per counter.
     """
 
     def __init__(self, handle: Any, pid: int, nvml: Any) -> None:
@@ -172,10 +203,16 @@ class NvmlSource:
         self.pid = pid
         self.nvml = nvml
         self._closed = False
+        self._process_queries = [name for name in PROCESS_QUERIES if hasattr(nvml, name)]
+        self.unavailable: dict[str, str] = {}
 
     @classmethod
     def open(cls, cuda_index: int, pid: int, nvml: Any | None = None) -> NvmlSource:
-        """Initialise NVML and find the GPU that torch calls cuda:`cuda_index`; raises NVMLError."""
+        """Initialise NVML and find the device that torch calls cuda:`cuda_index`.
+
+        Raises NVMLError (or pynvml's other exceptions) when NVML cannot start, and
+        NvmlUnavailable when it cannot tell which device is ours (MIG without a matching UUID).
+        """
         if nvml is None:
             import pynvml
 
@@ -183,7 +220,7 @@ class NvmlSource:
         nvml.nvmlInit()
         try:
             handle = _nvml_handle(nvml, cuda_index)
-        except Exception:
+        except BaseException:
             nvml.nvmlShutdown()
             raise
         return cls(handle, pid, nvml)
@@ -192,9 +229,9 @@ class NvmlSource:
         if self._closed:
             return None
         nvml = self.nvml
-        memory = self._query(nvml.nvmlDeviceGetMemoryInfo)
-        util = self._query(nvml.nvmlDeviceGetUtilizationRates)
-        power_mw = self._query(nvml.nvmlDeviceGetPowerUsage)
+        memory = self._query("memory", nvml.nvmlDeviceGetMemoryInfo)
+        util = self._query("utilisation", nvml.nvmlDeviceGetUtilizationRates)
+        power_mw = self._query("power", nvml.nvmlDeviceGetPowerUsage)
         return Reading(
             process_mib=self._process_mib(),
             device_used_mib=memory.used / MIB if memory is not None else None,
@@ -206,17 +243,34 @@ class NvmlSource:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            with contextlib.suppress(self.nvml.NVMLError):
+            with contextlib.suppress(Exception):  # pynvml raises more than NVMLError
                 self.nvml.nvmlShutdown()
 
-    def _query(self, function: Any) -> Any:
+    def _query(self, counter: str, function: Any) -> Any:
         try:
-            return function(self.handle)
-        except self.nvml.NVMLError:
+            value = function(self.handle)
+        except Exception as exc:  # NVMLError, NVMLLibraryMismatchError, a ctypes error: only this counter is lost
+            self.unavailable[counter] = _describe_error(exc)
             return None
+        self.unavailable.pop(counter, None)
+        return value
+
+    def processes(self) -> list[Any] | None:
+        """NVML's compute processes on this device, trying ``_v3`` then ``_v2``; None if neither answers."""
+        for name in list(self._process_queries):
+            try:
+                found = getattr(self.nvml, name)(self.handle)
+            except Exception as exc:
+                self.unavailable["process"] = f"{name}: {_describe_error(exc)}"
+                if len(self._process_queries) > 1 and name == self._process_queries[0]:
+                    self._process_queries.remove(name)  # an older driver: go straight to the next one
+                continue
+            self.unavailable.pop("process", None)
+            return list(found)
+        return None
 
     def _process_mib(self) -> float | None:
-        processes = self._query(self.nvml.nvmlDeviceGetComputeRunningProcesses)
+        processes = self.processes()
         if processes is None:
             return None
         # pynvml maps NVML_VALUE_NOT_AVAILABLE to None; older bindings leave the raw sentinel
@@ -228,32 +282,103 @@ class NvmlSource:
             return None
         return sum(known) / MIB
 
+    def process_memory_problem(self) -> str | None:
+        """Why per-process memory is unavailable right now (one clause for the status), or None if it is read."""
+        processes = self.processes()
+        if processes is None:
+            return f"per-process memory n/a ({self.unavailable.get('process', 'no process query in pynvml')})"
+        mine = [p for p in processes if p.pid == self.pid]
+        if not mine:
+            others = sorted({int(p.pid) for p in processes})[:8]
+            hint = (
+                "NVML lists host pids: in a container set VQABENCH_HOST_PID to the worker's host pid"
+                if others
+                else "no process holds a CUDA context on this device yet"
+            )
+            return f"per-process memory n/a (pid {self.pid} is not among NVML's processes {others}; {hint})"
+        if self._process_mib() is None:
+            return "per-process memory n/a (the driver does not report it for this device)"
+        return None
+
+
+def _bare_uuid(uuid: Any) -> str:
+    """A UUID without its "GPU-"/"MIG-" prefixes, lower case, so torch's and NVML's forms compare."""
+    text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
+    text = text.strip().lower()
+    while text[:4] in ("gpu-", "mig-"):
+        text = text[4:]
+    return text
+
+
+def _nvml_devices(nvml: Any) -> tuple[list[tuple[str, Any]], bool]:
+    """(uuid, handle) of every GPU and every MIG device NVML sees, and whether any GPU has MIG on."""
+    found: list[tuple[str, Any]] = []
+    mig_on = False
+    enabled = getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+    for index in range(int(nvml.nvmlDeviceGetCount())):
+        try:
+            gpu = nvml.nvmlDeviceGetHandleByIndex(index)
+            found.append((_bare_uuid(nvml.nvmlDeviceGetUUID(gpu)), gpu))
+        except Exception:
+            continue
+        try:
+            current, _pending = nvml.nvmlDeviceGetMigMode(gpu)
+        except Exception:  # not MIG-capable, or an old driver
+            continue
+        if current != enabled:
+            continue
+        mig_on = True
+        try:
+            slots = int(nvml.nvmlDeviceGetMaxMigDeviceCount(gpu))
+        except Exception:
+            continue
+        for slot in range(slots):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, slot)
+                found.append((_bare_uuid(nvml.nvmlDeviceGetUUID(mig)), mig))
+            except Exception:  # an empty slot
+                continue
+    return found, mig_on
+
 
 def _nvml_handle(nvml: Any, cuda_index: int) -> Any:
-    """Map torch's cuda index to an NVML handle.
+    """Map torch's cuda index to an NVML handle of a GPU or a MIG device.
 
     NVML numbers every GPU in PCI bus order and ignores CUDA_VISIBLE_DEVICES; CUDA numbers the
-    visible GPUs only, fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID. The device UUID that
-    torch reports is exact; the CUDA_VISIBLE_DEVICES entry is the fallback, and its integer
-    form is only right under PCI_BUS_ID order or with one GPU.
+    visible devices only, fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID. So the device is
+    found by UUID: torch's UUID of the device, else a UUID entry of CUDA_VISIBLE_DEVICES, matched
+    against nvmlDeviceGetUUID of every GPU and every MIG device. With MIG on and nothing matched
+    this raises NvmlUnavailable rather than read the parent card (every tenant's memory). Without
+    MIG the integer CUDA_VISIBLE_DEVICES entry, then the index itself, are the fallbacks (right
+    with one GPU or under PCI_BUS_ID order).
     """
-    uuid = _torch_device_uuid(cuda_index)
-    if uuid is not None:
-        try:
-            return nvml.nvmlDeviceGetHandleByUUID(uuid)
-        except nvml.NVMLError:
-            pass
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if cuda_index < len(visible):
-        entry = visible[cuda_index]
-        if entry.isdigit():
-            return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+    entry = visible[cuda_index] if cuda_index < len(visible) else None
+    wanted = [u for u in (_torch_device_uuid(cuda_index), entry) if u is not None and not u.isdigit()]
+    try:
+        devices, mig_on = _nvml_devices(nvml)
+    except Exception as exc:
+        log.info("telemetry: cannot list NVML devices (%s); falling back to the device index", exc)
+        devices, mig_on = [], False
+    for uuid in wanted:
+        for found, handle in devices:
+            if found == _bare_uuid(uuid):
+                return handle
+    if mig_on:
+        asked = ", ".join(wanted) or "none"
+        raise NvmlUnavailable(
+            f"MIG is enabled and no GPU or MIG device matches cuda:{cuda_index} (UUIDs tried: {asked}); "
+            "set CUDA_VISIBLE_DEVICES to the MIG- UUID of the slice"
+        )
+    if entry is not None and entry.isdigit():
+        return nvml.nvmlDeviceGetHandleByIndex(int(entry))
+    if entry is not None and not devices:  # listing failed: let NVML look the UUID up itself
         return nvml.nvmlDeviceGetHandleByUUID(entry)
     return nvml.nvmlDeviceGetHandleByIndex(cuda_index)
 
 
 def _torch_device_uuid(cuda_index: int) -> str | None:
-    """ "GPU-<uuid>" of torch's cuda:`cuda_index`, or None where torch cannot say."""
+    """The UUID of torch's cuda:`cuda_index` as torch prints it (no prefix), or None where torch cannot say."""
     if "torch" not in sys.modules:
         return None
     import torch
@@ -261,10 +386,9 @@ def _torch_device_uuid(cuda_index: int) -> str | None:
     try:
         if not torch.cuda.is_available():
             return None
-        uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+        return str(torch.cuda.get_device_properties(cuda_index).uuid)
     except (AttributeError, RuntimeError, AssertionError):
         return None
-    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 class _Window:
@@ -309,10 +433,11 @@ def _mean(values: Iterable[float]) -> float | None:
 class Telemetry:
     """Per-epoch memory, utilisation and power of the worker, sampled in a daemon thread.
 
-    ``status`` is "nvml" when GPU figures are read, else "n/a: <reason>" (once, for
-    run_started). `pid` is the process whose GPU memory NVML reports (default: this one; in
-    a container without the host PID namespace NVML lists host pids, so pass that one); RSS
-    is always this process's. `source` replaces NVML with any object whose ``read()``
+    ``status`` is "nvml" when GPU figures are read, "nvml; per-process memory n/a (<reason>)"
+    when all but the worker's own GPU memory are, else "n/a: <reason>" (once, for run_started).
+    `pid` is the process whose GPU memory NVML reports (default: $VQABENCH_HOST_PID, else this
+    one; in a container without the host PID namespace NVML lists host pids, so pass that one);
+    RSS is always this process's. `source` replaces NVML with any object whose ``read()``
     returns a :class:`Reading` or None, so the aggregation is testable without a GPU.
     """
 
@@ -323,7 +448,11 @@ class Telemetry:
             raise ValueError(f"telemetry interval must be positive, got {interval!r}")
         self.device = device
         self.interval = interval
-        self.pid = os.getpid() if pid is None else pid
+        try:
+            self.pid = host_pid() if pid is None else pid
+        except ValueError as exc:  # a bad setting must not take the run down: report it, watch this pid
+            log.warning("telemetry: %s Using pid %d.", exc, os.getpid())
+            self.pid = os.getpid()
         self._cuda_index = _cuda_index(device)
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
@@ -335,7 +464,9 @@ class Telemetry:
         self._latest: tuple[Reading | None, float | None] = (None, None)  # the last sample: reading, RSS
         if source is not None:
             self.source: ReadingSource | None = source
-            self.status = "nvml" if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
+            self.status = (
+                _nvml_status(source) if isinstance(source, NvmlSource) else f"custom source {type(source).__name__}"
+            )
         else:
             self.source, self.status = self._open_nvml()
 
@@ -347,9 +478,12 @@ class Telemetry:
         except ImportError:
             return None, "n/a: nvidia-ml-py (pynvml) is not installed"
         try:
-            return NvmlSource.open(self._cuda_index, self.pid, pynvml), "nvml"
-        except pynvml.NVMLError as exc:
-            return None, f"n/a: NVML cannot read cuda:{self._cuda_index} ({exc})"
+            source = NvmlSource.open(self._cuda_index, self.pid, pynvml)
+        except NvmlUnavailable as exc:
+            return None, f"n/a: {exc}"
+        except Exception as exc:  # NVMLError, NVMLLibraryMismatchError, OSError from the library
+            return None, f"n/a: NVML cannot read cuda:{self._cuda_index} ({_describe_error(exc)})"
+        return source, _nvml_status(source)
 
     @property
     def uses_cuda(self) -> bool:
@@ -421,12 +555,20 @@ class Telemetry:
         }
 
     def begin_epoch(self) -> None:
-        """Open a new window and reset torch's CUDA peak counters."""
+        """Start the epoch from a clean slate, then open a new window.
+
+        In this order: collect garbage (and trim the heap), wait for queued GPU work, hand the
+        caching allocator's free blocks back (so reserved and NVML memory start from what is
+        live, not from what eval or the reference pass left cached), reset torch's CUDA peaks
+        and the RSS high-water mark.
+        """
+        release_free_memory()
         if self.uses_cuda:
             import torch
 
+            torch.cuda.synchronize(self._cuda_index)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self._cuda_index)
-        release_free_memory()
         self._hwm_reset = reset_peak_rss()
         with self._lock:
             self._window = _Window()

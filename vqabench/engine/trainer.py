@@ -12,11 +12,12 @@ rank and gather it, so every rank ends an epoch with the same figures.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -24,6 +25,7 @@ from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
+from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.engine.timing import StepClock
 from vqabench.spec import RunSpec
@@ -31,6 +33,14 @@ from vqabench.spec import RunSpec
 
 class NumericsError(RuntimeError):
     """A loss that is not finite; the message names the epoch and step."""
+
+
+class EpochWindow(Protocol):
+    """What measures an epoch (engine.telemetry.Telemetry): opened right before the timed steps, closed right after."""
+
+    def begin_epoch(self) -> None: ...
+
+    def end_epoch(self) -> Any: ...
 
 
 class Reference(Protocol):
@@ -76,11 +86,20 @@ class EpochResult:
     lr: float
     eval: EvalResult
     is_best: bool
+    telemetry: Any = None  # what the EpochWindow returned for the timed training steps
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
+    """The torch device for a spec's `device`, with an explicit index: "cuda" is cuda:N, N the current device.
+
+    torch.device("cuda") != torch.device("cuda:0"), so an unindexed device would defeat every
+    "already on this device" check.
+    """
+    if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()):
+        _, _, index = name.partition(":")
+        if index:
+            return torch.device("cuda", int(index))
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return torch.device("cpu")
 
 
@@ -151,6 +170,8 @@ class MethodStep:
 class Trainer:
     """Trains `loaded.model` on `encoded` with the spec's method; reports through callbacks."""
 
+    check_interval = 0.25  # seconds between progress reports, each one host sync (loss and finiteness)
+
     def __init__(
         self,
         spec: RunSpec,
@@ -183,49 +204,109 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
-    def train_step(self, batch: Batch) -> float:
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimizer step; returns the detached mean loss, still on the device (no host sync)."""
         out = self.step_fn("train", batch) if self.ddp is None else self.ddp(self.step_fn, "train", batch)
         loss = out.losses.mean()
-        value = float(loss.detach())  # the step's one host sync: the value and the finiteness check
-        if not math.isfinite(value):
-            raise NumericsError("non-finite")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return value
+        return loss.detach()
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
-        """One pass over the shuffled train split: (mean loss, seconds, samples)."""
+    def warm_up(self) -> None:
+        """One untimed forward, backward and optimizer step before epoch 1, leaving training unchanged.
+
+        It pays CUDA's cold start (lazy kernel loading, cuBLAS set-up, allocator growth) and
+        allocates AdamW's state outside the timed epochs. The RNG is forked, so dropout draws
+        and shuffling are those of a run without it; the optimizer step runs at lr 0 (an exact
+        no-op on the weights) and its state is zeroed afterwards, which is what a fresh AdamW
+        starts from, so the first real step is unchanged too.
+        """
+        rows = torch.arange(min(self.batch_size, len(self.encoded.splits["train"])))
+        blip.set_train_mode(self.loaded.model, self.spec.train)
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        with (
+            torch.random.fork_rng(devices=cuda),
+            explain_out_of_memory("running the warm-up step", self.batch_size),
+        ):
+            batch = self.encoded.batch("train", rows, self.device)
+            try:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = 0.0
+                self.train_step(batch)
+            finally:
+                for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+        synchronize(self.device)
+
+    def _check_finite(self, step_losses: torch.Tensor, done: int, epoch: int, steps: int) -> torch.Tensor:
+        """Copy the first `done` step losses to the host (the one sync of a logging point) and check them."""
+        values = step_losses[:done].cpu().double()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            raise NumericsError(
+                f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {int(bad[0]) + 1} of {steps}; "
+                f"lower lr (now {self.spec.lr:g}) or check the data."
+            )
+        return values
+
+    def train_epoch(self, epoch: int, window: EpochWindow | None = None) -> tuple[float, float, int, Any]:
+        """One pass over the shuffled train split: (mean loss, seconds, samples, the window's figures).
+
+        Step losses stay on the device; they are copied to the host and checked for finiteness
+        at the throttled progress points and at the end, so no step waits for the GPU before its
+        backward pass, and a non-finite loss is still reported with the step where it began.
+        """
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         bs = self.batch_size
         blip.set_train_mode(self.loaded.model, self.spec.train)
-        total, count, last = 0.0, 0, 0.0
+        last = 0.0
         steps = self.steps_per_epoch
+        sizes = [min(bs, len(order) - step * bs) for step in range(steps)]
+        step_losses = torch.zeros(steps, device=self.device)  # loss x batch size, per step
+        done = torch.zeros(0, dtype=torch.float64)  # the step losses checked so far, on the host
+        if window is not None:
+            window.begin_epoch()
         synchronize(self.device)
         start = time.perf_counter()
         self.clock.begin()
+        # The step does not wait for the GPU, so on CUDA a step's time is read from events recorded
+        # between steps (no sync), after the epoch's one synchronize.
+        marks = [torch.cuda.Event(enable_timing=True)] if self.device.type == "cuda" else None
+        if marks is not None:
+            marks[0].record()
         for step in range(steps):
             rows = order[step * bs : (step + 1) * bs]
-            batch = self.encoded.batch("train", rows, self.device)
             try:
-                loss = self.train_step(batch)
-            except NumericsError:
-                raise NumericsError(
-                    f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {step + 1} of {steps}; "
-                    f"lower lr (now {self.spec.lr:g}) or check the data."
-                ) from None
-            self.clock.step_done()  # train_step ends in a host sync (the loss value), so this is the step's time
-            total += loss * len(batch)
-            count += len(batch)
+                batch = self.encoded.batch("train", rows, self.device)
+                step_losses[step] = self.train_step(batch) * len(batch)
+            except torch.OutOfMemoryError as exc:
+                activity = f"training step {step + 1} of {steps} in epoch {epoch}"
+                raise OutOfMemory(out_of_memory_sentence(exc, activity, bs)) from exc
+            self.clock.step_done()  # host wall clock; on CUDA replaced by the steps' event times below
+            if marks is not None:
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
             now = time.perf_counter()
-            if now - last >= 0.25 or step + 1 == steps:
+            if now - last >= self.check_interval or step + 1 == steps:
                 last = now
-                self.on_progress("train", epoch, step + 1, steps, total / count)
+                done = self._check_finite(step_losses, step + 1, epoch, steps)
+                self.on_progress("train", epoch, step + 1, steps, float(done.sum()) / sum(sizes[: step + 1]))
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        loss_sum, samples = self.ranks.sum([total, float(count)], self.device)  # over every rank's samples
-        return loss_sum / max(samples, 1.0), seconds, int(samples)
+        if marks is not None:
+            self.clock.step_seconds = [a.elapsed_time(b) / 1000.0 for a, b in itertools.pairwise(marks)]
+        figures = window.end_epoch() if window is not None else None
+        # `done` holds every step (the last step always checks); summed over every rank's samples
+        loss_sum, samples = self.ranks.sum([float(done.sum()), float(sum(sizes))], self.device)
+        return loss_sum / max(samples, 1.0), seconds, int(samples), figures
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> EvalResult:
@@ -257,17 +338,19 @@ class Trainer:
             time.perf_counter() - start,
         )
 
-    def run_epoch(self, epoch: int) -> EpochResult:
+    def run_epoch(self, epoch: int, window: EpochWindow | None = None) -> EpochResult:
+        """Train (measured by `window`, which covers exactly the timed steps), then evaluate."""
         lr = self.optimizer.param_groups[0]["lr"]
-        train_loss, seconds, samples = self.train_epoch(epoch)
-        ev = self.evaluate("eval")
+        train_loss, seconds, samples, figures = self.train_epoch(epoch, window)
+        with explain_out_of_memory(f"evaluating epoch {epoch}", self.batch_size):
+            ev = self.evaluate("eval")
         if not math.isfinite(ev.loss):
             raise NumericsError(f"the {self.spec.method} eval loss became non-finite after epoch {epoch}.")
         self.scheduler.step()
         is_best = ev.loss < self.best_loss
         if is_best:
             self.best_loss, self.best_epoch = ev.loss, epoch
-        return EpochResult(epoch, train_loss, seconds, samples, lr, ev, is_best)
+        return EpochResult(epoch, train_loss, seconds, samples, lr, ev, is_best, figures)
 
     @torch.no_grad()
     def answers(self, split: str, limit: int | None = None) -> list[str]:

@@ -24,6 +24,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     """(error kind, one-sentence message) for a failure."""
     from vqabench.engine.data.records import DataError
     from vqabench.engine.model import ModelError
+    from vqabench.engine.out_of_memory import OutOfMemory, out_of_memory_sentence
     from vqabench.engine.trainer import NumericsError
     from vqabench.judges import JudgeError
     from vqabench.spec import SpecError
@@ -35,15 +36,22 @@ def classify(exc: BaseException) -> tuple[str, str]:
         (ModelError, "model"),
         (NumericsError, "numerics"),
         (JudgeError, "judge"),
+        (OutOfMemory, "memory"),
     ):
         if isinstance(exc, cls):
             return kind, text
+    error_kind = getattr(exc, "error_kind", None)  # a child's failure (the base checkpoint build)
+    if isinstance(error_kind, str):
+        return error_kind, text
     if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(
         sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
     ):
         return "distributed", f"another process of this run stopped ({text.splitlines()[0]})."
-    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-        return "memory", f"the run ran out of memory ({text.splitlines()[0]}); lower batch_size."
+    lowered = text.lower()
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in lowered or "can't allocate memory" in lowered:
+        return "memory", out_of_memory_sentence(exc, "running", None)
+    if isinstance(exc, MemoryError):
+        return "memory", "the host ran out of memory; lower the preset key 'batch_size' or 'limit', or free memory."
     if isinstance(exc, KeyboardInterrupt):
         return "cancelled", "the run was interrupted."
     return "internal", f"internal error {type(exc).__name__}: {text.splitlines()[0]}"
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(ev.RunFailed(error_kind="config", message="usage: python -m vqabench.engine.worker SPEC.json"))
         return 2
     try:
-        from vqabench.spec import SpecError, spec_from_dict
+        from vqabench.spec import SpecError, check_device, spec_from_dict
 
         try:
             with open(argv[0], encoding="utf-8") as fh:
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             execute_probe(plan, emit)
             return 0
         spec = spec_from_dict(data, where=argv[0])
+        import torch
+
+        check_device(spec, torch.cuda.is_available(), where=argv[0])
         _quiet_transformers()
         from vqabench.engine.run import execute
 

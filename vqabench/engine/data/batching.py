@@ -6,7 +6,7 @@ text is tokenized once, so no epoch repeats preprocessing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,9 +28,36 @@ class EncodedSplit:
     chosen_mask: torch.Tensor
     rejected_ids: torch.Tensor
     rejected_mask: torch.Tensor
+    _on_device: dict[str, DeviceTokens] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def tokens_on(self, device: torch.device) -> DeviceTokens:
+        """This split's token tensors on `device`, copied once per run (kilobytes), then indexed there."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = DeviceTokens(
+                *(t.to(device) for t in (self.question_ids, self.question_mask, self.chosen_ids, self.chosen_mask)),
+                *(t.to(device) for t in (self.rejected_ids, self.rejected_mask)),
+            )
+        return self._on_device[key]
+
+    def answer_width(self, mask: torch.Tensor, rows: torch.Tensor) -> int:
+        """Longest answer among `rows` (at least 1), read from the split's CPU mask: no device sync."""
+        return max(int(mask[rows].sum(1).max()), 1)
+
+
+@dataclass
+class DeviceTokens:
+    """A split's token tensors resident on the training device."""
+
+    question_ids: torch.Tensor
+    question_mask: torch.Tensor
+    chosen_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_mask: torch.Tensor
 
 
 @dataclass
@@ -40,7 +67,11 @@ class Batch:
     question_mask: torch.Tensor
     chosen: tuple[torch.Tensor, torch.Tensor]
     rejected: tuple[torch.Tensor, torch.Tensor]
-    rows: torch.Tensor  # positions of these examples in their split
+    rows: torch.Tensor  # positions of these examples in their split (CPU)
+    device_rows: torch.Tensor | None = None  # the same positions on the training device
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        return self.device_rows if self.device_rows is not None else self.rows.to(device)
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -62,17 +93,26 @@ class EncodedData:
         pixels = self.images[s.image_index[rows]].to(device=device, dtype=torch.float32)
         pixels = (pixels / 255.0 - self.mean) / self.std
 
-        def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            ids, mask = ids[rows], mask[rows]
-            width = max(int(mask.sum(1).max()), 1)
-            return ids[:, :width].to(device), mask[:, :width].to(device)
+        # Tokens live on the device (once per run); the only per-batch copy is the row indices,
+        # asynchronous from pageable memory. Widths come from the CPU masks, so nothing waits.
+        tokens = s.tokens_on(device)
+        at = rows.to(device, non_blocking=True)
+
+        def trimmed(ids: torch.Tensor, mask: torch.Tensor, cpu_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            width = s.answer_width(cpu_mask, rows)
+            return ids[at, :width], mask[at, :width]
 
         # Questions keep the split's full width: transformers 5's BLIP decoder ignores the
         # cross-attention mask, so the number of padded question positions would otherwise
         # change an answer's score with the batch it happens to be in.
-        q_ids, q_mask = s.question_ids[rows].to(device), s.question_mask[rows].to(device)
         return Batch(
-            pixels, q_ids, q_mask, trimmed(s.chosen_ids, s.chosen_mask), trimmed(s.rejected_ids, s.rejected_mask), rows
+            pixels,
+            tokens.question_ids[at],
+            tokens.question_mask[at],
+            trimmed(tokens.chosen_ids, tokens.chosen_mask, s.chosen_mask),
+            trimmed(tokens.rejected_ids, tokens.rejected_mask, s.rejected_mask),
+            rows,
+            at,
         )
 
 
