@@ -35,7 +35,7 @@ from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-RECIPE = {"version": 2, "data": "easy-VQA base split", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01}
+RECIPE = {"version": 3, "data": "easy-VQA base split", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01}
 BASE_MESSAGE = "building the embedded base checkpoint (once, then cached)"
 
 

@@ -266,6 +266,24 @@ def answer_logps(
     answer_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each answer and its token count (the first token, BOS, is given)."""
+    logps, lengths, _ = answer_logps_with_vocab_mean(
+        decoder, question_embeds, question_mask, answer_ids, answer_mask, vocab_mean=False
+    )
+    return logps, lengths
+
+
+def answer_logps_with_vocab_mean(
+    decoder: nn.Module,
+    question_embeds: torch.Tensor,
+    question_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    vocab_mean: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`answer_logps` plus, per answer, the vocabulary-mean log-prob summed over its tokens.
+
+    The third value is what label smoothing needs (``objectives.sft_loss``); None unless asked.
+    """
     logits = decoder(
         input_ids=answer_ids,
         attention_mask=answer_mask,
@@ -276,8 +294,10 @@ def answer_logps(
     )
     targets = answer_ids[:, 1:]
     mask = answer_mask[:, 1:].to(torch.float32)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    means = (log_probs.mean(-1) * mask).sum(-1) if vocab_mean else None
+    return (logp * mask).sum(-1), mask.sum(-1), means
 
 
 def pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

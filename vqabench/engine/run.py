@@ -19,9 +19,10 @@ from vqabench import metrics
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
-from vqabench.engine.data.batching import encode
-from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
-from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.data.batching import TextEncoder, encode
+from vqabench.engine.data.records import DataError, DataSplits
+from vqabench.engine.data.token_limits import resolve_token_limits
+from vqabench.engine.reference import CopyReference, PrecomputedReference, assign_mismatched
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
 from vqabench.judges import JudgeError, JudgeItem
@@ -45,19 +46,12 @@ class Throttled:
             self.emit(ev.Progress(phase=phase, epoch=epoch, step=step, steps=steps, running_loss=loss, message=message))
 
 
-def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path) -> DataSplits:
+def load_data(spec: RunSpec, cache_dir: Path) -> DataSplits:
     if spec.dataset.source == "easyvqa":
         return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
     from vqabench.engine.data.hub import load_splits
 
-    return load_splits(
-        spec.dataset,
-        seed=spec.dataset.seed,
-        limit=spec.limit,
-        count_tokens=count_tokens,
-        max_answer_tokens=spec.max_answer_tokens,
-        cache_dir=cache_dir / "datasets",
-    )
+    return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, cache_dir=cache_dir / "datasets")
 
 
 def load_model_and_data(
@@ -77,8 +71,7 @@ def load_model_and_data(
         loaded = blip.build_random_blip_vqa_base(spec.seed)
     elif not builds_base:
         loaded = blip.load_pretrained(spec.model)
-    tokenizer = loaded.tokenizer if loaded is not None else blip.embedded_tokenizer()
-    data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
+    data = load_data(spec, cache_dir)
     if builds_base:
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
         # same "pretrained" model for every dataset.
@@ -102,12 +95,20 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 
     loaded, data = load_model_and_data(spec, cache_dir, device, emit)
     loaded.model.to(device)
-    if not data.report.token_stats:
-        count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        data.report.token_stats = answer_token_stats(
-            [*data.train, *data.eval, *data.test], count, spec.max_answer_tokens
-        )
-    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
+    text = TextEncoder(loaded)
+    limits = resolve_token_limits(
+        data,
+        question_setting=spec.max_question_tokens,
+        answer_setting=spec.max_answer_tokens,
+        question_length=text.question_length,
+        answer_length=text.answer_length,
+        question_cap=loaded.question_token_cap,
+        answer_cap=loaded.answer_token_cap,
+    )
+    # From here on the run uses the resolved limits; run_started's data keeps the settings.
+    spec = spec.replace(max_question_tokens=limits.question, max_answer_tokens=limits.answer)
+    encoded = encode(data, loaded, limits.question, limits.answer, text)
+    assign_mismatched(encoded, spec.batch_size, spec.dataset.seed)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference = None

@@ -19,6 +19,7 @@ import torch
 from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.generation import greedy_answers
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.spec import RunSpec
 
@@ -104,8 +105,11 @@ class MethodStep:
             q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
         decoder = model.text_decoder
         if not self.needs.needs_rejected:
-            c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
-            return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None, q)
+            smoothing = spec.sft_label_smoothing
+            c, c_len, vocab = blip.answer_logps_with_vocab_mean(
+                decoder, q, batch.question_mask, *batch.chosen, vocab_mean=smoothing > 0
+            )
+            return StepOutput(objectives.sft_loss(c, c_len, smoothing, vocab), c.detach(), None, q)
         c, r, c_len, r_len = blip.pair_logps(
             decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.loaded.pad_token_id
         )
@@ -115,7 +119,7 @@ class MethodStep:
             assert self.reference is not None
             ref = self.reference.logps(self.encoded, split, batch, q, self.needs.needs_mismatched_kl)
         if method == "orpo":
-            losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam)
+            losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam, average=spec.orpo_logps == "mean")
         elif method == "simpo":
             losses = objectives.simpo_loss(c, r, c_len, r_len, beta, spec.simpo_gamma)
         elif method == "dpo":
@@ -154,6 +158,8 @@ class Trainer:
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
         blip.freeze_for_training(loaded.model, spec.train)
+        if spec.disable_dropout:
+            blip.disable_dropout(loaded.model)
         self.step_fn = MethodStep(spec, loaded, encoded, reference)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -247,6 +253,12 @@ class Trainer:
             self.best_loss, self.best_epoch = ev.loss, epoch
         return EpochResult(epoch, train_loss, seconds, samples, lr, ev, is_best)
 
+    @property
+    def answer_tokens(self) -> int:
+        """Most answer tokens to generate: the run's answer limit (resolved from the data when "auto")."""
+        limit = self.spec.max_answer_tokens
+        return limit if isinstance(limit, int) else self.loaded.answer_token_cap
+
     @torch.no_grad()
     def answers(self, split: str, limit: int | None = None) -> list[str]:
         """Greedy answers for the first `limit` items of a split."""
@@ -258,8 +270,8 @@ class Trainer:
         steps = -(-n // bs)
         for i, lo in enumerate(range(0, n, bs)):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
-            out += blip.greedy_answers(
-                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+            out += greedy_answers(
+                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.answer_tokens
             )
             self.on_progress("generate", 0, i + 1, steps, None)
         return out

@@ -6,7 +6,7 @@ text is tokenized once, so no epoch repeats preprocessing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +53,8 @@ class EncodedData:
     std: torch.Tensor
     splits: dict[str, EncodedSplit]
     answers_truncated: int
+    # split -> row whose chosen answer KTO's KL term pairs with each row's question (reference.py)
+    mismatched: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def batch(self, split: str, rows: torch.Tensor, device: torch.device) -> Batch:
         s = self.splits[split]
