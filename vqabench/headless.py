@@ -23,7 +23,14 @@ from rich.text import Text
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
 from vqabench.presets import Overrides, select_presets
-from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
+from vqabench.report import (
+    SessionReport,
+    build_report,
+    data_summary,
+    markdown_table,
+    report_markdown,
+    run_quality_report,
+)
 from vqabench.runner import (
     DONE,
     FAILED,
@@ -216,6 +223,11 @@ class ConsoleView:
                 f"x {event.steps_per_epoch} steps, {event.trainable_params:,} of "
                 f"{event.total_params:,} parameters trained, reference: {reference}",
             )
+            summary = data_summary(event)
+            if summary:
+                self.say(run, summary)
+            for warning in (run_quality_report(event) or {}).get("warnings") or []:
+                self.say(run, f"warning: {warning}")
             if task is not None:
                 self.progress.update(
                     task,
