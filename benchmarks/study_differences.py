@@ -34,7 +34,11 @@ def rejected_on_chosen_inputs(decoder, q, q_mask, chosen, rejected) -> torch.Ten
     c_ids, c_mask = blip.pad_to(c_ids, c_mask, width, 0)
     r_ids, r_mask = blip.pad_to(r_ids, r_mask, width, 0)
     logits = decoder(
-        input_ids=c_ids, attention_mask=c_mask, encoder_hidden_states=q, encoder_attention_mask=q_mask, return_logits=True
+        input_ids=c_ids,
+        attention_mask=c_mask,
+        encoder_hidden_states=q,
+        encoder_attention_mask=q_mask,
+        return_logits=True,
     )
     logp = torch.log_softmax(logits.float(), -1).gather(-1, r_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (logp * r_mask[:, 1:]).sum(-1)
@@ -84,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         one_word = c_len == 2
         if bool(one_word.any()):
             out.append(
-                f"4. one-word answers score 2 tokens (the word and SEP): summed log-prob {float(c[one_word].mean()):.4f}"
-                f" vs token mean {float((c / c_len)[one_word].mean()):.4f}; they do not coincide"
+                "4. one-word answers score 2 tokens (the word and SEP): "
+                f"summed log-prob {float(c[one_word].mean()):.4f} vs "
+                f"token mean {float((c / c_len)[one_word].mean()):.4f}; they do not coincide"
             )
         # 5. cross-attention mask: padding questions to 12 and 32 tokens
         tok = loaded.tokenizer
@@ -108,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                     module._forward_pre_hooks.update(saved)
         for hooked, label in ((False, "mask dropped (transformers 5 as shipped)"), (True, "mask honoured (vqabench)")):
             diff = (scores[hooked, 12] - scores[hooked, 32]).abs().max()
-            out.append(f"5. {label}: max |log-prob(question padded to 12) − log-prob(padded to 32)| = {float(diff):.2e}")
+            out.append(
+                f"5. {label}: max |log-prob(question padded to 12) − log-prob(padded to 32)| = {float(diff):.2e}"
+            )
     # 6. dropout: DPO's loss at step 0 from its own reference, over 5 dropout draws
     for disable in (False, True):
         values = []

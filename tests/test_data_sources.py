@@ -19,11 +19,10 @@ import pytest
 from PIL import Image
 
 from vqabench.engine.data.hub import load_splits
-from vqabench.engine.data.records import nearest_rank
-from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.engine.data.images import CORRUPT_IMAGE, MISSING_IMAGE, NO_IMAGE, ImageStore
-from vqabench.engine.data.records import DataError, PreferencePair
+from vqabench.engine.data.records import DataError, PreferencePair, nearest_rank
 from vqabench.engine.data.splits import carve, limit_train
+from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.spec import DatasetSpec
 
 N_GOOD = 10

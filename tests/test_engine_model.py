@@ -182,7 +182,10 @@ def _question_scores(loaded, width: int) -> torch.Tensor:
     tok = loaded.tokenizer
     questions = ["what color is the shape?", "is there a red circle in the image?"]
     q = tok(questions, padding="max_length", max_length=width, return_tensors="pt")
-    answers = [[loaded.bos_token_id, *tok(a, add_special_tokens=False)["input_ids"], loaded.sep_token_id] for a in ("blue", "no")]
+    answers = [
+        [loaded.bos_token_id, *tok(a, add_special_tokens=False)["input_ids"], loaded.sep_token_id]
+        for a in ("blue", "no")
+    ]
     ids = torch.tensor(answers)
     torch.manual_seed(1)
     pixels = torch.randn(2, 3, loaded.image_size, loaded.image_size)

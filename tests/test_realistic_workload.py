@@ -3,9 +3,9 @@
 The data is laid out as VLFeedback ships it (one JSONL row per prompt, four rated completions,
 images as {id}.jpg in a folder), with answers of 20-120 tokens; the model is a tiny BLIP
 saved with ``save_pretrained`` whose tokenizer is BERT-uncased's WordPiece vocabulary (the
-``vocab.txt`` packaged with the MiniLM judge model) plus [DEC] as BOS and [ENC]. It runs
-SFT -> DPO and ORPO through the real worker, then the VLFeedback paper presets through the
-command line with --set pointing them at this copy.
+``vocab.txt`` packaged with the MiniLM judge model) plus [DEC] as BOS and [ENC]. The
+VLFeedback paper presets run on it through the command line and the real worker (SFT -> DPO,
+and ORPO), with --set pointing them at this copy and keeping them tiny.
 """
 
 from __future__ import annotations
@@ -15,19 +15,19 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import of_type, run_worker
 from PIL import Image
 
-from vqabench import events as ev
+from vqabench.store import ResultsStore
 
 #: Everyday words that are single WordPiece tokens in BERT-uncased, so a k-word answer is k tokens.
-WORDS = (
-    "the a man woman dog cat red blue green small large picture shows standing sitting next to near "
-    "table chair window street car tree sky water people two three holding looking at on in with and "
-    "is are there some white black light dark open room wall floor"
-).split()
+WORDS = [
+    *("the", "a", "man", "woman", "dog", "cat", "red", "blue", "green", "small", "large", "picture"),
+    *("shows", "standing", "sitting", "next", "to", "near", "table", "chair", "window", "street", "car"),
+    *("tree", "sky", "water", "people", "two", "three", "holding", "looking", "at", "on", "in", "with"),
+    *("and", "is", "are", "there", "some", "white", "black", "light", "dark", "open", "room", "wall"),
+]
 ROWS, N_IMAGES, IMAGE_SIZE = 24, 12, 32
-WORKER_TIMEOUT = 600  # seconds; a run takes ~20 s of CPU, more on a loaded machine
+TIMEOUT = 2400  # seconds for the four runs: about 2 minutes of CPU, far more on a loaded machine
 
 
 def answer(rng: random.Random) -> str:
@@ -105,54 +105,14 @@ def save_tiny_blip(folder: Path) -> Path:
     return folder
 
 
-def spec(name: str, method: str, workload: dict[str, Path], **changes) -> dict:
-    return {
-        "name": name,
-        "method": method,
-        "model": str(workload["model"]),
-        "epochs": 1,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "judge": {"name": "exact"},
-        "dataset": {
-            "source": str(workload["data"]),
-            "schema": "vlfeedback",
-            "image_root": str(workload["images"]),
-            "columns": {"image": "{id}.jpg"},
-            "eval_size": 4,
-            "test_size": 4,
-        },
-        **changes,
-    }
-
-
 def token_count(folder: Path, text: str) -> int:
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"])
 
 
-def test_sft_then_dpo_and_orpo_keep_long_answers_whole(workload, tmp_path, vqa_cache):
-    events, code, stderr = run_worker(spec("sft", "sft", workload), tmp_path, vqa_cache, WORKER_TIMEOUT)
-    assert code == 0, stderr[-3000:]
-    started = of_type(events, ev.RunStarted)[0]
-    stats = started.data["quality"]["token_stats"]
-    assert stats["max_answer_tokens_setting"] == "auto"
-    assert 100 <= stats["max_answer_tokens"] <= 120 and stats["p50"] >= 20
-    assert stats["truncated"] == 0 and started.data["quality"]["warnings"] == []
-    assert started.config["max_answer_tokens"] == stats["max_answer_tokens"]
-    best = of_type(events, ev.RunFinished)[0].checkpoint
-    predictions = [json.loads(line) for line in Path(of_type(events, ev.Evaluated)[0].predictions).read_text().splitlines()]
-    assert max(token_count(workload["model"], p["prediction"]) for p in predictions) > 16
-
-    for name, method, changes in (("dpo", "dpo", {"init_checkpoint": best}), ("orpo", "orpo", {})):
-        events, code, stderr = run_worker(spec(name, method, workload, **changes), tmp_path, vqa_cache, WORKER_TIMEOUT)
-        assert code == 0, f"{name}: {stderr[-3000:]}"
-        assert of_type(events, ev.RunStarted)[0].data["quality"]["token_stats"]["truncated"] == 0
-        assert of_type(events, ev.Evaluated)[0].n == 4
-
-
-def test_the_vlfeedback_paper_presets_run_on_a_local_copy(workload, tmp_path, vqa_cache):
+def test_sft_dpo_and_orpo_paper_presets_keep_long_answers_whole(workload, tmp_path, vqa_cache):
+    """The VLFeedback paper presets (SFT -> DPO beta 0.1 and 0.5, ORPO) through the real worker."""
     from test_headless import vqabench
 
     presets = Path(__file__).resolve().parent.parent / "vqabench" / "presets" / "paper"
@@ -164,13 +124,35 @@ def test_the_vlfeedback_paper_presets_run_on_a_local_copy(workload, tmp_path, vq
         "dataset.test_size": "4",
         "model": f'"{workload["model"]}"',
         "batch_size": "8",
+        "lr": "1e-3",
         "judge": '"exact"',
     }
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    proc = vqabench(tmp_path, "--headless", "--preset", selection, "--epochs", "1", *sets, timeout=4 * WORKER_TIMEOUT, cache=vqa_cache)
+    proc = vqabench(
+        tmp_path, "--headless", "--preset", selection, "--epochs", "1", *sets, timeout=TIMEOUT, cache=vqa_cache
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "4 of 4 run(s) done." in proc.stdout
-    assert "answers truncated" in proc.stdout  # the Data line of the headless log
+    data_lines = [line for line in proc.stdout.splitlines() if "] data: " in line]
+    assert len(data_lines) == 4 and all("; 0 answers truncated" in line for line in data_lines)
+    assert "(auto)" in data_lines[0] and "warning:" not in proc.stdout
+
+    with ResultsStore(tmp_path / "vqabench-results", create=False) as store:
+        last = store.last_session()
+        assert last is not None
+        runs = {run.name: run for run in store.runs(last.id)}
+    started = runs["vlfeedback-sft"].started
+    stats = started.data["quality"]["token_stats"]
+    assert 100 <= stats["max_answer_tokens"] <= 120 and stats["p50"] >= 20 and stats["truncated"] == 0
+    assert started.config["max_answer_tokens"] == stats["max_answer_tokens"]  # "auto", resolved
+    predictions = [
+        json.loads(line)
+        for path in (tmp_path / "vqabench-results" / "runs").glob("*/predictions.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert len(predictions) == 4 * 4
+    assert max(token_count(workload["model"], p["prediction"]) for p in predictions) > 16
+
     assert vqabench(tmp_path, "export", "--last", "-o", "r.md").returncode == 0
     report = (tmp_path / "r.md").read_text()
     data = report.split("## Data")[1].split("\n## ")[0]

@@ -48,8 +48,8 @@ def test_a_block_of_one_image_borrows_a_partner_of_another_image():
     assert bool((images[partners] != images).all())
 
 
-def test_kto_precomputed_and_copy_references_agree_on_the_mismatched_pairs(tiny, tmp_path):
-    loaded, encoded, data = tiny
+def test_kto_precomputed_and_copy_references_agree_on_the_mismatched_pairs(tiny):
+    loaded, encoded, _ = tiny
     assign_mismatched(encoded, block=8, seed=0)
     s = encoded.splits["train"]
     assert bool((s.image_index[encoded.mismatched["train"]] != s.image_index).all())

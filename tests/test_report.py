@@ -253,17 +253,32 @@ def test_data_table_shows_rows_pairs_skips_answer_lengths_and_truncations():
         "pairs_built": 1180,
         "skipped": {"missing_image": 15, "rating_tie": 5},
         "skipped_total": 20,
-        "token_stats": {"max_answer_tokens": 87, "max_answer_tokens_setting": "auto", "truncated": 9, "p50": 41, "p99": 87, "max": 140},
-        "warnings": ["9 of 10 answers (90%) are longer than max_answer_tokens = 87 and are cut; raise max_answer_tokens (up to 510)."],
+        "token_stats": {
+            "max_answer_tokens": 87,
+            "max_answer_tokens_setting": "auto",
+            "truncated": 9,
+            "p50": 41,
+            "p99": 87,
+            "max": 140,
+        },
+        "warnings": [
+            "9 of 10 answers (90%) are longer than max_answer_tokens = 87 and are cut; "
+            "raise max_answer_tokens (up to 510)."
+        ],
     }
 
     def started(name: str) -> RunStarted:
         return RunStarted(name, "sft", {}, "cpu", "2", 1, 2, None, 0, 1, 1, "n/a", data={"quality": quality})
 
-    runs = [RunData("sft@s0", "sft", "done", started=started("sft@s0")), RunData("sft@s1", "sft", "done", started=started("sft@s1"))]
+    runs = [
+        RunData("sft@s0", "sft", "done", started=started("sft@s0")),
+        RunData("sft@s1", "sft", "done", started=started("sft@s1")),
+    ]
     table = data_table(runs)
     assert table is not None and table.title == "Data"
-    assert table.rows == [["sft", "1,200", "1,180", "20 (missing_image 15, rating_tie 5)", "41", "87", "140", "87 (auto)", "9"]]
+    assert table.rows == [
+        ["sft", "1,200", "1,180", "20 (missing_image 15, rating_tie 5)", "41", "87", "140", "87 (auto)", "9"]
+    ]
     assert table.columns[-1] == "Truncated"
     assert any(note.startswith("sft: 9 of 10 answers") for note in table.notes)
     assert "| Truncated |" in markdown_table(table)[0]

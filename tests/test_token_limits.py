@@ -58,7 +58,8 @@ def test_more_than_five_percent_cut_warns_in_one_sentence_naming_the_key():
     data = splits([("w " * 30, "v " * 3)] * 10)
     resolve(data, answer_setting=16)
     assert data.report.warnings == [
-        "10 of 20 answers (50%) are longer than max_answer_tokens = 16 and are cut; raise max_answer_tokens (up to 510)."
+        "10 of 20 answers (50%) are longer than max_answer_tokens = 16 and are cut; "
+        "raise max_answer_tokens (up to 510)."
     ]
 
 

@@ -32,10 +32,8 @@ class TokenLimits:
 
 
 def _resolve(setting: int | str, lengths: list[int], cap: int, key: str) -> int:
-    if setting == AUTO:
-        wanted = nearest_rank(sorted(lengths), 99) if lengths else 1
-    else:
-        wanted = int(setting)
+    auto = nearest_rank(sorted(lengths), 99) if lengths else 1
+    wanted = auto if setting == AUTO else int(setting)
     if wanted > cap:
         if setting != AUTO:
             log.warning("%s = %d exceeds the model's position limit; using %d", key, wanted, cap)
