@@ -115,7 +115,7 @@ class RunSpec:
     max_answer_tokens: int | str = "auto"
     disable_dropout: bool = True  # policy dropout off, as TRL does for preference methods
     orpo_logps: str = "mean"  # ORPO's odds from token-mean ("mean", Hong et al.) or summed log-probs
-    sft_label_smoothing: float = 0.0  # SFT/ORPO NLL label smoothing (HF's BLIP loss uses 0.1)
+    sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (HF's BLIP loss uses 0.1)
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
     base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
     device: str = "auto"
