@@ -86,7 +86,7 @@ def build_start(model_name: str, seed: int) -> blip.LoadedModel:
 
 
 def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -> Measurement:
-    label, method, strategy = VARIANTS[key]
+    _, method, strategy = VARIANTS[key]
     loaded = copy.copy(start)
     loaded.model = copy.deepcopy(start.model).to(device)
     spec = RunSpec(
@@ -143,11 +143,14 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
             times.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
     ref_bytes = reference.resident_bytes if reference is not None else 0
-    del step, optimizer, reference, loaded
+    return Measurement(times, peak, ref_bytes, setup_s)
+
+
+def release(device: torch.device) -> None:
+    """Free what the last variant left (its locals are gone once `measure` returns)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Measurement(times, peak, ref_bytes, setup_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for k in keys if r % 2 == 0 else list(reversed(keys)):
             results[k].append(measure(k, start, encoded, batches, args, device))
+            release(device)
             print(
                 f"round {r + 1}/{args.rounds} {k}: {statistics.median(results[k][-1].ms_per_step):.1f} ms/step",
                 file=sys.stderr,
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    trainable, total = blip.count_parameters(start.model)
+    _, total = blip.count_parameters(start.model)
     mem_kind = "CUDA max allocated" if device.type == "cuda" else "process RSS"
     print(
         f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "

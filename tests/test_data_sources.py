@@ -100,7 +100,7 @@ def rated(response: str, ratings: tuple[str, str, str]) -> dict:
         "response": response,
         "annotations": {
             aspect: {"Rating": r, "Rationale": "seen"}
-            for aspect, r in zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings)
+            for aspect, r in zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings, strict=True)
         },
     }
 
@@ -244,7 +244,7 @@ def reference(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("schema", SCHEMAS)
 def test_every_schema_and_format_loads_the_same_pairs(schema, fmt, tmp_path, cache_dir, reference):
     data = load(make_fixture(schema, fmt, tmp_path), cache_dir)
-    ref, ref_root = reference
+    ref, _ = reference
 
     assert data.report.rows_read == N_GOOD + 2
     assert data.report.pairs_built == N_GOOD
