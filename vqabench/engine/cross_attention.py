@@ -28,11 +28,13 @@ def _pass_mask_on(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 
 def cross_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention cores of every BLIP text layer's cross-attention inside `model`."""
-    return [
-        layer.crossattention.self
-        for layer in model.modules()
-        if type(layer).__name__ == "BlipTextLayer" and hasattr(layer, "crossattention")
-    ]
+    found: list[nn.Module] = []
+    for layer in model.modules():
+        cross = getattr(layer, "crossattention", None) if type(layer).__name__ == "BlipTextLayer" else None
+        core = getattr(cross, "self", None)
+        if isinstance(core, nn.Module):
+            found.append(core)
+    return found
 
 
 def honour_cross_attention_mask(model: nn.Module) -> int:

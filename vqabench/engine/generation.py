@@ -21,10 +21,9 @@ from vqabench.engine.model import LoadedModel, encode_questions
 
 
 @cache
-def _cache_argument(decoder_type: type) -> str:
-    """The decoder's name for its cache argument: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    params = inspect.signature(decoder_type.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+def _cache_argument(forward: Any) -> str:
+    """The decoder's name for its cache argument: ``cache`` (newer transformers 5) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _returned_cache(output: Any) -> Any:
@@ -49,10 +48,10 @@ def greedy_tokens(
     seq = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     past = None
-    cache_arg = _cache_argument(type(decoder))
+    cache_arg = _cache_argument(type(decoder).forward)
     for _ in range(max_new_tokens):
         step_ids = seq[:, -1:] if past is not None else seq
-        kwargs = {cache_arg: past} if use_cache and past is not None else {}
+        kwargs: dict[str, Any] = {cache_arg: past} if use_cache and past is not None else {}
         out = decoder(
             input_ids=step_ids,
             attention_mask=torch.ones_like(seq),
