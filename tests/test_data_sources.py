@@ -22,6 +22,7 @@ from vqabench.engine.data.hub import load_splits
 from vqabench.engine.data.images import CORRUPT_IMAGE, MISSING_IMAGE, NO_IMAGE, ImageStore
 from vqabench.engine.data.records import DataError, PreferencePair, nearest_rank
 from vqabench.engine.data.splits import carve, limit_train
+from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.spec import DatasetSpec
 
 N_GOOD = 10
@@ -223,13 +224,10 @@ def load(
     cache_dir: str,
     seed: int = 0,
     limit: int | None = None,
-    max_answer_tokens: int = 5,
     **spec_fields,
 ):
     spec = DatasetSpec(source=str(source), **{"eval_size": 2, "test_size": 2, **spec_fields})
-    return load_splits(
-        spec, seed=seed, limit=limit, count_tokens=words, max_answer_tokens=max_answer_tokens, cache_dir=cache_dir
-    )
+    return load_splits(spec, seed=seed, limit=limit, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +314,6 @@ def test_quality_report_counts_every_reason_and_token_lengths(tmp_path, cache_di
         max_skip_share=0.5,
         columns={"image": "images/{id}.png"},
         schema="vlfeedback",
-        max_answer_tokens=4,
     )
     report = data.report
     assert report.rows_read == N_GOOD + len(bad)
@@ -331,8 +328,18 @@ def test_quality_report_counts_every_reason_and_token_lengths(tmp_path, cache_di
     }
     assert report.to_dict()["skipped_total"] == len(bad)
     # answers: chosen "a filled square number i" = 5 words, rejected "an empty circle i" = 4 words
+    limits = resolve_token_limits(
+        data,
+        question_setting="auto",
+        answer_setting=4,
+        question_length=words,
+        answer_length=words,
+        question_cap=512,
+        answer_cap=510,
+    )
+    assert limits.answer == 4
     stats = report.token_stats
-    assert stats == {
+    assert {k: stats[k] for k in ("answers", "max_answer_tokens", "truncated", "p50", "p90", "p99", "max")} == {
         "answers": 2 * N_GOOD,
         "max_answer_tokens": 4,
         "truncated": N_GOOD,
@@ -341,6 +348,10 @@ def test_quality_report_counts_every_reason_and_token_lengths(tmp_path, cache_di
         "p99": 5,
         "max": 5,
     }
+    assert report.warnings == [
+        f"{N_GOOD} of {2 * N_GOOD} answers (50%) are longer than max_answer_tokens = 4 and are cut; "
+        f"raise max_answer_tokens (up to 510)."
+    ]
 
 
 def test_nearest_rank_percentiles():

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
+from vqabench.engine.generation import greedy_answers
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import module_bytes
-from vqabench.engine.trainer import MethodStep
+from vqabench.engine.trainer import MethodStep, Trainer
 from vqabench.spec import DatasetSpec, RunSpec
 
 
@@ -148,7 +151,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference(tiny):
 def test_greedy_answers_are_strings_without_special_tokens(tiny):
     loaded, encoded, _ = tiny
     batch = encoded.batch("test", torch.arange(4), torch.device("cpu"))
-    answers = blip.greedy_answers(loaded, batch.pixel_values, batch.question_ids, batch.question_mask, 3)
+    answers = greedy_answers(loaded, batch.pixel_values, batch.question_ids, batch.question_mask, 3)
     assert len(answers) == 4
     assert all("[" not in a for a in answers)
 
@@ -172,3 +175,76 @@ def test_orpo_step_stays_finite_when_the_model_is_certain(tiny):
         with torch.no_grad():
             bias.copy_(saved)
         loaded.model.zero_grad(set_to_none=True)
+
+
+def _question_scores(loaded, width: int) -> torch.Tensor:
+    """Log-probs of fixed answers to fixed questions whose padding reaches `width` tokens."""
+    tok = loaded.tokenizer
+    questions = ["what color is the shape?", "is there a red circle in the image?"]
+    q = tok(questions, padding="max_length", max_length=width, return_tensors="pt")
+    answers = [
+        [loaded.bos_token_id, *tok(a, add_special_tokens=False)["input_ids"], loaded.sep_token_id]
+        for a in ("blue", "no")
+    ]
+    ids = torch.tensor(answers)
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, loaded.image_size, loaded.image_size)
+    with torch.no_grad():
+        embeds = blip.encode_questions(loaded.model, pixels, q.input_ids, q.attention_mask)
+        return blip.answer_logps(loaded.model.text_decoder, embeds, q.attention_mask, ids, torch.ones_like(ids))[0]
+
+
+def test_question_padding_does_not_change_an_answers_log_prob(tiny):
+    loaded, _, _ = tiny
+    loaded.model.eval()
+    short, long = _question_scores(loaded, 12), _question_scores(loaded, 32)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=0)
+
+
+def test_dpo_starts_at_exactly_log2_in_train_mode_with_dropout_disabled():
+    data = easyvqa.load_splits(DatasetSpec(eval_size=8, test_size=8), seed=0, limit=16)
+    loaded = blip.build_embedded(seed=0)
+    encoded = encode(data, loaded, 32, 16)
+    spec = RunSpec(name="dpo", method="dpo", init_checkpoint="x", batch_size=16)
+    assert spec.disable_dropout  # the default
+    reference = CopyReference(loaded, "decoder")
+    trainer = Trainer(spec, loaded, encoded, reference, torch.device("cpu"))
+    blip.set_train_mode(loaded.model, spec.train)  # as the first training step runs
+    assert loaded.model.text_decoder.training
+    batch = encoded.batch("train", torch.arange(16), torch.device("cpu"))
+    losses = trainer.step_fn("train", batch).losses.detach()
+    assert abs(float(losses.mean()) - math.log(2)) < 1e-6
+    # With dropout on (the old behaviour) step 0 is not log 2.
+    dropped = blip.build_embedded(seed=0)
+    with_dropout = Trainer(
+        spec.replace(disable_dropout=False), dropped, encoded, CopyReference(dropped, "decoder"), torch.device("cpu")
+    )
+    blip.set_train_mode(dropped.model, spec.train)
+    torch.manual_seed(0)
+    assert abs(float(with_dropout.step_fn("train", batch).losses.detach().mean()) - math.log(2)) > 1e-6
+
+
+def test_sft_label_smoothing_matches_torch_cross_entropy(tiny):
+    loaded, encoded, _ = tiny
+    loaded.model.eval()
+    batch = encoded.batch("train", torch.arange(6), torch.device("cpu"))
+    decoder = loaded.model.text_decoder
+    with torch.no_grad():
+        q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        step = MethodStep(RunSpec(name="sft", method="sft", sft_label_smoothing=0.1), loaded, encoded, None)
+        ours = step("train", batch).losses
+        ids, mask = batch.chosen
+        logits = decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            encoder_hidden_states=q,
+            encoder_attention_mask=batch.question_mask,
+            return_logits=True,
+        )
+        loss = torch.nn.CrossEntropyLoss(reduction="none", label_smoothing=0.1)
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        per_token = loss(logits.transpose(1, 2), targets)
+        expected = per_token.sum(1) / mask[:, 1:].sum(1)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    plain = MethodStep(RunSpec(name="sft", method="sft"), loaded, encoded, None)("train", batch).losses
+    assert not torch.allclose(ours, plain)

@@ -250,6 +250,51 @@ def test_runs_repeated_per_seed_are_compared_with_their_own_seeds_sft():
     assert rows["sft (2 seeds)"].relative_epoch_time == pytest.approx(1.0)
 
 
+def test_data_table_shows_rows_pairs_skips_answer_lengths_and_truncations():
+    from vqabench.events import RunStarted
+    from vqabench.report import data_summary, data_table, markdown_table
+
+    quality = {
+        "rows_read": 1200,
+        "pairs_built": 1180,
+        "skipped": {"missing_image": 15, "rating_tie": 5},
+        "skipped_total": 20,
+        "token_stats": {
+            "max_answer_tokens": 87,
+            "max_answer_tokens_setting": "auto",
+            "truncated": 9,
+            "p50": 41,
+            "p99": 87,
+            "max": 140,
+        },
+        "warnings": [
+            "9 of 10 answers (90%) are longer than max_answer_tokens = 87 and are cut; "
+            "raise max_answer_tokens (up to 510)."
+        ],
+    }
+
+    def started(name: str) -> RunStarted:
+        return RunStarted(name, "sft", {}, "cpu", "2", 1, 2, None, 0, 1, 1, "n/a", data={"quality": quality})
+
+    runs = [
+        RunData("sft@s0", "sft", "done", started=started("sft@s0")),
+        RunData("sft@s1", "sft", "done", started=started("sft@s1")),
+    ]
+    table = data_table(runs)
+    assert table is not None and table.title == "Data"
+    assert table.rows == [
+        ["sft", "1,200", "1,180", "20 (missing_image 15, rating_tie 5)", "41", "87", "140", "87 (auto)", "9"]
+    ]
+    assert table.columns[-1] == "Truncated"
+    assert any(note.startswith("sft: 9 of 10 answers") for note in table.notes)
+    assert "| Truncated |" in markdown_table(table)[0]
+    assert data_summary(runs[0].started) == (
+        "data: 1,200 rows read, 1,180 pairs, 20 (missing_image 15, rating_tie 5) skipped; answer tokens p50 41, "
+        "p99 87, max 140; answer limit 87 (auto); 9 answers truncated"
+    )
+    assert data_table([RunData("x", "sft", "failed")]) is None  # no run_started: no table
+
+
 def _timed_epoch(epoch: int, seconds: float, step_ms: list[float], load: float | None = 1.0, cores: int = 2):
     from vqabench.events import EpochEnded
 

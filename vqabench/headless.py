@@ -26,7 +26,13 @@ from vqabench.export import export_report
 from vqabench.figures import FigureError, figures_dir
 from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
-from vqabench.report import SessionReport, build_report, markdown_table
+from vqabench.report import (
+    SessionReport,
+    build_report,
+    data_summary,
+    markdown_table,
+    run_quality_report,
+)
 from vqabench.runner import (
     DONE,
     FAILED,
@@ -236,6 +242,11 @@ class ConsoleView:
                 f"x {event.steps_per_epoch} steps, {event.trainable_params:,} of "
                 f"{event.total_params:,} parameters trained, reference: {reference}",
             )
+            summary = data_summary(event)
+            if summary:
+                self.say(run, summary)
+            for warning in (run_quality_report(event) or {}).get("warnings") or []:
+                self.say(run, f"warning: {warning}")
             if task is not None:
                 self.progress.update(
                     task,

@@ -48,10 +48,26 @@ def log1mexp(x: Tensor, eps: float | None = None) -> Tensor:
     return torch.where(near_zero, near, far)
 
 
-def sft_loss(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
-    """Token-mean negative log-likelihood of the chosen answer, per example."""
+def sft_loss(
+    chosen_logps: Tensor,
+    chosen_lengths: Tensor,
+    label_smoothing: float = 0.0,
+    chosen_vocab_logps: Tensor | None = None,
+) -> Tensor:
+    """Token-mean negative log-likelihood of the chosen answer, per example.
+
+    With ``label_smoothing`` ε > 0 (HF's BLIP loss uses 0.1) each token's target puts ε on the
+    uniform distribution, as ``CrossEntropyLoss(label_smoothing=ε)`` does:
+    (1 − ε)·(−log p(y)) + ε·(−mean over the vocabulary of log p); ``chosen_vocab_logps`` is that
+    vocabulary mean summed over the answer's tokens (:func:`vqabench.engine.model.answer_logps`).
+    """
     dtype = _compute_dtype(chosen_logps)
-    return -chosen_logps.to(dtype) / chosen_lengths.to(dtype)
+    nll = -chosen_logps.to(dtype)
+    if label_smoothing:
+        if chosen_vocab_logps is None:
+            raise ValueError("sft_loss with label smoothing needs chosen_vocab_logps.")
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * chosen_vocab_logps.to(dtype)
+    return nll / chosen_lengths.to(dtype)
 
 
 def dpo_loss(
@@ -69,26 +85,42 @@ def dpo_loss(
 
 
 def orpo_log_odds_ratio(
-    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    average: bool = True,
 ) -> Tensor:
     """log(odds(chosen) / odds(rejected)) from length-averaged log-probs, numerically stable.
 
     With a = logp / len, log odds = a − log(1 − exp(a)). Computed in float32/float64 and
     with :func:`log1mexp` clamped at the input dtype's epsilon: a log-prob closer to 0 than
-    that is below the resolution of a log-softmax in that dtype.
+    that is below the resolution of a log-softmax in that dtype. ``average=False`` takes
+    a = the summed log-prob instead, as the study's appendix code does.
     """
     eps = _resolution_eps(chosen_logps, rejected_logps)
     dtype = _compute_dtype(chosen_logps, rejected_logps)
-    avg_chosen = chosen_logps.to(dtype) / chosen_lengths.to(dtype)
-    avg_rejected = rejected_logps.to(dtype) / rejected_lengths.to(dtype)
+    avg_chosen = chosen_logps.to(dtype)
+    avg_rejected = rejected_logps.to(dtype)
+    if average:
+        avg_chosen = avg_chosen / chosen_lengths.to(dtype)
+        avg_rejected = avg_rejected / rejected_lengths.to(dtype)
     return (avg_chosen - avg_rejected) - (log1mexp(avg_chosen, eps) - log1mexp(avg_rejected, eps))
 
 
 def orpo_loss(
-    chosen_logps: Tensor, rejected_logps: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor, lam: float
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    lam: float,
+    average: bool = True,
 ) -> Tensor:
-    """ORPO (Hong et al. 2024): chosen token-mean NLL − λ·log σ(log odds ratio)."""
-    log_odds = orpo_log_odds_ratio(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+    """ORPO (Hong et al. 2024): chosen token-mean NLL − λ·log σ(log odds ratio).
+
+    ``average=False``: odds from summed log-probs (the study's code; spec ``orpo_logps = "sum"``).
+    """
+    log_odds = orpo_log_odds_ratio(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, average)
     nll = -chosen_logps.to(log_odds.dtype) / chosen_lengths.to(log_odds.dtype)
     return nll - lam * F.logsigmoid(log_odds)
 

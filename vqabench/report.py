@@ -427,6 +427,9 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     versus = versus_sft_table(runs)
     if versus is not None:
         tables.append(versus)
+    data = data_table(runs)
+    if data is not None:
+        tables.append(data)
     probe = store.probe(session_id)
     if probe is not None:
         tables = [t for t in tables if t.rows] + [probe_table(*probe)]
@@ -643,6 +646,82 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         notes.append(SEEDS_NOTE)
     notes += [s.timing_warning for s in summaries if s.timing_warning]
     return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
+
+
+def run_quality_report(started: RunStarted | None) -> dict[str, Any] | None:
+    """The data quality report a run's worker sent with run_started, or None."""
+    quality = started.data.get("quality") if started is not None else None
+    return quality if isinstance(quality, dict) else None
+
+
+def data_cells(quality: dict[str, Any]) -> list[str]:
+    """Rows read, pairs, skipped (by reason), answer tokens p50/p99/max, limit, truncated."""
+    stats = quality.get("token_stats") or {}
+    skipped = quality.get("skipped") or {}
+    skipped_text = str(sum(v for v in skipped.values() if isinstance(v, int)))
+    if skipped:
+        skipped_text += " (" + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items())) + ")"
+    limit = _int(stats.get("max_answer_tokens"))
+    if limit != NA and stats.get("max_answer_tokens_setting") == "auto":
+        limit += " (auto)"
+    return [
+        _int(quality.get("rows_read")),
+        _int(quality.get("pairs_built")),
+        skipped_text,
+        _int(stats.get("p50")),
+        _int(stats.get("p99")),
+        _int(stats.get("max")),
+        limit,
+        _int(stats.get("truncated")),
+    ]
+
+
+DATA_COLUMNS = [
+    "Rows read",
+    "Pairs",
+    "Skipped",
+    "Answer tokens p50",
+    "p99",
+    "max",
+    "Answer limit",
+    "Truncated",
+]
+
+
+def data_summary(started: RunStarted | None) -> str:
+    """The Data table's row of one run as one line, for the console log and the dashboard."""
+    quality = run_quality_report(started)
+    if quality is None:
+        return ""
+    rows, pairs, skipped, p50, p99, most, limit, truncated = data_cells(quality)
+    return (
+        f"data: {rows} rows read, {pairs} pairs, {skipped} skipped; answer tokens p50 {p50}, p99 {p99}, "
+        f"max {most}; answer limit {limit}; {truncated} answers truncated"
+    )
+
+
+def data_table(runs: Sequence[RunData]) -> ReportTable | None:
+    """Per run (one row per preset repeated over seeds): what loading the data did, and what was cut."""
+    rows, notes, seen = [], [], set()
+    for run in runs:
+        quality = run_quality_report(run.started)
+        group = seed_group(run.name)
+        if quality is None or group in seen:
+            continue
+        seen.add(group)
+        rows.append([group, *data_cells(quality)])
+        notes += [f"{group}: {warning}" for warning in quality.get("warnings") or [] if isinstance(warning, str)]
+    if not rows:
+        return None
+    notes.insert(
+        0,
+        "Rows read and pairs built by the data loader, rows skipped by reason; answer lengths in the "
+        "model's tokens over the chosen and rejected answers of every split; Answer limit: "
+        "max_answer_tokens ((auto) = their p99, capped by the decoder's positions); Truncated: answers "
+        "longer than the limit, cut without their end token.",
+    )
+    columns = ["Run", *DATA_COLUMNS]
+    return ReportTable("Data", columns, ["left", "right", "right", "left"] + ["right"] * 5, rows, notes)
 
 
 def placement_notes(runs: Sequence[RunData]) -> list[str]:
@@ -868,6 +947,11 @@ def _number(value: Any) -> float | None:
 
 def _is_interval(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) is not None for v in value)
+
+
+def _int(value: Any) -> str:
+    number = _number(value)
+    return NA if number is None else f"{number:,.0f}"
 
 
 def _fmt(value: Any, digits: int) -> str:

@@ -25,6 +25,7 @@ TRAIN_PARTS = ("decoder", "all")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
+ORPO_LOGPS = ("mean", "sum")
 #: Model names built by the package itself; anything else is a hub id or a local path.
 BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
 
@@ -109,8 +110,12 @@ class RunSpec:
     reference: str = "copy"
     after: str | None = None  # name of the preset whose best checkpoint this run starts from
     init_checkpoint: str | None = None  # resolved by the runner from `after`, or set by hand
-    max_question_tokens: int = 32
-    max_answer_tokens: int = 16
+    # "auto": the p99 of the data's token lengths, capped by the model's position limit
+    max_question_tokens: int | str = "auto"
+    max_answer_tokens: int | str = "auto"
+    disable_dropout: bool = True  # policy dropout off, as TRL does for preference methods
+    orpo_logps: str = "mean"  # ORPO's odds from token-mean ("mean", Hong et al.) or summed log-probs
+    sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (HF's BLIP loss uses 0.1)
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
     base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
     device: str = "auto"
@@ -148,13 +153,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
+    "orpo_logps": ORPO_LOGPS,
 }
+#: Keys that take a positive integer or the word "auto" (resolved from the data by the worker).
+_AUTO_INTS = {"max_question_tokens", "max_answer_tokens"}
 _POSITIVE = {
     "epochs",
     "batch_size",
     "dataset.eval_size",
-    "max_question_tokens",
-    "max_answer_tokens",
     "base_samples",
     "nproc_per_node",
     "nnodes",
@@ -258,6 +264,11 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
                 raise SpecError(f"{where}: key '{full}' must be a table or a string, not {value!r}.")
             kwargs[key] = _build(tp, value, where, f"{full}.")
             continue
+        if full in _AUTO_INTS:
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise SpecError(f"{where}: key '{full}' has value {value!r}; it must be \"auto\" or at least 1.")
+            kwargs[key] = value
+            continue
         value = _coerce(value, tp, where, full)
         if full in _CHOICES and value not in _CHOICES[full]:
             raise SpecError(
@@ -283,6 +294,10 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
         raise SpecError(f"{where}: key 'lr_decay' has value {spec.lr_decay!r}; it must be in (0, 1].")
     if spec.limit is not None and spec.limit <= 0:
         raise SpecError(f"{where}: key 'limit' has value {spec.limit!r}; it must be at least 1.")
+    if not 0 <= spec.sft_label_smoothing < 1:
+        raise SpecError(
+            f"{where}: key 'sft_label_smoothing' has value {spec.sft_label_smoothing!r}; it must be in [0, 1)."
+        )
     if spec.beta is not None and spec.beta <= 0:
         raise SpecError(f"{where}: key 'beta' has value {spec.beta!r}; it must be greater than 0.")
     if not 0 <= spec.dataset.max_skip_share <= 1:

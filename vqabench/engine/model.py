@@ -43,6 +43,11 @@ class LoadedModel:
     image_std: tuple[float, float, float]
     source: str  # what was loaded, for the run_started event
 
+    def __post_init__(self) -> None:
+        from vqabench.engine.cross_attention import honour_cross_attention_mask
+
+        honour_cross_attention_mask(self.model)
+
     @property
     def bos_token_id(self) -> int:
         return int(self.model.config.text_config.bos_token_id)
@@ -54,6 +59,16 @@ class LoadedModel:
     @property
     def pad_token_id(self) -> int:
         return int(self.model.config.text_config.pad_token_id)
+
+    @property
+    def question_token_cap(self) -> int:
+        """Most question tokens ([CLS] and [SEP] included) the question encoder has positions for."""
+        return int(self.model.text_encoder.config.max_position_embeddings)
+
+    @property
+    def answer_token_cap(self) -> int:
+        """Most answer tokens the decoder has positions for, leaving room for BOS and SEP."""
+        return int(self.model.text_decoder.config.max_position_embeddings) - 2
 
 
 def _asset(*parts: str) -> Path:
@@ -224,6 +239,20 @@ def freeze_for_training(model: nn.Module, train: str) -> None:
         p.requires_grad_(True)
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in `model` to 0 (TRL's ``disable_dropout``); returns how many.
+
+    The reference always runs in eval mode; with the policy's dropout off as well, policy and
+    reference give identical log-probs at step 0, so DPO starts at exactly log 2.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+            count += 1
+    return count
+
+
 def set_train_mode(model: nn.Module, train: str) -> None:
     model.eval()
     trainable_part(model, train).train()
@@ -271,6 +300,24 @@ def answer_logps(
     answer_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each answer and its token count (the first token, BOS, is given)."""
+    logps, lengths, _ = answer_logps_with_vocab_mean(
+        decoder, question_embeds, question_mask, answer_ids, answer_mask, vocab_mean=False
+    )
+    return logps, lengths
+
+
+def answer_logps_with_vocab_mean(
+    decoder: nn.Module,
+    question_embeds: torch.Tensor,
+    question_mask: torch.Tensor,
+    answer_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+    vocab_mean: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`answer_logps` plus, per answer, the vocabulary-mean log-prob summed over its tokens.
+
+    The third value is what label smoothing needs (``objectives.sft_loss``); None unless asked.
+    """
     logits = decoder(
         input_ids=answer_ids,
         attention_mask=answer_mask,
@@ -281,8 +328,10 @@ def answer_logps(
     )
     targets = answer_ids[:, 1:]
     mask = answer_mask[:, 1:].to(torch.float32)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    means = (log_probs.mean(-1) * mask).sum(-1) if vocab_mean else None
+    return (logp * mask).sum(-1), mask.sum(-1), means
 
 
 def pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,39 +365,3 @@ def pair_logps(
         torch.cat([c_mask, r_mask]),
     )
     return logps[:n], logps[n:], lengths[:n], lengths[n:]
-
-
-@torch.no_grad()
-def greedy_answers(
-    loaded: LoadedModel,
-    pixel_values: torch.Tensor,
-    question_ids: torch.Tensor,
-    question_mask: torch.Tensor,
-    max_tokens: int,
-) -> list[str]:
-    """Greedy decoding from BOS until SEP, for a batch; returns decoded answer strings."""
-    model = loaded.model
-    q = encode_questions(model, pixel_values, question_ids, question_mask)
-    seq = torch.full((q.shape[0], 1), loaded.bos_token_id, dtype=torch.long, device=q.device)
-    done = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
-    for _ in range(max_tokens):
-        logits = model.text_decoder(
-            input_ids=seq,
-            attention_mask=torch.ones_like(seq),
-            encoder_hidden_states=q,
-            encoder_attention_mask=question_mask,
-            use_cache=False,
-            return_dict=True,
-        ).logits
-        nxt = logits[:, -1].argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, loaded.pad_token_id), nxt)
-        seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-        done |= nxt == loaded.sep_token_id
-        if bool(done.all()):
-            break
-    answers = []
-    for row in seq[:, 1:].tolist():
-        if loaded.sep_token_id in row:
-            row = row[: row.index(loaded.sep_token_id)]
-        answers.append(loaded.tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers

@@ -29,9 +29,9 @@ import torch
 
 from vqabench import events as ev
 from vqabench.engine import model as blip
-from vqabench.engine.data.batching import EncodedData, encode
+from vqabench.engine.data.batching import EncodedData
 from vqabench.engine.reference import CopyReference, PrecomputedReference
-from vqabench.engine.run import _describe, load_model_and_data
+from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
@@ -63,7 +63,7 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
     dataset = dataclasses.replace(first.dataset, eval_size=bs, test_size=bs)
     start_spec = first.replace(dataset=dataset, limit=bs * n_batches, after=None)
     start, data = load_model_and_data(start_spec, cache_dir, emit)
-    encoded = encode(data, start, first.max_question_tokens, first.max_answer_tokens)
+    _, encoded = encode_for_run(start_spec, data, start)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(first.seed))
     batches = [order[i * bs : (i + 1) * bs] for i in range(n_batches)]
     batches = [b for b in batches if len(b)]

@@ -8,8 +8,9 @@
   and data hashes, and keeps no reference weights resident while training.
 
 Both run the reference in eval mode (no dropout), so they give the same numbers.
-KTO's KL term pairs question i with the chosen answer of row (i+1) mod N of its split: a
-fixed "mismatched" pairing that can be precomputed too.
+KTO's KL term pairs each question with the chosen answer of another image's row, from a
+seeded permutation within fixed blocks of the split (:func:`mismatched_rows`): a fixed
+"mismatched" pairing that can be precomputed too.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,18 +35,113 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
 
 
-def mismatched_rows(split_rows: torch.Tensor, split_size: int) -> torch.Tensor:
-    """Rows whose chosen answer is paired with each row's question for KTO's KL estimate."""
-    return (split_rows + 1) % split_size
+#: Block size and seed of the mismatched pairing when a run did not assign its own.
+MISMATCH_BLOCK = 16
+MISMATCH_SEED = 0
+
+
+def mismatched_rows(image_index: torch.Tensor, block: int, seed: int) -> torch.Tensor:
+    """For each row of a split, the row whose chosen answer KTO's KL term pairs with its question.
+
+    The split's rows are shuffled with `seed` and cut into blocks of `block` rows (a batch's
+    worth, as TRL builds its KL dataset); within each block a seeded permutation is drawn
+    that never gives a question an answer about its own image. The pairing depends only on
+    the split's images, `block` and `seed`, so precomputed and live reference log-probs agree.
+    A row whose block holds no other image takes a row of another image from the whole split
+    (a row of the same image only when the split has a single image).
+    """
+    n = int(image_index.shape[0])
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    partners = torch.empty(n, dtype=torch.long)
+    for lo in range(0, n, block):
+        rows = order[lo : lo + block]
+        partners[rows] = rows[_derangement(image_index[rows], g)]
+    stuck = (image_index[partners] == image_index).nonzero().flatten()
+    for i in stuck.tolist():
+        others = (image_index != image_index[i]).nonzero().flatten()
+        if len(others):
+            partners[i] = others[int(torch.randint(len(others), (1,), generator=g))]
+    return partners
+
+
+def _derangement(images: torch.Tensor, g: torch.Generator, tries: int = 20) -> torch.Tensor:
+    """Positions p with images[p] != images where possible: random draws, else a shift by image."""
+    m = len(images)
+    for _ in range(tries):
+        perm = torch.randperm(m, generator=g)
+        if bool((images[perm] != images).all()):
+            return perm
+    # Sorted by image, shifting by the largest image group pairs different images whenever
+    # that group is at most half the block; rows it cannot serve are fixed by the caller.
+    shuffled = torch.randperm(m, generator=g)
+    ordered = shuffled[torch.argsort(images[shuffled], stable=True)]
+    shift = int(torch.unique(images, return_counts=True)[1].max()) % m if m > 1 else 0
+    perm = torch.empty(m, dtype=torch.long)
+    perm[ordered] = ordered.roll(-shift)
+    return perm
+
+
+def assign_mismatched(encoded: EncodedData, block: int, seed: int) -> None:
+    """Fix KTO's mismatched pairing of every split (see :func:`mismatched_rows`)."""
+    for name, split in encoded.splits.items():
+        encoded.mismatched[name] = mismatched_rows(split.image_index, block, seed)
+
+
+def split_mismatched(encoded: EncodedData, split: str) -> torch.Tensor:
+    if split not in encoded.mismatched:
+        encoded.mismatched[split] = mismatched_rows(encoded.splits[split].image_index, MISMATCH_BLOCK, MISMATCH_SEED)
+    return encoded.mismatched[split]
 
 
 def mismatched_answers(encoded: EncodedData, split: str, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen answers KTO's KL term pairs with the batch's questions, trimmed to the batch."""
     s = encoded.splits[split]
     device = batch.question_ids.device
-    width = s.answer_width(s.chosen_mask, mismatched_rows(batch.rows, len(s)))  # CPU: no device sync
+    rows = split_mismatched(encoded, split)[batch.rows]  # CPU: the width needs no device sync
+    width = s.answer_width(s.chosen_mask, rows)
     tokens = s.tokens_on(device)
-    at = mismatched_rows(batch.rows_on(device), len(s))
+    at = rows.to(device, non_blocking=True)
     return tokens.chosen_ids[at, :width], tokens.chosen_mask[at, :width]
+
+
+#: Version of the code that turns a checkpoint and data into reference log-probs; bump it when
+#: scoring changes (masking, truncation, the mismatched pairing), so older tables are not reused.
+SCORING_VERSION = 2
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the tokenizer's files, as ``save_pretrained`` writes them (vocabulary, specials, config)."""
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            if path.name in _TOKENIZER_FILES or path.name.startswith(("added_tokens", "merges", "spiece")):
+                h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reference_cache_key(loaded: blip.LoadedModel, encoded: EncodedData, checkpoint_key: str, data_key: str) -> str:
+    """Everything a precomputed table depends on: weights, data, token layout, pairing, code versions."""
+    import transformers
+
+    train = encoded.splits["train"]
+    pairing = hashlib.sha256()
+    for name in ("train", "eval"):
+        pairing.update(split_mismatched(encoded, name).numpy().tobytes())
+    parts = [
+        checkpoint_key,
+        data_key,
+        str(tuple(train.chosen_ids.shape)),
+        str(tuple(train.question_ids.shape)),
+        str(len(encoded.splits["eval"])),
+        pairing.hexdigest(),
+        f"transformers {transformers.__version__}",
+        f"tokenizer {tokenizer_fingerprint(loaded.tokenizer)}",
+        f"scoring {SCORING_VERSION}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -148,10 +246,7 @@ class PrecomputedReference:
         """
         import time
 
-        key = hashlib.sha256(
-            f"{checkpoint_key}|{data_key}|{encoded.splits['train'].chosen_ids.shape}|"
-            f"{len(encoded.splits['eval'])}".encode()
-        ).hexdigest()[:24]
+        key = reference_cache_key(loaded, encoded, checkpoint_key, data_key)
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
         if path is not None and ranks.all(path.exists(), device):
             try:

@@ -20,10 +20,11 @@ from vqabench.engine import distributed
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
-from vqabench.engine.data.batching import encode
-from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
+from vqabench.engine.data.batching import EncodedData, TextEncoder, encode
+from vqabench.engine.data.records import DataError, DataSplits
+from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.engine.out_of_memory import explain_out_of_memory
-from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.reference import CopyReference, PrecomputedReference, assign_mismatched
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer
 from vqabench.judges import JudgeError, JudgeItem
@@ -54,19 +55,12 @@ class Throttled:
             )
 
 
-def load_data(spec: RunSpec, count_tokens: Callable[[str], int], cache_dir: Path) -> DataSplits:
+def load_data(spec: RunSpec, cache_dir: Path) -> DataSplits:
     if spec.dataset.source == "easyvqa":
         return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
     from vqabench.engine.data.hub import load_splits
 
-    return load_splits(
-        spec.dataset,
-        seed=spec.dataset.seed,
-        limit=spec.limit,
-        count_tokens=count_tokens,
-        max_answer_tokens=spec.max_answer_tokens,
-        cache_dir=cache_dir / "datasets",
-    )
+    return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, cache_dir=cache_dir / "datasets")
 
 
 def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
@@ -84,8 +78,7 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[bli
         loaded = blip.build_random_blip_vqa_base(spec.seed)
     elif not builds_base:
         loaded = blip.load_pretrained(spec.model)
-    tokenizer = loaded.tokenizer if loaded is not None else blip.embedded_tokenizer()
-    data = load_data(spec, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), cache_dir)
+    data = load_data(spec, cache_dir)
     if builds_base:
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
         # same "pretrained" model for every dataset. Built on the CPU whatever the run's device,
@@ -109,6 +102,27 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         distributed.finish(ranks)
 
 
+def encode_for_run(spec: RunSpec, data: DataSplits, loaded: blip.LoadedModel) -> tuple[RunSpec, EncodedData]:
+    """Resolve the token limits from the data (recorded in its quality report), encode it, fix KTO's pairing.
+
+    Returns the spec with integer limits, and the encoded data.
+    """
+    text = TextEncoder(loaded)
+    limits = resolve_token_limits(
+        data,
+        question_setting=spec.max_question_tokens,
+        answer_setting=spec.max_answer_tokens,
+        question_length=text.question_length,
+        answer_length=text.answer_length,
+        question_cap=loaded.question_token_cap,
+        answer_cap=loaded.answer_token_cap,
+    )
+    spec = spec.replace(max_question_tokens=limits.question, max_answer_tokens=limits.answer)
+    encoded = encode(data, loaded, limits.question, limits.answer, text)
+    assign_mismatched(encoded, spec.batch_size, spec.dataset.seed)
+    return spec, encoded
+
+
 def _silent(event: ev.Event) -> None:
     """Ranks other than 0 report nothing: one run, one event stream."""
 
@@ -126,12 +140,8 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
         ranks.barrier()
     with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
         loaded.model.to(device)
-    if not data.report.token_stats:
-        count = lambda text: len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        data.report.token_stats = answer_token_stats(
-            [*data.train, *data.eval, *data.test], count, spec.max_answer_tokens
-        )
-    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
+    # From here on the run uses the resolved limits; run_started's data keeps the settings.
+    spec, encoded = encode_for_run(spec, data, loaded)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference: CopyReference | PrecomputedReference | None = None

@@ -25,6 +25,7 @@ from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
+from vqabench.engine.generation import greedy_answers
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.engine.timing import StepClock
@@ -129,14 +130,17 @@ class MethodStep:
             q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
         decoder = model.text_decoder
         if not self.needs.needs_rejected:
-            c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
-            return StepOutput(objectives.sft_loss(c, c_len), c.detach(), None, q)
+            smoothing = spec.sft_label_smoothing
+            c, c_len, vocab = blip.answer_logps_with_vocab_mean(
+                decoder, q, batch.question_mask, *batch.chosen, vocab_mean=smoothing > 0
+            )
+            return StepOutput(objectives.sft_loss(c, c_len, smoothing, vocab), c.detach(), None, q)
         c, r, c_len, r_len = blip.pair_logps(
             decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.loaded.pad_token_id
         )
         method, beta = spec.method, spec.resolved_beta
         if method == "orpo":
-            losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam)
+            losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam, average=spec.orpo_logps == "mean")
         elif method == "simpo":
             losses = objectives.simpo_loss(c, r, c_len, r_len, beta, spec.simpo_gamma)
         elif method == "dpo":
@@ -190,6 +194,8 @@ class Trainer:
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
         blip.freeze_for_training(loaded.model, spec.train)
+        if spec.disable_dropout:
+            blip.disable_dropout(loaded.model)
         self.step_fn = MethodStep(spec, loaded, encoded, reference)
         self.ddp = ranks.wrap(blip.trainable_part(loaded.model, spec.train), device)
         self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)
@@ -352,6 +358,12 @@ class Trainer:
             self.best_loss, self.best_epoch = ev.loss, epoch
         return EpochResult(epoch, train_loss, seconds, samples, lr, ev, is_best, figures)
 
+    @property
+    def answer_tokens(self) -> int:
+        """Most answer tokens to generate: the run's answer limit (resolved from the data when "auto")."""
+        limit = self.spec.max_answer_tokens
+        return limit if isinstance(limit, int) else self.loaded.answer_token_cap
+
     @torch.no_grad()
     def answers(self, split: str, limit: int | None = None) -> list[str]:
         """Greedy answers for the first `limit` items of a split."""
@@ -364,8 +376,8 @@ class Trainer:
         steps = -(-len(shard) // bs)
         for i, lo in enumerate(range(shard.start, shard.stop, bs)):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, shard.stop)), self.device)
-            out += blip.greedy_answers(
-                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+            out += greedy_answers(
+                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.answer_tokens
             )
             self.on_progress("generate", 0, i + 1, steps, None)
         return [answer for part in self.ranks.gather(out) for answer in part]

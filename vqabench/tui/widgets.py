@@ -21,7 +21,16 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, markdown_table, quality_table
+from vqabench.report import (
+    MIB,
+    NA,
+    ReportTable,
+    data_summary,
+    efficiency_table,
+    epoch_table,
+    markdown_table,
+    quality_table,
+)
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
 from vqabench.tui.charts import CostCharts, TelemetryStrip
@@ -192,6 +201,9 @@ class EpochPanel(Vertical):
                 f" · {run.started.device} · {run.started.trainable_params:,} trained params"
                 f" · reference: {reference or 'none'}"
             )
+            summary = data_summary(run.started)
+            if summary:
+                head.append(f"\n{summary}")
         caption.update(head)
         report = epoch_table(run.run_data())
         memory_header = "CUDA MiB" if any("CUDA" in c for c in report.columns) else "RSS MiB"

@@ -84,6 +84,8 @@ class EncodedData:
     std: torch.Tensor
     splits: dict[str, EncodedSplit]
     answers_truncated: int
+    # split -> row whose chosen answer KTO's KL term pairs with each row's question (reference.py)
+    mismatched: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def batch(self, split: str, rows: torch.Tensor, device: torch.device) -> Batch:
         s = self.splits[split]
@@ -102,13 +104,13 @@ class EncodedData:
             width = s.answer_width(cpu_mask, rows)
             return ids[at, :width], mask[at, :width]
 
-        # Questions keep the split's full width: transformers 5's BLIP decoder ignores the
-        # cross-attention mask, so the number of padded question positions would otherwise
-        # change an answer's score with the batch it happens to be in.
+        # Questions are trimmed per batch too: the decoder honours the cross-attention mask
+        # (engine/cross_attention.py), so padding does not change any score.
+        q_ids, q_mask = trimmed(tokens.question_ids, tokens.question_mask, s.question_mask)
         return Batch(
             pixels,
-            tokens.question_ids[at],
-            tokens.question_mask[at],
+            q_ids,
+            q_mask,
             trimmed(tokens.chosen_ids, tokens.chosen_mask, s.chosen_mask),
             trimmed(tokens.rejected_ids, tokens.rejected_mask, s.rejected_mask),
             rows,
@@ -134,9 +136,13 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class TextEncoder:
-    """Tokenizes questions and answers with the model's tokenizer, memoised per string."""
+    """Tokenizes questions and answers with the model's tokenizer, memoised per string.
 
-    def __init__(self, loaded: LoadedModel, max_question_tokens: int, max_answer_tokens: int):
+    An answer longer than `max_answer_tokens` is cut and gets no SEP (it did not end there),
+    and is counted in `truncated`.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_question_tokens: int = 0, max_answer_tokens: int = 0):
         self.loaded = loaded
         self.max_q = max_question_tokens
         self.max_a = max_answer_tokens
@@ -144,32 +150,51 @@ class TextEncoder:
         self._a: dict[str, list[int]] = {}
         self.truncated = 0
 
-    def answer_tokens(self, text: str) -> list[int]:
-        """Answer content tokens, untruncated (for length statistics)."""
-        return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def question_tokens(self, text: str) -> list[int]:
+        """Question tokens with the tokenizer's [CLS]/[SEP], untruncated."""
+        if text not in self._q:
+            self._q[text] = self.loaded.tokenizer(text)["input_ids"]
+        return self._q[text]
 
-    def count_tokens(self, text: str) -> int:
+    def answer_tokens(self, text: str) -> list[int]:
+        """Answer content tokens, untruncated."""
+        if text not in self._a:
+            self._a[text] = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._a[text]
+
+    def question_length(self, text: str) -> int:
+        return len(self.question_tokens(text))
+
+    def answer_length(self, text: str) -> int:
         return len(self.answer_tokens(text))
 
     def question(self, text: str) -> list[int]:
-        if text not in self._q:
-            ids = self.loaded.tokenizer(text, truncation=True, max_length=self.max_q)["input_ids"]
-            self._q[text] = ids
-        return self._q[text]
+        ids = self.question_tokens(text)
+        if len(ids) > self.max_q:  # cut, keeping the closing [SEP] as the tokenizer's truncation does
+            ids = [*ids[: self.max_q - 1], ids[-1]]
+        return ids
 
     def answer(self, text: str) -> list[int]:
-        if text not in self._a:
-            tokens = self.answer_tokens(text)
-            if len(tokens) > self.max_a:
-                self.truncated += 1
-                tokens = tokens[: self.max_a]
-            self._a[text] = [self.loaded.bos_token_id, *tokens, self.loaded.sep_token_id]
-        return self._a[text]
+        tokens = self.answer_tokens(text)
+        if len(tokens) > self.max_a:
+            self.truncated += 1
+            return [self.loaded.bos_token_id, *tokens[: self.max_a]]
+        return [self.loaded.bos_token_id, *tokens, self.loaded.sep_token_id]
 
 
-def encode(data: DataSplits, loaded: LoadedModel, max_question_tokens: int, max_answer_tokens: int) -> EncodedData:
-    """Preprocess every split once: images to uint8 tensors, text to padded token ids."""
-    text = TextEncoder(loaded, max_question_tokens, max_answer_tokens)
+def encode(
+    data: DataSplits,
+    loaded: LoadedModel,
+    max_question_tokens: int,
+    max_answer_tokens: int,
+    text: TextEncoder | None = None,
+) -> EncodedData:
+    """Preprocess every split once: images to uint8 tensors, text to padded token ids.
+
+    Pass the `text` encoder that measured the lengths to reuse its tokenisations.
+    """
+    text = text or TextEncoder(loaded)
+    text.max_q, text.max_a, text.truncated = max_question_tokens, max_answer_tokens, 0
     names = [n for n in ("base", "train", "eval", "test") if getattr(data, n)]
     used = sorted({p.image_id for n in names for p in getattr(data, n)})
     index = {image_id: i for i, image_id in enumerate(used)}

@@ -12,7 +12,7 @@ Sources (``DatasetSpec.source``):
 
 After loading, every source takes the same path: schema detection (schemas.py), rows to
 pairs with images resolved and verified once (images.py), the skip-share check, splits
-(splits.py), the train limit, token statistics and a fingerprint of the exact pairs and image
+(splits.py), the train limit and a fingerprint of the exact pairs and image
 bytes that keys reference caches.
 """
 
@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from vqabench.engine.data.records import (
     DataSplits,
     PreferencePair,
     QualityReport,
-    answer_token_stats,
 )
 from vqabench.engine.data.schemas import RowPair, Schema, read_row, resolve_schema
 from vqabench.engine.data.splits import carve, limit_train, sample
@@ -285,8 +283,6 @@ def load_splits(
     *,
     seed: int,
     limit: int | None,
-    count_tokens: Callable[[str], int],
-    max_answer_tokens: int,
     cache_dir: str | Path | None = None,
 ) -> DataSplits:
     """Load a hub or local preference dataset as train/eval/test pairs with their images and report.
@@ -319,7 +315,6 @@ def load_splits(
     parts = split_pairs(pairs, spec, seed, opened.name)
     parts["train"] = limit_train(parts["train"], limit, seed)
     every_pair = [p for role in ROLES for p in parts[role]]
-    report.token_stats = answer_token_stats(every_pair, count_tokens, max_answer_tokens)
     images = store.load_many_rgb([pair.image_id for pair in every_pair])
     return DataSplits(
         train=parts["train"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +32,9 @@ class QualityReport:
     rows_read: int = 0
     pairs_built: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-    # answer length percentiles in tokens and how many answers max_answer_tokens truncated
+    # answer and question lengths in tokens, the limits used and how many were cut (token_limits.py)
     token_stats: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one sentence each, shown with the Data table
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -50,6 +50,7 @@ class QualityReport:
             "skipped": dict(self.skipped),
             "skipped_total": self.skipped_total,
             "token_stats": dict(self.token_stats),
+            "warnings": list(self.warnings),
         }
 
 
@@ -85,26 +86,12 @@ def nearest_rank(sorted_values: list[int], percent: float) -> int:
     return sorted_values[int(rank) - 1]
 
 
-def answer_token_stats(
-    pairs: list[PreferencePair], count_tokens: Callable[[str], int], max_answer_tokens: int
-) -> dict[str, Any]:
-    """Answer lengths in tokens (chosen and non-empty rejected answers) and how many get truncated."""
-    cache: dict[str, int] = {}
-    lengths = []
-    for pair in pairs:
-        for answer in (pair.chosen, pair.rejected):
-            if answer:
-                if answer not in cache:
-                    cache[answer] = int(count_tokens(answer))
-                lengths.append(cache[answer])
-    lengths.sort()
-    stats: dict[str, Any] = {
-        "answers": len(lengths),
-        "max_answer_tokens": max_answer_tokens,
-        "truncated": sum(1 for n in lengths if n > max_answer_tokens),
-    }
-    if lengths:
+def length_stats(lengths: list[int], limit: int) -> dict[str, Any]:
+    """Count, nearest-rank percentiles and maximum of token lengths, and how many exceed `limit`."""
+    ordered = sorted(lengths)
+    stats: dict[str, Any] = {"count": len(ordered), "limit": limit, "truncated": sum(1 for n in ordered if n > limit)}
+    if ordered:
         stats.update(
-            p50=nearest_rank(lengths, 50), p90=nearest_rank(lengths, 90), p99=nearest_rank(lengths, 99), max=lengths[-1]
+            p50=nearest_rank(ordered, 50), p90=nearest_rank(ordered, 90), p99=nearest_rank(ordered, 99), max=ordered[-1]
         )
     return stats

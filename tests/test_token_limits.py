@@ -1,0 +1,110 @@
+"""Answer and question limits from the data, capped by the model; truncation without SEP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vqabench.engine import model as blip
+from vqabench.engine.data.batching import TextEncoder, encode
+from vqabench.engine.data.records import DataError, DataSplits, PreferencePair
+from vqabench.engine.data.token_limits import resolve_token_limits
+from vqabench.spec import SpecError, spec_from_dict
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def splits(answers: list[tuple[str, str]], question: str = "what is it?") -> DataSplits:
+    pairs = [PreferencePair(f"img{i % 3}", question, c, r) for i, (c, r) in enumerate(answers)]
+    image = Image.new("RGB", (8, 8))
+    return DataSplits(train=pairs[:-2], eval=pairs[-2:-1], test=pairs[-1:], images={f"img{i}": image for i in range(3)})
+
+
+def resolve(data: DataSplits, answer_setting="auto", question_setting="auto", cap: int = 510):
+    return resolve_token_limits(
+        data,
+        question_setting=question_setting,
+        answer_setting=answer_setting,
+        question_length=words,
+        answer_length=words,
+        question_cap=cap + 2,
+        answer_cap=cap,
+    )
+
+
+def test_auto_answer_limit_is_the_p99_of_chosen_and_rejected_lengths():
+    # 200 answers of 1..100 words (each length twice): p99 by nearest rank is 99
+    data = splits([("w " * n, "v " * n) for n in range(1, 101)])
+    limits = resolve(data)
+    assert limits.answer == 99
+    stats = data.report.token_stats
+    assert (stats["answers"], stats["truncated"], stats["p50"], stats["p99"], stats["max"]) == (200, 2, 50, 99, 100)
+    assert stats["max_answer_tokens_setting"] == "auto"
+    assert data.report.warnings == []  # 1% cut: below the 5% that warns
+
+
+def test_limits_are_capped_by_the_position_limit_and_integers_still_work():
+    data = splits([("w " * 300, "v " * 200)] * 4)
+    assert resolve(data, cap=62).answer == 62
+    assert resolve(data, answer_setting=1000, cap=62).answer == 62  # never an index past the positions
+    assert resolve(data, answer_setting=7, question_setting=5).answer == 7
+    assert resolve(data, answer_setting=7, question_setting=5).question == 5
+
+
+def test_more_than_five_percent_cut_warns_in_one_sentence_naming_the_key():
+    data = splits([("w " * 30, "v " * 3)] * 10)
+    resolve(data, answer_setting=16)
+    assert data.report.warnings == [
+        "10 of 20 answers (50%) are longer than max_answer_tokens = 16 and are cut; "
+        "raise max_answer_tokens (up to 510)."
+    ]
+
+
+def test_every_answer_empty_after_tokenisation_is_one_sentence():
+    data = splits([("   ", "\t")] * 4)
+    data.name = "blank"
+    with pytest.raises(DataError, match=r"^every answer of dataset 'blank' is empty after tokenisation[^.]*\.[^.]*\.$"):
+        resolve(data)
+
+
+def test_a_cut_answer_gets_no_sep_and_fits_the_decoders_positions():
+    loaded = blip.build_embedded(seed=0)
+    loaded.model.eval()
+    long_answer = " ".join(["blue"] * 100)  # 100 tokens against the embedded decoder's 62
+    data = splits([(long_answer, "red"), ("red", long_answer), ("yes", "no"), ("no", "yes")])
+    text = TextEncoder(loaded)
+    limits = resolve_token_limits(
+        data,
+        question_setting="auto",
+        answer_setting=1000,
+        question_length=text.question_length,
+        answer_length=text.answer_length,
+        question_cap=loaded.question_token_cap,
+        answer_cap=loaded.answer_token_cap,
+    )
+    assert limits.answer == loaded.answer_token_cap == 62
+    assert data.report.token_stats["truncated"] == 2
+    encoded = encode(data, loaded, limits.question, limits.answer, text)
+    ids, mask = encoded.splits["train"].chosen_ids, encoded.splits["train"].chosen_mask
+    assert int(mask[0].sum()) == 1 + 62 and int(ids[0, 62]) != loaded.sep_token_id  # BOS + 62 tokens, no SEP
+    assert int(ids[1, int(mask[1].sum()) - 1]) == loaded.sep_token_id  # a whole answer ends with SEP
+    batch = encoded.batch("train", torch.arange(2), torch.device("cpu"))
+    with torch.no_grad():
+        q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        logps, lengths = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)
+    assert lengths.tolist() == [62.0, 2.0] and bool(torch.isfinite(logps).all())
+
+
+@pytest.mark.parametrize("value", ["auto", 1, 48])
+def test_token_limit_keys_take_auto_or_a_positive_integer(value):
+    spec = spec_from_dict({"name": "x", "method": "sft", "max_answer_tokens": value, "max_question_tokens": value})
+    assert spec.max_answer_tokens == value and spec.max_question_tokens == value
+
+
+@pytest.mark.parametrize("value", [0, -3, "long", 2.5, True])
+def test_token_limit_keys_reject_anything_else_in_one_sentence(value):
+    with pytest.raises(SpecError, match=r"key 'max_answer_tokens' has value .*; it must be \"auto\" or at least 1\.$"):
+        spec_from_dict({"name": "x", "method": "sft", "max_answer_tokens": value})
