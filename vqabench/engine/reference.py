@@ -101,7 +101,10 @@ def mismatched_answers(encoded: EncodedData, split: str, batch: Batch) -> tuple[
     rows = split_mismatched(encoded, split)[batch.rows]  # CPU: the width needs no device sync
     width = s.answer_width(s.chosen_mask, rows)
     tokens = s.tokens_on(device)
-    at = rows.to(device, non_blocking=True)
+    key = (split, str(device))
+    if key not in encoded.mismatched_on_device:  # once per run: a batch then only indexes on the device
+        encoded.mismatched_on_device[key] = split_mismatched(encoded, split).to(device)
+    at = encoded.mismatched_on_device[key][batch.rows_on(device)]
     return tokens.chosen_ids[at, :width], tokens.chosen_mask[at, :width]
 
 

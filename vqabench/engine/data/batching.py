@@ -86,6 +86,7 @@ class EncodedData:
     answers_truncated: int
     # split -> row whose chosen answer KTO's KL term pairs with each row's question (reference.py)
     mismatched: dict[str, torch.Tensor] = field(default_factory=dict)
+    mismatched_on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # copied once
 
     def batch(self, split: str, rows: torch.Tensor, device: torch.device) -> Batch:
         s = self.splits[split]
