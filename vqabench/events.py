@@ -46,6 +46,8 @@ class RunStarted(Event):
     telemetry: str  # "nvml" or "n/a: <reason>"
     data: dict[str, Any] = field(default_factory=dict)  # split sizes and the quality report
     pid: int = 0
+    train: str = "decoder"  # what trains: "decoder", "all" or "lora" (adapters on the decoder)
+    precision: str = "fp32"  # autocast dtype of the forward passes: "fp32", "bf16" or "fp16"
 
 
 @dataclass
@@ -91,6 +93,7 @@ class EpochEnded(Event):
     f1: float | None = None
     judge_score: float | None = None
     scored_n: int | None = None
+    optimizer_state_bytes: int | None = None  # the optimizer's state tensors (AdamW moments) after its first step
 
 
 @dataclass

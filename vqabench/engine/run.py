@@ -21,7 +21,9 @@ from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
-from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.lora import attach as attach_lora
+from vqabench.engine.precision import check_precision
+from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
 from vqabench.judges import JudgeError, JudgeItem
@@ -95,6 +97,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     device = pick_device(spec.device)
+    check_precision(spec.precision, device)
     cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     out_dir = Path(spec.output_dir) if spec.output_dir else Path("vqabench-results") / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +119,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         if spec.reference == "copy":
             reference = CopyReference(loaded, spec.train)
             reference.part.to(device)
-        else:
+        elif spec.reference == "precompute":
             ckpt = spec.init_checkpoint
             start = (
                 blip.checkpoint_fingerprint(Path(ckpt))
@@ -135,6 +138,10 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
             )
             reference_seconds = reference.seconds
+    if spec.train == "lora":  # after a copy or precomputed reference has taken the start model
+        attach_lora(loaded, spec)
+        if spec.needs_reference and spec.reference == "adapter":
+            reference = AdapterReference(loaded)
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
@@ -145,7 +152,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         "quality": data.report.to_dict(),
         "fingerprint": data.fingerprint,
         "model_source": loaded.source,
-        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
+        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train))
+        if spec.train != "lora"
+        else sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad),
         "reference_seconds": reference_seconds,
     }
     emit(
@@ -164,6 +173,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             telemetry=telemetry.status,
             data=data_info,
             pid=os.getpid(),
+            train=spec.train,
+            precision=spec.precision,
         )
     )
 
@@ -212,6 +223,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                     reward_margin=e.reward_margin,
                     pref_accuracy=e.pref_accuracy,
                     is_best=result.is_best,
+                    optimizer_state_bytes=trainer.optimizer_state_bytes,
                     **tel.event_fields(),
                     **scored,
                 )

@@ -19,7 +19,9 @@ import torch
 from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.precision import Precision
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.telemetry import optimizer_state_bytes
 from vqabench.spec import RunSpec
 
 
@@ -97,7 +99,7 @@ class MethodStep:
 
     def __call__(self, split: str, batch: Batch) -> StepOutput:
         spec, model = self.spec, self.loaded.model
-        if spec.train == "decoder":
+        if spec.train != "all":  # frozen encoders (decoder or LoRA training)
             with torch.no_grad():
                 q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
         else:
@@ -158,6 +160,8 @@ class Trainer:
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
+        self.precision = Precision(spec.precision, device)
+        self.optimizer_state_bytes: int | None = None  # AdamW's moments, measured after the first step
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.best_loss = math.inf
         self.best_epoch = 0
@@ -167,14 +171,16 @@ class Trainer:
         return -(-len(self.encoded.splits["train"]) // self.spec.batch_size)
 
     def train_step(self, batch: Batch) -> float:
-        out = self.step_fn("train", batch)
+        with self.precision.autocast():
+            out = self.step_fn("train", batch)
         loss = out.losses.mean()
         value = float(loss.detach())  # the step's one host sync: the value and the finiteness check
         if not math.isfinite(value):
             raise NumericsError("non-finite")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.backward_and_step(loss, self.optimizer)
+        if self.optimizer_state_bytes is None and self.optimizer.state:
+            self.optimizer_state_bytes = optimizer_state_bytes(self.optimizer)
         return value
 
     def train_epoch(self, epoch: int) -> tuple[float, float, int]:
@@ -214,13 +220,15 @@ class Trainer:
         losses, chosen, rejected = [], [], []
         for lo in range(0, len(s), self.spec.batch_size):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.spec.batch_size, len(s))), self.device)
-            out = self.step_fn(split, batch)
+            with self.precision.autocast():
+                out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
-                r, _ = blip.answer_logps(
-                    self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
-                )
+                with self.precision.autocast():
+                    r, _ = blip.answer_logps(
+                        self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
+                    )
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
@@ -258,8 +266,9 @@ class Trainer:
         steps = -(-n // bs)
         for i, lo in enumerate(range(0, n, bs)):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
-            out += blip.greedy_answers(
-                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
-            )
+            with self.precision.autocast():
+                out += blip.greedy_answers(
+                    self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+                )
             self.on_progress("generate", 0, i + 1, steps, None)
         return out
