@@ -1,15 +1,19 @@
 """Efficiency benchmark: what one training step of each method costs, side by side.
 
 Runs SFT, ORPO, DPO with a copied reference and DPO with precomputed reference log-probs
-(optionally IPO, KTO, SimPO) for the same number of steps on the same batches, in ONE
-process, interleaved over several rounds so a noisy shared machine hits every method
-alike. Prints a Markdown table: ms/step (median over rounds), ratio to SFT, samples/s,
-peak memory during the steps, and reference-model memory.
+(optionally IPO, KTO, SimPO, and LoRA or bf16 variants) for the same number of steps on the
+same batches, in ONE process, interleaved over several rounds so a noisy shared machine hits
+every method alike. Prints a Markdown table: ms/step (median over rounds), ratio to SFT,
+samples/s, peak memory during the steps, reference-model memory, trainable parameters and
+the optimizer's state (measured after the first step).
 
     python benchmarks/efficiency.py                                   # embedded model, CPU
     python benchmarks/efficiency.py --model blip-vqa-base-random --device cuda --batch-size 16
+    python benchmarks/efficiency.py --model blip-vqa-base-random --batch-size 4 \
+        --methods sft,sft-bf16,dpo-copy,dpo-lora-adapter                # LoRA and bf16 against full fp32
 
-The step is the engine's own (vqabench.engine.trainer.MethodStep + AdamW), not a copy.
+The step is the engine's own (vqabench.engine.trainer.Trainer.train_step: MethodStep, autocast,
+AdamW), not a copy.
 """
 
 from __future__ import annotations
@@ -30,20 +34,26 @@ from vqabench import __version__
 from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
-from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.lora import attach as attach_lora
+from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import process_rss_mib
-from vqabench.engine.trainer import MethodStep, pick_device, synchronize
+from vqabench.engine.trainer import Trainer, pick_device, synchronize
 from vqabench.spec import DatasetSpec, RunSpec
 
-#: (label, method, reference strategy)
+#: (label, method, reference strategy, train, precision); None: --train / --bf16 decide.
 VARIANTS = {
-    "sft": ("SFT", "sft", None),
-    "orpo": ("ORPO", "orpo", None),
-    "dpo-copy": ("DPO (copy)", "dpo", "copy"),
-    "dpo-precompute": ("DPO (precompute)", "dpo", "precompute"),
-    "ipo-copy": ("IPO (copy)", "ipo", "copy"),
-    "kto-copy": ("KTO (copy)", "kto", "copy"),
-    "simpo": ("SimPO", "simpo", None),
+    "sft": ("SFT", "sft", None, None, None),
+    "orpo": ("ORPO", "orpo", None, None, None),
+    "dpo-copy": ("DPO (copy)", "dpo", "copy", None, None),
+    "dpo-precompute": ("DPO (precompute)", "dpo", "precompute", None, None),
+    "ipo-copy": ("IPO (copy)", "ipo", "copy", None, None),
+    "kto-copy": ("KTO (copy)", "kto", "copy", None, None),
+    "simpo": ("SimPO", "simpo", None, None, None),
+    "sft-bf16": ("SFT, bf16", "sft", None, None, "bf16"),
+    "sft-lora": ("SFT, LoRA", "sft", None, "lora", None),
+    "orpo-lora": ("ORPO, LoRA", "orpo", None, "lora", None),
+    "dpo-lora-adapter": ("DPO, LoRA (adapter)", "dpo", "adapter", "lora", None),
+    "dpo-lora-copy": ("DPO, LoRA (copy)", "dpo", "copy", "lora", None),
 }
 STUDY = {"orpo": 1.12, "dpo-copy": 1.50}  # the study's epoch-time ratios to SFT (one A6000)
 
@@ -75,6 +85,9 @@ class Measurement:
     peak_mib: float
     reference_bytes: int
     setup_s: float
+    trainable_params: int
+    optimizer_state_bytes: int
+    precision: str
 
 
 def build_start(model_name: str, seed: int) -> blip.LoadedModel:
@@ -86,7 +99,7 @@ def build_start(model_name: str, seed: int) -> blip.LoadedModel:
 
 
 def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -> Measurement:
-    label, method, strategy = VARIANTS[key]
+    _, method, strategy, train, precision = VARIANTS[key]
     loaded = copy.copy(start)
     loaded.model = copy.deepcopy(start.model).to(device)
     spec = RunSpec(
@@ -96,9 +109,9 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
         reference=strategy or "copy",
         batch_size=args.batch_size,
         lr=1e-5,
-        train=args.train,
+        train=train or args.train,
+        precision=precision or ("bf16" if args.bf16 else "fp32"),
     )
-    blip.freeze_for_training(loaded.model, spec.train)
     t0 = time.perf_counter()
     reference = None
     if strategy == "copy":
@@ -114,23 +127,16 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
             checkpoint_key="bench",
             data_key="bench",
         )
+    if spec.train == "lora":  # as the worker does: a copy or precomputed reference is taken first
+        attach_lora(loaded, spec)
+        if strategy == "adapter":
+            reference = AdapterReference(loaded)
     setup_s = time.perf_counter() - t0
-    step = MethodStep(spec, loaded, encoded, reference)
-    params = [p for p in loaded.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr)
+    trainer = Trainer(spec, loaded, encoded, reference, device)
     blip.set_train_mode(loaded.model, spec.train)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    def one(rows):
-        batch = encoded.batch("train", rows, device)
-        with autocast:
-            loss = step("train", batch).losses.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
 
     for rows in batches[: args.warmup]:
-        one(rows)
+        trainer.train_step(encoded.batch("train", rows, device))
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,16 +144,18 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
     with RssPeak() as rss:
         for rows in batches[args.warmup :]:
             t = time.perf_counter()
-            one(rows)
+            trainer.train_step(encoded.batch("train", rows, device))
             synchronize(device)
             times.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
     ref_bytes = reference.resident_bytes if reference is not None else 0
-    del step, optimizer, reference, loaded
+    trainable = blip.count_parameters(loaded.model)[0]
+    state_bytes = trainer.optimizer_state_bytes or 0
+    del trainer, reference, loaded
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Measurement(times, peak, ref_bytes, setup_s)
+    return Measurement(times, peak, ref_bytes, setup_s, trainable, state_bytes, spec.precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
     p.add_argument("--methods", default="sft,orpo,dpo-copy,dpo-precompute", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--train", default="decoder", choices=("decoder", "all"))
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--train", default="decoder", choices=("decoder", "all"), help="what the non-LoRA variants train")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for every variant without its own precision")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
@@ -208,15 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "
         f"batch {args.batch_size}; {args.steps} timed steps x {args.rounds} interleaved rounds; "
-        f"torch {torch.__version__}; vqabench {__version__}; {'bf16 autocast' if args.bf16 else 'fp32'}\n"
+        f"torch {torch.__version__}; vqabench {__version__}; {'bf16 autocast' if args.bf16 else 'fp32'} "
+        f"unless a variant names its own\n"
     )
     print(
         f"| Method | ms/step | Relative to {VARIANTS[base_key][0]} | samples/s | Peak memory [MiB] ({mem_kind}) "
-        f"| Reference memory [MiB] | Reference setup [s] | Study's ratio |"
+        f"| Reference memory [MiB] | Reference setup [s] | Trainable params | Optimizer state [MiB] | Precision "
+        f"| Study's ratio |"
     )
-    print("|:--|--:|--:|--:|--:|--:|--:|--:|")
+    print("|:--|--:|--:|--:|--:|--:|--:|--:|--:|:--|--:|")
     for k in keys:
         label = VARIANTS[k][0]
+        first = results[k][0]
         m = ms(k)
         peak = max(x.peak_mib for x in results[k])
         ref = results[k][0].reference_bytes / 2**20
@@ -225,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.batch_size * 1000 / m
         print(
             f"| {label} | {m:.1f} ± {spread(k):.1f} | {m / base:.2f} | {rate:.1f} "
-            f"| {peak:.0f} | {ref:.1f} | {setup:.2f} | {study} |"
+            f"| {peak:.0f} | {ref:.1f} | {setup:.2f} | {first.trainable_params:,} "
+            f"| {first.optimizer_state_bytes / 2**20:.1f} | {first.precision} | {study} |"
         )
     print(
         "\nms/step: median over rounds of each round's median step; ± half the range across rounds. "
-        "Reference setup: building the copy, or the one-off precompute pass over the data."
+        "Reference setup: building the copy, or the one-off precompute pass over the data. "
+        "Optimizer state: AdamW's tensors after the first step (two fp32 moments per trained value)."
     )
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -198,7 +200,10 @@ def test_orpo_stays_finite_under_bf16_when_the_model_is_certain(data):
         bonus[:, :-1].scatter_(-1, ids[:, 1:].unsqueeze(-1), 200.0)
         return logits + bonus
 
-    hooks = [decoder.register_forward_pre_hook(remember_ids, with_kwargs=True), decoder.cls.register_forward_hook(certain)]
+    hooks = [
+        decoder.register_forward_pre_hook(remember_ids, with_kwargs=True),
+        decoder.cls.register_forward_hook(certain),
+    ]
     try:
         with Precision("bf16", CPU).autocast():
             out = MethodStep(spec, loaded, encoded, None)("train", batch)
@@ -210,3 +215,80 @@ def test_orpo_stays_finite_under_bf16_when_the_model_is_certain(data):
     assert bool((out.chosen_logps == 0).all()) and bool((out.rejected_logps == 0).all())
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in decoder.parameters() if p.grad is not None)
+
+
+def preset_spec(name: str, **changes) -> dict:
+    """A packaged LoRA preset shrunk to the tests' tiny size (the keys the tests share)."""
+    from conftest import TINY
+
+    from vqabench.presets import load_presets
+
+    spec = next(s for s in load_presets(name) if s.name == name).to_dict()
+    spec = {k: v for k, v in spec.items() if v is not None}  # run_worker fills in cache and output folders
+    for key, value in {**TINY, **changes}.items():
+        if isinstance(value, dict):
+            spec[key].update(value)
+        else:
+            spec[key] = value
+    return spec
+
+
+def test_lora_presets_sft_then_dpo_with_adapter_reference_run_end_to_end(vqa_cache, tmp_path):
+    from conftest import of_type, run_worker
+
+    from vqabench import events as ev
+
+    events, rc, err = run_worker(preset_spec("lora-sft", after=None), tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    started = of_type(events, ev.RunStarted)[0]
+    assert (started.train, started.precision, started.reference_strategy) == ("lora", "fp32", None)
+    assert 0 < started.trainable_params < started.total_params // 10
+    assert started.data["trainable_bytes"] == 4 * started.trainable_params
+    ends = of_type(events, ev.EpochEnded)
+    assert ends and all(
+        e.optimizer_state_bytes and e.optimizer_state_bytes > 8 * started.trainable_params for e in ends
+    )
+    checkpoint = events[-1].checkpoint
+    assert (tmp_path / "out" / "lora-sft" / "best" / "adapter_model.safetensors").is_file()
+
+    dpo = preset_spec("lora-dpo", after=None, init_checkpoint=checkpoint)
+    events, rc, err = run_worker(dpo, tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    started = of_type(events, ev.RunStarted)[0]
+    assert (started.train, started.reference_strategy, started.reference_bytes) == ("lora", "adapter", 0)
+    assert "LoRA adapter merged" in started.data["model_source"]  # SFT's adapter is in the start weights
+    ends = of_type(events, ev.EpochEnded)
+    assert all(e.reference_bytes == 0 for e in ends) and isinstance(events[-1], ev.RunFinished)
+    # At the start the policy is its reference: DPO's first-step loss is log 2, so the run's eval loss is near it.
+    assert abs(ends[0].eval_loss - 0.6931) < 0.05
+
+
+def test_lora_orpo_in_bf16_runs_end_to_end(vqa_cache, tmp_path):
+    from conftest import of_type, run_worker
+
+    from vqabench import events as ev
+
+    events, rc, err = run_worker(preset_spec("lora-orpo", precision="bf16"), tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    started = of_type(events, ev.RunStarted)[0]
+    assert (started.train, started.precision, started.config["precision"]) == ("lora", "bf16", "bf16")
+    assert isinstance(events[-1], ev.RunFinished) and of_type(events, ev.Evaluated)[0].n == 32
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"lora_targets": ["qkv"]}, r"^key 'lora_targets' has value 'qkv', which matches no module .*candidates"),
+        ({"precision": "fp16"}, r"^key 'precision' has value 'fp16', which needs a CUDA GPU"),
+    ],
+)
+def test_lora_runs_the_device_or_model_refuses_fail_in_one_sentence(changes, message, vqa_cache, tmp_path):
+    from conftest import of_type, run_worker
+
+    from vqabench import events as ev
+
+    events, rc, _ = run_worker(preset_spec("lora-orpo", **changes), tmp_path, vqa_cache)
+    failed = of_type(events, ev.RunFailed)
+    assert rc == 1 and len(failed) == 1 and failed[0].error_kind == "config"
+    assert "\n" not in failed[0].message and failed[0].message.endswith(".")
+    assert re.search(message, failed[0].message)

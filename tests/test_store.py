@@ -86,8 +86,9 @@ def test_infinite_losses_survive_the_round_trip(tmp_path):
 def test_every_event_field_has_a_column():
     tables = {}
     with sqlite3.connect(":memory:") as conn:
-        for statement in store_module._statements(store_module.MIGRATIONS[0]):
-            conn.execute(statement)
+        for script in store_module.MIGRATIONS:
+            for statement in store_module._statements(script):
+                conn.execute(statement)
         for table in ("runs", "epochs", "evals"):
             tables[table] = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
     assert {f.name for f in dataclasses.fields(EpochEnded)} <= tables["epochs"]
@@ -114,6 +115,20 @@ def test_an_older_store_is_migrated_and_keeps_its_data(tmp_path, monkeypatch):
         assert migrated.schema_version == SCHEMA_VERSION + 1
         assert migrated.session(session_id).selection == "all"
         assert migrated._query("SELECT note FROM sessions")[0][0] == "n"
+
+
+def test_a_version_1_store_gets_train_and_precision_from_its_runs_config(tmp_path, monkeypatch):
+    spec = RunSpec(name="all-parts", method="sft", train="all", epochs=1)
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    with ResultsStore(tmp_path) as old:
+        session = old.begin_session("all")
+        run_id = old._add_run(session, RunQueued(spec.name, spec, 0))[0]
+        old._update_run(run_id, {"config": spec.to_dict(), "device": "cpu", "torch_version": "2"})
+    monkeypatch.undo()
+    with ResultsStore(tmp_path) as migrated:
+        run = migrated.runs(session.id)[0]
+        assert (run.started.train, run.started.precision) == ("all", "fp32")
 
 
 def test_a_store_from_a_newer_vqabench_is_refused_with_one_sentence(tmp_path):

@@ -161,6 +161,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX runs_by_session ON runs(session_id, position);
     CREATE INDEX evals_by_run ON evals(run_id);
     """,
+    # 2: what trains and in which precision (run_started), AdamW's state size (epoch_end).
+    """
+    ALTER TABLE runs ADD COLUMN train TEXT;
+    ALTER TABLE runs ADD COLUMN precision TEXT;
+    UPDATE runs SET train = COALESCE(json_extract(config, '$.train'), 'decoder'), precision = 'fp32'
+        WHERE config IS NOT NULL;
+    ALTER TABLE epochs ADD COLUMN optimizer_state_bytes INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -180,6 +188,8 @@ _STARTED_COLUMNS = {
     "telemetry": "telemetry",
     "data": "data",
     "pid": "worker_pid",
+    "train": "train",
+    "precision": "precision",
 }
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}

@@ -21,9 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_precision(name: str, device: torch.device) -> None:
     """SpecError (one sentence) for a precision this device cannot run."""
     if name == "fp16" and device.type != "cuda":
-        raise SpecError(
-            "key 'precision' has value 'fp16', which needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU."
-        )
+        raise SpecError("key 'precision' has value 'fp16', which needs a CUDA GPU; use 'bf16' or 'fp32' on the CPU.")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SpecError(
             f"key 'precision' has value 'bf16', but this GPU ({torch.cuda.get_device_name(device)}) "

@@ -209,7 +209,9 @@ class AdapterReference:
                 c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
                 mm = None
                 if with_mismatched:
-                    mm, _ = blip.answer_logps(decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch))
+                    mm, _ = blip.answer_logps(
+                        decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch)
+                    )
         finally:
             decoder.train(was_training)
         return ReferenceLogps(c, r, mm)

@@ -25,7 +25,7 @@ from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.precision import check_precision
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
-from vqabench.engine.trainer import Trainer, pick_device
+from vqabench.engine.trainer import Reference, Trainer, pick_device
 from vqabench.judges import JudgeError, JudgeItem
 from vqabench.scoring import judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
@@ -113,7 +113,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
-    reference = None
+    reference: Reference | None = None
     reference_seconds = None
     if spec.needs_reference:
         if spec.reference == "copy":
@@ -127,7 +127,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
             )
             key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
-            reference = PrecomputedReference.build(
+            precomputed = PrecomputedReference.build(
                 loaded,
                 encoded,
                 batch_size=spec.batch_size,
@@ -137,7 +137,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 data_key=data.fingerprint,
                 progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
             )
-            reference_seconds = reference.seconds
+            reference, reference_seconds = precomputed, precomputed.seconds
     if spec.train == "lora":  # after a copy or precomputed reference has taken the start model
         attach_lora(loaded, spec)
         if spec.needs_reference and spec.reference == "adapter":

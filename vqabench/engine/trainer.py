@@ -268,7 +268,11 @@ class Trainer:
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
             with self.precision.autocast():
                 out += blip.greedy_answers(
-                    self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+                    self.loaded,
+                    batch.pixel_values,
+                    batch.question_ids,
+                    batch.question_mask,
+                    self.spec.max_answer_tokens,
                 )
             self.on_progress("generate", 0, i + 1, steps, None)
         return out

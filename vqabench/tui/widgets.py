@@ -19,7 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, quality_table
+from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, quality_table, trains_label
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
 from vqabench.tui.plot import loss_plot
@@ -183,9 +183,10 @@ class EpochPanel(Vertical):
         head = Text.assemble((run.name, "bold"), f" ({run.method}) ", status_text(run.status))
         if run.started is not None:
             reference = run.started.reference_strategy
+            trains = trains_label(run.started)
             head.append(
-                f" · {run.started.device} · {run.started.trainable_params:,} trained params"
-                f" · reference: {reference or 'none'}"
+                f" · {run.started.device} · trains {trains}, {run.started.precision}"
+                f" · {run.started.trainable_params:,} trained params · reference: {reference or 'none'}"
             )
         caption.update(head)
         report = epoch_table(run.run_data())
