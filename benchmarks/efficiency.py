@@ -50,6 +50,7 @@ VARIANTS = {
     "kto-copy": ("KTO (copy)", "kto", "copy", None, None),
     "simpo": ("SimPO", "simpo", None, None, None),
     "sft-bf16": ("SFT, bf16", "sft", None, None, "bf16"),
+    "sft-fp16": ("SFT, fp16", "sft", None, None, "fp16"),
     "sft-lora": ("SFT, LoRA", "sft", None, "lora", None),
     "orpo-lora": ("ORPO, LoRA", "orpo", None, "lora", None),
     "dpo-lora-adapter": ("DPO, LoRA (adapter)", "dpo", "adapter", "lora", None),

@@ -31,3 +31,6 @@ with ResultsStore(sys.argv[1], create=False) as store:
                       "gpu_power_mean_w")
             print(run.name, e.epoch, {f: getattr(e, f) for f in fields})
 PY
+
+# ---- LoRA and mixed precision (issue 15): its own script, kept separate so it can be run alone. ----
+bash benchmarks/gpu_lora_check.sh "$out/lora"
