@@ -151,12 +151,14 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device) -
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
     ref_bytes = reference.resident_bytes if reference is not None else 0
     trainable = blip.count_parameters(loaded.model)[0]
-    state_bytes = trainer.optimizer_state_bytes or 0
-    del trainer, reference, loaded
+    return Measurement(times, peak, ref_bytes, setup_s, trainable, trainer.optimizer_state_bytes or 0, spec.precision)
+
+
+def release(device: torch.device) -> None:
+    """Free what the last variant left (its locals are gone once `measure` returns)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return Measurement(times, peak, ref_bytes, setup_s, trainable, state_bytes, spec.precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for k in keys if r % 2 == 0 else list(reversed(keys)):
             results[k].append(measure(k, start, encoded, batches, args, device))
+            release(device)
             print(
                 f"round {r + 1}/{args.rounds} {k}: {statistics.median(results[k][-1].ms_per_step):.1f} ms/step",
                 file=sys.stderr,
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
-    trainable, total = blip.count_parameters(start.model)
+    _, total = blip.count_parameters(start.model)
     mem_kind = "CUDA max allocated" if device.type == "cuda" else "process RSS"
     print(
         f"Device: {dev}; model: {start.source} ({total / 1e6:.1f}M parameters, trains {args.train}); "

@@ -83,7 +83,7 @@ class CopyReference:
         if self.train != "all":  # the decoder (with LoRA: as it was before the adapters)
             decoder, q = self.part, question_embeds.detach()
         else:  # a full copy: it has its own encoders
-            decoder = self.part.text_decoder
+            decoder = self.part.get_submodule("text_decoder")
             q = blip.encode_questions(self.part, batch.pixel_values, batch.question_ids, batch.question_mask)
         c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
         mm = None
@@ -141,9 +141,9 @@ class PrecomputedReference:
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
         if path is not None and path.exists():
             try:
-                table = torch.load(path, map_location="cpu", weights_only=True)
+                cached = torch.load(path, map_location="cpu", weights_only=True)
                 log.info("reference log-probs loaded from %s", path)
-                return cls(table, path, 0.0, True)
+                return cls(cached, path, 0.0, True)
             except (OSError, RuntimeError) as exc:
                 log.warning("ignoring unreadable reference cache %s: %s", path, exc)
         start = time.perf_counter()

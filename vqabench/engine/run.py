@@ -27,7 +27,7 @@ from vqabench.engine.reference import AdapterReference, CopyReference, Precomput
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Reference, Trainer, pick_device
 from vqabench.judges import JudgeError, JudgeItem
-from vqabench.scoring import judge_with_cache, score_items
+from vqabench.scoring import ScoreSummary, judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,9 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     reference_seconds = None
     if spec.needs_reference:
         if spec.reference == "copy":
-            reference = CopyReference(loaded, spec.train)
-            reference.part.to(device)
+            copied = CopyReference(loaded, spec.train)
+            copied.part.to(device)
+            reference = copied
         elif spec.reference == "precompute":
             ckpt = spec.init_checkpoint
             start = (
@@ -196,7 +197,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
                 blip.save_checkpoint(loaded, best_dir)
-            scored = {}
+            scored: ScoreSummary | None = None
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
                 eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
@@ -205,7 +206,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 except JudgeError as exc:
                     log.error("judging epoch %d's eval answers failed: %s", epoch, exc)
                     summary = score_items(eval_items, None, cache_dir, with_intervals=False)
-                scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score, "scored_n": summary.n}
+                scored = summary
             e = result.eval
             emit(
                 ev.EpochEnded(
@@ -225,7 +226,10 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                     is_best=result.is_best,
                     optimizer_state_bytes=trainer.optimizer_state_bytes,
                     **tel.event_fields(),
-                    **scored,
+                    em=scored.em if scored else None,
+                    f1=scored.f1 if scored else None,
+                    judge_score=scored.judge_score if scored else None,
+                    scored_n=scored.n if scored else None,
                 )
             )
 
@@ -246,7 +250,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         summary.extra["judge_error"] = str(exc)
     predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
-        for i, (pair, answer) in enumerate(zip(pairs, answers)):
+        for i, (pair, answer) in enumerate(zip(pairs, answers, strict=True)):
             row = {
                 "image_id": pair.image_id,
                 "question": pair.question,
@@ -271,7 +275,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 
 
 def judge_items_of(pairs: list, answers: list[str]) -> list[JudgeItem]:
-    return [JudgeItem(p.question, p.chosen, a) for p, a in zip(pairs, answers)]
+    return [JudgeItem(p.question, p.chosen, a) for p, a in zip(pairs, answers, strict=True)]
 
 
 def _describe(device: torch.device) -> str:
