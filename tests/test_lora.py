@@ -17,6 +17,8 @@ from vqabench.engine.trainer import MethodStep, Trainer
 from vqabench.spec import DatasetSpec, RunSpec, SpecError
 
 CPU = torch.device("cpu")
+#: Seconds a tiny worker run may take: seconds on an idle machine, minutes on a shared, loaded one.
+LOADED = 900
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,7 @@ def test_lora_presets_sft_then_dpo_with_adapter_reference_run_end_to_end(vqa_cac
 
     from vqabench import events as ev
 
-    events, rc, err = run_worker(preset_spec("lora-sft", after=None), tmp_path, vqa_cache)
+    events, rc, err = run_worker(preset_spec("lora-sft", after=None), tmp_path, vqa_cache, timeout=LOADED)
     assert rc == 0, err[-2000:]
     started = of_type(events, ev.RunStarted)[0]
     assert (started.train, started.precision, started.reference_strategy) == ("lora", "fp32", None)
@@ -252,7 +254,7 @@ def test_lora_presets_sft_then_dpo_with_adapter_reference_run_end_to_end(vqa_cac
     assert (tmp_path / "out" / "lora-sft" / "best" / "adapter_model.safetensors").is_file()
 
     dpo = preset_spec("lora-dpo", after=None, init_checkpoint=checkpoint)
-    events, rc, err = run_worker(dpo, tmp_path, vqa_cache)
+    events, rc, err = run_worker(dpo, tmp_path, vqa_cache, timeout=LOADED)
     assert rc == 0, err[-2000:]
     started = of_type(events, ev.RunStarted)[0]
     assert (started.train, started.reference_strategy, started.reference_bytes) == ("lora", "adapter", 0)
@@ -268,7 +270,7 @@ def test_lora_orpo_in_bf16_runs_end_to_end(vqa_cache, tmp_path):
 
     from vqabench import events as ev
 
-    events, rc, err = run_worker(preset_spec("lora-orpo", precision="bf16"), tmp_path, vqa_cache)
+    events, rc, err = run_worker(preset_spec("lora-orpo", precision="bf16"), tmp_path, vqa_cache, timeout=LOADED)
     assert rc == 0, err[-2000:]
     started = of_type(events, ev.RunStarted)[0]
     assert (started.train, started.precision, started.config["precision"]) == ("lora", "bf16", "bf16")
@@ -287,7 +289,7 @@ def test_lora_runs_the_device_or_model_refuses_fail_in_one_sentence(changes, mes
 
     from vqabench import events as ev
 
-    events, rc, _ = run_worker(preset_spec("lora-orpo", **changes), tmp_path, vqa_cache)
+    events, rc, _ = run_worker(preset_spec("lora-orpo", **changes), tmp_path, vqa_cache, timeout=LOADED)
     failed = of_type(events, ev.RunFailed)
     assert rc == 1 and len(failed) == 1 and failed[0].error_kind == "config"
     assert "\n" not in failed[0].message and failed[0].message.endswith(".")
