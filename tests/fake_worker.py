@@ -11,12 +11,19 @@ with these keys (all optional):
     crash_code      ... or with this exit code instead, both without a run_failed event
     fail_in_epoch   emit run_failed (error_kind "numerics") in this epoch and exit 1
     hang_in_epoch   start a grandchild in the same process group, write both pids to
-                    <output_dir>/pids.json, and sleep until killed
+                    <output_dir>/pids.json (pids-rank<RANK>.json when torchrun started it),
+                    and sleep until killed
     ignore_sigterm  ignore SIGTERM (the host must escalate to SIGKILL)
     garbage_lines   print this many lines that are not events before run_started
     stderr          lines to write to stderr before run_started
     eval_extra      the `extra` of the final eval event (intervals, kappa)
     cuda            report CUDA memory fields (default false)
+    record_env      write <output_dir>/env.json: the CUDA_VISIBLE_DEVICES it got and its
+                    start and end times (time.time())
+    probe_fail      for a probe plan ({"probe": ...}): emit run_failed after the first round
+
+Given a probe plan instead of a spec, it answers as the probe worker does: probe_started,
+then one probe_measured per preset and round, with step times scaled by METHOD_COST.
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
@@ -37,6 +44,8 @@ from vqabench.events import (
     EpochEnded,
     Evaluated,
     Event,
+    ProbeMeasured,
+    ProbeStarted,
     Progress,
     RunFailed,
     RunFinished,
@@ -162,14 +171,56 @@ def _emit(event: Event) -> None:
 
 def _hang(output_dir: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    (output_dir / "pids.json").write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
+    name = f"pids-rank{os.environ['RANK']}.json" if "RANK" in os.environ else "pids.json"
+    (output_dir / name).write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
     while True:
         time.sleep(1)
+
+
+def canned_probe(plan: dict[str, Any], fail_after_round: int | None = None) -> Iterator[Event]:
+    """The events of a probe: same base step times per round, scaled by method, a little jitter."""
+    specs = plan["specs"]
+    yield ProbeStarted(
+        presets=[s["name"] for s in specs],
+        device="cpu",
+        torch_version="2.13.0+cpu",
+        model_source="embedded base checkpoint",
+        batch_size=specs[0]["batch_size"],
+        steps=plan["steps"],
+        warmup=plan["warmup"],
+        rounds=plan["rounds"],
+        cores=2,
+        pid=os.getpid(),
+    )
+    for r in range(1, plan["rounds"] + 1):
+        for spec in specs if r % 2 else reversed(specs):
+            cost = METHOD_COST.get(spec["method"], 1.0)
+            reference = spec.get("reference") if spec["method"] in ("dpo", "ipo", "kto") else None
+            yield ProbeMeasured(
+                preset=spec["name"],
+                method=spec["method"],
+                round=r,
+                step_ms=[round(40.0 * cost * (1 + 0.01 * ((i * 7) % 5 - 2)), 3) for i in range(plan["steps"])],
+                peak_memory_mib=500.0 + (24.0 if reference else 0.0),
+                memory_source="RSS",
+                reference_strategy=reference,
+                reference_bytes=6_291_456 if reference == "copy" else 0,
+                setup_seconds=0.05 if reference else 0.0,
+                load_avg_max=1.0,
+            )
+        if fail_after_round == r:
+            yield RunFailed(error_kind="internal", message="internal error RuntimeError: the probe broke.")
+            return
 
 
 def main(script_path: str, spec_path: str) -> int:
     script = json.loads(Path(script_path).read_text())
     spec = json.loads(Path(spec_path).read_text())
+    if "probe" in spec:
+        failing = script.get("default", {}).get("probe_fail")
+        for event in canned_probe(spec["probe"], 1 if failing else None):
+            _emit(event)
+        return 1 if failing else 0
     plan = {**script.get("default", {}), **script.get("runs", {}).get(spec["name"], {})}
     output_dir = Path(spec["output_dir"])
     if plan.get("ignore_sigterm"):
@@ -180,6 +231,7 @@ def main(script_path: str, spec_path: str) -> int:
         print(f"not an event {n}", flush=True)
     checkpoint = output_dir / "best"
     checkpoint.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     epochs = plan.get("epochs") or spec["epochs"]
     for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint)):
         if isinstance(event, Progress):
@@ -198,6 +250,9 @@ def main(script_path: str, spec_path: str) -> int:
                 return 1
             continue
         _emit(event)
+    if plan.get("record_env"):
+        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}
+        (output_dir / "env.json").write_text(json.dumps(record))
     return 0
 
 

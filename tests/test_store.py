@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 
 import pytest
 from fake_worker import canned_events
 
 import vqabench.store as store_module
-from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted, encode_event
+from vqabench.events import (
+    EpochEnded,
+    Evaluated,
+    ProbeMeasured,
+    ProbeStarted,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    encode_event,
+)
 from vqabench.runner import (
     InvalidWorkerLine,
     RunnerFinished,
@@ -86,16 +96,18 @@ def test_infinite_losses_survive_the_round_trip(tmp_path):
 def test_every_event_field_has_a_column():
     tables = {}
     with sqlite3.connect(":memory:") as conn:
-        for script in store_module.MIGRATIONS:
+        for script in store_module.MIGRATIONS:  # every schema step, as a new store gets them
             for statement in store_module._statements(script):
                 conn.execute(statement)
-        for table in ("runs", "epochs", "evals"):
+        for table in ("runs", "epochs", "evals", "probes", "probe_rounds"):
             tables[table] = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
     assert {f.name for f in dataclasses.fields(EpochEnded)} <= tables["epochs"]
     assert {f.name for f in dataclasses.fields(Evaluated)} <= tables["evals"]
     assert {f.name for f in dataclasses.fields(RunStarted)} - {"run", "method"} <= tables["runs"]
     assert {f.name for f in dataclasses.fields(RunFinished)} <= tables["runs"]
     assert {"error_kind", "error_message", "traceback"} <= tables["runs"]
+    assert {f.name for f in dataclasses.fields(ProbeStarted)} <= tables["probes"]
+    assert {f.name for f in dataclasses.fields(ProbeMeasured)} <= tables["probe_rounds"]
 
 
 def test_the_store_uses_wal_and_records_its_schema_version(tmp_path):
@@ -117,17 +129,20 @@ def test_an_older_store_is_migrated_and_keeps_its_data(tmp_path, monkeypatch):
         assert migrated._query("SELECT note FROM sessions")[0][0] == "n"
 
 
-def test_a_version_1_store_gets_train_and_precision_from_its_runs_config(tmp_path, monkeypatch):
+def test_a_version_1_store_gets_train_and_precision_from_its_runs_config(tmp_path):
     spec = RunSpec(name="all-parts", method="sft", train="all", epochs=1)
-    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:1])
-    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
-    with ResultsStore(tmp_path) as old:
-        session = old.begin_session("all")
-        run_id = old._add_run(session, RunQueued(spec.name, spec, 0))[0]
-        old._update_run(run_id, {"config": spec.to_dict(), "device": "cpu", "torch_version": "2"})
-    monkeypatch.undo()
+    with sqlite3.connect(tmp_path / "results.db") as conn:  # a store as version 1 wrote it
+        for statement in store_module._statements(store_module.MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO sessions (label, started_at, status) VALUES ('s', '2026-01-01T00:00:00', 'done')")
+        conn.execute(
+            "INSERT INTO runs (session_id, name, position, method, status, spec, config, device, torch_version) "
+            "VALUES (1, 'all-parts', 0, 'sft', 'done', ?, ?, 'cpu', '2')",
+            (json.dumps(spec.to_dict()), json.dumps(spec.to_dict())),
+        )
     with ResultsStore(tmp_path) as migrated:
-        run = migrated.runs(session.id)[0]
+        run = migrated.runs(1)[0]
         assert (run.started.train, run.started.precision) == ("all", "fp32")
 
 
@@ -173,3 +188,28 @@ def test_a_second_connection_reads_while_the_first_writes(tmp_path):
         recorder(WorkerEvent("sft", event, encode_event(event)))
     assert [e.epoch for e in reader.epochs(run.id)] == [1]
     assert reader.runs(session.id)[0].started == events[0]
+
+
+def test_a_write_waits_for_a_lock_that_is_released_with_backoff(tmp_path):
+    import threading
+
+    store = ResultsStore(tmp_path, busy_timeout=0.02, write_attempts=6, write_backoff=0.05)
+    blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.15, lambda: blocker.execute("COMMIT")).start()
+    session = store.begin_session("all")  # busy at first, then written
+    assert store.session(session.id).selection == "all"
+
+
+def test_a_write_that_stays_locked_raises_one_sentence_naming_the_database(tmp_path):
+    from vqabench.runner import FatalSubscriberError
+    from vqabench.store import StoreWriteError
+
+    store = ResultsStore(tmp_path, busy_timeout=0.02, write_attempts=2, write_backoff=0.01)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreWriteError, match=r"results\.db: database is locked after 2 attempts") as caught:
+        store.begin_session("all")
+    assert isinstance(caught.value, FatalSubscriberError)
+    blocker.execute("ROLLBACK")
+    assert store.list_sessions() == []

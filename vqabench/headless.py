@@ -22,6 +22,7 @@ from rich.text import Text
 
 from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
+from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
 from vqabench.runner import (
@@ -53,12 +54,15 @@ def run_headless(
     cache_dir: Path | str | None = None,
     console: Console | None = None,
     command: str = "",
+    parallel: int = 1,
 ) -> int:
     """Validate, run and store the selected presets; print the comparison; return the exit code.
 
     Raises SpecError (a bad preset) before anything starts, StoreError for an unusable store.
     """
     chosen = select_presets(selection, overrides)
+    gpus = visible_gpus()
+    check_launch(chosen.specs, gpus)  # a run that cannot be placed: one sentence, before a session is recorded
     console = console or Console(highlight=False, soft_wrap=True)
     for name in chosen.added:
         dependants = [s.name for s in chosen.specs if s.after == name]
@@ -72,6 +76,8 @@ def run_headless(
             session=session.label,
             worker_cmd=worker_cmd,
             cache_dir=cache_dir,
+            parallel=parallel,
+            gpus=gpus,
         )
         runner.subscribe(store.recorder(session))
         console.print(
@@ -82,6 +88,8 @@ def run_headless(
         runner.subscribe(view)
         with view:
             interrupted = asyncio.run(_run_until_done(runner, console))
+        if runner.fatal:
+            console.print(f"vqabench: the runs were stopped: {runner.fatal}", markup=False, highlight=False)
         report = build_report(store, session.id)  # once: it reads every run's predictions
         _print_summary(console, report, runner)
         export_failed = False
@@ -184,7 +192,8 @@ class ConsoleView:
         if note.status == RUNNING:
             self.say(
                 note.run,
-                f"running (pid {note.pid})"
+                f"running (pid {note.pid}"
+                + (f", on {note.device})" if note.device else ")")
                 + (f", starting from {note.spec.init_checkpoint}" if note.spec and note.spec.init_checkpoint else ""),
             )
             if self.live:
@@ -235,13 +244,24 @@ class ConsoleView:
             if event.scored_n:
                 judge = f", judge {event.judge_score:.3f}" if event.judge_score is not None else ""
                 scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
+            step_text = ""
+            if event.step_ms_median is not None and event.step_ms_p10 is not None and event.step_ms_p90 is not None:
+                step_text = (
+                    f" (step {event.step_ms_median:.1f} ms, p10 {event.step_ms_p10:.1f}, p90 {event.step_ms_p90:.1f})"
+                )
             self.say(
                 run,
                 f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
-                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s, "
+                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s{step_text}, "
                 f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
                 f"{memory}{scores}{' (best)' if event.is_best else ''}",
             )
+            if event.load_avg_max is not None and event.cores and event.load_avg_max > event.cores:
+                self.say(
+                    run,
+                    f"timing disturbed: the 1-minute load average reached {event.load_avg_max:.1f} on the "
+                    f"{event.cores} core(s) this run uses, so other work competed with this epoch.",
+                )
             if task is not None:
                 steps = self._steps.get(run, 1)
                 self.progress.update(task, completed=event.epoch * steps, where=f"epoch {event.epoch}/{event.epochs}")

@@ -1,9 +1,11 @@
 """The worker process: ``python -m vqabench.engine.worker SPEC.json``.
 
-Runs one training run and writes one event (vqabench.events) per stdout line, flushed,
+Runs one training run (or, given a ``{"probe": ...}`` plan, the step-cost probe of
+vqabench.engine.probe) and writes one event (vqabench.events) per stdout line, flushed,
 and nothing else: before anything is imported that might print, the real stdout is kept
 for events and file descriptor 1 is pointed at stderr, where all logs go. Exit code 0
 only on success; on failure a ``run_failed`` event carries a one-sentence message.
+Started by torchrun (one process per rank), only rank 0 writes events, a failure included.
 """
 
 from __future__ import annotations
@@ -13,29 +15,9 @@ import logging
 import os
 import sys
 import traceback
-from typing import IO
 
 from vqabench import events as ev
-
-
-class EventWriter:
-    """Writes events as JSON lines to the stream kept for the protocol."""
-
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-
-    def __call__(self, event: ev.Event) -> None:
-        self.stream.write(ev.encode_event(event) + "\n")
-        self.stream.flush()
-
-
-def protocol_stream() -> IO[str]:
-    """Keep fd 1 for events; send everything else written to stdout to stderr."""
-    sys.stdout.flush()
-    events_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
+from vqabench.event_stream import EventWriter, protocol_stream
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -56,11 +38,21 @@ def classify(exc: BaseException) -> tuple[str, str]:
     ):
         if isinstance(exc, cls):
             return kind, text
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    ):
+        return "distributed", f"another process of this run stopped ({text.splitlines()[0]})."
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return "memory", f"the run ran out of memory ({text.splitlines()[0]}); lower batch_size."
     if isinstance(exc, KeyboardInterrupt):
         return "cancelled", "the run was interrupted."
     return "internal", f"internal error {type(exc).__name__}: {text.splitlines()[0]}"
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecError(f"cannot read the run spec '{argv[0]}': {exc}") from None
-        spec = spec_from_dict(data, where=argv[0])
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
+        if isinstance(data, dict) and "probe" in data:  # `vqabench probe`: every preset's step, no training
+            from vqabench.engine.probe import ProbePlan, execute_probe
 
-        hf_logging.disable_progress_bar()
+            plan = ProbePlan.from_dict(data, where=argv[0])
+            _quiet_transformers()
+            execute_probe(plan, emit)
+            return 0
+        spec = spec_from_dict(data, where=argv[0])
+        _quiet_transformers()
         from vqabench.engine.run import execute
 
         execute(spec, emit)
@@ -91,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, message = classify(exc)
         tb = traceback.format_exc()
         logging.getLogger("vqabench.worker").error("%s\n%s", message, tb)
-        emit(ev.RunFailed(error_kind=kind, message=message, traceback=tb))
+        if os.environ.get("RANK", "0") == "0":  # one run, one event stream: rank 0's (torchrun names the rank)
+            emit(ev.RunFailed(error_kind=kind, message=message, traceback=tb))
         return 130 if kind == "cancelled" else 1
 
 
