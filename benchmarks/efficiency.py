@@ -26,15 +26,21 @@ from vqabench.events import Event, ProbeMeasured, ProbeStarted
 from vqabench.report import markdown_table, probe_table
 from vqabench.spec import ProbePlan, RunSpec
 
-#: name -> (method, reference strategy)
+#: name -> (method, reference strategy, train, precision); None: --train decides, fp32.
 VARIANTS = {
-    "sft": ("sft", None),
-    "orpo": ("orpo", None),
-    "dpo-copy": ("dpo", "copy"),
-    "dpo-precompute": ("dpo", "precompute"),
-    "ipo-copy": ("ipo", "copy"),
-    "kto-copy": ("kto", "copy"),
-    "simpo": ("simpo", None),
+    "sft": ("sft", None, None, None),
+    "orpo": ("orpo", None, None, None),
+    "dpo-copy": ("dpo", "copy", None, None),
+    "dpo-precompute": ("dpo", "precompute", None, None),
+    "ipo-copy": ("ipo", "copy", None, None),
+    "kto-copy": ("kto", "copy", None, None),
+    "simpo": ("simpo", None, None, None),
+    "sft-bf16": ("sft", None, None, "bf16"),
+    "sft-fp16": ("sft", None, None, "fp16"),
+    "sft-lora": ("sft", None, "lora", None),
+    "orpo-lora": ("orpo", None, "lora", None),
+    "dpo-lora-adapter": ("dpo", "adapter", "lora", None),
+    "dpo-lora-copy": ("dpo", "copy", "lora", None),
 }
 STUDY = {"orpo": 1.12, "dpo-copy": 1.50}  # the study's epoch-time ratios to SFT (one A6000)
 
@@ -42,7 +48,7 @@ STUDY = {"orpo": 1.12, "dpo-copy": 1.50}  # the study's epoch-time ratios to SFT
 def variant_specs(keys: list[str], args: argparse.Namespace) -> list[RunSpec]:
     specs = []
     for key in keys:
-        method, strategy = VARIANTS[key]
+        method, strategy, train, precision = VARIANTS[key]
         specs.append(
             RunSpec(
                 name=key,
@@ -52,7 +58,8 @@ def variant_specs(keys: list[str], args: argparse.Namespace) -> list[RunSpec]:
                 after="sft" if strategy else None,  # the probe starts every method from the same model
                 batch_size=args.batch_size,
                 lr=1e-5,
-                train=args.train,
+                train=train or args.train,
+                precision=precision or "fp32",
                 device=args.device,
                 base_samples=args.base_samples,
             )

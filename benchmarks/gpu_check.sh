@@ -36,3 +36,6 @@ PY
 else
   echo "skipping the 2-process DDP run: $gpu_count GPU visible, it needs 2"
 fi
+
+# ---- LoRA and mixed precision (issue 15): its own script, kept separate so it can be run alone. ----
+bash benchmarks/gpu_lora_check.sh "$out/lora"

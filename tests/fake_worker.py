@@ -72,12 +72,14 @@ def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunSta
         trainable_params=1_000_000,
         total_params=1_500_000,
         reference_strategy=reference,
-        reference_bytes=6_291_456 if reference else 0,
+        reference_bytes=6_291_456 if reference and reference != "adapter" else 0,
         epochs=epochs,
         steps_per_epoch=4,
         telemetry="n/a: device is CPU",
         data={"train": 64, "eval": 16, "test": 32},
         pid=os.getpid(),
+        train=spec.get("train", "decoder"),
+        precision=spec.get("precision", "fp32"),
     )
 
 
@@ -85,6 +87,7 @@ def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = Fals
     method = spec["method"]
     cost = METHOD_COST.get(method, 1.0)
     reference = method in ("dpo", "ipo", "kto")
+    reference_bytes = 6_291_456 if reference and spec.get("reference") != "adapter" else 0
     return EpochEnded(
         epoch=epoch,
         epochs=epochs,
@@ -95,7 +98,7 @@ def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = Fals
         samples_per_s=round(32.0 / cost, 2),
         lr=5e-5 * 0.9 ** (epoch - 1),
         peak_rss_mib=500.0 + 10 * epoch + (24.0 if reference else 0.0),
-        reference_bytes=6_291_456 if reference else 0,
+        reference_bytes=reference_bytes,
         chosen_logp=round(-1.0 / epoch, 4),
         rejected_logp=round(-2.0 - epoch * cost, 4),
         reward_margin=round(0.5 * epoch * cost, 4),
@@ -103,6 +106,7 @@ def epoch_ended(spec: dict[str, Any], epoch: int, epochs: int, cuda: bool = Fals
         is_best=epoch == epochs,
         cuda_max_allocated_mib=(100.0 * cost + epoch) if cuda else None,
         cuda_max_reserved_mib=(128.0 * cost + epoch) if cuda else None,
+        optimizer_state_bytes=8_000_000,
     )
 
 

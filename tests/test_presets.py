@@ -76,6 +76,24 @@ def test_paper_presets_use_blip_vqa_base_on_both_datasets():
     assert {s.beta for s in specs if s.method == "dpo"} == {0.1, 0.5}
 
 
+def test_lora_presets_share_one_setup_and_dpo_uses_the_adapter_reference():
+    chosen = select_presets("lora")
+    specs = {s.name: s for s in chosen.specs}
+    assert sorted(specs) == ["lora-dpo", "lora-orpo", "lora-sft"] and chosen.added == []
+    names = [s.name for s in chosen.specs]
+    assert names.index("lora-sft") < names.index("lora-dpo")
+    keys = ("model", "train", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "precision")
+    keys += ("epochs", "limit", "lr", "batch_size", "lr_decay", "seed")
+    shared = {repr([getattr(s, k) for k in keys]) for s in specs.values()}
+    assert len(shared) == 1 and specs["lora-sft"].model == "embedded" and specs["lora-sft"].train == "lora"
+    assert specs["lora-dpo"].after == "lora-sft" and specs["lora-dpo"].reference == "adapter"
+    assert {s.method for s in specs.values()} == {"sft", "dpo", "orpo"}
+    # The folder is a group, like paper/: `all` stays the top-level presets; names and the folder work too.
+    assert not {n for n in specs} & {s.name for s in load_presets("all")}
+    assert [s.name for s in load_presets("lora-dpo")] == ["lora-sft", "lora-dpo"]
+    assert sorted(s.name for s in load_presets(str(PRESETS_DIR / "lora"))) == sorted(specs)
+
+
 def test_presets_live_inside_the_package_so_a_wheel_ships_them():
     import vqabench
 

@@ -116,13 +116,32 @@ def test_efficiency_numbers_are_ratios_to_sft_and_sums_along_the_chain(tmp_path)
     assert float(efficiency["dpo-beta0.1"][7]) == pytest.approx(dpo_peak - orpo_peak, abs=0.05)
 
 
+def test_efficiency_shows_what_trains_its_precision_optimizer_state_and_a_zero_byte_adapter_reference(tmp_path):
+    store = ResultsStore(tmp_path)
+    session = store.begin_session("lora")
+    specs = [
+        RunSpec(name="lora-sft", method="sft", train="lora", precision="bf16"),
+        RunSpec(name="lora-dpo", method="dpo", after="lora-sft", train="lora", reference="adapter", lora_r=8),
+        RunSpec(name="dpo", method="dpo", after="lora-sft", reference="copy"),
+    ]
+    record(store, session, specs)
+    table = build_report(store, session.id).tables[1]
+    rows = {row[0]: dict(zip(table.columns, row, strict=True)) for row in table.rows}
+    assert rows["lora-sft"]["Trains"] == "LoRA r16" and rows["lora-sft"]["Precision"] == "bf16"
+    assert rows["lora-dpo"]["Trains"] == "LoRA r8" and rows["lora-dpo"]["Precision"] == "fp32"
+    assert rows["lora-dpo"]["Reference memory [MiB] ↓"] == "0.0" and rows["dpo"]["Reference memory [MiB] ↓"] == "6.0"
+    assert rows["dpo"]["Trains"] == "decoder" and rows["lora-sft"]["Reference memory [MiB] ↓"] == "none"
+    assert rows["lora-sft"]["Optimizer state [MiB] ↓"] == f"{8_000_000 / 2**20:.1f}"
+    assert rows["lora-sft"]["Trainable params"] == "1,000,000"
+
+
 def test_missing_values_are_na_never_zero(tmp_path):
     store, session_id = paper_like_session(tmp_path, crash={"sft": 1})
     report = build_report(store, session_id)
     quality = {row[0]: row for row in report.tables[0].rows}
     efficiency = {row[0]: row for row in report.tables[1].rows}
     assert quality["dpo-beta0.1"][1:] == ["n/a"] * 4
-    assert efficiency["dpo-beta0.1"][1:] == ["n/a", "–"] + ["n/a"] * 6
+    assert efficiency["dpo-beta0.1"][1:] == ["n/a", "–"] + ["n/a"] * 10
     assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
     assert efficiency["orpo"][3] == "n/a"  # no SFT epoch to compare with
     assert report.unfinished == [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 
 import pytest
@@ -126,6 +127,23 @@ def test_an_older_store_is_migrated_and_keeps_its_data(tmp_path, monkeypatch):
         assert migrated.schema_version == SCHEMA_VERSION + 1
         assert migrated.session(session_id).selection == "all"
         assert migrated._query("SELECT note FROM sessions")[0][0] == "n"
+
+
+def test_a_version_1_store_gets_train_and_precision_from_its_runs_config(tmp_path):
+    spec = RunSpec(name="all-parts", method="sft", train="all", epochs=1)
+    with sqlite3.connect(tmp_path / "results.db") as conn:  # a store as version 1 wrote it
+        for statement in store_module._statements(store_module.MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("INSERT INTO sessions (label, started_at, status) VALUES ('s', '2026-01-01T00:00:00', 'done')")
+        conn.execute(
+            "INSERT INTO runs (session_id, name, position, method, status, spec, config, device, torch_version) "
+            "VALUES (1, 'all-parts', 0, 'sft', 'done', ?, ?, 'cpu', '2')",
+            (json.dumps(spec.to_dict()), json.dumps(spec.to_dict())),
+        )
+    with ResultsStore(tmp_path) as migrated:
+        run = migrated.runs(1)[0]
+        assert (run.started.train, run.started.precision) == ("all", "fp32")
 
 
 def test_a_store_from_a_newer_vqabench_is_refused_with_one_sentence(tmp_path):

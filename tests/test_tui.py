@@ -148,6 +148,7 @@ def test_runs_table_epochs_and_efficiency_follow_the_runs_and_a_crash(tmp_path):
             epoch_rows = table_rows(app.query_one("#epoch-table", ReportDataTable))
             assert [r[:3] for r in epoch_rows] == [["1", "1.1000", "1.2000"], ["2 ★", "0.6000", "0.6500"]]
             assert "EM 0.600" in shown(app, "#epoch-test")
+            assert "trains decoder, fp32" in shown(app, "#epoch-caption")  # what trains and its precision
 
         stored = {r.name: r.status for r in app.store.runs(1)}
         assert stored == statuses  # recorded through the store as headless does

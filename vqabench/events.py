@@ -54,6 +54,8 @@ class RunStarted(Event):
     backend: str | None = None  # torch.distributed backend: "nccl" (CUDA) or "gloo" (CPU); None for one process
     global_batch: int = 0  # batch_size: rows per optimizer step over all processes (0 = not reported)
     per_device_batch: int = 0  # rows per step on each process: global_batch / world_size
+    train: str = "decoder"  # what trains: "decoder", "all" or "lora" (adapters on the decoder)
+    precision: str = "fp32"  # autocast dtype of the forward passes: "fp32", "bf16" or "fp16"
 
 
 @dataclass
@@ -113,6 +115,7 @@ class EpochEnded(Event):
     step_ms: list[float] | None = None  # every step's time in ms (evenly thinned to at most 2,048)
     load_avg_max: float | None = None  # highest 1-minute load average seen during the steps
     cores: int | None = None  # CPU threads the run used (torch's intra-op threads)
+    optimizer_state_bytes: int | None = None  # the optimizer's state tensors (AdamW moments) after its first step
 
 
 @dataclass

@@ -36,7 +36,7 @@ else:  # Python 3.10: the same reader, from PyPI
 #: The packaged presets (a plain folder inside the package, shipped as package data).
 PRESETS_DIR = Path(__file__).with_name("presets")
 #: A group of packaged presets selectable by its folder name.
-PRESET_GROUPS = ("paper",)
+PRESET_GROUPS = ("paper", "lora")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: A hub dataset, optionally with a file (or glob) inside its repository: owner/name[/path].

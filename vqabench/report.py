@@ -71,6 +71,10 @@ class RunSummary:
     intervals: dict[str, list[float]] = field(default_factory=dict)  # "em" -> [low, high]
     kappa: float | None = None
     seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
+    trains: str | None = None  # "decoder", "all" or "LoRA r16" (None before run_started said)
+    precision: str | None = None  # "fp32", "bf16", "fp16"
+    trainable_params: int | None = None
+    optimizer_state_mib: float | None = None  # AdamW's moments as measured after the first step
     spread: dict[str, float] = field(default_factory=dict)  # field name -> ± half-width
     epoch_spread: Spread | None = None  # the epochs in `epoch_seconds`: σ, min, max
     warmup_seconds: float | None = None  # the first epoch, when there are more than 2
@@ -138,6 +142,10 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             f1=None,
             judge_score=None,
             seeds=len(done),
+            trains=first.trains,
+            precision=first.precision,
+            trainable_params=first.trainable_params,
+            optimizer_state_mib=first.optimizer_state_mib,
         )
         for key in SEED_FIELDS:
             values = [v for v in (getattr(m, key) for m in done) if _number(v) is not None]
@@ -253,6 +261,12 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 warmup_seconds=timing.warmup_seconds,
                 timing_warning=timing.warning(run.name),
                 stage_seconds=_stage_seconds(run),
+                trains=trains_label(run.started),
+                precision=run.started.precision if run.started else None,
+                trainable_params=run.started.trainable_params if run.started else None,
+                optimizer_state_mib=next(
+                    (e.optimizer_state_bytes / MIB for e in run.epochs if e.optimizer_state_bytes is not None), None
+                ),
             )
         )
         if sft == run.name:
@@ -261,6 +275,15 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
             summary = summaries[-1]
             summary.relative_epoch_time, summary.relative_interval = relative_time(timing, timings[sft])
     return summaries
+
+
+def trains_label(started: RunStarted | None) -> str | None:
+    """What a run trains, for the tables: "decoder", "all" or "LoRA r16"."""
+    if started is None:
+        return None
+    if started.train == "lora":
+        return f"LoRA r{started.config.get('lora_r', '?')}"
+    return started.train
 
 
 @dataclass
@@ -590,6 +613,10 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         memory_header,
         "Peak − ORPO [MiB]",
         "Reference memory [MiB] ↓",
+        "Optimizer state [MiB] ↓",
+        "Trainable params",
+        "Trains",
+        "Precision",
     ]
     rows = []
     for s in summaries:
@@ -615,6 +642,10 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
                 memory,
                 _pm(s, "peak_vs_orpo_mib", 1),
                 reference,
+                _fmt(s.optimizer_state_mib, 1),
+                f"{s.trainable_params:,}" if s.trainable_params is not None else NA,
+                s.trains or NA,
+                s.precision or NA,
             ]
         )
     notes = [
@@ -640,12 +671,19 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         "reference), so for DPO it is mostly the reference model's cost at the peak."
     )
     notes.append(
-        "Reference memory: the frozen reference model held while training; none: the method keeps no reference."
+        "Reference memory: the frozen reference model held while training (0 for `precompute`, which keeps "
+        "log-probs, and for `adapter`, the LoRA model with its adapters disabled); none: the method keeps no reference."
+    )
+    notes.append(
+        "Optimizer state: the tensors AdamW keeps (two moments per trained value), measured after the first step. "
+        "Trains: the decoder, all of the model, or LoRA adapters of rank r on the decoder; "
+        "Precision: the autocast dtype of the forward passes (log-probs and losses are fp32)."
     )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     notes += [s.timing_warning for s in summaries if s.timing_warning]
-    return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
+    align = ["left"] + ["right"] * (len(columns) - 3) + ["left", "left"]  # Trains and Precision are words
+    return ReportTable("Efficiency", columns, align, rows, notes)
 
 
 def run_quality_report(started: RunStarted | None) -> dict[str, Any] | None:

@@ -20,8 +20,12 @@ from typing import Any
 METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
 #: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
 REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
-REFERENCE_STRATEGIES = ("copy", "precompute")
-TRAIN_PARTS = ("decoder", "all")
+REFERENCE_STRATEGIES = ("copy", "precompute", "adapter")
+TRAIN_PARTS = ("decoder", "all", "lora")
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: LoRA's default targets: the answer decoder's attention (self and cross: query, key, value and
+#: output projections) and feed-forward projections, matched as module-name suffixes.
+LORA_TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
@@ -94,6 +98,11 @@ class RunSpec:
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     train: str = "decoder"  # which part is trained; encoders frozen by default, as in the paper
+    lora_r: int = 16  # train = "lora": adapter rank
+    lora_alpha: int = 32  # adapter scaling is lora_alpha / lora_r
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # decoder module-name suffixes
+    precision: str = "fp32"  # autocast dtype of the forward passes; log-probs and losses stay fp32
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 16
@@ -150,6 +159,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
     "reference": REFERENCE_STRATEGIES,
     "train": TRAIN_PARTS,
+    "precision": PRECISIONS,
     "device": DEVICES,
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
@@ -168,6 +178,8 @@ _POSITIVE = {
     "judge.concurrency",
     "judge.requests_per_minute",
     "judge.max_attempts",
+    "lora_r",
+    "lora_alpha",
 }
 _NON_NEGATIVE = {
     "node_rank",
@@ -189,7 +201,7 @@ def _type_name(tp: Any) -> str:
         if origin is dict:
             names.append("table")
         elif origin is list:
-            names.append("list of integers")
+            names.append("list of strings" if typing.get_args(t) == (str,) else "list of integers")
         else:
             names.append({int: "integer", float: "number", str: "string", bool: "true/false"}.get(t, str(t)))
     return " or ".join(names)
@@ -210,6 +222,12 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     base = next((a for a in args if a is not type(None)), tp) if optional else tp
     origin = typing.get_origin(base)
     ok = False
+    if origin is list and typing.get_args(base) == (str,):
+        if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+            return [v.strip() for v in value]
+        raise SpecError(
+            f"{where}: key '{key}' has value {value!r}, which must be a non-empty list of non-empty strings."
+        )
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             return list(value)
@@ -304,6 +322,13 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
         raise SpecError(
             f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; "
             f"it must be between 0 and 1."
+        )
+    if not 0 <= spec.lora_dropout < 1:
+        raise SpecError(f"{where}: key 'lora_dropout' has value {spec.lora_dropout!r}; it must be in [0, 1).")
+    if spec.reference == "adapter" and spec.train != "lora":
+        raise SpecError(
+            f"{where}: key 'reference' has value 'adapter', which needs train = \"lora\" (the reference is the "
+            f"model with its adapters disabled), but 'train' is {spec.train!r}; use 'copy' or 'precompute'."
         )
     _check_processes(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:

@@ -217,6 +217,14 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (session_id, preset, round)
     );
     """,
+    # 4: what trains and in which precision (run_started), AdamW's state size (epoch_end).
+    """
+    ALTER TABLE runs ADD COLUMN train TEXT;
+    ALTER TABLE runs ADD COLUMN precision TEXT;
+    UPDATE runs SET train = COALESCE(json_extract(config, '$.train'), 'decoder'), precision = 'fp32'
+        WHERE config IS NOT NULL;
+    ALTER TABLE epochs ADD COLUMN optimizer_state_bytes INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -240,6 +248,8 @@ _STARTED_COLUMNS = {
     "backend": "backend",
     "global_batch": "global_batch",
     "per_device_batch": "per_device_batch",
+    "train": "train",
+    "precision": "precision",
 }
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 BLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 BLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 META_FILE = "vqabench.json"
+#: peft's adapter file: a checkpoint folder holding it is a LoRA adapter over `origin`.
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelError(ValueError):
@@ -42,6 +44,9 @@ class LoadedModel:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     source: str  # what was loaded, for the run_started event
+    #: How to rebuild these weights ({"model": folder, hub id or builder, "seed": n}); a LoRA
+    #: checkpoint records it as the model its adapter belongs to.
+    origin: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from vqabench.engine.cross_attention import honour_cross_attention_mask
@@ -110,7 +115,13 @@ def build_embedded(seed: int) -> LoadedModel:
     model = BlipForQuestionAnswering(config)
     size = int(config.vision_config.image_size)
     return LoadedModel(
-        model, embedded_tokenizer(), size, BLIP_IMAGE_MEAN, BLIP_IMAGE_STD, "embedded small BLIP (random init)"
+        model,
+        embedded_tokenizer(),
+        size,
+        BLIP_IMAGE_MEAN,
+        BLIP_IMAGE_STD,
+        "embedded small BLIP (random init)",
+        {"model": "embedded-init", "seed": seed},
     )
 
 
@@ -137,6 +148,7 @@ def build_random_blip_vqa_base(seed: int) -> LoadedModel:
         BLIP_IMAGE_MEAN,
         BLIP_IMAGE_STD,
         "blip-vqa-base architecture (random weights)",
+        {"model": "blip-vqa-base-random", "seed": seed},
     )
 
 
@@ -169,6 +181,10 @@ def load_pretrained(name_or_path: str) -> LoadedModel:
 
     path = Path(name_or_path)
     local = path.exists()
+    if local and (path / ADAPTER_CONFIG).exists():
+        from vqabench.engine.lora import load_adapter_checkpoint
+
+        return load_adapter_checkpoint(path)
     if not local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
         raise ModelError(
             f"model '{name_or_path}' is neither an existing folder nor a hub id like 'Salesforce/blip-vqa-base'."
@@ -194,11 +210,12 @@ def load_pretrained(name_or_path: str) -> LoadedModel:
             size = int(proc.size.get("height", size)) if isinstance(proc.size, dict) else size
         except (OSError, ValueError):
             log.info("no image processor config in %s; using BLIP's defaults", name_or_path)
-    return LoadedModel(model, tokenizer, size, mean, std, f"{name_or_path}")
+    origin = {"model": str(path.resolve()) if local else name_or_path}
+    return LoadedModel(model, tokenizer, size, mean, std, f"{name_or_path}", origin)
 
 
 def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
-    """Save model, tokenizer and preprocessing facts so ``load_pretrained`` reads them back."""
+    """Save model (or only its LoRA adapter), tokenizer and preprocessing facts for ``load_pretrained``."""
     folder.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
@@ -207,6 +224,7 @@ def save_checkpoint(loaded: LoadedModel, folder: Path) -> None:
         "image_mean": list(loaded.image_mean),
         "image_std": list(loaded.image_std),
         "source": loaded.source,
+        "origin": loaded.origin,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -222,21 +240,25 @@ def checkpoint_fingerprint(folder: Path) -> str:
         with p.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
+    if (Path(folder) / ADAPTER_CONFIG).exists():  # an adapter is only as fixed as the model under it
+        origin = json.loads((Path(folder) / META_FILE).read_text()).get("origin") or {}
+        base = Path(str(origin.get("model", "")))
+        h.update((checkpoint_fingerprint(base) if base.is_dir() else json.dumps(origin, sort_keys=True)).encode())
     return h.hexdigest()[:16]
 
 
 def trainable_part(model: nn.Module, train: str) -> nn.Module:
-    """The module that trains: the answer decoder (the paper's setting) or the whole model."""
-    return model.get_submodule("text_decoder") if train == "decoder" else model
+    """The module that trains: the answer decoder (the paper's setting, and where LoRA adapters sit) or all."""
+    return model if train == "all" else model.get_submodule("text_decoder")
 
 
 def freeze_for_training(model: nn.Module, train: str) -> None:
-    """Freeze everything outside the trainable part; frozen encoders stay in eval mode."""
+    """Freeze everything outside the trainable part (with LoRA: all but the adapters); encoders stay in eval mode."""
     part = trainable_part(model, train)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in part.parameters():
-        p.requires_grad_(True)
+    for name, p in part.named_parameters():
+        p.requires_grad_(train != "lora" or "lora_" in name)
 
 
 def disable_dropout(model: nn.Module) -> int:

@@ -30,7 +30,8 @@ import torch
 from vqabench import events as ev
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import EncodedData
-from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.lora import attach as attach_lora
+from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock
@@ -78,11 +79,11 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
     loaded.model = copy.deepcopy(probe.start.model).to(device)
     blip.freeze_for_training(loaded.model, spec.train)
     started = time.perf_counter()
-    reference: CopyReference | PrecomputedReference | None = None
+    reference: CopyReference | PrecomputedReference | AdapterReference | None = None
     if spec.needs_reference and spec.reference == "copy":
         reference = CopyReference(loaded, spec.train)
         reference.part.to(device)
-    elif spec.needs_reference:
+    elif spec.needs_reference and spec.reference == "precompute":
         reference = PrecomputedReference.build(
             loaded,
             encoded,
@@ -92,6 +93,10 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
             checkpoint_key="probe",
             data_key="probe",
         )
+    if spec.train == "lora":  # as a run does: a copy or precomputed reference is taken before the adapters
+        attach_lora(loaded, spec)
+        if spec.needs_reference and spec.reference == "adapter":
+            reference = AdapterReference(loaded)
     synchronize(device)
     setup_seconds = time.perf_counter() - started
     trainer = Trainer(spec, loaded, encoded, reference, device)

@@ -6,8 +6,11 @@
 * ``precompute`` scores every train and eval pair once before training with the starting
   checkpoint (which *is* the reference), stores the log-probs on disk keyed by checkpoint
   and data hashes, and keeps no reference weights resident while training.
+* ``adapter`` (``train = "lora"``) is the policy itself with its LoRA adapters disabled
+  (peft's ``disable_adapter``): the frozen base *is* the starting model, so it costs one
+  extra decoder pass and no resident bytes.
 
-Both run the reference in eval mode (no dropout), so they give the same numbers.
+All run the reference in eval mode (no dropout, LoRA's included), so they give the same numbers.
 KTO's KL term pairs each question with the chosen answer of another image's row, from a
 seeded permutation within fixed blocks of the split (:func:`mismatched_rows`): a fixed
 "mismatched" pairing that can be precomputed too.
@@ -179,7 +182,7 @@ class CopyReference:
         question_embeds: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps:
-        if self.train == "decoder":
+        if self.train != "all":  # the decoder (with LoRA: as it was before the adapters)
             decoder, q = self.part, question_embeds.detach()
         else:  # a full copy: it has its own encoders
             decoder = self.part.get_submodule("text_decoder")
@@ -293,3 +296,39 @@ class PrecomputedReference:
             torch.save(table, tmp)
             tmp.replace(path)
         return cls(table, path, time.perf_counter() - start, False)
+
+
+class AdapterReference:
+    """The LoRA policy with its adapters disabled: the starting model, at no resident cost."""
+
+    strategy = "adapter"
+    resident_bytes = 0  # the base weights are the policy's own
+
+    def __init__(self, loaded: blip.LoadedModel):
+        self.model = loaded.model  # a peft.PeftModel
+        self.pad_id = loaded.pad_token_id
+
+    @torch.no_grad()
+    def logps(
+        self,
+        encoded: EncodedData,
+        split: str,
+        batch: Batch,
+        question_embeds: torch.Tensor,
+        with_mismatched: bool = False,
+    ) -> ReferenceLogps:
+        decoder = self.model.text_decoder
+        q = question_embeds.detach()
+        was_training = decoder.training
+        decoder.eval()  # eval semantics like the other strategies: the decoder's dropout is off
+        try:
+            with self.model.disable_adapter():
+                c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
+                mm = None
+                if with_mismatched:
+                    mm, _ = blip.answer_logps(
+                        decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch)
+                    )
+        finally:
+            decoder.train(was_training)
+        return ReferenceLogps(c, r, mm)

@@ -23,10 +23,12 @@ from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import EncodedData, TextEncoder, encode
 from vqabench.engine.data.records import DataError, DataSplits
 from vqabench.engine.data.token_limits import resolve_token_limits
+from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.out_of_memory import explain_out_of_memory
-from vqabench.engine.reference import CopyReference, PrecomputedReference, assign_mismatched
+from vqabench.engine.precision import check_precision
+from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference, assign_mismatched
 from vqabench.engine.telemetry import Telemetry, module_bytes
-from vqabench.engine.trainer import Trainer
+from vqabench.engine.trainer import Reference, Trainer
 from vqabench.judges import JudgeError, JudgeItem
 from vqabench.scoring import ScoreSummary, judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
@@ -97,6 +99,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     torch.manual_seed(spec.seed)
     ranks, device = distributed.start(spec.device)
     try:
+        check_precision(spec.precision, device)
         _execute(spec, emit if ranks.is_main else _silent, ranks, device, t_start)
     finally:
         distributed.finish(ranks)
@@ -144,14 +147,14 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
     spec, encoded = encode_for_run(spec, data, loaded)
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
-    reference: CopyReference | PrecomputedReference | None = None
+    reference: Reference | None = None
     reference_seconds = None
     if spec.needs_reference:
         if spec.reference == "copy":
             copied = CopyReference(loaded, spec.train)
             copied.part.to(device)
             reference = copied
-        else:
+        elif spec.reference == "precompute":
             ckpt = spec.init_checkpoint
             start = (
                 blip.checkpoint_fingerprint(Path(ckpt))
@@ -172,6 +175,10 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                     ranks=ranks,
                 )
             reference, reference_seconds = precomputed, precomputed.seconds
+    if spec.train == "lora":  # after a copy or precomputed reference has taken the start model
+        attach_lora(loaded, spec)
+        if spec.needs_reference and spec.reference == "adapter":
+            reference = AdapterReference(loaded)
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress, ranks=ranks)
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
@@ -183,7 +190,9 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
         "quality": data.report.to_dict(),
         "fingerprint": data.fingerprint,
         "model_source": loaded.source,
-        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
+        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train))
+        if spec.train != "lora"
+        else sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad),
         "reference_seconds": reference_seconds,
     }
     emit(
@@ -206,6 +215,8 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             backend=ranks.backend,
             global_batch=spec.batch_size,
             per_device_batch=trainer.batch_size,
+            train=spec.train,
+            precision=spec.precision,
         )
     )
 
@@ -258,6 +269,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                     reward_margin=e.reward_margin,
                     pref_accuracy=e.pref_accuracy,
                     is_best=result.is_best,
+                    optimizer_state_bytes=trainer.optimizer_state_bytes,
                     **tel.event_fields(),
                     em=scored.em if scored else None,
                     f1=scored.f1 if scored else None,

@@ -88,6 +88,15 @@ def module_bytes(module: Any) -> int:
     return total
 
 
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the tensors an optimizer keeps per parameter (AdamW: its two moments and step), as allocated."""
+    import torch
+
+    return sum(
+        t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+    )
+
+
 def process_peak_rss_mib() -> float:
     """This process's lifetime peak resident set size in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -27,7 +27,9 @@ from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.generation import greedy_answers
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
+from vqabench.engine.precision import Precision
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.telemetry import optimizer_state_bytes
 from vqabench.engine.timing import StepClock
 from vqabench.spec import RunSpec
 
@@ -123,7 +125,7 @@ class MethodStep:
 
     def __call__(self, split: str, batch: Batch) -> StepOutput:
         spec, model = self.spec, self.loaded.model
-        if spec.train == "decoder":
+        if spec.train != "all":  # frozen encoders (decoder or LoRA training)
             with torch.no_grad():
                 q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
         else:
@@ -202,6 +204,8 @@ class Trainer:
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
+        self.precision = Precision(spec.precision, device)
+        self.optimizer_state_bytes: int | None = None  # AdamW's moments, measured after the first step
         self.best_loss = math.inf
         self.best_epoch = 0
         self.clock = StepClock(cores=torch.get_num_threads())  # every step's wall clock, machine load
@@ -212,11 +216,13 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; returns the detached mean loss, still on the device (no host sync)."""
-        out = self.step_fn("train", batch) if self.ddp is None else self.ddp(self.step_fn, "train", batch)
+        with self.precision.autocast():
+            out = self.step_fn("train", batch) if self.ddp is None else self.ddp(self.step_fn, "train", batch)
         loss = out.losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.precision.backward_and_step(loss, self.optimizer)
+        if self.optimizer_state_bytes is None and self.optimizer.state:
+            self.optimizer_state_bytes = optimizer_state_bytes(self.optimizer)
         return loss.detach()
 
     def warm_up(self) -> None:
@@ -322,13 +328,15 @@ class Trainer:
         losses, chosen, rejected = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
         for lo in range(shard.start, shard.stop, self.batch_size):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.batch_size, shard.stop)), self.device)
-            out = self.step_fn(split, batch)
+            with self.precision.autocast():
+                out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
-                r, _ = blip.answer_logps(
-                    self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
-                )
+                with self.precision.autocast():
+                    r, _ = blip.answer_logps(
+                        self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
+                    )
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
@@ -376,8 +384,9 @@ class Trainer:
         steps = -(-len(shard) // bs)
         for i, lo in enumerate(range(shard.start, shard.stop, bs)):
             batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, shard.stop)), self.device)
-            out += greedy_answers(
-                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.answer_tokens
-            )
+            with self.precision.autocast():
+                out += greedy_answers(
+                    self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.answer_tokens
+                )
             self.on_progress("generate", 0, i + 1, steps, None)
         return [answer for part in self.ranks.gather(out) for answer in part]

@@ -30,6 +30,7 @@ from vqabench.report import (
     epoch_table,
     markdown_table,
     quality_table,
+    trains_label,
 )
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
@@ -197,9 +198,10 @@ class EpochPanel(Vertical):
         head = Text.assemble((run.name, "bold"), f" ({run.method}) ", status_text(run.status))
         if run.started is not None:
             reference = run.started.reference_strategy
+            trains = trains_label(run.started)
             head.append(
-                f" · {run.started.device} · {run.started.trainable_params:,} trained params"
-                f" · reference: {reference or 'none'}"
+                f" · {run.started.device} · trains {trains}, {run.started.precision}"
+                f" · {run.started.trainable_params:,} trained params · reference: {reference or 'none'}"
             )
             summary = data_summary(run.started)
             if summary:
