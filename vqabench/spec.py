@@ -25,6 +25,8 @@ TRAIN_PARTS = ("decoder", "all")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
+ENCODER_CACHE = ("auto", "on", "off")
+ENCODER_CACHE_DTYPES = ("fp32", "bf16")
 #: Model names built by the package itself; anything else is a hub id or a local path.
 BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
 
@@ -116,7 +118,10 @@ class RunSpec:
     device: str = "auto"
     telemetry_interval: float = 0.2
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
-    cache_dir: str | None = None  # base checkpoints and reference caches; None = user cache
+    cache_dir: str | None = None  # base checkpoints, reference, image and encoder caches; None = user cache
+    num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
+    encoder_cache: str = "auto"  # frozen-encoder outputs computed once; auto = on iff train = "decoder"
+    encoder_cache_dtype: str = "fp32"  # fp32 is exact; bf16 halves the file
 
     @property
     def resolved_beta(self) -> float:
@@ -127,6 +132,11 @@ class RunSpec:
     @property
     def needs_reference(self) -> bool:
         return self.method in REFERENCE_METHODS
+
+    @property
+    def uses_encoder_cache(self) -> bool:
+        """Whether the frozen encoders' outputs are computed once and read from the cache."""
+        return self.encoder_cache == "on" or (self.encoder_cache == "auto" and self.train == "decoder")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,6 +152,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
+    "encoder_cache": ENCODER_CACHE,
+    "encoder_cache_dtype": ENCODER_CACHE_DTYPES,
 }
 _POSITIVE = {
     "epochs",
@@ -154,7 +166,7 @@ _POSITIVE = {
     "judge.requests_per_minute",
     "judge.max_attempts",
 }
-_NON_NEGATIVE = {"eval_every_epoch", "dataset.seed", "dataset.test_size", "seed", "dataset.min_margin", "weight_decay"}
+_NON_NEGATIVE = {"num_workers", "eval_every_epoch", "dataset.seed", "dataset.test_size", "seed", "dataset.min_margin", "weight_decay"}
 
 
 def _type_name(tp: Any) -> str:
@@ -271,6 +283,11 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
     if not 0 <= spec.dataset.max_skip_share <= 1:
         raise SpecError(
             f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; it must be between 0 and 1."
+        )
+    if spec.encoder_cache == "on" and spec.train != "decoder":
+        raise SpecError(
+            f"{where}: key 'encoder_cache' is 'on' but train is {spec.train!r}: the encoders change during "
+            f"training, so their outputs cannot be cached; use 'auto' or 'off', or train = 'decoder'."
         )
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
         raise SpecError(

@@ -287,14 +287,22 @@ def pair_logps(
 @torch.no_grad()
 def greedy_answers(
     loaded: LoadedModel,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     question_ids: torch.Tensor,
     question_mask: torch.Tensor,
     max_tokens: int,
+    question_embeds: torch.Tensor | None = None,
 ) -> list[str]:
-    """Greedy decoding from BOS until SEP, for a batch; returns decoded answer strings."""
+    """Greedy decoding from BOS until SEP, for a batch; returns decoded answer strings.
+
+    `question_embeds` (from the frozen-encoder cache) replaces running the encoders.
+    """
     model = loaded.model
-    q = encode_questions(model, pixel_values, question_ids, question_mask)
+    if question_embeds is not None:
+        q = question_embeds
+    else:
+        assert pixel_values is not None
+        q = encode_questions(model, pixel_values, question_ids, question_mask)
     seq = torch.full((q.shape[0], 1), loaded.bos_token_id, dtype=torch.long, device=q.device)
     done = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
     for _ in range(max_tokens):

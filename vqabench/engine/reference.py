@@ -79,9 +79,9 @@ class CopyReference:
     ) -> ReferenceLogps:
         if self.train == "decoder":
             decoder, q = self.part, question_embeds.detach()
-        else:  # a full copy: it has its own encoders
+        else:  # a full copy: it has its own encoders (and no encoder cache: they train)
             decoder = self.part.text_decoder
-            q = blip.encode_questions(self.part, batch.pixel_values, batch.question_ids, batch.question_mask)
+            q = batch.encodings(self.part)
         c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
         mm = None
         if with_mismatched:
@@ -154,9 +154,9 @@ class PrecomputedReference:
             for split in ("train", "eval"):
                 n = len(encoded.splits[split])
                 parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}
-                for lo in range(0, n, batch_size):
-                    batch = encoded.batch(split, torch.arange(lo, min(lo + batch_size, n)), device)
-                    q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+                blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+                for batch in encoded.batches(split, blocks, device):
+                    q = batch.encodings(model)
                     c, r, _, _ = blip.pair_logps(
                         model.text_decoder, q, batch.question_mask, batch.chosen, batch.rejected, loaded.pad_token_id
                     )

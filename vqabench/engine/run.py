@@ -18,9 +18,11 @@ from vqabench import events as ev
 from vqabench import metrics
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
+from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataError, DataSplits, answer_token_stats
+from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
@@ -107,7 +109,30 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         data.report.token_stats = answer_token_stats(
             [*data.train, *data.eval, *data.test], count, spec.max_answer_tokens
         )
-    encoded = encode(data, loaded, spec.max_question_tokens, spec.max_answer_tokens)
+    store = ArrayStore(cache_dir / "arrays")
+    encoded = encode(
+        data,
+        loaded,
+        spec.max_question_tokens,
+        spec.max_answer_tokens,
+        store=store,
+        num_workers=spec.num_workers,
+        progress=lambda i, n: progress("images", 0, i, n, None, "writing preprocessed images to the cache"),
+    )
+    encoder_cache: dict[str, object] = {"on": False}
+    if spec.uses_encoder_cache:
+        info = attach_encoder_cache(
+            loaded,
+            encoded,
+            data_fingerprint=data.fingerprint,
+            dtype=spec.encoder_cache_dtype,
+            batch_size=spec.batch_size,
+            device=device,
+            store=store,
+            progress=lambda i, n: progress("encode", 0, i, n, None, "encoding images and questions once"),
+        )
+        emit(ev.EncoderCached(**info.to_dict()))
+        encoder_cache = {"on": True, **info.to_dict()}
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference = None
@@ -147,6 +172,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         "model_source": loaded.source,
         "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train)),
         "reference_seconds": reference_seconds,
+        "encoder_cache": encoder_cache,
     }
     emit(
         ev.RunStarted(

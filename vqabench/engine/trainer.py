@@ -99,9 +99,11 @@ class MethodStep:
         spec, model = self.spec, self.loaded.model
         if spec.train == "decoder":
             with torch.no_grad():
-                q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+                q = batch.encodings(model)
+        elif batch.question_embeds is not None:
+            raise ValueError("cached question encodings reached a run that trains the encoders")
         else:
-            q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+            q = batch.encodings(model)
         decoder = model.text_decoder
         if not self.needs.needs_rejected:
             c, c_len = blip.answer_logps(decoder, q, batch.question_mask, *batch.chosen)
@@ -187,9 +189,8 @@ class Trainer:
         steps = self.steps_per_epoch
         synchronize(self.device)
         start = time.perf_counter()
-        for step in range(steps):
-            rows = order[step * bs : (step + 1) * bs]
-            batch = self.encoded.batch("train", rows, self.device)
+        blocks = [order[step * bs : (step + 1) * bs] for step in range(steps)]
+        for step, batch in enumerate(self.encoded.batches("train", blocks, self.device)):
             try:
                 loss = self.train_step(batch)
             except NumericsError:
@@ -212,8 +213,9 @@ class Trainer:
         self.loaded.model.eval()
         s = self.encoded.splits[split]
         losses, chosen, rejected = [], [], []
-        for lo in range(0, len(s), self.spec.batch_size):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.spec.batch_size, len(s))), self.device)
+        bs = self.spec.batch_size
+        blocks = [torch.arange(lo, min(lo + bs, len(s))) for lo in range(0, len(s), bs)]
+        for batch in self.encoded.batches(split, blocks, self.device):
             out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
             chosen.append(out.chosen_logps.float().cpu())
@@ -256,10 +258,15 @@ class Trainer:
         out: list[str] = []
         bs = max(self.spec.batch_size, 32)
         steps = -(-n // bs)
-        for i, lo in enumerate(range(0, n, bs)):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, n)), self.device)
+        blocks = [torch.arange(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
+        for i, batch in enumerate(self.encoded.batches(split, blocks, self.device)):
             out += blip.greedy_answers(
-                self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.spec.max_answer_tokens
+                self.loaded,
+                batch.pixel_values,
+                batch.question_ids,
+                batch.question_mask,
+                self.spec.max_answer_tokens,
+                question_embeds=batch.question_embeds,
             )
             self.on_progress("generate", 0, i + 1, steps, None)
         return out

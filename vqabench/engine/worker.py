@@ -40,6 +40,7 @@ def protocol_stream() -> IO[str]:
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """(error kind, one-sentence message) for a failure."""
+    from vqabench.engine.cache import CacheError
     from vqabench.engine.data.records import DataError
     from vqabench.engine.model import ModelError
     from vqabench.engine.trainer import NumericsError
@@ -49,6 +50,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     text = str(exc).strip() or type(exc).__name__
     for cls, kind in (
         (SpecError, "config"),
+        (CacheError, "disk"),
         (DataError, "data"),
         (ModelError, "model"),
         (NumericsError, "numerics"),

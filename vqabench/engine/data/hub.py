@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
+from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore, LazyImages
 from vqabench.engine.data.records import (
     DataError,
     DataSplits,
@@ -318,7 +318,7 @@ def load_splits(
     parts["train"] = limit_train(parts["train"], limit, seed)
     every_pair = [p for role in ROLES for p in parts[role]]
     report.token_stats = answer_token_stats(every_pair, count_tokens, max_answer_tokens)
-    images = store.load_many_rgb([pair.image_id for pair in every_pair])
+    images = LazyImages(store, [pair.image_id for pair in every_pair])
     return DataSplits(
         train=parts["train"],
         eval=parts["eval"],
