@@ -107,6 +107,8 @@ class Entry:
         """Rows of one array as a (copied) tensor in its stored dtype."""
         index = rows if isinstance(rows, slice) else rows.numpy()
         values = np.ascontiguousarray(self.array(name)[index])
+        if not values.flags.writeable:  # a slice is a view of the read-only map: copy it
+            values = values.copy()
         if self.specs[name].dtype == "bfloat16":
             return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(values)
