@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,7 +117,7 @@ def test_a_full_disk_gives_one_sentence_and_leaves_no_partial_entry(tmp_path):
 
 
 def test_without_a_folder_entries_live_in_memory():
-    entry, pixels, codes = fill(ArrayStore(None))
+    entry, pixels, _ = fill(ArrayStore(None))
     assert entry.path is None
     assert torch.equal(entry.rows("pixels", torch.tensor([9, 1])), pixels[[9, 1]])
     assert ArrayStore(None).open(KEY) is None

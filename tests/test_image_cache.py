@@ -44,7 +44,7 @@ def test_dataloader_workers_give_the_same_batches_in_the_same_order(tmp_path):
     encoded.num_workers = 2
     there = list(encoded.batches("train", blocks, CPU))
     assert [b.rows.tolist() for b in there] == [b.tolist() for b in blocks]
-    for a, b in zip(here, there):
+    for a, b in zip(here, there, strict=True):
         assert a.pixel_values is not None and b.pixel_values is not None
         assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.question_ids, b.question_ids)
 

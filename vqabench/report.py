@@ -65,6 +65,7 @@ class RunSummary:
     judge_score: float | None
     intervals: dict[str, list[float]] = field(default_factory=dict)  # "em" -> [low, high]
     kappa: float | None = None
+    encoder_cache: str | None = None  # "off", "built in N s", "reused"; None before run_started
     seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
     spread: dict[str, float] = field(default_factory=dict)  # field name -> ± half-width
 
@@ -126,6 +127,7 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             em=None,
             f1=None,
             judge_score=None,
+            encoder_cache=_merged_text([m.encoder_cache for m in members]),
             seeds=len(done),
         )
         for key in SEED_FIELDS:
@@ -234,9 +236,55 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 judge_score=evaluation.judge_score if evaluation else None,
                 intervals=intervals,
                 kappa=_number(extra.get("judge_kappa")),
+                encoder_cache=encoder_cache_text(run.started),
             )
         )
     return summaries
+
+
+def encoder_cache_info(started: RunStarted | None) -> dict[str, Any] | None:
+    """The run's encoder-cache record from run_started (older runs had none: off); None before it started."""
+    if started is None:
+        return None
+    info = started.data.get("encoder_cache")
+    return info if isinstance(info, dict) else {"on": False}
+
+
+def encoder_cache_text(started: RunStarted | None) -> str | None:
+    """'off', 'built in 12.3 s' or 'reused' for the report, the dashboard and the console."""
+    info = encoder_cache_info(started)
+    if info is None:
+        return None
+    if not info.get("on"):
+        return "off"
+    if info.get("built"):
+        where = "" if info.get("path") else ", in memory"
+        return f"built in {_number(info.get('seconds')) or 0.0:.2f} s{where}"
+    return "reused"
+
+
+def _encoder_cache_seconds(started: RunStarted | None) -> float:
+    """The one-off encoding pass this run paid for (0 when it reused the cache or had none)."""
+    info = encoder_cache_info(started) or {}
+    return (_number(info.get("seconds")) or 0.0) if info.get("on") and info.get("built") else 0.0
+
+
+def mixed_encoder_cache_warning(runs: Sequence[RunData]) -> str | None:
+    """One sentence when runs with and without the encoder cache are set side by side, else None."""
+    on = [r.name for r in runs if (encoder_cache_info(r.started) or {}).get("on")]
+    off = [r.name for r in runs if r.started is not None and r.name not in on]
+    if not on or not off:
+        return None
+    return (
+        f"Warning: runs with the frozen-encoder cache ({', '.join(on)}) and without it ({', '.join(off)}) "
+        f"are side by side, so their epoch times measure different work; compare times only between "
+        f"runs with the same encoder_cache setting."
+    )
+
+
+def _merged_text(values: Sequence[str | None]) -> str | None:
+    kinds = {("built" if v.startswith("built") else v) for v in values if v}
+    return next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else None)
 
 
 def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
@@ -302,12 +350,12 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     summaries = summarize_runs(runs)
     merged = aggregate_seeds(summaries)
     unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
-    tables = [quality_table(merged, runs), efficiency_table(merged)]
+    tables = [quality_table(merged, runs), efficiency_table(merged, mixed_encoder_cache_warning(runs))]
     versus = versus_sft_table(runs)
     if versus is not None:
         tables.append(versus)
     if per_seed and len(merged) < len(summaries):
-        for table in (quality_table(summaries, runs), efficiency_table(summaries)):
+        for table in (quality_table(summaries, runs), efficiency_table(summaries, mixed_encoder_cache_warning(runs))):
             table.title += " per seed"
             tables.append(table)
     return SessionReport(
@@ -429,8 +477,8 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
     return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
 
-def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
-    """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory."""
+def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None) -> ReportTable:
+    """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory, encoder cache."""
     sources = {s.memory_source for s in summaries if s.memory_source}
     memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓", frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(
         frozenset(sources), "Peak memory [MiB] ↓"
@@ -444,6 +492,7 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         memory_header,
         "Peak − ORPO [MiB]",
         "Reference memory [MiB] ↓",
+        "Encoder cache",
     ]
     rows = []
     for s in summaries:
@@ -465,14 +514,22 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
                 memory,
                 _pm(s, "peak_vs_orpo_mib", 1),
                 reference,
+                s.encoder_cache or NA,
             ]
         )
-    notes = [
+    notes = [warning] if warning else []
+    notes.append(
         "Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
         "data (SFT = 1.00). "
         "Time to aligned model: training time of the run plus every run it starts from "
-        "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."
-    ]
+        "(SFT + DPO counts both stages), the one-off pass of a precomputed reference, and the "
+        "one-off encoding pass of the encoder cache where that chain's run built it."
+    )
+    notes.append(
+        "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
+        "built: this run paid the encoding pass (charged above); reused: an earlier run with the same "
+        "encoders and data built it; off: the encoders run in every step, as in the study's code."
+    )
     memory_notes = {
         "CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
         "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's.",
@@ -538,8 +595,9 @@ def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
             return None
         seen.add(node.name)
         total += node.finished.train_seconds
-        if node.started is not None:  # a `precompute` reference's one-off scoring pass
+        if node.started is not None:  # a `precompute` reference's one-off scoring pass, the encoding pass
             total += _number(node.started.data.get("reference_seconds")) or 0.0
+            total += _encoder_cache_seconds(node.started)
         if node.after is None:
             return total
         if node.after not in by_name:

@@ -166,7 +166,15 @@ _POSITIVE = {
     "judge.requests_per_minute",
     "judge.max_attempts",
 }
-_NON_NEGATIVE = {"num_workers", "eval_every_epoch", "dataset.seed", "dataset.test_size", "seed", "dataset.min_margin", "weight_decay"}
+_NON_NEGATIVE = {
+    "num_workers",
+    "eval_every_epoch",
+    "dataset.seed",
+    "dataset.test_size",
+    "seed",
+    "dataset.min_margin",
+    "weight_decay",
+}
 
 
 def _type_name(tp: Any) -> str:

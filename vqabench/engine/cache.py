@@ -144,7 +144,12 @@ class EntryWriter:
                 fh = open(self.tmp / f"{s.name}.npy", "wb")  # noqa: SIM115 (closed in commit/abort)
                 self._files[s.name] = fh
                 np.lib.format.write_array_header_1_0(
-                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(_NUMPY_DTYPES[s.dtype])), "fortran_order": False, "shape": s.shape}
+                    fh,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(_NUMPY_DTYPES[s.dtype])),
+                        "fortran_order": False,
+                        "shape": s.shape,
+                    },
                 )
                 if hasattr(os, "posix_fallocate") and s.nbytes:  # a full disk fails here, before any work
                     os.posix_fallocate(fh.fileno(), fh.tell(), s.nbytes)
@@ -193,7 +198,9 @@ class EntryWriter:
                 "kind": self.key.kind,
                 "parts": self.key.parts,
                 "format": FORMAT_VERSION,
-                "arrays": {n: {"shape": list(s.shape), "dtype": s.dtype, "bytes": s.nbytes} for n, s in self.specs.items()},
+                "arrays": {
+                    n: {"shape": list(s.shape), "dtype": s.dtype, "bytes": s.nbytes} for n, s in self.specs.items()
+                },
             }
             (self.tmp / MARKER).write_text(json.dumps(marker, indent=1))
             if target.exists():  # another process published this key first: keep theirs

@@ -19,7 +19,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from vqabench.report import MIB, NA, ReportTable, efficiency_table, epoch_table, quality_table
+from vqabench.report import MIB, NA, ReportTable, efficiency_table, encoder_cache_text, epoch_table, quality_table
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
 from vqabench.tui.plot import loss_plot
@@ -185,7 +185,7 @@ class EpochPanel(Vertical):
             reference = run.started.reference_strategy
             head.append(
                 f" · {run.started.device} · {run.started.trainable_params:,} trained params"
-                f" · reference: {reference or 'none'}"
+                f" · reference: {reference or 'none'} · encoder cache: {encoder_cache_text(run.started)}"
             )
         caption.update(head)
         report = epoch_table(run.run_data())
