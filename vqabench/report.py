@@ -492,8 +492,11 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         memory_header,
         "Peak − ORPO [MiB]",
         "Reference memory [MiB] ↓",
-        "Encoder cache",
     ]
+    # Shown once any run used the encoder cache (without it every run is "off", the study's setting).
+    with_cache = any(s.encoder_cache not in (None, "off") for s in summaries)
+    if with_cache:
+        columns.append("Encoder cache")
     rows = []
     for s in summaries:
         memory = _fmt(s.peak_memory_mib, 1)
@@ -514,22 +517,23 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
                 memory,
                 _pm(s, "peak_vs_orpo_mib", 1),
                 reference,
-                s.encoder_cache or NA,
             ]
+            + ([s.encoder_cache or NA] if with_cache else [])
         )
     notes = [warning] if warning else []
     notes.append(
         "Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
         "data (SFT = 1.00). "
         "Time to aligned model: training time of the run plus every run it starts from "
-        "(SFT + DPO counts both stages), the one-off pass of a precomputed reference, and the "
-        "one-off encoding pass of the encoder cache where that chain's run built it."
+        "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."
     )
-    notes.append(
-        "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
-        "built: this run paid the encoding pass (charged above); reused: an earlier run with the same "
-        "encoders and data built it; off: the encoders run in every step, as in the study's code."
-    )
+    if with_cache:
+        notes.append(
+            "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
+            "built: this run paid the one-off encoding pass, which is added to its Time to aligned model (and "
+            "to that of the runs that start from it); reused: an earlier run with the same encoders and data "
+            "built it; off: the encoders run in every step, as in the study's code."
+        )
     memory_notes = {
         "CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
         "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's.",
