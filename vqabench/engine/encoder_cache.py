@@ -159,10 +159,16 @@ def _encode_all(
     try:
         with torch.no_grad():
             for name in SPLITS:
-                n = len(encoded.splits[name])
+                s = encoded.splits[name]
+                n = len(s)
                 blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
                 for batch in encoded.batches(name, blocks, device):
-                    writer.write(name, batch.encodings(model).to(torch_dtype))
+                    # The split's full question width, whatever width a batch is trimmed to: a
+                    # batch reads the first positions of these rows (padding is masked out).
+                    q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
+                    assert batch.pixel_values is not None
+                    q = blip.encode_questions(model, batch.pixel_values, q_ids, q_mask)
+                    writer.write(name, q.to(torch_dtype))
                     done += 1
                     if progress is not None:
                         progress(done, total)
