@@ -185,8 +185,11 @@ class EpochPanel(Vertical):
             reference = run.started.reference_strategy
             head.append(
                 f" · {run.started.device} · {run.started.trainable_params:,} trained params"
-                f" · reference: {reference or 'none'} · encoder cache: {encoder_cache_text(run.started)}"
+                f" · reference: {reference or 'none'}"
             )
+            cache = encoder_cache_text(run.started)
+            if cache not in (None, "off"):  # the study's setting goes without saying
+                head.append(f" · encoder cache: {cache}")
         caption.update(head)
         report = epoch_table(run.run_data())
         memory_header = "CUDA MiB" if any("CUDA" in c for c in report.columns) else "RSS MiB"
