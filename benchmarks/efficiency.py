@@ -148,12 +148,15 @@ def measure(key: str, start: blip.LoadedModel, encoded, batches, args, device, e
             times.append((time.perf_counter() - t) * 1000)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak
     ref_bytes = reference.resident_bytes if reference is not None else 0
-    del step, optimizer, reference, loaded
+    encoded.encodings = None
+    return Measurement(times, peak, ref_bytes, setup_s)
+
+
+def release(device: torch.device) -> None:
+    """Free what the last variant left (its locals are gone once `measure` returns)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    encoded.encodings = None
-    return Measurement(times, peak, ref_bytes, setup_s)
 
 
 def build_encodings(start: blip.LoadedModel, encoded, args, device):
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for k in keys if r % 2 == 0 else list(reversed(keys)):
             results[k].append(measure(k, start, encoded, batches, args, device, encodings))
+            release(device)
             print(
                 f"round {r + 1}/{args.rounds} {k}: {statistics.median(results[k][-1].ms_per_step):.1f} ms/step",
                 file=sys.stderr,

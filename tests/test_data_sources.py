@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from vqabench.engine.data.hub import load_splits, nearest_rank
+from vqabench.engine.data.hub import load_splits
 from vqabench.engine.data.images import CORRUPT_IMAGE, MISSING_IMAGE, NO_IMAGE, ImageStore
-from vqabench.engine.data.records import DataError, PreferencePair
+from vqabench.engine.data.records import DataError, PreferencePair, nearest_rank
 from vqabench.engine.data.splits import carve, limit_train
 from vqabench.spec import DatasetSpec
 
@@ -99,7 +99,7 @@ def rated(response: str, ratings: tuple[str, str, str]) -> dict:
         "response": response,
         "annotations": {
             aspect: {"Rating": r, "Rationale": "seen"}
-            for aspect, r in zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings)
+            for aspect, r in zip(("Helpfulness", "Visual Faithfulness", "Ethical Considerations"), ratings, strict=True)
         },
     }
 
@@ -246,7 +246,7 @@ def reference(tmp_path_factory, cache_dir):
 @pytest.mark.parametrize("schema", SCHEMAS)
 def test_every_schema_and_format_loads_the_same_pairs(schema, fmt, tmp_path, cache_dir, reference):
     data = load(make_fixture(schema, fmt, tmp_path), cache_dir)
-    ref, ref_root = reference
+    ref, _ = reference
 
     assert data.report.rows_read == N_GOOD + 2
     assert data.report.pairs_built == N_GOOD

@@ -154,7 +154,7 @@ def test_make_judge_auto_is_semantic_without_an_api_key(monkeypatch, tmp_path):
     assert isinstance(judge, CachedJudge) and isinstance(judge.inner, SemanticJudge)
     assert judge.inner.threshold == 0.75
     assert isinstance(make_judge(JudgeSpec(name="exact"), cache_path=tmp_path / "x.db"), ExactJudge)
-    with pytest.raises(JudgeError, match="judge.name"):
+    with pytest.raises(JudgeError, match=r"judge\.name"):
         make_judge(JudgeSpec(name="gpt"))
 
 
@@ -197,7 +197,7 @@ def test_cache_persists_and_judges_each_distinct_item_once(tmp_path):
     assert len(first.graded) == 2
     second = CountingJudge()
     with JudgmentCache(path) as cache:
-        assert judge_items(second, items + [JudgeItem("q", "red", "green")], cache=cache)[:3] == verdicts
+        assert judge_items(second, [*items, JudgeItem("q", "red", "green")], cache=cache)[:3] == verdicts
     assert second.graded == [JudgeItem("q", "red", "green")]
     rows = sqlite3.connect(path).execute("SELECT judge, model, version, outcome FROM judgments").fetchall()
     assert sorted(r[3] for r in rows) == ["correct", "incorrect", "incorrect"]

@@ -113,7 +113,10 @@ def test_real_size_model_has_the_parameter_count_its_config_implies(real_size_mo
 
 
 def test_untied_count_matches_the_published_checkpoint_size():
-    """The public file holds the LM-head weight apart (bias shared, as transformers 4.x did): 4 bytes a value + a header."""
+    """The public file holds the LM-head weight apart (bias shared, as transformers 4.x did).
+
+    4 bytes a value + a header.
+    """
     config = blip_vqa_base_config()
     parts = expected_breakdown(config)
     untied = parts["total"] + config.text_config.vocab_size * config.text_config.hidden_size

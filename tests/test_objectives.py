@@ -205,7 +205,7 @@ def exact_log1mexp(x: float) -> float:
 def test_log1mexp_matches_exact_values_on_both_branches():
     xs = [-1e-12, -1e-6, -0.01, -0.5, -math.log(2) + 1e-9, -math.log(2) - 1e-9, -1.0, -5.0, -30.0, -700.0]
     got = log1mexp(t(*xs)).tolist()
-    for x, value in zip(xs, got):
+    for x, value in zip(xs, got, strict=True):
         assert value == pytest.approx(exact_log1mexp(x), rel=1e-12, abs=0.0)
 
 

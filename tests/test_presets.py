@@ -170,7 +170,7 @@ def test_two_files_with_one_run_name_are_refused(tmp_path):
 def test_set_overrides_any_key_and_is_validated_like_a_preset():
     specs = load_presets("sft", Overrides(settings=("dataset.test_size=64", "judge.name=exact", "lr=1e-3")))
     assert (specs[0].dataset.test_size, specs[0].judge.name, specs[0].lr) == (64, "exact", 1e-3)
-    with pytest.raises(SpecError, match="unknown key 'dataset.bogus'"):
+    with pytest.raises(SpecError, match=r"unknown key 'dataset\.bogus'"):
         load_presets("sft", Overrides(settings=("dataset.bogus=1",)))
     with pytest.raises(SpecError, match="must be an integer"):
         load_presets("sft", Overrides(settings=("epochs=many",)))
@@ -190,9 +190,9 @@ def test_seeds_repeat_every_run_and_dependants_follow_their_own_seed():
 
 
 def test_set_is_checked_like_a_preset_file_before_anything_starts():
-    with pytest.raises(SpecError, match="key 'model' has value '/nope/x'"):
+    with pytest.raises(SpecError, match=r"key 'model' has value '/nope/x'"):
         load_presets("sft", Overrides(settings=("model=/nope/x",)))
-    with pytest.raises(SpecError, match="dataset.source"):
+    with pytest.raises(SpecError, match=r"dataset\.source"):
         load_presets("sft", Overrides(settings=("dataset.source=missing.jsonl",)))
-    with pytest.raises(SpecError, match="dataset.eval_size"):
+    with pytest.raises(SpecError, match=r"dataset\.eval_size"):
         load_presets("sft", Overrides(settings=("dataset.eval_size=0",)))

@@ -85,7 +85,7 @@ def test_runs_go_in_dependency_order_and_dpo_starts_from_the_sft_checkpoint(tmp_
 
 def test_a_killed_worker_fails_its_run_skips_dependants_and_keeps_its_epochs(tmp_path):
     plan = {"runs": {"sft": {"crash_in_epoch": 2, "stderr": ["loading data"]}}}
-    runner, notes = make_runner(tmp_path, plan)
+    runner, _ = make_runner(tmp_path, plan)
     store = ResultsStore(tmp_path / "results")
     session = store.begin_session("test")
     runner.subscribe(store.recorder(session))

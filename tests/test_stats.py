@@ -36,7 +36,10 @@ def test_bootstrap_is_reproducible_and_shrinks_with_more_items():
     small, large = rng.random(50), rng.random(5000)
     assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
     assert bootstrap_ci(small, seed=3) != bootstrap_ci(small, seed=4)
-    width = lambda ci: ci.high - ci.low
+
+    def width(ci):
+        return ci.high - ci.low
+
     assert width(bootstrap_ci(large)) < width(bootstrap_ci(small)) / 5
     assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="at least one value"):
@@ -52,8 +55,8 @@ def test_paired_bootstrap_sees_a_small_consistent_gain_that_unpaired_intervals_m
     assert result.mean_diff == pytest.approx(float(np.mean(orpo - sft)))
     assert 0 < result.low < result.mean_diff < result.high
     assert result.p_value < 0.01 and result.n == 300
-    _, sft_low, sft_high = bootstrap_ci(sft)
-    _, orpo_low, orpo_high = bootstrap_ci(orpo)
+    _, _, sft_high = bootstrap_ci(sft)
+    _, orpo_low, _ = bootstrap_ci(orpo)
     assert orpo_low < sft_high  # the separate intervals overlap
     flipped = paired_bootstrap(sft, orpo, seed=0)
     assert flipped.mean_diff == pytest.approx(-result.mean_diff)
@@ -103,7 +106,9 @@ def items(answers):
 
 
 def test_win_rate_cancels_a_judge_that_always_prefers_the_first_answer():
-    always_first = lambda question, reference, first, second: "A"
+    def always_first(question, reference, first, second):
+        return "A"
+
     result = win_rate(always_first, items(["red", "blue"]), items(["blue", "red"]))
     assert (result.a_wins, result.b_wins, result.ties) == (0, 0, 2)
     assert result.first_position_rate == 1.0 and result.a_score == 0.5
@@ -125,7 +130,9 @@ def test_win_rate_keeps_real_preferences_and_ties_position_biased_guesses():
 
 
 def test_win_rate_counts_unparseable_replies_as_ties_and_checks_alignment():
-    confused = lambda question, reference, first, second: "unparseable"
+    def confused(question, reference, first, second):
+        return "unparseable"
+
     result = win_rate(confused, items(["red"]), items(["blue"]))
     assert (result.ties, result.unparseable, result.first_position_rate) == (1, 1, None)
     with pytest.raises(ValueError, match="item 0"):

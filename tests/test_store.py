@@ -107,7 +107,7 @@ def test_the_store_uses_wal_and_records_its_schema_version(tmp_path):
 def test_an_older_store_is_migrated_and_keeps_its_data(tmp_path, monkeypatch):
     with ResultsStore(tmp_path) as old:
         session_id = old.begin_session("all").id
-    newer = store_module.MIGRATIONS + ("ALTER TABLE sessions ADD COLUMN note TEXT DEFAULT 'n'",)
+    newer = (*store_module.MIGRATIONS, "ALTER TABLE sessions ADD COLUMN note TEXT DEFAULT 'n'")
     monkeypatch.setattr(store_module, "MIGRATIONS", newer)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(newer))
     with ResultsStore(tmp_path) as migrated:
@@ -120,7 +120,7 @@ def test_a_store_from_a_newer_vqabench_is_refused_with_one_sentence(tmp_path):
     ResultsStore(tmp_path).close()
     with sqlite3.connect(tmp_path / "results.db") as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(StoreError, match="written by a newer vqabench .*upgrade vqabench or pass another --results"):
+    with pytest.raises(StoreError, match=r"written by a newer vqabench .*upgrade vqabench or pass another --results"):
         ResultsStore(tmp_path)
 
 
@@ -141,7 +141,7 @@ def test_sessions_are_listed_newest_first_and_unknown_ones_are_named(tmp_path):
 
 
 def test_opening_a_missing_store_for_reading_says_what_to_do(tmp_path):
-    with pytest.raises(StoreError, match="there is no results store at .*run 'vqabench --headless' first"):
+    with pytest.raises(StoreError, match=r"there is no results store at .*run 'vqabench --headless' first"):
         ResultsStore(tmp_path / "none", create=False)
 
 

@@ -75,20 +75,24 @@ def test_rate_limit_waits_at_least_retry_after_then_succeeds():
 
 
 def test_server_error_forever_gives_up_after_max_attempts_and_caches_nothing(tmp_path):
-    with FakeTogetherServer(responder=always(Reply(500, error_body("boom")))) as server:
-        with JudgmentCache(tmp_path / "judgments.db") as cache:
-            with pytest.raises(JudgeUnavailableError) as caught:
-                judge_items(make(server, max_attempts=3), ITEMS, cache=cache)
-            assert len(cache) == 0
+    with (
+        FakeTogetherServer(responder=always(Reply(500, error_body("boom")))) as server,
+        JudgmentCache(tmp_path / "judgments.db") as cache,
+    ):
+        with pytest.raises(JudgeUnavailableError) as caught:
+            judge_items(make(server, max_attempts=3), ITEMS, cache=cache)
+        assert len(cache) == 0
     assert len(server.chat_requests) == 3
     message = str(caught.value)
     assert "gave up after 3 attempts" in message and "HTTP 500" in message and "max_attempts" in message
 
 
 def test_unauthorized_fails_after_exactly_one_request_even_with_concurrency():
-    with FakeTogetherServer(responder=always(Reply(401, error_body("invalid api key")))) as server:
-        with pytest.raises(JudgeAuthError) as caught:
-            make(server, concurrency=4).grade(ITEMS)
+    with (
+        FakeTogetherServer(responder=always(Reply(401, error_body("invalid api key")))) as server,
+        pytest.raises(JudgeAuthError) as caught,
+    ):
+        make(server, concurrency=4).grade(ITEMS)
     assert len(server.chat_requests) == 1
     assert "TOGETHER_API_KEY" in str(caught.value) and "401" in str(caught.value)
 
@@ -109,9 +113,11 @@ def test_quota_errors_fail_at_once(reply):
 
 
 def test_unknown_model_fails_at_once_naming_the_setting():
-    with FakeTogetherServer(responder=always(Reply(404, error_body("model not found")))) as server:
-        with pytest.raises(JudgeRequestError) as caught:
-            make(server).grade(ITEMS)
+    with (
+        FakeTogetherServer(responder=always(Reply(404, error_body("model not found")))) as server,
+        pytest.raises(JudgeRequestError) as caught,
+    ):
+        make(server).grade(ITEMS)
     assert len(server.chat_requests) == 1
     assert "judge.model" in str(caught.value) and "model not found" in str(caught.value)
 

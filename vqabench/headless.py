@@ -303,7 +303,7 @@ def _print_summary(console: Console, report: SessionReport, runner: Runner) -> N
     for table in report.tables:  # quality and efficiency; per-epoch tables are in the export
         if console.is_terminal:
             rich_table = Table(title=table.title, title_justify="left")
-            for column, align in zip(table.columns, table.align):  # Text: "[s]" is no markup
+            for column, align in zip(table.columns, table.align, strict=True):  # Text: "[s]" is no markup
                 rich_table.add_column(Text(column), justify="right" if align == "right" else "left")
             for row in table.rows:
                 rich_table.add_row(*map(Text, row))

@@ -56,7 +56,7 @@ def mean_scores(predictions: Sequence[str], references: Sequence[str | Sequence[
         raise ValueError("mean_scores needs at least one prediction; got none.")
     em_total = 0.0
     f1_total = 0.0
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         answers = [reference] if isinstance(reference, str) else list(reference)
         if not answers:
             raise ValueError(

@@ -20,6 +20,7 @@ name is a file stem.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,10 @@ from typing import Any
 
 from vqabench.spec import BUILTIN_MODELS, RunSpec, SpecError, spec_from_dict
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10: the same reader, from PyPI
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python 3.10: the same reader, from PyPI
+    import tomli as tomllib
 
 #: The packaged presets (a plain folder inside the package, shipped as package data).
 PRESETS_DIR = Path(__file__).with_name("presets")
@@ -304,7 +305,7 @@ def order_runs(specs: Iterable[RunSpec], where: dict[str, str] | None = None) ->
             start = cycle[0]
             raise SpecError(
                 f"{where.get(start, start)}: key 'after' has value {by_name[start].after!r}, "
-                f"which makes a cycle ({' -> '.join(cycle + [start])}); "
+                f"which makes a cycle ({' -> '.join([*cycle, start])}); "
                 f"a run cannot start from itself."
             )
         name = ready[0]

@@ -37,10 +37,10 @@ def find_run(store: ResultsStore, run_id: int) -> RunRecord:
 
 
 def _test_predictions(store: ResultsStore, run: RunRecord) -> Path:
-    tests = [e for e in store.evals(run.id) if e.split == "test" and e.predictions]
-    if not tests:
+    paths = [e.predictions for e in store.evals(run.id) if e.split == "test" and e.predictions]
+    if not paths:
         raise StoreError(f"run {run.id} ({run.name}) has no stored test predictions to judge; it did not finish.")
-    return Path(tests[-1].predictions)
+    return Path(paths[-1])
 
 
 def compare_runs(
@@ -83,7 +83,7 @@ def rejudge_run(store: ResultsStore, run_id: int, judge_spec: JudgeSpec, cache_d
     )
     verdicts = path.with_name(f"{path.stem}.{summary.judge}.jsonl")
     with verdicts.open("w", encoding="utf-8") as fh:
-        for item, verdict in zip(items, summary.verdicts):
+        for item, verdict in zip(items, summary.verdicts, strict=False):
             fh.write(
                 json.dumps(
                     {

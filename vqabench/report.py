@@ -223,13 +223,13 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 method=run.method,
                 status=run.status,
                 mean_epoch_seconds=epoch_mean,
-                relative_epoch_time=(epoch_mean / means[sft]) if sft and epoch_mean is not None else None,
+                relative_epoch_time=_ratio(epoch_mean, means[sft] if sft else None),
                 aligned_seconds=_aligned_seconds(run, by_name),
                 samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
                 peak_memory_mib=peak,
                 memory_source=source,
                 peak_vs_orpo_mib=(peak - orpo_peak) if peak is not None and orpo_peak is not None else None,
-                reference_mib=(run.started.reference_bytes / MIB) if uses_reference else None,
+                reference_mib=(run.started.reference_bytes / MIB) if run.started and uses_reference else None,
                 uses_reference=uses_reference,
                 em=evaluation.em if evaluation else None,
                 f1=evaluation.f1 if evaluation else None,
@@ -319,14 +319,17 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             not ours
             or not theirs
             or len(ours) != len(theirs)
-            or any((a["question"], a["reference"]) != (b["question"], b["reference"]) for a, b in zip(ours, theirs))
+            or any(
+                (a["question"], a["reference"]) != (b["question"], b["reference"])
+                for a, b in zip(ours, theirs, strict=True)
+            )
         ):
             continue
         row = [run.name, base.name]
         for key in ("em", "f1"):
             d = paired_bootstrap([a[key] for a in ours], [b[key] for b in theirs])
             row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"]
-        rows.append(row + [str(len(ours))])
+        rows.append([*row, str(len(ours))])
     if not rows:
         return None
     notes = [
@@ -388,7 +391,7 @@ def _markdown_section(level: str, table: ReportTable) -> list[str]:
     lines = [f"{level} {table.title}", "", *markdown_table(table)]
     if table.notes:
         lines += ["", *table.notes]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def markdown_table(table: ReportTable) -> list[str]:
@@ -398,13 +401,14 @@ def markdown_table(table: ReportTable) -> list[str]:
     widths = [max(3, *(len(row[i]) for row in cells)) for i in range(len(table.columns))]
 
     def line(row: list[str]) -> str:
-        padded = [c.rjust(w) if a == "right" else c.ljust(w) for c, w, a in zip(row, widths, table.align)]
+        padded = [c.rjust(w) if a == "right" else c.ljust(w) for c, w, a in zip(row, widths, table.align, strict=True)]
         return "| " + " | ".join(padded) + " |"
 
     rule = (
         "|"
         + "|".join(
-            ("-" * (w + 1) + ":") if a == "right" else (":" + "-" * (w + 1)) for w, a in zip(widths, table.align)
+            ("-" * (w + 1) + ":") if a == "right" else (":" + "-" * (w + 1))
+            for w, a in zip(widths, table.align, strict=True)
         )
         + "|"
     )
@@ -446,7 +450,7 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             ]
         if with_kappa:
             row.append(_pm(s, "kappa", 2))
-        rows.append(row + [_pm(s, "mean_epoch_seconds", 2)])
+        rows.append([*row, _pm(s, "mean_epoch_seconds", 2)])
     evals = [r.final_eval for r in runs if r.final_eval]
     notes = []
     if evals:
@@ -610,11 +614,16 @@ def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
 
 
 def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:
-    cuda = [e.cuda_max_allocated_mib for e in epochs if _number(e.cuda_max_allocated_mib) is not None]
+    cuda = [v for v in (_number(e.cuda_max_allocated_mib) for e in epochs) if v is not None]
     if cuda:
         return max(cuda), "CUDA"
-    rss = [e.peak_rss_mib for e in epochs if _number(e.peak_rss_mib) is not None]
+    rss = [v for v in (_number(e.peak_rss_mib) for e in epochs) if v is not None]
     return (max(rss), "RSS") if rss else (None, None)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    """value / base, or None when either is unknown or the base is 0."""
+    return value / base if value is not None and base else None
 
 
 def _mean(values: Sequence[Any]) -> float | None:

@@ -31,6 +31,7 @@ A host killed with SIGKILL cannot clean up; its worker then runs to its end on i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from vqabench.events import (
     EpochEnded,
@@ -133,7 +133,7 @@ class RunnerFinished:
     cancelled: bool
 
 
-Notification = Union[RunQueued, RunStatusChanged, WorkerEvent, WorkerStderr, InvalidWorkerLine, RunnerFinished]
+Notification = RunQueued | RunStatusChanged | WorkerEvent | WorkerStderr | InvalidWorkerLine | RunnerFinished
 Subscriber = Callable[[Notification], None]
 
 
@@ -494,10 +494,8 @@ def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def _signal_group(pgid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_group(pgid: int) -> None:
@@ -533,7 +531,7 @@ async def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _drain(readers: list[asyncio.Future[None]], timeout: float = 5.0) -> None:
+async def _drain(readers: Sequence[asyncio.Future[None]], timeout: float = 5.0) -> None:
     """Let the pipe readers reach EOF; give up on a pipe some stray process still holds."""
     done, pending = await asyncio.wait(readers, timeout=timeout)
     for reader in pending:

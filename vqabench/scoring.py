@@ -53,7 +53,7 @@ def _interval(values: list[float]) -> list[float] | None:
     if len(values) < 2:
         return None
     _, low, high = stats.bootstrap_ci(values, n_resamples=2000, seed=0, level=0.95)
-    return [low, high]
+    return None if low is None or high is None else [low, high]
 
 
 @contextmanager

@@ -290,7 +290,8 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
         raise SpecError(f"{where}: key 'beta' has value {spec.beta!r}; it must be greater than 0.")
     if not 0 <= spec.dataset.max_skip_share <= 1:
         raise SpecError(
-            f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; it must be between 0 and 1."
+            f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; "
+            f"it must be between 0 and 1."
         )
     if spec.encoder_cache == "on" and spec.train != "decoder":
         raise SpecError(

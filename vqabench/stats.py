@@ -127,7 +127,7 @@ def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> f
     n = len(labels_a)
     if n == 0:
         raise ValueError("cohen_kappa needs at least one labelled item; got none.")
-    observed = sum(1 for x, y in zip(labels_a, labels_b) if x == y) / n
+    observed = sum(1 for x, y in zip(labels_a, labels_b, strict=True) if x == y) / n
     counts_a, counts_b = Counter(labels_a), Counter(labels_b)
     expected = sum(counts_a[label] * counts_b.get(label, 0) for label in counts_a) / (n * n)
     if math.isclose(expected, 1.0):
@@ -262,7 +262,7 @@ def win_rate(
     a_wins = b_wins = ties = unparseable = 0
     first_picks = decisive = 0
     outcomes = []
-    for index, (item_a, item_b) in enumerate(zip(items_a, items_b)):
+    for index, (item_a, item_b) in enumerate(zip(items_a, items_b, strict=True)):
         question, reference, answer_a = _triple(item_a)
         question_b, reference_b, answer_b = _triple(item_b)
         if (question, reference) != (question_b, reference_b):

@@ -340,7 +340,7 @@ class ResultsStore:
                     vqabench.__version__,
                 ),
             )
-            session_id = cursor.lastrowid
+            session_id = _inserted_id(cursor)
             stamp = re.sub(r"[^0-9T]", "", started_at[:19]).replace("T", "-")
             conn.execute("UPDATE sessions SET label = ? WHERE id = ?", (f"{stamp}-{session_id}", session_id))
         return self.session(session_id)
@@ -428,7 +428,7 @@ class ResultsStore:
                     now_iso(),
                 ),
             )
-        return cursor.lastrowid, events_path, stderr_path
+        return _inserted_id(cursor), events_path, stderr_path
 
     def _update_run(self, run_id: int, columns: dict[str, Any]) -> None:
         if not columns:
@@ -555,3 +555,10 @@ def _statements(script: str) -> list[str]:
     """Split a migration script into statements (no semicolons inside these scripts' strings)."""
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _inserted_id(cursor: sqlite3.Cursor) -> int:
+    """The row id an INSERT just made (sqlite3 types `lastrowid` as optional for other statements)."""
+    if cursor.lastrowid is None:
+        raise StoreError("the results store did not return the id of the row it just wrote.")
+    return cursor.lastrowid

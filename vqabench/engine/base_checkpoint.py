@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +36,27 @@ from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-RECIPE = {"version": 2, "data": "easy-VQA base split", "lr": 1e-3, "batch_size": 64, "weight_decay": 0.01}
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How the base checkpoint is trained; every field is part of its cache key."""
+
+    version: int = 2
+    data: str = "easy-VQA base split"
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.01
+
+    def key(self) -> str:
+        return str(sorted(asdict(self).items()))
+
+
+RECIPE = BaseRecipe()
 BASE_MESSAGE = "building the embedded base checkpoint (once, then cached)"
 
 
 def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
-    text = f"{blip.embedded_fingerprint()}|{seed}|{samples}|{sorted(RECIPE.items())}"
+    text = f"{blip.embedded_fingerprint()}|{seed}|{samples}|{RECIPE.key()}"
     return cache_dir / "base" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -57,9 +73,9 @@ def build_base_checkpoint(
     loaded = blip.build_embedded(seed)
     model = loaded.model.to(device)
     encoded = encode(DataSplits(train=data.base, eval=[], test=[], images=data.images), loaded, 32, 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE.lr, weight_decay=RECIPE.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    bs = RECIPE["batch_size"]
+    bs = RECIPE.batch_size
     steps = max(1, samples // bs)
     n = len(encoded.splits["train"])
     order = torch.empty(0, dtype=torch.long)

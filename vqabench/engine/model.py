@@ -118,11 +118,34 @@ def build_random_blip_vqa_base(seed: int) -> LoadedModel:
     return LoadedModel(
         model,
         tok,
-        int(config.vision_config.image_size),
+        vision_image_size(config),
         BLIP_IMAGE_MEAN,
         BLIP_IMAGE_STD,
         "blip-vqa-base architecture (random weights)",
     )
+
+
+def vision_image_size(config: Any) -> int:
+    """The square input size of a BLIP config's vision tower."""
+    from transformers import BlipVisionConfig
+
+    vision = config.vision_config
+    if not isinstance(vision, BlipVisionConfig):
+        raise ModelError(f"the model config has no BLIP vision config (found {type(vision).__name__}).")
+    size = vision.image_size
+    if isinstance(size, int):
+        return size
+    if len(size) == 2 and size[0] == size[1]:
+        return int(size[0])
+    raise ModelError(f"the model's vision config has image_size {size!r}; vqabench needs square images.")
+
+
+def _rgb(values: Any, where: object) -> tuple[float, float, float]:
+    """An image mean or std: three numbers, one per colour channel."""
+    numbers = tuple(float(v) for v in values)
+    if len(numbers) != 3:
+        raise ModelError(f"{where}: an image mean/std needs 3 values (one per RGB channel), not {len(numbers)}.")
+    return numbers[0], numbers[1], numbers[2]
 
 
 def load_pretrained(name_or_path: str) -> LoadedModel:
@@ -141,18 +164,18 @@ def load_pretrained(name_or_path: str) -> LoadedModel:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load BLIP VQA model '{name_or_path}': {first}") from exc
-    size = int(model.config.vision_config.image_size)
+    size = vision_image_size(model.config)
     mean, std = BLIP_IMAGE_MEAN, BLIP_IMAGE_STD
     meta_path = path / META_FILE if local else None
     if meta_path is not None and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        mean, std = tuple(meta["image_mean"]), tuple(meta["image_std"])
+        mean, std = _rgb(meta["image_mean"], meta_path), _rgb(meta["image_std"], meta_path)
     else:
         try:
             from transformers import BlipImageProcessor
 
             proc = BlipImageProcessor.from_pretrained(name_or_path)
-            mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+            mean, std = _rgb(proc.image_mean, name_or_path), _rgb(proc.image_std, name_or_path)
             size = int(proc.size.get("height", size)) if isinstance(proc.size, dict) else size
         except (OSError, ValueError):
             log.info("no image processor config in %s; using BLIP's defaults", name_or_path)
@@ -189,7 +212,7 @@ def checkpoint_fingerprint(folder: Path) -> str:
 
 def trainable_part(model: nn.Module, train: str) -> nn.Module:
     """The module that trains: the answer decoder (the paper's setting) or the whole model."""
-    return model.text_decoder if train == "decoder" else model
+    return model.get_submodule("text_decoder") if train == "decoder" else model
 
 
 def freeze_for_training(model: nn.Module, train: str) -> None:
@@ -217,9 +240,9 @@ def encode_questions(
     model: nn.Module, pixel_values: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
 ) -> torch.Tensor:
     """Vision encoder then question encoder: the question encoding the decoder attends to."""
-    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    image_embeds = model.get_submodule("vision_model")(pixel_values=pixel_values).last_hidden_state
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    out = model.text_encoder(
+    out = model.get_submodule("text_encoder")(
         input_ids=question_ids,
         attention_mask=question_mask,
         encoder_hidden_states=image_embeds,

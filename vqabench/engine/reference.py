@@ -80,7 +80,7 @@ class CopyReference:
         if self.train == "decoder":
             decoder, q = self.part, question_embeds.detach()
         else:  # a full copy: it has its own encoders (and no encoder cache: they train)
-            decoder = self.part.text_decoder
+            decoder = self.part.get_submodule("text_decoder")
             q = batch.encodings(self.part)
         c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
         mm = None
@@ -138,9 +138,9 @@ class PrecomputedReference:
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
         if path is not None and path.exists():
             try:
-                table = torch.load(path, map_location="cpu", weights_only=True)
+                cached = torch.load(path, map_location="cpu", weights_only=True)
                 log.info("reference log-probs loaded from %s", path)
-                return cls(table, path, 0.0, True)
+                return cls(cached, path, 0.0, True)
             except (OSError, RuntimeError) as exc:
                 log.warning("ignoring unreadable reference cache %s: %s", path, exc)
         start = time.perf_counter()

@@ -27,7 +27,7 @@ from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Trainer, pick_device
 from vqabench.judges import JudgeError, JudgeItem
-from vqabench.scoring import judge_with_cache, score_items
+from vqabench.scoring import ScoreSummary, judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,13 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         encoder_cache = {"on": True, **info.to_dict()}
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
-    reference = None
+    reference: CopyReference | PrecomputedReference | None = None
     reference_seconds = None
     if spec.needs_reference:
         if spec.reference == "copy":
-            reference = CopyReference(loaded, spec.train)
-            reference.part.to(device)
+            copied = CopyReference(loaded, spec.train)
+            copied.part.to(device)
+            reference = copied
         else:
             ckpt = spec.init_checkpoint
             start = (
@@ -149,7 +150,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
             )
             key = f"{start}|q{spec.max_question_tokens}|a{spec.max_answer_tokens}"
-            reference = PrecomputedReference.build(
+            precomputed = PrecomputedReference.build(
                 loaded,
                 encoded,
                 batch_size=spec.batch_size,
@@ -159,7 +160,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 data_key=data.fingerprint,
                 progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
             )
-            reference_seconds = reference.seconds
+            reference, reference_seconds = precomputed, precomputed.seconds
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
@@ -211,7 +212,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
                 blip.save_checkpoint(loaded, best_dir)
-            scored = {}
+            scored: ScoreSummary | None = None
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
                 eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
@@ -220,7 +221,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                 except JudgeError as exc:
                     log.error("judging epoch %d's eval answers failed: %s", epoch, exc)
                     summary = score_items(eval_items, None, cache_dir, with_intervals=False)
-                scored = {"em": summary.em, "f1": summary.f1, "judge_score": summary.judge_score, "scored_n": summary.n}
+                scored = summary
             e = result.eval
             emit(
                 ev.EpochEnded(
@@ -239,7 +240,10 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                     pref_accuracy=e.pref_accuracy,
                     is_best=result.is_best,
                     **tel.event_fields(),
-                    **scored,
+                    em=scored.em if scored else None,
+                    f1=scored.f1 if scored else None,
+                    judge_score=scored.judge_score if scored else None,
+                    scored_n=scored.n if scored else None,
                 )
             )
 
@@ -260,7 +264,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         summary.extra["judge_error"] = str(exc)
     predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
-        for i, (pair, answer) in enumerate(zip(pairs, answers)):
+        for i, (pair, answer) in enumerate(zip(pairs, answers, strict=True)):
             row = {
                 "image_id": pair.image_id,
                 "question": pair.question,
@@ -285,7 +289,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 
 
 def judge_items_of(pairs: list, answers: list[str]) -> list[JudgeItem]:
-    return [JudgeItem(p.question, p.chosen, a) for p, a in zip(pairs, answers)]
+    return [JudgeItem(p.question, p.chosen, a) for p, a in zip(pairs, answers, strict=True)]
 
 
 def _describe(device: torch.device) -> str:

@@ -9,6 +9,7 @@ this module is cheap. Documented in ``docs/telemetry.md``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -106,10 +107,8 @@ def release_free_memory() -> None:
     gc.collect()
     name = ctypes.util.find_library("c")
     if name and sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def reset_peak_rss() -> bool:
@@ -178,7 +177,9 @@ class NvmlSource:
     def open(cls, cuda_index: int, pid: int, nvml: Any | None = None) -> NvmlSource:
         """Initialise NVML and find the GPU that torch calls cuda:`cuda_index`; raises NVMLError."""
         if nvml is None:
-            import pynvml as nvml
+            import pynvml
+
+            nvml = pynvml
         nvml.nvmlInit()
         try:
             handle = _nvml_handle(nvml, cuda_index)
@@ -205,10 +206,8 @@ class NvmlSource:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            try:
+            with contextlib.suppress(self.nvml.NVMLError):
                 self.nvml.nvmlShutdown()
-            except self.nvml.NVMLError:
-                pass
 
     def _query(self, function: Any) -> Any:
         try:
@@ -432,7 +431,8 @@ class Telemetry:
             reserved = torch.cuda.max_memory_reserved(self._cuda_index) / MIB
         # the kernel updates its high-water mark lazily, so a sampled RSS can run slightly above it
         since_reset = peak_rss_since_reset_mib() if self._hwm_reset else None
-        peak = _max(since_reset if since_reset is not None else process_peak_rss_mib(), window.rss_peak)
+        high_water = since_reset if since_reset is not None else process_peak_rss_mib()
+        peak = high_water if window.rss_peak is None else max(high_water, window.rss_peak)
         return EpochTelemetry(
             peak_rss_mib=peak,
             epoch_rss_peak_mib=window.rss_peak,

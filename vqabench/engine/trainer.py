@@ -112,19 +112,20 @@ class MethodStep:
             decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.loaded.pad_token_id
         )
         method, beta = spec.method, spec.resolved_beta
-        ref = None
-        if self.needs.needs_reference:
-            assert self.reference is not None
-            ref = self.reference.logps(self.encoded, split, batch, q, self.needs.needs_mismatched_kl)
         if method == "orpo":
             losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam)
         elif method == "simpo":
             losses = objectives.simpo_loss(c, r, c_len, r_len, beta, spec.simpo_gamma)
         elif method == "dpo":
+            ref = self._reference_logps(split, batch, q)
             losses = objectives.dpo_loss(c, r, ref.chosen, ref.rejected, beta)
         elif method == "ipo":
+            ref = self._reference_logps(split, batch, q)
             losses = objectives.ipo_loss(c, r, ref.chosen, ref.rejected, c_len, r_len, beta)
         elif method == "kto":
+            ref = self._reference_logps(split, batch, q)
+            if ref.mismatched is None:
+                raise ValueError("KTO needs the reference's log-probs of mismatched answers for its KL estimate")
             with torch.no_grad():
                 mm, _ = blip.answer_logps(
                     decoder, q.detach(), batch.question_mask, *mismatched_answers(self.encoded, split, batch)
@@ -136,6 +137,11 @@ class MethodStep:
         else:
             raise ValueError(f"unknown method '{method}'")
         return StepOutput(losses, c.detach(), r.detach(), q)
+
+    def _reference_logps(self, split: str, batch: Batch, question_embeds: torch.Tensor) -> ReferenceLogps:
+        if self.reference is None:  # __init__ refuses this for methods that need one
+            raise ValueError(f"method '{self.spec.method}' needs a reference model")
+        return self.reference.logps(self.encoded, split, batch, question_embeds, self.needs.needs_mismatched_kl)
 
 
 class Trainer:

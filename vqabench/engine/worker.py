@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
         execute(spec, emit)
         return 0
-    except BaseException as exc:
+    except BaseException as exc:  # every failure becomes one run_failed event
         kind, message = classify(exc)
         tb = traceback.format_exc()
         logging.getLogger("vqabench.worker").error("%s\n%s", message, tb)

@@ -119,7 +119,7 @@ class Judge(ABC):
     def compare(self, question: str, reference: str, answer_a: str, answer_b: str) -> Preference:
         """Which answer is better against the reference: "A", "B", "tie" (or "unparseable")."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook: most judges need nothing loaded
         """Load what grading needs (a model, a client) now rather than in the middle of a measured phase."""
 
     def describe(self) -> str:

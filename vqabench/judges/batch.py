@@ -67,7 +67,8 @@ def read_items(path: str | os.PathLike[str]) -> tuple[list[JudgeItem], list[dict
             ) from exc
         if not isinstance(row, dict):
             raise JudgeInputError(
-                f"{path} line {number}: a {type(row).__name__} where a JSON object with keys question, reference and prediction is needed."
+                f"{path} line {number}: a {type(row).__name__} where a JSON object with keys question, "
+                f"reference and prediction is needed."
             )
         for key in ITEM_KEYS:
             if not isinstance(row.get(key), str):
@@ -94,7 +95,7 @@ def judge_file(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(out_path.name + ".partial")
     with partial.open("w", encoding="utf-8") as out:
-        for row, verdict in zip(rows, verdicts):
+        for row, verdict in zip(rows, verdicts, strict=True):
             record = dict(row)
             record.update(verdict.to_dict())
             record.update(judge=judge.name, judge_model=judge.model, prompt_version=judge.prompt_version)

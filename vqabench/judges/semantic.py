@@ -100,7 +100,7 @@ def _similarities(pairs: Iterable[tuple[str, str]]) -> list[float]:
         with _memo_lock:
             if len(_memo) + len(missing) > MEMO_SIZE:
                 _memo.clear()
-            _memo.update(zip(missing, vectors))
+            _memo.update(zip(missing, vectors, strict=True))
     with _memo_lock:
         found = {text: _memo[text] for pair in pairs for text in pair}
     return [float(found[a] @ found[b]) for a, b in pairs]
@@ -128,7 +128,7 @@ class SemanticJudge(Judge):
     def grade(self, items: Sequence[JudgeItem], on_verdict: VerdictCallback | None = None) -> list[Verdict]:
         answered = [i for i, item in enumerate(items) if item.prediction.strip()]
         sims = _similarities((items[i].prediction.strip(), items[i].reference.strip()) for i in answered)
-        similarity = dict(zip(answered, sims))
+        similarity = dict(zip(answered, sims, strict=True))
         verdicts = []
         for index, item in enumerate(items):
             if index not in similarity:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tenacity import (
     RetryCallState,
@@ -29,6 +29,9 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+
+if TYPE_CHECKING:
+    from together.types.chat import ChatCompletionMessageParam
 
 from vqabench.judges.base import (
     Grade,
@@ -81,7 +84,7 @@ _BARE_WINNER = re.compile(r"[\W_]*(a|b|tie)[\W_]*", re.IGNORECASE)
 _QUOTA_WORDS = re.compile(r"quota|credit|billing|balance|insufficient|payment|spend", re.IGNORECASE)
 
 
-def grade_messages(item: JudgeItem) -> list[dict[str, str]]:
+def grade_messages(item: JudgeItem) -> list[ChatCompletionMessageParam]:
     """The chat messages that ask for one grade."""
     return [
         {"role": "system", "content": GRADE_SYSTEM_PROMPT},
@@ -92,7 +95,7 @@ def grade_messages(item: JudgeItem) -> list[dict[str, str]]:
     ]
 
 
-def compare_messages(question: str, reference: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
+def compare_messages(question: str, reference: str, answer_a: str, answer_b: str) -> list[ChatCompletionMessageParam]:
     """The chat messages that ask which of two answers is better."""
     return [
         {"role": "system", "content": COMPARE_SYSTEM_PROMPT},
@@ -203,8 +206,10 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _failure_text(exc: BaseException, timeout_s: float) -> str:
+def _failure_text(exc: BaseException | None, timeout_s: float) -> str:
     """A short description of a failed request for an error sentence."""
+    if exc is None:
+        return "no error recorded"
     together = _api_errors()
     if isinstance(exc, together.APITimeoutError):
         return f"no reply within {timeout_s:g} s"
@@ -345,13 +350,17 @@ class TogetherJudge(Judge):
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         return max(backoff, retry_after_seconds(exc) or 0.0)
 
-    def _ask(self, messages: list[dict[str, str]], max_tokens: int, stop: threading.Event) -> str:
+    def _ask(self, messages: list[ChatCompletionMessageParam], max_tokens: int, stop: threading.Event) -> str:
         """One chat completion with retries; the reply text ("" when the reply has none)."""
+
+        def sleep(seconds: float) -> None:
+            stop.wait(seconds)  # a stop request cuts the back-off short
+
         retrying = Retrying(
             stop=stop_after_attempt(self.max_attempts) | stop_when_event_set(stop),
             wait=self._wait,
             retry=retry_if_exception(_is_transient),
-            sleep=stop.wait,
+            sleep=sleep,
             before_sleep=self._log_retry,
         )
         try:
@@ -368,7 +377,7 @@ class TogetherJudge(Judge):
             ) from last
         raise AssertionError("unreachable: tenacity returns or raises")
 
-    def _request_once(self, messages: list[dict[str, str]], max_tokens: int, stop: threading.Event) -> str:
+    def _request_once(self, messages: list[ChatCompletionMessageParam], max_tokens: int, stop: threading.Event) -> str:
         together = _api_errors()
         self.limiter.acquire(stop)
         if stop.is_set():

@@ -12,16 +12,18 @@ grace period), so nothing is left running; SIGTERM and SIGHUP (a closed terminal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Container
 from textual.widgets import DataTable, Footer, Static, Tab, Tabs
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
@@ -71,9 +73,10 @@ class Dashboard(App[int]):
     CSS_PATH = Path(__file__).with_name("app.tcss")  # absolute: subclasses live elsewhere
     TITLE = "vqabench"
     ENABLE_COMMAND_PALETTE = False
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
-    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]
-    BINDINGS = [
+    # Textual types these as instance attributes, so they cannot be annotated ClassVar here.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]  # noqa: RUF012
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]  # noqa: RUF012
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("a", "start_all", "Start all"),
         Binding("p", "pick_presets", "Pick presets"),
         Binding("c", "cancel_run", "Cancel run"),
@@ -209,9 +212,13 @@ class Dashboard(App[int]):
             return
         note = message.note
         run = self.live.apply(note, self.clock())
-        if isinstance(note, RunStatusChanged) and note.status == RUNNING and self.view is self.live:
-            if not self.query_one(RunsTable).user_moved:
-                self.selected = run  # follow the run in progress until the user picks one
+        if (
+            isinstance(note, RunStatusChanged)
+            and note.status == RUNNING
+            and self.view is self.live
+            and not self.query_one(RunsTable).user_moved
+        ):
+            self.selected = run  # follow the run in progress until the user picks one
         if isinstance(note, RunnerFinished):
             self._finished(note)
         if self.view is self.live:
@@ -365,10 +372,8 @@ class Dashboard(App[int]):
     async def _stop_then_exit(self) -> None:
         assert self.runner is not None and self.runner_worker is not None
         self.runner.cancel()
-        try:
+        with contextlib.suppress(WorkerCancelled, WorkerFailed):  # reported by on_worker_state_changed
             await self.runner_worker.wait()
-        except (WorkerCancelled, WorkerFailed):  # reported by on_worker_state_changed
-            pass
         self._leave()
 
     # -- drawing ----------------------------------------------------------------------------

@@ -19,6 +19,10 @@ class RunnerNotice(Message):
 class ProgressNotice(RunnerNotice):
     """A progress event; a burst of them for one run collapses into the latest."""
 
+    def __init__(self, note: WorkerEvent) -> None:
+        super().__init__(note)
+        self.note: WorkerEvent = note
+
     def can_replace(self, message: Message) -> bool:
         # Textual asks the queued message whether the next one supersedes it: a newer
         # progress report of the same run does, so a backlog costs one redraw, not many.

@@ -54,7 +54,7 @@ def loss_plot(
     if high - low < 1e-12:
         pad = abs(high) * 0.05 or 0.5
         low, high = low - pad, high + pad
-    span_x = max(epochs_total, int(math.ceil(max(x for x, _ in train + evals + live))), 1)
+    span_x = max(epochs_total, math.ceil(max(x for x, _ in train + evals + live)), 1)
 
     def column(x: float) -> int:
         return min(plot_width - 1, max(0, round(x / span_x * (plot_width - 1))))
@@ -72,7 +72,7 @@ def loss_plot(
     for s in series:  # connectors first, so that every marker stays visible
         if s.line is None:
             continue
-        for (x0, y0), (x1, y1) in zip(s.points, s.points[1:]):
+        for (x0, y0), (x1, y1) in zip(s.points, s.points[1:], strict=False):
             c0, c1 = column(x0), column(x1)
             for c in range(c0 + 1, c1):
                 y = y0 + (y1 - y0) * (c - c0) / (c1 - c0)

@@ -316,7 +316,7 @@ def format_duration(seconds: float | None) -> str:
     """m:ss, or h:mm:ss from an hour on; '-' when unknown."""
     if seconds is None:
         return "-"
-    total = int(round(seconds))
+    total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
@@ -325,24 +325,23 @@ def format_duration(seconds: float | None) -> str:
 def progress_bar(fraction: float, width: int) -> str:
     """A bar of full and light blocks, readable without colour."""
     fraction = min(max(fraction, 0.0), 1.0)
-    filled = int(round(fraction * width))
+    filled = round(fraction * width)
     return "█" * filled + "░" * (width - filled)
 
 
 def cheapest_alignment(summaries: Sequence[RunSummary]) -> str:
     """One sentence: which aligned run was cheapest to reach, and how much the others cost more."""
-    aligned = [s for s in summaries if s.method != "sft" and s.aligned_seconds is not None]
+    aligned = sorted(
+        ((s.aligned_seconds, s) for s in summaries if s.method != "sft" and s.aligned_seconds is not None),
+        key=lambda pair: pair[0],
+    )
     if not aligned:
         return ""
-    aligned.sort(key=lambda s: s.aligned_seconds)  # type: ignore[arg-type, return-value]
-    best = aligned[0]
-    text = f"Cheapest aligned model: {_label(best)}, {best.aligned_seconds:.1f} s of training in all"
-    if len(aligned) > 1 and best.aligned_seconds:
-        last = aligned[-1]
-        text += (
-            f"; {_label(last)} took {last.aligned_seconds:.1f} s, "
-            f"{last.aligned_seconds / best.aligned_seconds:.2f}× as long"
-        )
+    best_seconds, best = aligned[0]
+    text = f"Cheapest aligned model: {_label(best)}, {best_seconds:.1f} s of training in all"
+    if len(aligned) > 1 and best_seconds:
+        last_seconds, last = aligned[-1]
+        text += f"; {_label(last)} took {last_seconds:.1f} s, {last_seconds / best_seconds:.2f}× as long"
     return text + "."
 
 

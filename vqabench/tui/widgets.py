@@ -9,11 +9,12 @@ are the report's own (:mod:`vqabench.report`), under shorter headers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
@@ -100,12 +101,12 @@ class RunsTable(DataTable):
         rows = [[*row[:-1], _truncate(row[-1], note_width)] for row in rows]
         if names != self._names:
             self.clear()
-            for name, cells in zip(names, rows):
+            for name, cells in zip(names, rows, strict=True):
                 self.add_row(*cells, key=name)
             self._names = names
         else:
-            for name, cells in zip(names, rows):
-                for (_, key), value in zip(self.COLUMNS, cells):
+            for name, cells in zip(names, rows, strict=True):
+                for (_, key), value in zip(self.COLUMNS, cells, strict=True):
                     self.update_cell(name, key, value, update_width=True)
         if selected in names and self.cursor_row != names.index(selected):
             self.move_cursor(row=names.index(selected))
@@ -147,10 +148,10 @@ class ReportDataTable(DataTable):
             return
         self._shown = key
         self.clear(columns=True)
-        for header, is_right in zip(headers, right):
+        for header, is_right in zip(headers, right, strict=True):
             self.add_column(Text(header, justify="right" if is_right else "left"))
         for row in rows:
-            self.add_row(*(Text(c, justify="right" if r else "left") for c, r in zip(row, right)))
+            self.add_row(*(Text(c, justify="right" if r else "left") for c, r in zip(row, right, strict=True)))
 
 
 def _column(table: ReportTable, prefix: str) -> int | None:
@@ -213,7 +214,7 @@ class EpochPanel(Vertical):
         after_memory = [p for p, _ in present].index("Peak") + 1
         headers.insert(after_memory, "Ref MiB")
         columns.insert(after_memory, reference_cells)
-        rows = [list(r) for r in zip(*columns)] if run.epochs else []
+        rows = [list(r) for r in zip(*columns, strict=False)] if run.epochs else []
         table.show_rows(headers, rows, [True] * len(headers))
         if run.final_eval is not None:
             e = run.final_eval
@@ -314,7 +315,7 @@ class EfficiencyPanel(Vertical):
             _cells(cost, "Reference"),
             *([_point(c) for c in _cells(quality, name)] for name in ("EM", "F1", "Judge")),
         ]
-        rows = [list(r) for r in zip(*columns)]
+        rows = [list(r) for r in zip(*columns, strict=False)]
         self.query_one("#efficiency-table", ReportDataTable).show_rows(
             headers, rows, [False] + [True] * (len(headers) - 1)
         )
@@ -391,9 +392,9 @@ class PresetPicker(ModalScreen[list[str] | None]):
     The choice is written as [x] / [ ] in each line, so it reads without colour.
     """
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss_none", "Back"),
-        Binding("space", "toggle", "Choose"),
+        Binding("space", "choose", "Choose"),
         Binding("enter", "start", "Start", priority=True),
     ]
 
@@ -430,7 +431,7 @@ class PresetPicker(ModalScreen[list[str] | None]):
         self.chosen.symmetric_difference_update({name})
         self.query_one("#preset-list", OptionList).replace_option_prompt_at_index(index, self._prompt(index))
 
-    def action_toggle(self) -> None:
+    def action_choose(self) -> None:
         index = self.query_one("#preset-list", OptionList).highlighted
         if index is not None:
             self.toggle(index)
@@ -448,7 +449,7 @@ class PresetPicker(ModalScreen[list[str] | None]):
 class SessionPicker(ModalScreen[int | None]):
     """Open a session from the results store (the live one included); escape goes back."""
 
-    BINDINGS = [Binding("escape", "dismiss_none", "Back")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "dismiss_none", "Back")]
 
     def __init__(self, sessions: Sequence[SessionRecord], run_counts: dict[int, int], live_id: int | None) -> None:
         super().__init__()

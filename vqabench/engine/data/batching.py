@@ -153,7 +153,7 @@ class EncodedData:
 def image_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
     image = image.convert("RGB")
     if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

@@ -41,7 +41,7 @@ def _pairs(
     questions: list[str], answers: list[str], image_ids: list[int], prefix: str, seed: int
 ) -> list[PreferencePair]:
     out = []
-    for i, (q, a, img) in enumerate(zip(questions, answers, image_ids)):
+    for i, (q, a, img) in enumerate(zip(questions, answers, image_ids, strict=True)):
         rng = random.Random(seed * 1_000_003 + i)
         out.append(PreferencePair(f"{prefix}{img}", q, a, rejected_answer(a, rng)))
     return out
@@ -66,7 +66,7 @@ def load_splits(spec: DatasetSpec, *, seed: int, limit: int | None, with_base: b
     sq, sa, si = easy_vqa.get_test_questions()
     train_all = _pairs(tq, ta, ti, "train/", seed)
     test_all = _pairs(sq, sa, si, "test/", seed + 1)
-    by_image = lambda rng_: [p for p, img in zip(train_all, ti) if img in rng_]  # noqa: E731
+    by_image = lambda rng_: [p for p, img in zip(train_all, ti, strict=True) if img in rng_]  # noqa: E731
     base = by_image(BASE_IMAGES) if with_base else []
     train = by_image(TRAIN_IMAGES)
     random.Random(seed).shuffle(train)

@@ -81,10 +81,12 @@ def _load_error(source: str, error: Exception) -> DataError:
     return DataError(f"dataset.source = {source!r} could not be loaded ({type(error).__name__}: {first_line}).")
 
 
-def open_source(spec: DatasetSpec, cache_dir: str | None = None) -> OpenedSource:
+def open_source(spec: DatasetSpec, cache_dir: str | Path | None = None) -> OpenedSource:
     """Load the dataset named by `spec.source` with `datasets`, without interpreting its rows."""
     import datasets
 
+    if cache_dir is not None:
+        cache_dir = str(cache_dir)  # datasets documents a str
     source = spec.source
     explicit_root = Path(spec.image_root).expanduser() if spec.image_root else None
     try:
@@ -173,7 +175,7 @@ def build_pairs(
     pending: list[RowPair] = []
 
     def resolve_pending() -> None:
-        for got, found in zip(pending, store.lookup_many([p.image for p in pending])):
+        for got, found in zip(pending, store.lookup_many([p.image for p in pending]), strict=True):
             if found.image_id is None:
                 report.skip(found.skip_reason or MISSING_IMAGE)
             else:
@@ -285,7 +287,7 @@ def load_splits(
     limit: int | None,
     count_tokens: Callable[[str], int],
     max_answer_tokens: int,
-    cache_dir: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> DataSplits:
     """Load a hub or local preference dataset as train/eval/test pairs with their images and report.
 

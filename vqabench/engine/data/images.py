@@ -105,7 +105,7 @@ class ImageStore:
             keys = list(todo)
             with ThreadPoolExecutor(max_workers=min(self.workers, len(keys))) as pool:
                 examined = list(pool.map(lambda key: _examine(key, todo[key]), keys))
-            for key, (digest, data, reason) in zip(keys, examined):
+            for key, (digest, data, reason) in zip(keys, examined, strict=True):
                 self._register(key, digest, data, reason)
         return [item if isinstance(item, ImageLookup) else self._known(item) for item in prepared]  # type: ignore[misc]
 
@@ -170,7 +170,7 @@ class ImageStore:
         if not unique:
             return {}
         with ThreadPoolExecutor(max_workers=min(self.workers, len(unique))) as pool:
-            return dict(zip(unique, pool.map(self.load_rgb, unique)))
+            return dict(zip(unique, pool.map(self.load_rgb, unique), strict=True))
 
 
 class LazyImages(Mapping[str, Image.Image]):
