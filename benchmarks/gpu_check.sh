@@ -31,3 +31,26 @@ with ResultsStore(sys.argv[1], create=False) as store:
                       "gpu_power_mean_w")
             print(run.name, e.epoch, {f: getattr(e, f) for f in fields})
 PY
+
+# ---- i13dist (issue 13): one run on 2 processes (torchrun + DDP, NCCL), when two GPUs are visible ----
+# Kept as its own block so the GPU-readiness rewrite of this script can move it as a whole.
+gpu_count=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+if [ "$gpu_count" -ge 2 ]; then
+  VQABENCH_CACHE="$out/cache" vqabench --headless --preset sft --limit 512 --epochs 2 --gpus 0,1 \
+    --set nproc_per_node=2 --set batch_size=32 --results "$out/results-ddp" | tail -15
+  python - "$out/results-ddp" <<'PY'
+import sys
+from vqabench.store import ResultsStore
+with ResultsStore(sys.argv[1], create=False) as store:
+    [run] = store.runs(store.last_session().id)
+    s = run.started
+    assert run.status == "done", run.reason
+    assert (s.world_size, s.backend, s.per_device_batch) == (2, "nccl", 16), (s.world_size, s.backend)
+    for e in store.epochs(run.id):
+        assert e.rank_peak_mib and len(e.rank_peak_mib) == 2 and all(p is not None for p in e.rank_peak_mib), e
+        print("ddp epoch", e.epoch, "per-rank CUDA peaks", e.rank_peak_mib, "max", e.rank_peak_max_mib,
+              "sum", e.rank_peak_sum_mib)
+PY
+else
+  echo "skipping the 2-process DDP run: $gpu_count GPU visible, it needs 2"
+fi

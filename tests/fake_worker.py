@@ -11,12 +11,15 @@ with these keys (all optional):
     crash_code      ... or with this exit code instead, both without a run_failed event
     fail_in_epoch   emit run_failed (error_kind "numerics") in this epoch and exit 1
     hang_in_epoch   start a grandchild in the same process group, write both pids to
-                    <output_dir>/pids.json, and sleep until killed
+                    <output_dir>/pids.json (pids-rank<RANK>.json when torchrun started it),
+                    and sleep until killed
     ignore_sigterm  ignore SIGTERM (the host must escalate to SIGKILL)
     garbage_lines   print this many lines that are not events before run_started
     stderr          lines to write to stderr before run_started
     eval_extra      the `extra` of the final eval event (intervals, kappa)
     cuda            report CUDA memory fields (default false)
+    record_env      write <output_dir>/env.json: the CUDA_VISIBLE_DEVICES it got and its
+                    start and end times (time.time())
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
@@ -158,7 +161,8 @@ def _emit(event: Event) -> None:
 
 def _hang(output_dir: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    (output_dir / "pids.json").write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
+    name = f"pids-rank{os.environ['RANK']}.json" if "RANK" in os.environ else "pids.json"
+    (output_dir / name).write_text(json.dumps({"worker": os.getpid(), "grandchild": child.pid}))
     while True:
         time.sleep(1)
 
@@ -176,6 +180,7 @@ def main(script_path: str, spec_path: str) -> int:
         print(f"not an event {n}", flush=True)
     checkpoint = output_dir / "best"
     checkpoint.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     epochs = plan.get("epochs") or spec["epochs"]
     for event in canned_events(spec, epochs, plan.get("cuda", False), plan.get("eval_extra"), str(checkpoint)):
         if isinstance(event, Progress):
@@ -194,6 +199,9 @@ def main(script_path: str, spec_path: str) -> int:
                 return 1
             continue
         _emit(event)
+    if plan.get("record_env"):
+        record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}
+        (output_dir / "env.json").write_text(json.dumps(record))
     return 0
 
 

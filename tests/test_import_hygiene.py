@@ -47,3 +47,21 @@ def test_cli_help_stays_light():
         "from vqabench.cli import main\ntry:\n    main()\nexcept SystemExit:\n    pass"
     )
     assert not {"textual", "torch", "rich"} & loaded
+
+
+def test_the_event_writer_lives_with_the_protocol_so_the_engine_has_no_import_circle():
+    # base_checkpoint -> worker -> run -> base_checkpoint was a circle while EventWriter lived in the worker.
+    code = (
+        "import sys, vqabench.engine.base_checkpoint\n"
+        "print('circle' if 'vqabench.engine.worker' in sys.modules else 'ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "ok"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -251,3 +252,66 @@ def test_a_run_whose_after_is_elsewhere_keeps_the_checkpoint_it_was_given(tmp_pa
     assert runner.states["dpo"].status == "done"
     written = json.loads((tmp_path / "runs" / "s1-dpo" / "spec.json").read_text())
     assert written["init_checkpoint"] == "/ckpt/sft"
+
+
+def test_runs_on_two_gpus_overlap_while_dpo_waits_for_its_sft(tmp_path):
+    # Two fake devices: nothing here touches a GPU, the runner only hands out CUDA_VISIBLE_DEVICES.
+    specs = [s.replace(gpus=[0, 1]) for s in SPECS]
+    plan = {"default": {"epoch_sleep": 0.6, "record_env": True}}
+    runner, notes = make_runner(tmp_path, plan, specs=specs, gpus=[0, 1])
+    asyncio.run(runner.run())
+    assert statuses(runner) == {"sft": "done", "dpo": "done", "orpo": "done"}
+    record = {n: json.loads((Path(s.spec.output_dir) / "env.json").read_text()) for n, s in runner.states.items()}
+    assert {record["sft"]["CUDA_VISIBLE_DEVICES"], record["orpo"]["CUDA_VISIBLE_DEVICES"]} == {"0", "1"}
+    sft, orpo, dpo = record["sft"], record["orpo"], record["dpo"]
+    assert max(sft["start"], orpo["start"]) < min(sft["end"], orpo["end"])  # the two independent runs overlap
+    assert dpo["start"] >= sft["end"]  # ... and DPO still waits for its SFT
+    devices = {n.run: n.device for n in notes if isinstance(n, RunStatusChanged) and n.status == "running"}
+    assert sorted(devices.values()) == ["GPU 0", "GPU 0", "GPU 1"] or sorted(devices.values()) == [
+        "GPU 0",
+        "GPU 1",
+        "GPU 1",
+    ]
+    assert devices[runner.states["sft"].name] == f"GPU {record['sft']['CUDA_VISIBLE_DEVICES']}"
+
+
+def test_on_the_cpu_runs_stay_sequential_unless_parallel_says_otherwise(tmp_path):
+    plan = {"default": {"epoch_sleep": 0.4, "record_env": True}}
+    specs = [RunSpec(name="a", method="sft", epochs=2), RunSpec(name="b", method="orpo", epochs=2)]
+
+    def spans(runner: Runner) -> list[tuple[float, float]]:
+        out = []
+        for state in runner.states.values():
+            record = json.loads((Path(state.spec.output_dir) / "env.json").read_text())
+            out.append((record["start"], record["end"]))
+            assert record["CUDA_VISIBLE_DEVICES"] == os.environ.get("CUDA_VISIBLE_DEVICES")  # no GPU handed out
+        return sorted(out)
+
+    for folder in ("seq", "par"):
+        (tmp_path / folder).mkdir()
+    sequential, _ = make_runner(tmp_path / "seq", plan, specs=specs, gpus=[])
+    asyncio.run(sequential.run())
+    (a_start, a_end), (b_start, _) = spans(sequential)
+    assert b_start >= a_end
+    assert all(s.spec.concurrent_runs == 1 for s in sequential.states.values())
+    concurrent, _ = make_runner(tmp_path / "par", plan, specs=specs, gpus=[], parallel=2)
+    asyncio.run(concurrent.run())
+    (a_start, a_end), (b_start, b_end) = spans(concurrent)
+    assert max(a_start, b_start) < min(a_end, b_end)
+    assert all(s.spec.concurrent_runs == 2 for s in concurrent.states.values())  # the report says so
+
+
+def test_cancelling_concurrent_runs_leaves_no_process(tmp_path):
+    specs = [s.replace(gpus=[0, 1]) for s in SPECS]
+    runner, _ = make_runner(tmp_path, {"default": {"hang_in_epoch": 1}}, specs=specs, gpus=[0, 1])
+
+    async def scenario() -> list[dict]:
+        task = asyncio.ensure_future(runner.run())
+        pids = [await wait_for_file(tmp_path / "runs" / f"s1-{name}" / "pids.json") for name in ("sft", "orpo")]
+        runner.cancel()
+        await task
+        return pids
+
+    pids = asyncio.run(scenario())
+    assert statuses(runner) == {"sft": "cancelled", "dpo": "cancelled", "orpo": "cancelled"}
+    assert not [pid for p in pids for pid in p.values() if process_alive(pid)]

@@ -86,8 +86,9 @@ def test_infinite_losses_survive_the_round_trip(tmp_path):
 def test_every_event_field_has_a_column():
     tables = {}
     with sqlite3.connect(":memory:") as conn:
-        for statement in store_module._statements(store_module.MIGRATIONS[0]):
-            conn.execute(statement)
+        for script in store_module.MIGRATIONS:  # every schema step, as a new store gets them
+            for statement in store_module._statements(script):
+                conn.execute(statement)
         for table in ("runs", "epochs", "evals"):
             tables[table] = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
     assert {f.name for f in dataclasses.fields(EpochEnded)} <= tables["epochs"]

@@ -540,3 +540,31 @@ def test_closing_the_terminal_stops_the_runs_and_the_dashboard(tmp_path):
     assert not alive(pids["worker"]) and not alive(pids["grandchild"])
     with ResultsStore(tmp_path / "r", create=False) as store:
         assert [r.status for r in store.runs(1)] == ["cancelled"]
+
+
+def test_concurrent_runs_show_their_gpus_in_the_runs_table(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQABENCH_VISIBLE_GPUS", "0,1")  # two fake devices: the runner only hands out ids
+    app = Dashboard(
+        ResultsStore(tmp_path / "results"),
+        selection="sft,orpo",
+        overrides=Overrides(epochs=2, settings=("gpus=[0,1]",)),
+        worker_cmd=fake_worker_cmd(tmp_path, {"default": {"epoch_sleep": 1.0}}),
+        grace_seconds=1.0,
+        cache_dir=tmp_path / "cache",
+    )
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            runs = app.query_one(RunsTable)
+            await pilot.press("a")
+
+            def both_running() -> bool:
+                """sft and orpo running at the same time"""
+                return app.live is not None and all(v.status == "running" for v in app.live.runs.values())
+
+            await wait_for(pilot, both_running)
+            shown_status = sorted(cell(runs, n, "status") for n in ("sft", "orpo"))
+            assert shown_status == ["running · GPU 0", "running · GPU 1"]
+            await wait_for(pilot, lambda: app.live is not None and app.live.status != "running")
+
+    asyncio.run(scenario())

@@ -2,7 +2,7 @@
 
     vqabench                                        the dashboard (vqabench.tui.app)
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
-             [--results DIR] [--export FILE.md] [--cache DIR]
+             [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
     vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any preset key for every run, e.g. --set dataset.test_size=200 "
         "--set judge.name=exact (repeatable)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=_gpu_list,
+        metavar="0,1,2,3",
+        help="run independent runs at the same time, one per GPU (each sees only its own through "
+        "CUDA_VISIBLE_DEVICES); the same as --set gpus=[0,1,2,3]",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="let N runs without GPUs train at the same time (on a CPU they slow each other down; "
+        "the report then says their epoch times were measured concurrently)",
     )
     _add_results_option(parser, top_level=True)
     parser.add_argument("--export", type=Path, metavar="FILE.md", help="write the Markdown report when the runs end")
@@ -126,6 +141,16 @@ def _seed_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers like 0,1,2") from None
+
+
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        ids = ()
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of GPU ids like 0,1,2,3")
+    return ids
 
 
 def _add_judge_command(commands: argparse._SubParsersAction) -> None:
@@ -201,9 +226,10 @@ def _run_judge(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> Overrides:
-    return Overrides(
-        epochs=args.epochs, limit=args.limit, seed=args.seed, settings=tuple(args.settings), seeds=args.seeds
-    )
+    settings = tuple(args.settings)
+    if args.gpus:
+        settings += (f"gpus=[{','.join(map(str, args.gpus))}]",)
+    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed, settings=settings, seeds=args.seeds)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -242,6 +268,7 @@ def _run_headless(args: argparse.Namespace) -> int:
         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
         cache_dir=args.cache,
         command=shlex.join(["vqabench", *sys.argv[1:]]),
+        parallel=args.parallel,
     )
 
 
@@ -262,6 +289,7 @@ def _run_dashboard(args: argparse.Namespace) -> int:
         results_dir=args.results,
         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
         cache_dir=args.cache,
+        parallel=args.parallel,
     )
 
 

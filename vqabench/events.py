@@ -46,6 +46,10 @@ class RunStarted(Event):
     telemetry: str  # "nvml" or "n/a: <reason>"
     data: dict[str, Any] = field(default_factory=dict)  # split sizes and the quality report
     pid: int = 0
+    world_size: int = 1  # processes training this run (torchrun + DDP); 1 = one process
+    backend: str | None = None  # torch.distributed backend: "nccl" (CUDA) or "gloo" (CPU); None for one process
+    global_batch: int = 0  # batch_size: rows per optimizer step over all processes (0 = not reported)
+    per_device_batch: int = 0  # rows per step on each process: global_batch / world_size
 
 
 @dataclass
@@ -109,6 +113,9 @@ class EpochEnded(Event):
     f1: float | None = None
     judge_score: float | None = None
     scored_n: int | None = None
+    rank_peak_mib: list[float | None] | None = None  # per rank: CUDA max allocated on GPU, else peak RSS
+    rank_peak_max_mib: float | None = None
+    rank_peak_sum_mib: float | None = None
 
 
 @dataclass

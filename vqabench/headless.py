@@ -22,6 +22,7 @@ from rich.text import Text
 
 from vqabench.events import EncoderCached, EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
+from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import SessionReport, build_report, markdown_table, report_markdown
 from vqabench.runner import (
@@ -53,12 +54,15 @@ def run_headless(
     cache_dir: Path | str | None = None,
     console: Console | None = None,
     command: str = "",
+    parallel: int = 1,
 ) -> int:
     """Validate, run and store the selected presets; print the comparison; return the exit code.
 
     Raises SpecError (a bad preset) before anything starts, StoreError for an unusable store.
     """
     chosen = select_presets(selection, overrides)
+    gpus = visible_gpus()
+    check_launch(chosen.specs, gpus)  # a run that cannot be placed: one sentence, before a session is recorded
     console = console or Console(highlight=False, soft_wrap=True)
     for name in chosen.added:
         dependants = [s.name for s in chosen.specs if s.after == name]
@@ -72,6 +76,8 @@ def run_headless(
             session=session.label,
             worker_cmd=worker_cmd,
             cache_dir=cache_dir,
+            parallel=parallel,
+            gpus=gpus,
         )
         runner.subscribe(store.recorder(session))
         console.print(
@@ -184,7 +190,8 @@ class ConsoleView:
         if note.status == RUNNING:
             self.say(
                 note.run,
-                f"running (pid {note.pid})"
+                f"running (pid {note.pid}"
+                + (f", on {note.device})" if note.device else ")")
                 + (f", starting from {note.spec.init_checkpoint}" if note.spec and note.spec.init_checkpoint else ""),
             )
             if self.live:

@@ -354,6 +354,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     merged = aggregate_seeds(summaries)
     unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
     tables = [quality_table(merged, runs), efficiency_table(merged, mixed_encoder_cache_warning(runs))]
+    tables[1].notes += placement_notes(runs)
     versus = versus_sft_table(runs)
     if versus is not None:
         tables.append(versus)
@@ -554,6 +555,35 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
+
+
+def placement_notes(runs: Sequence[RunData]) -> list[str]:
+    """How runs were spread over processes, and whether epoch times were measured concurrently."""
+    notes = []
+    spread = [r for r in runs if r.started is not None and r.started.world_size > 1]
+    if spread:
+        parts = [
+            f"{r.name} on {r.started.world_size} processes ({r.started.backend}), global batch "
+            f"{r.started.global_batch} = {r.started.per_device_batch} per process"
+            for r in spread
+            if r.started is not None
+        ]
+        notes.append(
+            "Several processes (torchrun + DDP): " + "; ".join(parts) + ". Samples/s counts every process's "
+            "samples; peak memory is rank 0's (each epoch event also carries every rank's peak, their max and sum)."
+        )
+    shared = [
+        (r.name, int(r.started.config.get("concurrent_runs") or 1))
+        for r in runs
+        if r.started is not None and int(r.started.config.get("concurrent_runs") or 1) > 1
+    ]
+    if shared:
+        most = max(n for _, n in shared)
+        notes.append(
+            f"Epoch times were measured concurrently: up to {most} runs shared the host at once (--parallel {most}; "
+            f"{', '.join(name for name, _ in shared)}), so they are slower than those of runs trained alone."
+        )
+    return notes
 
 
 def epoch_table(run: RunData) -> ReportTable:

@@ -15,7 +15,13 @@ cancelled), :class:`WorkerEvent` for each valid stdout line (the events.py proto
 an event (counted, logged, skipped), and finally :class:`RunnerFinished`. A subscriber that
 raises is logged and the runs go on. ``runner.states`` holds each run's :class:`RunState`.
 
-Runs go one at a time, so timings on one GPU do not interfere. Before a run starts the
+Runs go one at a time by default, so timings on one device do not interfere. With ``gpus``
+(``--gpus 0,1``) independent runs train at the same time, one per free GPU, each seeing its
+own through ``CUDA_VISIBLE_DEVICES``; ``parallel`` (``--parallel N``) lets N runs without GPUs
+share the host (their epoch times are then measured concurrently, which the spec records as
+``concurrent_runs``). A run waits for its ``after`` target either way. A run with
+``nproc_per_node`` or ``nnodes`` above 1 starts through torchrun (vqabench/launch.py builds
+every command line and places every run). Before a run starts the
 runner sets its ``output_dir`` (``<runs_dir>/<session>-<run>/``), ``cache_dir`` and, for a
 run with ``after``, ``init_checkpoint`` (the target's ``run_finished.checkpoint``), writes
 ``spec.json`` there and starts ``<worker_cmd> spec.json`` in its own process group (a run whose
@@ -24,7 +30,9 @@ whose worker crashes fails alone; its dependants are skipped ("skipped: sft fail
 others go on. Cancelling sends SIGTERM to the worker's process group, SIGKILL after
 ``grace_seconds``, and always SIGKILLs what is left of the group once the worker has exited,
 so no grandchild outlives its run. If the task running :meth:`Runner.run` is itself
-cancelled, the running worker is terminated the same way before the cancellation goes on.
+cancelled, the running workers are terminated the same way before the cancellation goes on.
+torchrun starts each rank in a session of its own: the runner signals every process group
+below the worker it started, not only the worker's own.
 A host killed with SIGKILL cannot clean up; its worker then runs to its end on its own.
 """
 
@@ -54,6 +62,7 @@ from vqabench.events import (
     RunStarted,
     parse_event,
 )
+from vqabench.launch import DevicePool, Placement, check_launch, is_distributed, launch_command, visible_gpus
 from vqabench.presets import order_runs
 from vqabench.spec import RunSpec, default_cache_dir
 
@@ -64,7 +73,7 @@ STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED)
 FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED})
 
 #: stderr lines kept per run for the failure message and the dashboard.
-STDERR_TAIL = 50
+STDERR_TAIL = 80
 #: Longest stdout line accepted from a worker (a run_started with a large config is long).
 LINE_LIMIT = 16 * 2**20
 
@@ -97,6 +106,7 @@ class RunStatusChanged:
     spec: RunSpec | None = None
     pid: int | None = None
     exit_code: int | None = None
+    device: str = ""  # for "running": where it trains ("GPU 1", "2 processes"; "" = the default device)
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ class RunState:
     invalid_lines: int = 0
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
     cancel_requested: bool = False
+    device: str = ""  # where it trains, once started (launch.Placement.label)
 
     @property
     def name(self) -> str:
@@ -180,6 +191,8 @@ class Runner:
         cache_dir: Path | str | None = None,
         grace_seconds: float = 5.0,
         env: dict[str, str] | None = None,
+        parallel: int = 1,
+        gpus: Sequence[int] | None = None,
     ) -> None:
         self.specs = order_runs(specs)
         self.runs_dir = Path(runs_dir).resolve()
@@ -187,6 +200,9 @@ class Runner:
         self.worker_cmd = list(worker_cmd) if worker_cmd else default_worker_cmd()
         self.cache_dir = (Path(cache_dir) if cache_dir else default_cache_dir()).resolve()
         self.grace_seconds = grace_seconds
+        self.parallel = max(parallel, 1)
+        #: the GPUs that exist; None = ask launch.visible_gpus() when the runs start
+        self.visible_gpus = list(gpus) if gpus is not None else None
         self.states: dict[str, RunState] = {s.name: RunState(s) for s in self.specs}
         self._env = _worker_env(env)
         self._subscribers: list[Subscriber] = []
@@ -194,7 +210,7 @@ class Runner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._started = False
-        self._launching: str | None = None  # the run whose worker is being started
+        self._launching: set[str] = set()  # runs whose workers are being started
 
     # -- public API -------------------------------------------------------------------------
 
@@ -207,33 +223,78 @@ class Runner:
     def all_done(self) -> bool:
         return all(s.status == DONE for s in self.states.values())
 
+    def check(self) -> None:
+        """Raise SpecError (one sentence) when a run cannot be placed or started on this host."""
+        if self.visible_gpus is None:
+            self.visible_gpus = visible_gpus()
+        check_launch(self.specs, self.visible_gpus)
+
     async def run(self) -> dict[str, RunState]:
-        """Run every spec in order; returns the final states. A Runner runs once."""
+        """Run every spec, each when its `after` target is done and its devices are free.
+
+        Returns the final states. A Runner runs once; SpecError before anything starts when a
+        run cannot be placed (see :meth:`check`).
+        """
         if self._started:
             raise RuntimeError("this Runner has already run; make a new one")
+        self.check()
         self._started = True
         self._loop = asyncio.get_running_loop()
         for position, spec in enumerate(self.specs):
             self._notify(RunQueued(spec.name, spec, position))
+        pool = DevicePool(self.parallel)
+        running: dict[str, asyncio.Future[None]] = {}
         try:
-            for spec in self.specs:
-                state = self.states[spec.name]
-                if state.status != QUEUED:
-                    continue
-                if self._cancel_all or state.cancel_requested:
-                    self._set_status(state, CANCELLED, "cancelled before it started")
-                    continue
-                blocker = self._blocker(spec)
-                if blocker is not None:
-                    self._set_status(state, SKIPPED, f"skipped: {blocker.name} {blocker.status}")
-                    continue
-                await self._run_one(state)
+            while True:
+                self._start_ready(pool, running)
+                if not running:
+                    break
+                try:
+                    done, _ = await asyncio.wait(list(running.values()), return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    for task in running.values():
+                        task.cancel()
+                    await asyncio.gather(*running.values(), return_exceptions=True)
+                    raise
+                for name in [n for n, task in running.items() if task in done]:
+                    running.pop(name).result()
         finally:
             for state in self.states.values():
                 if state.status not in FINAL_STATUSES:
                     self._set_status(state, CANCELLED, "cancelled: the runner was stopped")
             self._notify(RunnerFinished({n: s.status for n, s in self.states.items()}, self._cancel_all))
         return self.states
+
+    def _start_ready(self, pool: DevicePool, running: dict[str, asyncio.Future[None]]) -> None:
+        """Start, in order, every queued run whose target is done and whose devices are free."""
+        for spec in self.specs:
+            state = self.states[spec.name]
+            if state.status != QUEUED or spec.name in running:
+                continue
+            if self._cancel_all or state.cancel_requested:
+                self._set_status(state, CANCELLED, "cancelled before it started")
+                continue
+            target = self.states.get(spec.after) if spec.after else None
+            if target is not None and target.status not in FINAL_STATUSES:
+                continue  # waits for its SFT
+            blocker = self._blocker(spec)
+            if blocker is not None:
+                self._set_status(state, SKIPPED, f"skipped: {blocker.name} {blocker.status}")
+                continue
+            placement = pool.acquire(spec)
+            if placement is None:
+                continue
+            running[spec.name] = asyncio.ensure_future(self._run_placed(state, placement, pool))
+        if not running:  # nothing runs, so every device is free: what is left can never start
+            for state in self.states.values():
+                if state.status == QUEUED:
+                    self._set_status(state, FAILED, f"could not be placed on the devices {state.spec.gpus}.")
+
+    async def _run_placed(self, state: RunState, placement: Placement, pool: DevicePool) -> None:
+        try:
+            await self._run_one(state, placement)
+        finally:
+            pool.release(placement)
 
     def cancel(self, run_name: str | None = None) -> None:
         """Cancel one run (queued or running) or, with no name, everything; thread-safe."""
@@ -260,7 +321,7 @@ class Runner:
             if state.status in FINAL_STATUSES:
                 continue
             state.cancel_requested = True
-            if state.status == QUEUED and self._started and state.name != self._launching:
+            if state.status == QUEUED and self._started and state.name not in self._launching:
                 self._set_status(state, CANCELLED, "cancelled before it started")
             elif state.status == RUNNING:
                 self._cancel_signals[state.name].set()
@@ -272,13 +333,15 @@ class Runner:
         target = self.states[spec.after]
         return None if target.status == DONE else target
 
-    def _prepare(self, state: RunState) -> Path:
+    def _prepare(self, state: RunState, placement: Placement) -> Path:
         """Fill in the paths of the spec and write it as JSON for the worker."""
         spec = state.spec
         folder = f"{self.session}-{spec.name}" if self.session else spec.name
         output_dir = self.runs_dir / re.sub(r"[^\w.@-]", "_", folder)
         output_dir.mkdir(parents=True, exist_ok=True)
-        changes: dict[str, str] = {"output_dir": str(output_dir), "cache_dir": str(self.cache_dir)}
+        changes: dict[str, str | int] = {"output_dir": str(output_dir), "cache_dir": str(self.cache_dir)}
+        if placement.concurrent_runs > 1:
+            changes["concurrent_runs"] = placement.concurrent_runs
         if spec.after in self.states:
             changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
         state.spec = spec.replace(**changes)
@@ -286,11 +349,12 @@ class Runner:
         spec_path.write_text(json.dumps(state.spec.to_dict(), indent=2) + "\n")
         return spec_path
 
-    async def _run_one(self, state: RunState) -> None:
-        spec_path = self._prepare(state)
-        command = [*self.worker_cmd, str(spec_path)]
+    async def _run_one(self, state: RunState, placement: Placement) -> None:
+        spec_path = self._prepare(state, placement)
+        command = launch_command(state.spec, self.worker_cmd, spec_path)
+        state.device = placement.label(state.spec)
         state.started_at = time.time()
-        self._launching = state.name
+        self._launching.add(state.name)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command,
@@ -298,25 +362,27 @@ class Runner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                env=self._env,
+                env={**self._env, **placement.env()},
                 limit=LINE_LIMIT,
             )
         except OSError as exc:
-            self._launching = None
+            self._launching.discard(state.name)
             state.finished_at = time.time()
             self._set_status(state, FAILED, f"the worker could not start: {command[0]}: {exc.strerror or exc}.")
             return
         state.pid = proc.pid
         cancel_signal = self._cancel_signals[state.name] = asyncio.Event()
-        self._launching = None
+        self._launching.discard(state.name)
         if state.cancel_requested:  # asked for while the process was being started
             cancel_signal.set()
-        self._set_status(state, RUNNING, spec=state.spec, pid=proc.pid)
+        self._set_status(state, RUNNING, spec=state.spec, pid=proc.pid, device=state.device)
         assert proc.stdout is not None and proc.stderr is not None
         readers = [
             asyncio.ensure_future(self._read_stdout(state, proc.stdout)),
             asyncio.ensure_future(self._read_stderr(state, proc.stderr)),
         ]
+        tree = _ProcessTree(proc.pid)
+        watcher = asyncio.ensure_future(tree.watch()) if is_distributed(state.spec) else None
         try:
             exited = asyncio.ensure_future(proc.wait())
             cancelled = asyncio.ensure_future(cancel_signal.wait())
@@ -325,42 +391,64 @@ class Runner:
             finally:
                 cancelled.cancel()
             if not exited.done():
-                await self._terminate(proc)
+                await self._terminate(proc, tree)
             await exited
-            _kill_group(proc.pid)  # grandchildren left behind by a worker that exited
-            await _wait_group_gone(proc.pid)
+            await tree.kill()  # grandchildren left behind by a worker that exited
             await _drain(readers)
         except asyncio.CancelledError:
             state.cancel_requested = True
-            await self._terminate(proc)
+            await self._terminate(proc, tree)
             await _drain(readers)
             self._finish(state, proc.returncode)
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         self._finish(state, proc.returncode)
 
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM the worker's group, SIGKILL after the grace period, then reap it."""
+    async def _terminate(self, proc: asyncio.subprocess.Process, tree: _ProcessTree) -> None:
+        """SIGTERM the worker's groups, SIGKILL after the grace period, then reap it."""
         if proc.returncode is None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            tree.signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.grace_seconds)
             except asyncio.TimeoutError:
-                _signal_group(proc.pid, signal.SIGKILL)
+                tree.signal(signal.SIGKILL)
                 await proc.wait()
-        _kill_group(proc.pid)
-        await _wait_group_gone(proc.pid)
+        await tree.kill()
 
     def _finish(self, state: RunState, code: int | None) -> None:
         state.exit_code = code
         state.finished_at = time.time()
         if code == 0 and state.finished is not None and state.failed is None:
             self._set_status(state, DONE, exit_code=code)
+        elif code == 0 and state.failed is None and state.spec.node_rank > 0 and not state.cancel_requested:
+            # Another node of a multi-node run: its ranks are not rank 0, so they report nothing.
+            reason = f"done on node {state.spec.node_rank} of {state.spec.nnodes}; node 0 records the results"
+            self._set_status(state, DONE, reason, exit_code=code)
         elif state.cancel_requested:
             self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
+        elif state.failed is not None and state.failed.error_kind != "distributed":
+            self._set_status(state, FAILED, state.failed.message, exit_code=code)
+        elif is_distributed(state.spec) and (rank_failure := _rank_failure(state.stderr_tail)) is not None:
+            self._set_status(state, FAILED, self._rank_reason(state, *rank_failure), exit_code=code)
         elif state.failed is not None:
             self._set_status(state, FAILED, state.failed.message, exit_code=code)
         else:
             self._set_status(state, FAILED, self._exit_reason(state, code), exit_code=code)
+
+    def _rank_reason(self, state: RunState, rank: int, code: int) -> str:
+        """One sentence for a multi-process run that torchrun ended because one rank failed."""
+        world = state.spec.nproc_per_node * state.spec.nnodes
+        if code < 0:
+            try:
+                description = (signal.strsignal(-code) or "").lower()
+            except ValueError:
+                description = ""
+            how = f"was killed by signal {-code}" + (f" ({description})" if description else "")
+        else:
+            how = f"exited with code {code}"
+        return f"rank {rank} of {world} {how} {self._where(state)}, so torchrun stopped the run."
 
     def _exit_reason(self, state: RunState, code: int | None) -> str:
         """One sentence for a worker that ended without a run_finished or run_failed."""
@@ -468,9 +556,10 @@ class Runner:
         spec: RunSpec | None = None,
         pid: int | None = None,
         exit_code: int | None = None,
+        device: str = "",
     ) -> None:
         state.status, state.reason = status, reason
-        self._notify(RunStatusChanged(state.name, status, reason, spec, pid, exit_code))
+        self._notify(RunStatusChanged(state.name, status, reason, spec, pid, exit_code, device))
 
     def _notify(self, notification: Notification) -> None:
         for callback in list(self._subscribers):
@@ -480,6 +569,30 @@ class Runner:
                 log.exception(
                     "a runner subscriber (%r) failed on %s; the runs go on", callback, type(notification).__name__
                 )
+
+
+_TORCHRUN_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_TORCHRUN_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
+
+
+def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
+    """(rank, exit code) of the failed rank in torchrun's failure summary on stderr.
+
+    torchrun lists every failed rank: the cause is one killed by a signal other than SIGTERM
+    (torchrun stops the survivors with SIGTERM), else the lowest rank that exited with an
+    error (the others may only have lost their peer), else the lowest rank.
+    """
+    failures: list[tuple[int, int]] = []
+    rank: int | None = None
+    for line in lines:
+        if (m := _TORCHRUN_RANK.match(line)) is not None:
+            rank = int(m.group(1))
+        elif (m := _TORCHRUN_EXIT.match(line)) is not None and rank is not None:
+            failures.append((rank, int(m.group(1))))
+            rank = None
+    if not failures:
+        return None
+    return min(failures, key=lambda f: (f[1] == -signal.SIGTERM, f[1] >= 0, f[0]))
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -516,6 +629,64 @@ def _live_group_members(pgid: int) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             alive.append(int(entry.name))
     return alive
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live process; Linux /proc."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+class _ProcessTree:
+    """The process groups under a worker: its own, and those of descendants in sessions of their own.
+
+    torchrun starts each rank with ``start_new_session``, so killing the worker's group alone
+    would orphan the ranks. The groups are noted while the worker runs (:meth:`watch`), so
+    they can still be found once a killed parent no longer links to them.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.groups = {root}
+
+    def refresh(self) -> None:
+        if not os.path.isdir("/proc"):
+            return
+        table = _process_table()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in table.items():
+            children.setdefault(parent, []).append(pid)
+        todo = [self.root]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                self.groups.add(table[child][1])
+                todo.append(child)
+
+    async def watch(self, interval: float = 0.5) -> None:
+        while True:
+            self.refresh()
+            await asyncio.sleep(interval)
+
+    def signal(self, signum: int) -> None:
+        self.refresh()
+        for group in self.groups:
+            _signal_group(group, signum)
+
+    async def kill(self) -> None:
+        """SIGKILL every group and wait until none of their processes runs."""
+        self.signal(signal.SIGKILL)
+        for group in self.groups:
+            await _wait_group_gone(group)
 
 
 async def _wait_group_gone(pgid: int, timeout: float = 5.0) -> None:

@@ -117,6 +117,12 @@ class RunSpec:
     base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
     device: str = "auto"
     telemetry_interval: float = 0.2
+    gpus: list[int] = field(default_factory=list)  # GPUs the runner may place this run on; [] = no placement
+    nproc_per_node: int = 1  # processes per node (torchrun + DDP); batch_size stays the global batch
+    nnodes: int = 1  # nodes of a multi-node run (torchrun --nnodes)
+    node_rank: int = 0  # this node's rank; node 0 records the results
+    rdzv_endpoint: str | None = None  # host:port of node 0, where the nodes meet (nnodes > 1)
+    concurrent_runs: int = 1  # set by the runner: runs sharing the host while this one trained (--parallel)
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
     cache_dir: str | None = None  # base checkpoints, reference, image and encoder caches; None = user cache
     num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
@@ -162,12 +168,16 @@ _POSITIVE = {
     "max_question_tokens",
     "max_answer_tokens",
     "base_samples",
+    "nproc_per_node",
+    "nnodes",
+    "concurrent_runs",
     "judge.concurrency",
     "judge.requests_per_minute",
     "judge.max_attempts",
 }
 _NON_NEGATIVE = {
     "num_workers",
+    "node_rank",
     "eval_every_epoch",
     "dataset.seed",
     "dataset.test_size",
@@ -298,9 +308,31 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
             f"{where}: key 'encoder_cache' is 'on' but train is {spec.train!r}: the encoders change during "
             f"training, so their outputs cannot be cached; use 'auto' or 'off', or train = 'decoder'."
         )
+    _check_processes(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
         raise SpecError(
             f"{where}: method '{spec.method}' needs an SFT checkpoint as its start and reference; "
             f"set 'after' to an SFT preset's name or 'init_checkpoint' to a checkpoint folder."
         )
     return spec
+
+
+def _check_processes(spec: RunSpec, where: str) -> None:
+    """A multi-process run: the global batch must split evenly, the nodes must know where to meet."""
+    world = spec.nproc_per_node * spec.nnodes
+    if spec.batch_size % world:
+        raise SpecError(
+            f"{where}: key 'batch_size' has value {spec.batch_size}, which {world} processes "
+            f"(nproc_per_node {spec.nproc_per_node} × nnodes {spec.nnodes}) cannot split evenly; "
+            f"use a multiple of {world} (batch_size is the global batch)."
+        )
+    if spec.node_rank >= spec.nnodes:
+        raise SpecError(
+            f"{where}: key 'node_rank' has value {spec.node_rank}; with nnodes {spec.nnodes} it must be "
+            f"between 0 and {spec.nnodes - 1}."
+        )
+    if spec.nnodes > 1 and not spec.rdzv_endpoint:
+        raise SpecError(
+            f"{where}: key 'nnodes' has value {spec.nnodes}, which needs 'rdzv_endpoint' (host:port of node 0, "
+            f"the same on every node)."
+        )

@@ -161,6 +161,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX runs_by_session ON runs(session_id, position);
     CREATE INDEX evals_by_run ON evals(run_id);
     """,
+    """
+    -- runs on several processes (torchrun + DDP): run_started's world and batches, epoch_end's per-rank peaks
+    ALTER TABLE runs ADD COLUMN world_size INTEGER;
+    ALTER TABLE runs ADD COLUMN backend TEXT;
+    ALTER TABLE runs ADD COLUMN global_batch INTEGER;
+    ALTER TABLE runs ADD COLUMN per_device_batch INTEGER;
+    ALTER TABLE epochs ADD COLUMN rank_peak_mib JSON;
+    ALTER TABLE epochs ADD COLUMN rank_peak_max_mib REAL;
+    ALTER TABLE epochs ADD COLUMN rank_peak_sum_mib REAL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -180,10 +190,16 @@ _STARTED_COLUMNS = {
     "telemetry": "telemetry",
     "data": "data",
     "pid": "worker_pid",
+    "world_size": "world_size",
+    "backend": "backend",
+    "global_batch": "global_batch",
+    "per_device_batch": "per_device_batch",
 }
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}
-_JSON_FIELDS = {"config", "data", "extra", "spec"}
+_JSON_FIELDS = {"config", "data", "extra", "spec", "rank_peak_mib"}
+#: run_started fields added by a later migration, with the value a run recorded before it had
+_STARTED_DEFAULTS = {"world_size": 1, "global_batch": 0, "per_device_batch": 0}
 
 
 class StoreError(Exception):
@@ -384,7 +400,7 @@ class ResultsStore:
     def epochs(self, run_id: int) -> list[EpochEnded]:
         """The run's completed epochs, in order."""
         rows = self._query("SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", (run_id,))
-        return [EpochEnded(**{k: (bool(row[k]) if k == "is_best" else row[k]) for k in _EPOCH_FIELDS}) for row in rows]
+        return [EpochEnded(**{k: _epoch_value(k, row[k]) for k in _EPOCH_FIELDS}) for row in rows]
 
     def evals(self, run_id: int) -> list[Evaluated]:
         """The run's evaluations, in the order they arrived."""
@@ -440,7 +456,11 @@ class ResultsStore:
 
     def _add_epoch(self, run_id: int, event: EpochEnded) -> None:
         names = ["run_id", *_EPOCH_FIELDS, "recorded_at"]
-        values = [run_id, *(getattr(event, f) for f in _EPOCH_FIELDS), now_iso()]
+        values = [
+            run_id,
+            *(_json(v) if f in _JSON_FIELDS and v is not None else v for f, v in dataclasses.asdict(event).items()),
+            now_iso(),
+        ]
         with self._transaction() as conn:
             conn.execute(
                 f"INSERT OR REPLACE INTO epochs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values
@@ -528,6 +548,7 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
             **{
                 f: (json.loads(data[c]) if c in _JSON_FIELDS and data[c] is not None else data[c])
                 for f, c in _STARTED_COLUMNS.items()
+                if data[c] is not None or f not in _STARTED_DEFAULTS
             },
         )
     finished = None
@@ -539,6 +560,14 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
     return _record(
         RunRecord, {**data, "spec": json.loads(data["spec"])}, started=started, finished=finished, failed=failed
     )
+
+
+def _epoch_value(name: str, value: Any) -> Any:
+    if name == "is_best":
+        return bool(value)
+    if name in _JSON_FIELDS and value is not None:
+        return json.loads(value)
+    return value
 
 
 def _record(cls: type, row: Any, **more: Any) -> Any:

@@ -32,6 +32,7 @@ from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataSplits
+from vqabench.event_stream import EventWriter, protocol_stream
 from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ def ensure_base_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vqabench.engine.worker import EventWriter, protocol_stream
-
     emit = EventWriter(protocol_stream())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     p = argparse.ArgumentParser(description="Build the embedded base checkpoint (used by the worker).")

@@ -25,6 +25,7 @@ import torch
 
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.telemetry import module_bytes
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,13 @@ class PrecomputedReference:
         checkpoint_key: str,
         data_key: str,
         progress: ProgressFn | None = None,
+        ranks: Ranks = SINGLE,
     ) -> PrecomputedReference:
-        """Load the cached table for this checkpoint and data, or score every pair once."""
+        """Load the cached table for this checkpoint and data, or score every pair once.
+
+        On several processes each rank scores a slice of every split, the slices are gathered,
+        and rank 0 alone writes the cache.
+        """
         import time
 
         key = hashlib.sha256(
@@ -136,7 +142,7 @@ class PrecomputedReference:
             f"{len(encoded.splits['eval'])}".encode()
         ).hexdigest()[:24]
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
-        if path is not None and path.exists():
+        if path is not None and ranks.all(path.exists(), device):
             try:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 log.info("reference log-probs loaded from %s", path)
@@ -148,13 +154,18 @@ class PrecomputedReference:
         was_training = model.training
         model.eval()
         table: dict[str, dict[str, torch.Tensor]] = {}
-        total = sum(-(-len(encoded.splits[s]) // batch_size) for s in ("train", "eval"))
+        total = sum(-(-len(ranks.shard(len(encoded.splits[s]))) // batch_size) for s in ("train", "eval"))
         done = 0
         with torch.no_grad():
             for split in ("train", "eval"):
-                n = len(encoded.splits[split])
+                shard = ranks.shard(len(encoded.splits[split]))
                 parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}
-                blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+                for name in parts:
+                    parts[name].append(torch.zeros(0))
+                blocks = [
+                    torch.arange(lo, min(lo + batch_size, shard.stop))
+                    for lo in range(shard.start, shard.stop, batch_size)
+                ]
                 for batch in encoded.batches(split, blocks, device):
                     q = batch.encodings(model)
                     c, r, _, _ = blip.pair_logps(
@@ -168,9 +179,9 @@ class PrecomputedReference:
                     done += 1
                     if progress is not None:
                         progress(done, total)
-                table[split] = {k: torch.cat(v) for k, v in parts.items()}
+                table[split] = {k: ranks.gather_cat(torch.cat(v)) for k, v in parts.items()}
         model.train(was_training)
-        if path is not None:
+        if path is not None and ranks.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save(table, tmp)

@@ -16,6 +16,7 @@ import torch
 
 from vqabench import events as ev
 from vqabench import metrics
+from vqabench.engine import distributed
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.cache import ArrayStore
@@ -25,7 +26,7 @@ from vqabench.engine.data.records import DataError, DataSplits, answer_token_sta
 from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
-from vqabench.engine.trainer import Trainer, pick_device
+from vqabench.engine.trainer import Trainer
 from vqabench.judges import JudgeError, JudgeItem
 from vqabench.scoring import ScoreSummary, judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
@@ -96,12 +97,25 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     """Run one spec end to end, emitting events; raises on failure (the worker reports it)."""
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
-    device = pick_device(spec.device)
+    ranks, device = distributed.start(spec.device)
+    try:
+        _execute(spec, emit if ranks.is_main else _silent, ranks, device, t_start)
+    finally:
+        distributed.finish(ranks)
+
+
+def _silent(event: ev.Event) -> None:
+    """Ranks other than 0 report nothing: one run, one event stream."""
+
+
+def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.device, t_start: float) -> None:
     cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     out_dir = Path(spec.output_dir) if spec.output_dir else Path("vqabench-results") / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Throttled(emit)
 
+    if not ranks.is_main:  # rank 0 first: it alone builds the base checkpoint and fills the caches
+        ranks.barrier()
     loaded, data = load_model_and_data(spec, cache_dir, device, emit)
     loaded.model.to(device)
     if not data.report.token_stats:
@@ -133,6 +147,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         )
         emit(ev.EncoderCached(**info.to_dict()))
         encoder_cache = {"on": True, **info.to_dict()}
+    if ranks.is_main:  # the image and encoder caches are complete: the other ranks read them
+        ranks.barrier()
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference: CopyReference | PrecomputedReference | None = None
@@ -153,15 +169,16 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             precomputed = PrecomputedReference.build(
                 loaded,
                 encoded,
-                batch_size=spec.batch_size,
+                batch_size=ranks.per_device_batch(spec.batch_size),
                 device=device,
                 cache_dir=cache_dir,
                 checkpoint_key=key,
                 data_key=data.fingerprint,
                 progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
+                ranks=ranks,
             )
             reference, reference_seconds = precomputed, precomputed.seconds
-    trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress)
+    trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress, ranks=ranks)
     trainable, total = blip.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
     telemetry = Telemetry(str(device), interval=spec.telemetry_interval)
@@ -180,7 +197,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             run=spec.name,
             method=spec.method,
             config=spec.to_dict(),
-            device=_describe(device),
+            device=_describe_all(device, ranks),
             torch_version=torch.__version__,
             trainable_params=trainable,
             total_params=total,
@@ -191,10 +208,14 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             telemetry=telemetry.status,
             data=data_info,
             pid=os.getpid(),
+            world_size=ranks.world_size,
+            backend=ranks.backend,
+            global_batch=spec.batch_size,
+            per_device_batch=trainer.batch_size,
         )
     )
 
-    if spec.eval_every_epoch:
+    if spec.eval_every_epoch and ranks.is_main:
         # Judging happens after every epoch: load the judge's model now, so it is resident from
         # the first epoch on and the per-epoch memory figures stay comparable.
         with judge_with_cache(spec.judge, cache_dir) as (judge, _):
@@ -211,11 +232,14 @@ def execute(spec: RunSpec, emit: Emit) -> None:
             train_seconds += result.epoch_seconds
             if result.is_best:
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
-                blip.save_checkpoint(loaded, best_dir)
+                if ranks.is_main:
+                    blip.save_checkpoint(loaded, best_dir)
+            ranks_memory = distributed.rank_memory(tel.event_fields(), ranks) if ranks.distributed else {}
             scored: ScoreSummary | None = None
             if spec.eval_every_epoch:
                 answers = trainer.answers("eval", spec.eval_every_epoch)
-                eval_items = judge_items_of(encoded.splits["eval"].pairs, answers)
+            if spec.eval_every_epoch and ranks.is_main:
+                eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
                     summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
                 except JudgeError as exc:
@@ -244,12 +268,15 @@ def execute(spec: RunSpec, emit: Emit) -> None:
                     f1=scored.f1 if scored else None,
                     judge_score=scored.judge_score if scored else None,
                     scored_n=scored.n if scored else None,
+                    **ranks_memory,
                 )
             )
 
     if best_state is not None:
         part.load_state_dict(best_state)
     answers = trainer.answers("test")
+    if not ranks.is_main:  # rank 0 judges, writes the predictions and reports
+        return
     pairs = encoded.splits["test"].pairs
     items = judge_items_of(pairs, answers)
     try:
@@ -298,6 +325,17 @@ def _describe(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _describe_all(device: torch.device, ranks: distributed.Ranks) -> str:
+    """The device, the GPUs the runner placed the run on, and the processes that share the work."""
+    text = _describe(device)
+    placed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if device.type == "cuda" and placed:
+        text += f", CUDA_VISIBLE_DEVICES={placed}"
+    if ranks.distributed:
+        text += f", {ranks.world_size} processes ({ranks.backend})"
+    return text
 
 
 __all__ = ["DataError", "execute"]

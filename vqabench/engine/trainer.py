@@ -4,6 +4,10 @@ One obvious loop: every epoch trains on the shuffled train split, then scores th
 split (eval loss = the method's own loss; preference metrics on plain log-probs, so they
 compare across methods), steps the LR schedule, and keeps the checkpoint with the lowest
 eval loss. The caller owns the events; the trainer reports through callbacks.
+
+On several processes (engine/distributed.py) the train split is sharded by a
+DistributedSampler, the step runs under DDP, and eval and generation score a slice per
+rank and gather it, so every rank ends an epoch with the same figures.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from vqabench import objectives
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
+from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.spec import RunSpec
 
@@ -155,27 +160,31 @@ class Trainer:
         reference: Reference | None,
         device: torch.device,
         on_progress: Callable[[str, int, int, int, float | None], None] | None = None,
+        ranks: Ranks = SINGLE,
     ):
         self.spec = spec
+        self.ranks = ranks
+        self.batch_size = ranks.per_device_batch(spec.batch_size)  # this process's share of the global batch
         self.loaded = loaded
         self.encoded = encoded
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
         blip.freeze_for_training(loaded.model, spec.train)
         self.step_fn = MethodStep(spec, loaded, encoded, reference)
+        self.ddp = ranks.wrap(blip.trainable_part(loaded.model, spec.train), device)
+        self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
-        self.generator = torch.Generator().manual_seed(spec.seed)
         self.best_loss = math.inf
         self.best_epoch = 0
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.encoded.splits["train"]) // self.spec.batch_size)
+        return -(-len(self.sampler) // self.batch_size)
 
     def train_step(self, batch: Batch) -> float:
-        out = self.step_fn("train", batch)
+        out = self.step_fn("train", batch) if self.ddp is None else self.ddp(self.step_fn, "train", batch)
         loss = out.losses.mean()
         value = float(loss.detach())  # the step's one host sync: the value and the finiteness check
         if not math.isfinite(value):
@@ -187,9 +196,9 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[float, float, int]:
         """One pass over the shuffled train split: (mean loss, seconds, samples)."""
-        n = len(self.encoded.splits["train"])
-        order = torch.randperm(n, generator=self.generator)
-        bs = self.spec.batch_size
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.long)
+        bs = self.batch_size
         blip.set_train_mode(self.loaded.model, self.spec.train)
         total, count, last = 0.0, 0, 0.0
         steps = self.steps_per_epoch
@@ -211,16 +220,18 @@ class Trainer:
                 last = now
                 self.on_progress("train", epoch, step + 1, steps, total / count)
         synchronize(self.device)
-        return total / max(count, 1), time.perf_counter() - start, count
+        seconds = time.perf_counter() - start
+        loss_sum, samples = self.ranks.sum([total, float(count)], self.device)  # over every rank's samples
+        return loss_sum / max(samples, 1.0), seconds, int(samples)
 
     @torch.no_grad()
     def evaluate(self, split: str = "eval") -> EvalResult:
         start = time.perf_counter()
         self.loaded.model.eval()
-        s = self.encoded.splits[split]
-        losses, chosen, rejected = [], [], []
-        bs = self.spec.batch_size
-        blocks = [torch.arange(lo, min(lo + bs, len(s))) for lo in range(0, len(s), bs)]
+        shard = self.ranks.shard(len(self.encoded.splits[split]))
+        losses, chosen, rejected = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
+        bs = self.batch_size
+        blocks = [torch.arange(lo, min(lo + bs, shard.stop)) for lo in range(shard.start, shard.stop, bs)]
         for batch in self.encoded.batches(split, blocks, self.device):
             out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
@@ -232,10 +243,11 @@ class Trainer:
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
-        c, r = torch.cat(chosen), torch.cat(rejected)
+        gather = self.ranks.gather_cat
+        c, r, loss = gather(torch.cat(chosen)), gather(torch.cat(rejected)), gather(torch.cat(losses))
         margins = objectives.reward_margins(c, r)
         return EvalResult(
-            float(torch.cat(losses).mean()),
+            float(loss.mean()),
             float(c.mean()),
             float(r.mean()),
             float(margins.mean()),
@@ -261,10 +273,11 @@ class Trainer:
         self.loaded.model.eval()
         s = self.encoded.splits[split]
         n = len(s) if limit is None else min(limit, len(s))
+        shard = self.ranks.shard(n)
         out: list[str] = []
-        bs = max(self.spec.batch_size, 32)
-        steps = -(-n // bs)
-        blocks = [torch.arange(lo, min(lo + bs, n)) for lo in range(0, n, bs)]
+        bs = max(self.batch_size, 32)
+        steps = -(-len(shard) // bs)
+        blocks = [torch.arange(lo, min(lo + bs, shard.stop)) for lo in range(shard.start, shard.stop, bs)]
         for i, batch in enumerate(self.encoded.batches(split, blocks, self.device)):
             out += blip.greedy_answers(
                 self.loaded,
@@ -275,4 +288,4 @@ class Trainer:
                 question_embeds=batch.question_embeds,
             )
             self.on_progress("generate", 0, i + 1, steps, None)
-        return out
+        return [answer for part in self.ranks.gather(out) for answer in part]

@@ -4,6 +4,7 @@ Runs one training run and writes one event (vqabench.events) per stdout line, fl
 and nothing else: before anything is imported that might print, the real stdout is kept
 for events and file descriptor 1 is pointed at stderr, where all logs go. Exit code 0
 only on success; on failure a ``run_failed`` event carries a one-sentence message.
+Started by torchrun (one process per rank), only rank 0 writes events, a failure included.
 """
 
 from __future__ import annotations
@@ -13,29 +14,9 @@ import logging
 import os
 import sys
 import traceback
-from typing import IO
 
 from vqabench import events as ev
-
-
-class EventWriter:
-    """Writes events as JSON lines to the stream kept for the protocol."""
-
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-
-    def __call__(self, event: ev.Event) -> None:
-        self.stream.write(ev.encode_event(event) + "\n")
-        self.stream.flush()
-
-
-def protocol_stream() -> IO[str]:
-    """Keep fd 1 for events; send everything else written to stdout to stderr."""
-    sys.stdout.flush()
-    events_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return os.fdopen(events_fd, "w", buffering=1, encoding="utf-8")
+from vqabench.event_stream import EventWriter, protocol_stream
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -58,6 +39,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
     ):
         if isinstance(exc, cls):
             return kind, text
+    if type(exc).__name__ in ("DistBackendError", "DistNetworkError") or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    ):
+        return "distributed", f"another process of this run stopped ({text.splitlines()[0]})."
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return "memory", f"the run ran out of memory ({text.splitlines()[0]}); lower batch_size."
     if isinstance(exc, KeyboardInterrupt):
@@ -93,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         kind, message = classify(exc)
         tb = traceback.format_exc()
         logging.getLogger("vqabench.worker").error("%s\n%s", message, tb)
-        emit(ev.RunFailed(error_kind=kind, message=message, traceback=tb))
+        if os.environ.get("RANK", "0") == "0":  # one run, one event stream: rank 0's (torchrun names the rank)
+            emit(ev.RunFailed(error_kind=kind, message=message, traceback=tb))
         return 130 if kind == "cancelled" else 1
 
 

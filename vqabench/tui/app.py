@@ -28,6 +28,7 @@ from textual.containers import Container
 from textual.widgets import DataTable, Footer, Static, Tab, Tabs
 from textual.worker import Worker, WorkerCancelled, WorkerFailed, WorkerState
 
+from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, packaged_presets, read_preset, select_presets
 from vqabench.report import render_markdown, seed_group
 from vqabench.runner import (
@@ -97,6 +98,7 @@ class Dashboard(App[int]):
         grace_seconds: float = 5.0,
         clock: Clock = time.monotonic,
         command: str = "vqabench",
+        parallel: int = 1,
     ) -> None:
         super().__init__()
         self.store = store
@@ -105,6 +107,7 @@ class Dashboard(App[int]):
         self.worker_cmd = list(worker_cmd) if worker_cmd else None
         self.cache_dir = cache_dir
         self.grace_seconds = grace_seconds
+        self.parallel = parallel
         self.clock = clock
         self.command = command
         self.planned = select_presets(self.selection, self.overrides).specs  # SpecError: before the app opens
@@ -169,6 +172,8 @@ class Dashboard(App[int]):
             return False
         try:
             chosen = select_presets(selection, self.overrides)
+            gpus = visible_gpus()
+            check_launch(chosen.specs, gpus)
         except SpecError as exc:
             self.notify(str(exc), title="Cannot start", severity="error", timeout=15)
             return False
@@ -185,6 +190,8 @@ class Dashboard(App[int]):
             worker_cmd=self.worker_cmd,
             cache_dir=self.cache_dir,
             grace_seconds=self.grace_seconds,
+            parallel=self.parallel,
+            gpus=gpus,
         )
         runner.subscribe(self.store.recorder(session))
         runner.subscribe(self._on_runner_note)
@@ -459,6 +466,7 @@ def run_dashboard(
     results_dir: Path | str,
     worker_cmd: Sequence[str] | None = None,
     cache_dir: Path | str | None = None,
+    parallel: int = 1,
 ) -> int:
     """Open the dashboard on a results folder; returns the exit code once the user quits.
 
@@ -471,7 +479,13 @@ def run_dashboard(
     command = shlex.join(["vqabench", *sys.argv[1:]])
     with ResultsStore(results_dir) as store:
         app = Dashboard(
-            store, selection=selection, overrides=overrides, worker_cmd=worker_cmd, cache_dir=cache_dir, command=command
+            store,
+            selection=selection,
+            overrides=overrides,
+            worker_cmd=worker_cmd,
+            cache_dir=cache_dir,
+            command=command,
+            parallel=parallel,
         )
         code = app.run()
     return code if isinstance(code, int) else 0

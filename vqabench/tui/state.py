@@ -80,6 +80,7 @@ class RunView:
     finished_at: float | None = None
     phase_first: tuple[float, int] | None = None  # (clock, step) of the phase's first report
     phase_last: tuple[float, int] | None = None  # ... and of its latest
+    device: str = ""  # where the runner placed it ("GPU 1", "2 processes"; "" = the default device)
     stored_elapsed: float | None = None  # a stored run's wall time, from the store's timestamps
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_KEPT))
     stderr_total: int = 0  # lines received in all; `stderr` keeps the last STDERR_KEPT
@@ -292,6 +293,8 @@ class SessionView:
             view.status, view.reason = note.status, note.reason
             if note.pid is not None:
                 view.pid = note.pid
+            if note.device:
+                view.device = note.device
             if note.status == RUNNING:
                 view.started_at = now
                 view.phase = ""

@@ -127,7 +127,7 @@ class RunsTable(DataTable):
         return [
             run.name,
             run.method,
-            status_text(run.status),
+            status_text(run.status) + (f" · {run.device}" if run.device else ""),
             f"{counter:>5} {progress_bar(run.progress_fraction(), BAR_WIDTH)}",
             format_duration(run.elapsed(now)),
             format_duration(eta) if eta is not None else "-",

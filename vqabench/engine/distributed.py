@@ -1,0 +1,200 @@
+"""Rank bookkeeping for one run on several processes: torchrun starts them, DDP trains.
+
+The runner launches the worker through ``python -m torch.distributed.run`` when a spec sets
+``nproc_per_node`` or ``nnodes`` above 1; torchrun gives every process RANK, WORLD_SIZE,
+LOCAL_RANK and a rendezvous. Here each process joins the group (NCCL on CUDA, gloo on CPU)
+and gets its device; the rest of the engine asks a :class:`Ranks` what it needs:
+
+* ``is_main``: rank 0 alone writes events, checkpoints, predictions and caches;
+* :meth:`Ranks.train_sampler`: a ``DistributedSampler`` over the train split (also with one
+  process, so 1 and N processes see the same permutation);
+* :meth:`Ranks.shard` / :meth:`Ranks.gather`: eval, the precompute pass and test generation
+  score a contiguous slice per rank, and the slices are gathered back in order;
+* :meth:`Ranks.wrap`: the trainable part under ``DistributedDataParallel``.
+
+``batch_size`` is the global batch: each process takes ``batch_size / world_size`` rows a
+step and DDP averages the gradients over ranks, so with equal per-rank batches a step is
+the same as one process on the whole batch. The sampler keeps per-rank batches equal: when
+the train split does not divide by the world size it repeats the first rows to even the
+shards (PyTorch's rule), so 1 and N processes match exactly when ``len(train) % N == 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler
+
+from vqabench.spec import SpecError
+
+#: How long a collective waits for a rank that went silent before it fails.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+class StepModule(nn.Module):
+    """Lets DDP bracket a whole training step: ``wrapped(step_fn, *args)`` calls ``step_fn(*args)``.
+
+    The engine calls the model's parts itself (encoders, then the decoder) instead of one
+    ``forward``; DDP prepares its gradient all-reduce in ``forward``, so the step runs inside it.
+    """
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, step_fn: Callable[..., Any], *args: Any) -> Any:
+        return step_fn(*args)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None  # "nccl" or "gloo"; None for one process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def per_device_batch(self, batch_size: int) -> int:
+        """The rows one process takes a step; refuses a global batch that does not divide."""
+        if batch_size % self.world_size:
+            raise SpecError(
+                f"key 'batch_size' has value {batch_size}, which {self.world_size} processes cannot split "
+                f"evenly; use a multiple of {self.world_size} (batch_size is the global batch)."
+            )
+        return batch_size // self.world_size
+
+    def train_sampler(self, n: int, seed: int) -> DistributedSampler:
+        rows = cast("Dataset[int]", range(n))  # the sampler only needs len()
+        return DistributedSampler(rows, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
+
+    def shard(self, n: int) -> range:
+        """This rank's contiguous slice of `n` rows (later ranks may get fewer or none)."""
+        size = -(-n // self.world_size)
+        return range(min(n, self.rank * size), min(n, (self.rank + 1) * size))
+
+    def gather(self, values: Any) -> list[Any]:
+        """Every rank's `values` (a tensor or a list), in rank order; moved to the CPU."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu()
+        if not self.distributed:
+            return [values]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, values)
+        return out
+
+    def gather_cat(self, values: torch.Tensor) -> torch.Tensor:
+        """The shards' rows concatenated back into the full split's order."""
+        return torch.cat(self.gather(values))
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum over ranks (one all-reduce)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all(self, flag: bool, device: torch.device) -> bool:
+        """True when every rank says True: a decision all ranks take together."""
+        return self.sum([0.0 if flag else 1.0], device)[0] == 0.0
+
+    def wrap(self, part: nn.Module, device: torch.device) -> nn.Module | None:
+        """The trainable part under DDP (None for one process: no wrapper, no cost)."""
+        if not self.distributed:
+            return None
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # No batch norm here: buffers never change, so they are not resent every step
+        # (torch 2.13 renamed the switch; older releases know only broadcast_buffers).
+        newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_resend: dict[str, Any] = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+        return DistributedDataParallel(
+            StepModule(part), device_ids=[device.index] if device.type == "cuda" else None, **no_resend
+        )
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+SINGLE = Ranks()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device_name: str) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun set up and pick this process's device.
+
+    One process (no torchrun): rank 0 of 1 on the spec's device, no group. Several: NCCL and
+    ``cuda:LOCAL_RANK`` when the run uses CUDA, gloo and the CPU otherwise.
+    """
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if not launched_by_torchrun():
+        return SINGLE, torch.device("cuda" if use_cuda else "cpu")
+    env = os.environ
+    ranks = Ranks(
+        rank=int(env["RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        local_rank=int(env.get("LOCAL_RANK", "0")),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+        backend="nccl" if use_cuda else "gloo",
+    )
+    if use_cuda:
+        visible = torch.cuda.device_count()
+        if ranks.local_world_size > visible:
+            shown = env.get("CUDA_VISIBLE_DEVICES", "all")
+            raise SpecError(
+                f"key 'nproc_per_node' has value {ranks.local_world_size}, but this node has {visible} visible "
+                f"GPU(s) (CUDA_VISIBLE_DEVICES={shown}); use at most {visible} or give the run more GPUs."
+            )
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(ranks.backend, timeout=COLLECTIVE_TIMEOUT)
+    return ranks, device
+
+
+def finish(ranks: Ranks) -> None:
+    """Leave the process group (a no-op for one process)."""
+    if ranks.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_memory(fields: dict[str, Any], ranks: Ranks) -> dict[str, Any]:
+    """Per-rank peak memory of an epoch, with the max and the sum over ranks.
+
+    The peak is torch's CUDA max allocated where a GPU is in use, else the process's RSS peak.
+    """
+    peak = fields.get("cuda_max_allocated_mib")
+    if peak is None:
+        peak = fields.get("peak_rss_mib")
+    peaks = ranks.gather([peak])
+    per_rank = [p[0] for p in peaks]
+    known = [p for p in per_rank if p is not None]
+    return {
+        "rank_peak_mib": per_rank,
+        "rank_peak_max_mib": max(known) if known else None,
+        "rank_peak_sum_mib": sum(known) if known else None,
+    }
