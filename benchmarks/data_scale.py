@@ -69,6 +69,7 @@ def run_worker(spec: dict, folder: Path, pythonpath: str) -> dict:
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
+        cwd=pythonpath,  # `python -m` puts the working folder first on sys.path: run the code asked for
     )
     assert proc.stdout is not None
     events = [json.loads(line) for line in proc.stdout]
