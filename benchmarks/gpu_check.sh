@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, as one short script (a few minutes on one H100/H200):
 #  1. the efficiency benchmark at real BLIP size (blip-vqa-base architecture, random weights);
-#  2. one real worker run on CUDA whose epoch_end events must carry NVML and CUDA figures.
+#  2. one real worker run on CUDA whose epoch_end events must carry NVML and CUDA figures (exit 1 if not).
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (needs the package installed, see README)
 set -euo pipefail
 out=${1:-gpu-check}
@@ -23,13 +23,24 @@ VQABENCH_CACHE="$out/cache" vqabench --headless --preset sft,dpo-beta0.1,orpo --
 python - "$out/results" <<'PY'
 import sys
 from vqabench.store import ResultsStore
+missing = []
 with ResultsStore(sys.argv[1], create=False) as store:
     session = store.last_session()
     for run in store.runs(session.id):
-        for e in store.epochs(run.id):
+        epochs = store.epochs(run.id)
+        if not epochs:
+            missing.append(f"{run.name}: no epoch recorded ({run.status})")
+        for e in epochs:
             fields = ("cuda_max_allocated_mib", "gpu_process_peak_mib", "gpu_device_peak_mib", "gpu_util_mean",
                       "gpu_power_mean_w")
             print(run.name, e.epoch, {f: getattr(e, f) for f in fields})
+            if e.cuda_max_allocated_mib is None:
+                missing.append(f"{run.name} epoch {e.epoch}: no CUDA memory figure")
+            if e.gpu_process_peak_mib is None and e.gpu_device_peak_mib is None:
+                missing.append(f"{run.name} epoch {e.epoch}: no NVML memory figure")
+if missing:
+    sys.exit("gpu_check: FAILED, the epoch events lack GPU figures: " + "; ".join(missing))
+print("gpu_check: every epoch carries CUDA and NVML memory figures")
 PY
 
 # ---- i13dist (issue 13): one run on 2 processes (torchrun + DDP, NCCL), when two GPUs are visible ----

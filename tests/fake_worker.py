@@ -20,6 +20,10 @@ with these keys (all optional):
     cuda            report CUDA memory fields (default false)
     record_env      write <output_dir>/env.json: the CUDA_VISIBLE_DEVICES it got and its
                     start and end times (time.time())
+    probe_fail      for a probe plan ({"probe": ...}): emit run_failed after the first round
+
+Given a probe plan instead of a spec, it answers as the probe worker does: probe_started,
+then one probe_measured per preset and round, with step times scaled by METHOD_COST.
 
 :func:`canned_events` is also used directly by tests that need a fixed event sequence.
 """
@@ -40,6 +44,8 @@ from vqabench.events import (
     EpochEnded,
     Evaluated,
     Event,
+    ProbeMeasured,
+    ProbeStarted,
     Progress,
     RunFailed,
     RunFinished,
@@ -167,9 +173,50 @@ def _hang(output_dir: Path) -> None:
         time.sleep(1)
 
 
+def canned_probe(plan: dict[str, Any], fail_after_round: int | None = None) -> Iterator[Event]:
+    """The events of a probe: same base step times per round, scaled by method, a little jitter."""
+    specs = plan["specs"]
+    yield ProbeStarted(
+        presets=[s["name"] for s in specs],
+        device="cpu",
+        torch_version="2.13.0+cpu",
+        model_source="embedded base checkpoint",
+        batch_size=specs[0]["batch_size"],
+        steps=plan["steps"],
+        warmup=plan["warmup"],
+        rounds=plan["rounds"],
+        cores=2,
+        pid=os.getpid(),
+    )
+    for r in range(1, plan["rounds"] + 1):
+        for spec in specs if r % 2 else reversed(specs):
+            cost = METHOD_COST.get(spec["method"], 1.0)
+            reference = spec.get("reference") if spec["method"] in ("dpo", "ipo", "kto") else None
+            yield ProbeMeasured(
+                preset=spec["name"],
+                method=spec["method"],
+                round=r,
+                step_ms=[round(40.0 * cost * (1 + 0.01 * ((i * 7) % 5 - 2)), 3) for i in range(plan["steps"])],
+                peak_memory_mib=500.0 + (24.0 if reference else 0.0),
+                memory_source="RSS",
+                reference_strategy=reference,
+                reference_bytes=6_291_456 if reference == "copy" else 0,
+                setup_seconds=0.05 if reference else 0.0,
+                load_avg_max=1.0,
+            )
+        if fail_after_round == r:
+            yield RunFailed(error_kind="internal", message="internal error RuntimeError: the probe broke.")
+            return
+
+
 def main(script_path: str, spec_path: str) -> int:
     script = json.loads(Path(script_path).read_text())
     spec = json.loads(Path(spec_path).read_text())
+    if "probe" in spec:
+        failing = script.get("default", {}).get("probe_fail")
+        for event in canned_probe(spec["probe"], 1 if failing else None):
+            _emit(event)
+        return 1 if failing else 0
     plan = {**script.get("default", {}), **script.get("runs", {}).get(spec["name"], {})}
     output_dir = Path(spec["output_dir"])
     if plan.get("ignore_sigterm"):

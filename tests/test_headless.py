@@ -61,7 +61,8 @@ def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
     out = proc.stdout
     for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo", "ipo", "kto", "simpo"):
         assert f"[{run}] epoch 2/2: train loss" in out and f"[{run}] done" in out
-    assert re.search(r"^\| sft +\| +2\.00 \| +1\.00 \|", out, re.M)  # efficiency row, SFT = 1.00
+    # efficiency row: 2 epochs, both in the median (no warm-up apart), SFT = 1.00
+    assert re.search(r"^\| sft +\| +2\.00 s ± 0\.00 \(2\.00 … 2\.00\) \| +– \| +1\.00 \|", out, re.M)
     assert "7 of 7 run(s) done." in out
     report = (tmp_path / "r.md").read_text()
     for heading in ("## Quality", "## Efficiency", "## Per epoch", "### dpo-beta0.5 (dpo, done)"):
@@ -194,7 +195,7 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     for run in ("sft", "dpo-beta0.1", "dpo-beta0.5", "orpo", "ipo", "kto", "simpo"):
         row = next(line for line in efficiency.splitlines() if line.startswith(f"| {run} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert float(cells[1]) > 0 and float(cells[4]) > 0  # epoch time, samples/s measured
+        assert float(cells[1].split(" s")[0]) > 0 and float(cells[5]) > 0  # epoch time, samples/s measured
         assert f"### {run} (" in report
     quality = report.split("## Quality")[1].split("##")[0]
     sft_row = next(line for line in quality.splitlines() if line.startswith("| sft "))
@@ -236,3 +237,52 @@ def test_two_seeds_on_the_real_worker_report_mean_and_interval(tmp_path, vqa_cac
     assert "| sft (2 seeds)" in efficiency and " ± " in efficiency
     per_seed = report.split("## Quality per seed")[1].split("##")[0]
     assert "| sft@s0 " in per_seed and "| sft@s1 " in per_seed
+
+
+def test_a_session_whose_host_was_sigkilled_is_marked_interrupted_keeping_its_epochs(tmp_path):
+    results = tmp_path / "results"
+    plan = {"default": {"epochs": 3}, "runs": {"sft": {"hang_in_epoch": 2}}}
+    host = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vqabench.cli",
+            "--headless",
+            "--preset",
+            "sft,dpo-beta0.1",
+            "--results",
+            str(results),
+            *fake(tmp_path, plan),
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(results.glob("runs/*-sft/pids.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = json.loads(next(results.glob("runs/*-sft/pids.json")).read_text())
+    with ResultsStore(results, create=False) as store:
+        session = store.last_session()
+        run = store.runs(session.id)[0]
+        while not store.epochs(run.id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    os.kill(host.pid, signal.SIGKILL)
+    host.wait()
+    with ResultsStore(results, create=False) as store:  # the worker still runs on its own: not yet
+        assert store.session(session.id).status == "running"
+    os.killpg(pids["worker"], signal.SIGKILL)  # the worker leads its own process group
+    while process_alive(pids["worker"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    proc = vqabench(tmp_path, "export", "--results", str(results))
+    assert proc.returncode == 0, proc.stderr
+    assert "sft: interrupted: the vqabench process" in proc.stdout
+    assert "its 1 finished epoch(s) are kept" in proc.stdout
+    assert "dpo-beta0.1: interrupted before it started" in proc.stdout
+    with ResultsStore(results, create=False) as store:
+        assert store.session(session.id).status == "interrupted"
+        sft, dpo = store.runs(session.id)
+        assert (sft.status, dpo.status) == ("interrupted", "interrupted")
+        assert [e.epoch for e in store.epochs(sft.id)] == [1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fake_worker import canned_events
 
@@ -102,16 +103,17 @@ def test_efficiency_numbers_are_ratios_to_sft_and_sums_along_the_chain(tmp_path)
     report = build_report(store, session_id)
     efficiency = {row[0]: row for row in report.tables[1].rows}
     # canned epoch times: sft 2.0 s, dpo 3.2 s, orpo 2.2 s; three epochs each
-    assert efficiency["sft"][1:3] == ["2.00", "1.00"]
-    assert float(efficiency["dpo-beta0.1"][2]) == pytest.approx(3.2 / 2.0, abs=0.005)
-    assert float(efficiency["orpo"][2]) == pytest.approx(2.2 / 2.0, abs=0.005)
-    assert float(efficiency["dpo-beta0.1"][3]) == pytest.approx(3 * 3.2 + 3 * 2.0, abs=0.005)
-    assert float(efficiency["orpo"][3]) == pytest.approx(3 * 2.2, abs=0.005)
-    assert efficiency["dpo-beta0.1"][7] == "6.0" and efficiency["orpo"][7] == "none"
+    # three epochs: the first apart as warm-up, the median ± σ (min … max) of the other two
+    assert efficiency["sft"][1:4] == ["2.00 s ± 0.00 (2.00 … 2.00)", "2.00", "1.00"]
+    assert float(efficiency["dpo-beta0.1"][3]) == pytest.approx(3.2 / 2.0, abs=0.005)
+    assert float(efficiency["orpo"][3]) == pytest.approx(2.2 / 2.0, abs=0.005)
+    assert float(efficiency["dpo-beta0.1"][4]) == pytest.approx(3 * 3.2 + 3 * 2.0, abs=0.005)
+    assert float(efficiency["orpo"][4]) == pytest.approx(3 * 2.2, abs=0.005)
+    assert efficiency["dpo-beta0.1"][8] == "6.0" and efficiency["orpo"][8] == "none"
     # Peak − ORPO: the DPO run's peak memory minus the ORPO run's on the same setup
-    assert efficiency["orpo"][6] == "0.0"
-    dpo_peak, orpo_peak = float(efficiency["dpo-beta0.1"][5]), float(efficiency["orpo"][5])
-    assert float(efficiency["dpo-beta0.1"][6]) == pytest.approx(dpo_peak - orpo_peak, abs=0.05)
+    assert efficiency["orpo"][7] == "0.0"
+    dpo_peak, orpo_peak = float(efficiency["dpo-beta0.1"][6]), float(efficiency["orpo"][6])
+    assert float(efficiency["dpo-beta0.1"][7]) == pytest.approx(dpo_peak - orpo_peak, abs=0.05)
 
 
 def test_missing_values_are_na_never_zero(tmp_path):
@@ -120,9 +122,9 @@ def test_missing_values_are_na_never_zero(tmp_path):
     quality = {row[0]: row for row in report.tables[0].rows}
     efficiency = {row[0]: row for row in report.tables[1].rows}
     assert quality["dpo-beta0.1"][1:] == ["n/a"] * 4
-    assert efficiency["dpo-beta0.1"][1:] == ["n/a"] * 7
+    assert efficiency["dpo-beta0.1"][1:] == ["n/a", "–"] + ["n/a"] * 6
     assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
-    assert efficiency["orpo"][2] == "n/a"  # no SFT epoch to compare with
+    assert efficiency["orpo"][3] == "n/a"  # no SFT epoch to compare with
     assert report.unfinished == [
         "sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",
         "dpo-beta0.1: skipped: sft failed",
@@ -135,8 +137,8 @@ def test_cuda_memory_is_preferred_and_a_mix_is_marked_per_cell(tmp_path):
     efficiency = build_report(store, session_id).tables[1]
     assert "Peak memory [MiB] ↓" in efficiency.columns
     rows = {row[0]: row for row in efficiency.rows}
-    assert rows["orpo"][5] == "113.0 (CUDA)"  # canned: 100 * 1.1 + epoch 3
-    assert rows["sft"][5] == "530.0 (RSS)"
+    assert rows["orpo"][6] == "113.0 (CUDA)"  # canned: 100 * 1.1 + epoch 3
+    assert rows["sft"][6] == "530.0 (RSS)"
 
 
 def test_intervals_and_kappa_are_shown_and_explained(tmp_path):
@@ -145,7 +147,7 @@ def test_intervals_and_kappa_are_shown_and_explained(tmp_path):
     assert "κ judge/EM" in quality.columns
     row = next(r for r in quality.rows if r[0] == "dpo-beta0.1")
     assert row[1:5] == ["0.640 [0.610, 0.670]", "0.690 [0.660, 0.720]", "0.740 [0.700, 0.780]", "0.52"]
-    assert any("95% bootstrap" in note for note in quality.notes)
+    assert any("Wilson score" in note and "bootstrap interval for F1" in note for note in quality.notes)
     assert any("Cohen's kappa" in note for note in quality.notes)
 
 
@@ -154,7 +156,7 @@ def test_summaries_work_on_live_data_without_a_store():
     events = list(canned_events(spec.to_dict()))
     live = RunData("sft", "sft", "running", started=events[0], epochs=[events[2]])
     [summary] = summarize_runs([live])
-    assert summary.mean_epoch_seconds == pytest.approx(2.0)
+    assert summary.epoch_seconds == pytest.approx(2.0)
     assert summary.relative_epoch_time == pytest.approx(1.0)
     assert summary.aligned_seconds is None and summary.em is None
     assert summary.memory_source == "RSS" and summary.uses_reference is False
@@ -173,8 +175,8 @@ def test_each_run_is_compared_with_the_sft_run_of_its_own_model_and_data(tmp_pat
     ]
     record(store, session, specs)
     rows = {row[0]: row for row in build_report(store, session.id).tables[1].rows}
-    assert rows["a-orpo"][2] == "1.10"
-    assert rows["b-orpo"][2] == "n/a"  # no SFT run on b's data in this session
+    assert rows["a-orpo"][3] == "1.10"
+    assert rows["b-orpo"][3] == "n/a"  # no SFT run on b's data in this session
 
 
 def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
@@ -199,9 +201,13 @@ def test_versus_sft_is_a_paired_difference_on_the_same_questions(tmp_path):
     table = versus_sft_table([sft, better])
     assert table is not None and [r[0] for r in table.rows] == ["orpo"]
     row = table.rows[0]
-    assert row[2].startswith("+0.300 [") and float(row[3]) < 0.01 and row[6] == "100"
+    # 30 questions only ORPO got right, none the other way: exact McNemar p = 2 * 0.5**30
+    assert row[2].startswith("+0.300 [") and row[3] == "< 0.001" and row[8] == "100"
+    assert row[6:8] == ["n/a", "n/a"]  # no judge verdicts in these predictions
     low = float(row[2].split("[")[1].split(",")[0])
     assert 0.0 < low < 0.3
+    few = versus_sft_table([run("sft20", "sft", [0] * 20), run("few", "orpo", [1] * 20)])
+    assert few is not None and few.rows[0][3] == "too few items" and few.rows[0][5] == "too few items"
     other = run("other", "orpo", [1] * 100)
     other.final_eval.predictions = str(tmp_path / "missing.jsonl")
     assert versus_sft_table([sft, other]) is None  # no predictions: no row, never a made-up one
@@ -242,3 +248,55 @@ def test_runs_repeated_per_seed_are_compared_with_their_own_seeds_sft():
     assert rows["dpo (2 seeds)"].relative_epoch_time == pytest.approx(1.5)
     assert rows["dpo (2 seeds)"].spread["relative_epoch_time"] == pytest.approx(0.0)
     assert rows["sft (2 seeds)"].relative_epoch_time == pytest.approx(1.0)
+
+
+def _timed_epoch(epoch: int, seconds: float, step_ms: list[float], load: float | None = 1.0, cores: int = 2):
+    from vqabench.events import EpochEnded
+
+    return EpochEnded(
+        epoch=epoch, epochs=4, train_loss=1.0, eval_loss=1.0, epoch_seconds=seconds, eval_seconds=0.1,
+        samples_per_s=10.0, lr=1e-5, peak_rss_mib=500.0, reference_bytes=0, chosen_logp=-1.0, rejected_logp=-2.0,
+        reward_margin=1.0, pref_accuracy=0.6, is_best=epoch == 4, step_ms=step_ms,
+        step_ms_median=sorted(step_ms)[len(step_ms) // 2], step_ms_p10=min(step_ms), step_ms_p90=max(step_ms),
+        load_avg_max=load, cores=cores,
+    )  # fmt: skip
+
+
+def test_epoch_times_show_their_spread_warmup_and_a_bootstrap_interval_against_sft():
+    from vqabench.report import RunData, efficiency_table, epoch_table, summarize_runs
+
+    rng = np.random.default_rng(0)
+
+    def steps(mean: float) -> list[float]:
+        return [float(x) for x in rng.normal(mean, mean * 0.05, 50)]
+
+    sft = RunData("sft", "sft", "done", setup="s", epochs=[
+        _timed_epoch(1, 12.5, steps(60)), _timed_epoch(2, 9.3, steps(50)), _timed_epoch(3, 8.9, steps(50)),
+        _timed_epoch(4, 9.4, steps(50))])  # fmt: skip
+    dpo = RunData("dpo", "dpo", "done", setup="s", epochs=[_timed_epoch(e, 14.0, steps(75)) for e in (1, 2, 3, 4)])
+    summaries = {s.name: s for s in summarize_runs([sft, dpo])}
+    assert summaries["sft"].warmup_seconds == 12.5 and summaries["sft"].epoch_seconds == 9.3
+    table = efficiency_table(list(summaries.values()))
+    rows = {row[0]: row for row in table.rows}
+    assert rows["sft"][1:3] == ["9.30 s ± 0.26 (8.90 … 9.40)", "12.50"]
+    ratio, low, high = (float(x) for x in rows["dpo"][3].replace("[", "").replace(",", "").replace("]", "").split())
+    assert low < 1.5 < high and high - low < 0.1 and ratio == pytest.approx(1.5, abs=0.03)
+    assert not any("timing disturbed" in note for note in table.notes)  # CV 3%, load 1 on 2 cores
+    step_column = epoch_table(sft).columns.index("Step [ms] median (p10 … p90)")
+    assert epoch_table(sft).rows[0][step_column].count("…") == 1
+
+
+def test_a_disturbed_timing_is_flagged_in_one_sentence():
+    from vqabench.report import RunData, efficiency_table, summarize_runs
+
+    epochs = [_timed_epoch(1, 10.0, [50.0]), _timed_epoch(2, 9.0, [50.0]), _timed_epoch(3, 13.0, [50.0], load=3.4)]
+    noisy = RunData("orpo", "orpo", "done", setup="s", epochs=epochs)
+    [summary] = summarize_runs([noisy])
+    assert summary.timing_warning == (
+        "orpo: timing disturbed: its epoch times vary by 26% (coefficient of variation, over 2 epochs) and the "
+        "1-minute load average reached 3.4 on the 2 cores it used; compare costs with 'vqabench probe', which "
+        "interleaves the methods on the same batches."
+    )
+    assert summary.timing_warning in efficiency_table([summary]).notes
+    calm = RunData("sft", "sft", "done", setup="s", epochs=[_timed_epoch(1, 10.0, [50.0], load=1.9)])
+    assert summarize_runs([calm])[0].timing_warning is None

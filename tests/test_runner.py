@@ -254,6 +254,32 @@ def test_a_run_whose_after_is_elsewhere_keeps_the_checkpoint_it_was_given(tmp_pa
     assert written["init_checkpoint"] == "/ckpt/sft"
 
 
+def test_a_store_that_stays_locked_fails_the_run_loudly_naming_the_database(tmp_path):
+    import sqlite3
+
+    from vqabench.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results", busy_timeout=0.05, write_attempts=3, write_backoff=0.01)
+    session = store.begin_session("sft,orpo")
+    runner, _ = make_runner(tmp_path, {"default": {"epochs": 3}}, specs=[SPECS[0], SPECS[2]])
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+
+    def lock_after_first_epoch(note: object) -> None:  # another process takes the write lock mid-run
+        if isinstance(note, WorkerEvent) and isinstance(note.event, EpochEnded) and not blocker.in_transaction:
+            blocker.execute("BEGIN IMMEDIATE")
+
+    runner.subscribe(lock_after_first_epoch)
+    runner.subscribe(store.recorder(session))
+    asyncio.run(runner.run())
+    blocker.execute("ROLLBACK")
+    first, second = (runner.states[s.name] for s in runner.specs)
+    assert first.status == "failed" and str(store.path) in first.reason
+    assert "locked after 3 attempts" in first.reason and first.reason == runner.fatal
+    assert second.status == "cancelled" and second.reason.startswith("not started: cannot write to the results store")
+    run = next(r for r in store.runs(session.id) if r.name == first.name)
+    assert store.epochs(run.id) == []  # epoch 1 itself could not be written, and nothing pretends it was
+
+
 def test_runs_on_two_gpus_overlap_while_dpo_waits_for_its_sft(tmp_path):
     # Two fake devices: nothing here touches a GPU, the runner only hands out CUDA_VISIBLE_DEVICES.
     specs = [s.replace(gpus=[0, 1]) for s in SPECS]

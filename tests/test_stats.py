@@ -12,9 +12,13 @@ from vqabench.judges.exact import ExactJudge
 from vqabench.stats import (
     bootstrap_ci,
     cohen_kappa,
+    mcnemar_exact,
     mean_ci_across_seeds,
     paired_bootstrap,
+    ratio_ci,
+    spread,
     student_t_quantile,
+    wilson_interval,
     win_rate,
 )
 
@@ -142,3 +146,81 @@ def test_win_rate_counts_unparseable_replies_as_ties_and_checks_alignment():
 def test_win_rate_with_a_real_judge_compare():
     result = win_rate(ExactJudge().compare, items(["red", "blue", "red"]), items(["blue", "red", "red"]))
     assert result.outcomes == ["A", "B", "tie"]
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)],
+)
+def test_wilson_intervals_match_newcombe_1998(successes, n, low, high):
+    # Newcombe RG (1998), "Two-sided confidence intervals for the single proportion: comparison
+    # of seven methods", Statistics in Medicine 17:857-872: method 3 (Wilson score, no continuity
+    # correction) on the paper's four worked examples, to the four decimals printed there.
+    interval = wilson_interval(successes, n)
+    assert interval.mean == pytest.approx(successes / n)
+    assert interval.low == pytest.approx(low, abs=5e-5)
+    assert interval.high == pytest.approx(high, abs=5e-5)
+
+
+def test_wilson_interval_is_not_zero_width_at_zero_or_one():
+    assert wilson_interval(40, 40).low < 0.95 < wilson_interval(40, 40).high == pytest.approx(1.0)
+    assert wilson_interval(0, 40).high > 0.05
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2)
+
+
+def test_mcnemar_exact_matches_fagerland_2013_example():
+    # Fagerland MW, Lydersen S, Laake P (2013), "The McNemar test for binary matched-pairs data:
+    # mid-p and asymptotic are better than exact conditional", BMC Medical Research Methodology
+    # 13:91, worked example (airway hyper-responsiveness before/after stem cell transplantation,
+    # n = 21 children, discordant pairs 1 and 7): exact conditional p = 0.070 (= 18/256).
+    before = [1] * 1 + [0] * 7 + [1] * 1 + [0] * 12
+    after = [0] * 1 + [1] * 7 + [1] * 1 + [0] * 12
+    result = mcnemar_exact(before, after, min_items=1)
+    assert (result.n, result.a_only, result.b_only) == (21, 1, 7)
+    assert result.p_value == pytest.approx(18 / 256)
+    assert round(result.p_value, 3) == 0.070
+
+
+def test_mcnemar_gives_the_sign_test_value_where_the_bootstrap_overstates():
+    # The review's case: 5 items, all better. The exact sign test gives 2 * 0.5**5 = 0.0625;
+    # the paired bootstrap said p = 0.001.
+    better, worse = [1] * 5, [0] * 5
+    assert mcnemar_exact(better, worse, min_items=1).p_value == pytest.approx(0.0625)
+    assert paired_bootstrap(better, worse).p_value < 0.01
+
+
+def test_mcnemar_says_too_few_items_below_30_pairs_and_counts_only_discordant_pairs():
+    assert mcnemar_exact([1] * 29, [0] * 29).too_few
+    same = mcnemar_exact([1, 0] * 20, [1, 0] * 20)
+    assert not same.too_few and same.p_value == 1.0
+    with pytest.raises(ValueError, match="binary"):
+        mcnemar_exact([0.5] * 40, [1] * 40)
+
+
+def test_spread_reports_median_sigma_range_and_cv():
+    s = spread([10.0, 12.0, 11.0, 30.0])
+    assert (s.median, s.low, s.high, s.n) == (11.5, 10.0, 30.0, 4)
+    assert s.std == pytest.approx(float(np.std([10, 12, 11, 30], ddof=1)))
+    assert s.cv == pytest.approx(s.std / 15.75)
+    assert spread([3.0]).cv is None
+
+
+def test_ratio_of_means_interval_covers_one_for_the_same_distribution_and_not_for_a_slower_one():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(50, 5, 200), rng.normal(50, 5, 200)
+    same = ratio_ci(a, b)
+    assert same.low < 1.0 < same.high
+    slower = ratio_ci(a * 1.3, b)
+    assert slower.low > 1.2 and slower.mean == pytest.approx(1.3 * a.mean() / b.mean())
+
+
+def test_a_median_ratio_is_not_moved_by_a_few_disturbed_steps():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(60, 2, 60), rng.normal(50, 2, 60)
+    a[:4] = 400.0  # four steps that another process slowed down
+    median = ratio_ci(a, b, "median")
+    assert median.low < 1.2 < median.high and median.high - median.low < 0.06
+    assert ratio_ci(a, b, "mean").mean > 1.6
+    with pytest.raises(ValueError, match="statistic"):
+        ratio_ci(a, b, "mode")

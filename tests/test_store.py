@@ -9,7 +9,16 @@ import pytest
 from fake_worker import canned_events
 
 import vqabench.store as store_module
-from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted, encode_event
+from vqabench.events import (
+    EpochEnded,
+    Evaluated,
+    ProbeMeasured,
+    ProbeStarted,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    encode_event,
+)
 from vqabench.runner import (
     InvalidWorkerLine,
     RunnerFinished,
@@ -89,13 +98,15 @@ def test_every_event_field_has_a_column():
         for script in store_module.MIGRATIONS:  # every schema step, as a new store gets them
             for statement in store_module._statements(script):
                 conn.execute(statement)
-        for table in ("runs", "epochs", "evals"):
+        for table in ("runs", "epochs", "evals", "probes", "probe_rounds"):
             tables[table] = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
     assert {f.name for f in dataclasses.fields(EpochEnded)} <= tables["epochs"]
     assert {f.name for f in dataclasses.fields(Evaluated)} <= tables["evals"]
     assert {f.name for f in dataclasses.fields(RunStarted)} - {"run", "method"} <= tables["runs"]
     assert {f.name for f in dataclasses.fields(RunFinished)} <= tables["runs"]
     assert {"error_kind", "error_message", "traceback"} <= tables["runs"]
+    assert {f.name for f in dataclasses.fields(ProbeStarted)} <= tables["probes"]
+    assert {f.name for f in dataclasses.fields(ProbeMeasured)} <= tables["probe_rounds"]
 
 
 def test_the_store_uses_wal_and_records_its_schema_version(tmp_path):
@@ -159,3 +170,28 @@ def test_a_second_connection_reads_while_the_first_writes(tmp_path):
         recorder(WorkerEvent("sft", event, encode_event(event)))
     assert [e.epoch for e in reader.epochs(run.id)] == [1]
     assert reader.runs(session.id)[0].started == events[0]
+
+
+def test_a_write_waits_for_a_lock_that_is_released_with_backoff(tmp_path):
+    import threading
+
+    store = ResultsStore(tmp_path, busy_timeout=0.02, write_attempts=6, write_backoff=0.05)
+    blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.15, lambda: blocker.execute("COMMIT")).start()
+    session = store.begin_session("all")  # busy at first, then written
+    assert store.session(session.id).selection == "all"
+
+
+def test_a_write_that_stays_locked_raises_one_sentence_naming_the_database(tmp_path):
+    from vqabench.runner import FatalSubscriberError
+    from vqabench.store import StoreWriteError
+
+    store = ResultsStore(tmp_path, busy_timeout=0.02, write_attempts=2, write_backoff=0.01)
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StoreWriteError, match=r"results\.db: database is locked after 2 attempts") as caught:
+        store.begin_session("all")
+    assert isinstance(caught.value, FatalSubscriberError)
+    blocker.execute("ROLLBACK")
+    assert store.list_sessions() == []

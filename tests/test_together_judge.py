@@ -280,3 +280,18 @@ def test_judging_stopped_by_the_user_keeps_what_was_judged(tmp_path):
         judge_items(make(server, concurrency=2), items, cache=cache)
     assert kept == 3
     assert len(server.chat_requests) - asked_before == len(items) - kept
+
+
+def test_an_unparseable_reply_is_not_cached_and_is_asked_again(tmp_path):
+    path = tmp_path / "judgments.db"
+    junk = Reply(200, completion("I'm sorry, the service is busy right n"))  # a transient, truncated reply
+    with FakeTogetherServer([junk]) as server:
+        with JudgmentCache(path) as cache:
+            [first] = judge_items(make(server), ITEMS[:1], cache=cache)
+            assert first.grade is Grade.UNPARSEABLE and len(cache) == 0
+        with JudgmentCache(path) as cache:
+            [again] = judge_items(make(server), ITEMS[:1], cache=cache)
+            assert again.grade is Grade.CORRECT and len(cache) == 1
+        with JudgmentCache(path) as cache:
+            judge_items(make(server), ITEMS[:1], cache=cache)
+    assert len(server.chat_requests) == 2  # the junk reply, the real verdict; then the cache answers

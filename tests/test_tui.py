@@ -126,7 +126,7 @@ def test_runs_table_epochs_and_efficiency_follow_the_runs_and_a_crash(tmp_path):
             assert rows["dpo-beta0.5"][3] == "n/a" and rows["dpo-beta0.5"][6] == "n/a"
             report = build_report(app.store, app.live.session_id)
             cost = next(t for t in report.tables if t.title == "Efficiency")
-            assert [r[:3] for r in cost.rows] == [r[:3] for r in table_rows(efficiency)]
+            assert [[r[0], r[1].split(" s")[0], r[3]] for r in cost.rows] == [r[:3] for r in table_rows(efficiency)]
             quality = next(t for t in report.tables if t.title == "Quality")
             assert quality.rows[1][1] == "0.600 [0.550, 0.650]"  # the report's EM of sft ...
             assert rows["sft"][6] == "0.600"  # ... without the interval, which would not fit
@@ -540,6 +540,22 @@ def test_closing_the_terminal_stops_the_runs_and_the_dashboard(tmp_path):
     assert not alive(pids["worker"]) and not alive(pids["grandchild"])
     with ResultsStore(tmp_path / "r", create=False) as store:
         assert [r.status for r in store.runs(1)] == ["cancelled"]
+
+
+def test_key_t_probes_the_step_cost_and_shows_it_under_efficiency(tmp_path):
+    app = make_app(tmp_path, {}, selection="sft,dpo-beta0.1,dpo-beta0.5")
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("t")
+            await wait_for(pilot, lambda: app.probe_worker is not None and app.probe_worker.is_finished)
+            text = shown(app, "#efficiency-probe")
+            assert "Stored as session 1." in text and "Step cost probe" in text
+            row = next(line for line in text.splitlines() if line.startswith("| dpo-beta0.1 "))
+            assert "dpo (copy)" in row and "64.0 (" in row  # the fake probe: 40 ms x DPO's 1.6
+            assert app.query_one("#panel-efficiency").has_class("-active")
+            started, measured = app.store.probe(1)
+            assert started.presets == ["sft", "dpo-beta0.1", "dpo-beta0.5"] and len(measured) == 9
 
 
 def test_concurrent_runs_show_their_gpus_in_the_runs_table(tmp_path, monkeypatch):

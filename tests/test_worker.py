@@ -27,6 +27,11 @@ def _check_stream(events: list, epochs: int) -> None:
         assert e.epoch_seconds > 0 and e.samples_per_s > 0 and e.peak_rss_mib > 0
         assert 0.0 <= e.pref_accuracy <= 1.0
         assert e.cuda_max_allocated_mib is None and e.gpu_process_peak_mib is None  # no GPU: None, not 0
+        steps = started[0].steps_per_epoch
+        assert e.step_ms is not None and len(e.step_ms) == steps and min(e.step_ms) > 0  # every step timed
+        assert e.step_ms_p10 <= e.step_ms_median <= e.step_ms_p90
+        assert sum(e.step_ms) / 1000 == pytest.approx(e.epoch_seconds, rel=0.05)  # the steps are the epoch
+        assert e.cores >= 1 and (e.load_avg_max is None or e.load_avg_max >= 0)
     final = of_type(events, ev.Evaluated)[0]
     assert final.n == 32 and 0.0 <= final.em <= 1.0 and final.judge == "exact"
 

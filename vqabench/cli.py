@@ -4,6 +4,7 @@
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
              [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
     vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
+    vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--results DIR]
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
 code 2, never a traceback.
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_command(commands)
     _add_judge_command(commands)
     _add_compare_command(commands)
+    _add_probe_command(commands)
     return parser
 
 
@@ -190,6 +192,62 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--limit", type=_positive_int, metavar="N", help="compare only the first N questions")
     compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(compare)
+
+
+def _add_probe_command(commands: argparse._SubParsersAction) -> None:
+    probe = commands.add_parser(
+        "probe",
+        help="time every selected preset's training step on the same batches, interleaved (seconds, no training)",
+        description="The interleaved cost probe: one worker process runs each selected preset's training "
+        "step on the same batches, in rounds, and prints ms/step with its spread, the ratio to SFT with "
+        "a 95%% interval, peak memory, reference memory and setup cost. Every preset starts from the same "
+        "base model; nothing is trained to the end. The result is stored as a session of its own.",
+    )
+    # Defaults suppressed: `vqabench --preset X probe` keeps X, as --results does.
+    probe.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
+    probe.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="as for --headless",
+    )
+    probe.add_argument("--steps", type=_positive_int, default=20, metavar="N", help="timed steps per preset per round")
+    probe.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="interleaved rounds")
+    probe.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per preset per round")
+    probe.add_argument("--cache", type=Path, metavar="DIR", default=argparse.SUPPRESS, help="as for --headless")
+    _add_results_option(probe)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    from vqabench.probe import run_probe
+    from vqabench.report import markdown_table
+
+    outcome = run_probe(
+        args.preset or "all",
+        _overrides(args),
+        args.results,
+        steps=args.steps,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        cache_dir=args.cache,
+        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+        command=shlex.join(["vqabench", *sys.argv[1:]]),
+        say=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if outcome.table is not None:
+        print()
+        print("\n".join(markdown_table(outcome.table)))
+        print()
+        print("\n".join(outcome.table.notes))
+    if outcome.error:
+        print(f"vqabench: the probe failed: {outcome.error}", file=sys.stderr)
+        return 1
+    print(
+        f"\nStored as session {outcome.session_id}; print it again with: vqabench export --session {outcome.session_id}"
+    )
+    return 0
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -297,6 +355,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "export": _run_export,
     "judge": _run_judge,
     "compare": _run_compare,
+    "probe": _run_probe,
 }
 
 

@@ -15,7 +15,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-SCHEMA_VERSION = 1
+#: Raised whenever a field or an event type is added. A host reads every version from
+#: OLDEST_VERSION up to its own (a field an older worker did not send gets its default) and
+#: refuses a newer one. Version 2: step-time spread and load average on epoch_end; probe events.
+SCHEMA_VERSION = 2
+OLDEST_VERSION = 1
 
 
 class EventError(ValueError):
@@ -116,6 +120,12 @@ class EpochEnded(Event):
     rank_peak_mib: list[float | None] | None = None  # per rank: CUDA max allocated on GPU, else peak RSS
     rank_peak_max_mib: float | None = None
     rank_peak_sum_mib: float | None = None
+    step_ms_median: float | None = None  # wall clock per training step of this epoch
+    step_ms_p10: float | None = None
+    step_ms_p90: float | None = None
+    step_ms: list[float] | None = None  # every step's time in ms (evenly thinned to at most 2,048)
+    load_avg_max: float | None = None  # highest 1-minute load average seen during the steps
+    cores: int | None = None  # CPU threads the run used (torch's intra-op threads)
 
 
 @dataclass
@@ -153,8 +163,53 @@ class RunFailed(Event):
     traceback: str = ""
 
 
+@dataclass
+class ProbeStarted(Event):
+    """`vqabench probe`: what the interleaved step-cost probe runs on (one worker, all presets)."""
+
+    type: ClassVar[str] = "probe_started"
+    presets: list[str]
+    device: str
+    torch_version: str
+    model_source: str  # every preset starts from this same model, dependants included
+    batch_size: int
+    steps: int  # timed steps per preset per round
+    warmup: int  # untimed steps per preset per round
+    rounds: int
+    cores: int
+    pid: int = 0
+
+
+@dataclass
+class ProbeMeasured(Event):
+    """One preset's timed steps in one round of the probe."""
+
+    type: ClassVar[str] = "probe_measured"
+    preset: str
+    method: str
+    round: int  # 1-based
+    step_ms: list[float]
+    peak_memory_mib: float | None  # CUDA max allocated, or the process's peak RSS, during the steps
+    memory_source: str  # "CUDA" or "RSS"
+    reference_strategy: str | None
+    reference_bytes: int
+    setup_seconds: float  # building the reference copy, or the precompute pass
+    load_avg_max: float | None = None
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls for cls in (RunStarted, Progress, EncoderCached, EpochEnded, Evaluated, RunFinished, RunFailed)
+    cls.type: cls
+    for cls in (
+        RunStarted,
+        Progress,
+        EncoderCached,
+        EpochEnded,
+        Evaluated,
+        RunFinished,
+        RunFailed,
+        ProbeStarted,
+        ProbeMeasured,
+    )
 }
 
 
@@ -185,8 +240,9 @@ def event_from_dict(data: dict[str, Any]) -> Event:
     kind = data.get("type")
     if kind not in EVENT_TYPES:
         raise EventError(f"unknown event type {kind!r}")
-    if data.get("v") != SCHEMA_VERSION:
-        raise EventError(f"event schema version {data.get('v')!r}, expected {SCHEMA_VERSION}")
+    version = data.get("v")
+    if not isinstance(version, int) or isinstance(version, bool) or not OLDEST_VERSION <= version <= SCHEMA_VERSION:
+        raise EventError(f"event schema version {version!r}, expected {OLDEST_VERSION} to {SCHEMA_VERSION}")
     cls = EVENT_TYPES[kind]
     names = {f.name: f for f in dataclasses.fields(cls)}
     required = {

@@ -88,6 +88,8 @@ def run_headless(
         runner.subscribe(view)
         with view:
             interrupted = asyncio.run(_run_until_done(runner, console))
+        if runner.fatal:
+            console.print(f"vqabench: the runs were stopped: {runner.fatal}", markup=False, highlight=False)
         report = build_report(store, session.id)  # once: it reads every run's predictions
         _print_summary(console, report, runner)
         export_failed = False
@@ -251,13 +253,24 @@ class ConsoleView:
             if event.scored_n:
                 judge = f", judge {event.judge_score:.3f}" if event.judge_score is not None else ""
                 scores = f", eval answers EM {event.em:.3f} F1 {event.f1:.3f}{judge} (n={event.scored_n})"
+            step_text = ""
+            if event.step_ms_median is not None and event.step_ms_p10 is not None and event.step_ms_p90 is not None:
+                step_text = (
+                    f" (step {event.step_ms_median:.1f} ms, p10 {event.step_ms_p10:.1f}, p90 {event.step_ms_p90:.1f})"
+                )
             self.say(
                 run,
                 f"epoch {event.epoch}/{event.epochs}: train loss {event.train_loss:.4f}, "
-                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s, "
+                f"eval loss {event.eval_loss:.4f}, {event.epoch_seconds:.2f} s{step_text}, "
                 f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
                 f"{memory}{scores}{' (best)' if event.is_best else ''}",
             )
+            if event.load_avg_max is not None and event.cores and event.load_avg_max > event.cores:
+                self.say(
+                    run,
+                    f"timing disturbed: the 1-minute load average reached {event.load_avg_max:.1f} on the "
+                    f"{event.cores} core(s) this run uses, so other work competed with this epoch.",
+                )
             if task is not None:
                 steps = self._steps.get(run, 1)
                 self.progress.update(task, completed=event.epoch * steps, where=f"epoch {event.epoch}/{event.epochs}")

@@ -15,13 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from statistics import mean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vqabench.events import EpochEnded, Evaluated, RunFinished, RunStarted
+from vqabench.events import EpochEnded, Evaluated, ProbeMeasured, ProbeStarted, RunFinished, RunStarted
 from vqabench.store import ResultsStore, SessionRecord
+
+if TYPE_CHECKING:
+    from vqabench.stats import Spread
 
 NA = "n/a"
 MIB = 2**20
+#: A run's timing is flagged as disturbed above this coefficient of variation of its epoch times.
+NOISY_CV = 0.15
 EPOCH_NOTE = (
     "Training loss over the epoch, eval loss and preference metrics on the eval split; "
     "★ marks the best epoch (lowest eval loss), the checkpoint that is evaluated and handed on."
@@ -51,8 +56,8 @@ class RunSummary:
     name: str
     method: str
     status: str
-    mean_epoch_seconds: float | None
-    relative_epoch_time: float | None  # mean epoch time / the SFT run's
+    epoch_seconds: float | None  # median over the epochs after the warm-up (all of them for 2 or fewer)
+    relative_epoch_time: float | None  # mean step time / the SFT run's (epoch times where steps are unknown)
     aligned_seconds: float | None  # train time of this run and every run it starts from
     samples_per_s: float | None
     peak_memory_mib: float | None
@@ -68,11 +73,15 @@ class RunSummary:
     encoder_cache: str | None = None  # "off", "built in N s", "reused"; None before run_started
     seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
     spread: dict[str, float] = field(default_factory=dict)  # field name -> ± half-width
+    epoch_spread: Spread | None = None  # the epochs in `epoch_seconds`: σ, min, max
+    warmup_seconds: float | None = None  # the first epoch, when there are more than 2
+    relative_interval: list[float] | None = None  # 95% bootstrap interval of relative_epoch_time
+    timing_warning: str | None = None  # one sentence when the timing was disturbed
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
 SEED_FIELDS = (
-    "mean_epoch_seconds",
+    "epoch_seconds",
     "relative_epoch_time",
     "aligned_seconds",
     "samples_per_s",
@@ -115,7 +124,7 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             name=f"{name} ({len(done)} seeds)",
             method=first.method,
             status="done" if len(done) == len(members) else f"{len(done)} of {len(members)} done",
-            mean_epoch_seconds=None,
+            epoch_seconds=None,
             relative_epoch_time=None,
             aligned_seconds=None,
             samples_per_s=None,
@@ -194,7 +203,8 @@ def run_setup(spec: dict[str, Any]) -> str:
 def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     """Headline numbers per run; ratios against the SFT run of the same setup, chains along `after`."""
     by_name = {r.name: r for r in runs}
-    means = {r.name: _mean([e.epoch_seconds for e in r.epochs]) for r in runs}
+    timings = {r.name: run_timing(r) for r in runs}
+    means = {name: t.epoch_seconds for name, t in timings.items()}
     # Baselines per (setup, seed suffix): a run repeated per seed is compared with the SFT (or
     # ORPO) run of its own seed, else with the first one of its setup ("" = any seed).
     baselines: dict[tuple[str, str], str] = {}  # -> the SFT run with a measured epoch
@@ -209,6 +219,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     summaries = []
     for run in runs:
         epoch_mean = means[run.name]
+        timing = timings[run.name]
         own = (run.setup, seed_suffix(run.name))
         sft = baselines.get(own) or baselines.get((run.setup, ""))
         orpo_peak = orpo_peaks.get(own, orpo_peaks.get((run.setup, "")))
@@ -222,8 +233,8 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 name=run.name,
                 method=run.method,
                 status=run.status,
-                mean_epoch_seconds=epoch_mean,
-                relative_epoch_time=_ratio(epoch_mean, means[sft] if sft else None),
+                epoch_seconds=epoch_mean,
+                relative_epoch_time=None,
                 aligned_seconds=_aligned_seconds(run, by_name),
                 samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
                 peak_memory_mib=peak,
@@ -237,8 +248,16 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 intervals=intervals,
                 kappa=_number(extra.get("judge_kappa")),
                 encoder_cache=encoder_cache_text(run.started),
+                epoch_spread=timing.spread,
+                warmup_seconds=timing.warmup_seconds,
+                timing_warning=timing.warning(run.name),
             )
         )
+        if sft == run.name:
+            summaries[-1].relative_epoch_time = 1.0
+        elif sft and epoch_mean is not None:
+            summary = summaries[-1]
+            summary.relative_epoch_time, summary.relative_interval = relative_time(timing, timings[sft])
     return summaries
 
 
@@ -287,6 +306,69 @@ def _merged_text(values: Sequence[str | None]) -> str | None:
     return next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else None)
 
 
+@dataclass
+class RunTiming:
+    """A run's epoch times split into warm-up and steady epochs, its step times and the machine load."""
+
+    epoch_seconds: float | None  # median of the steady epochs
+    spread: Spread | None
+    warmup_seconds: float | None
+    step_ms: list[float]  # the steady epochs' step times, where every one of them carries them
+    load_max: float | None
+    cores: int | None
+
+    def warning(self, name: str) -> str | None:
+        """One sentence when the run's timing was disturbed (epoch-time CV or machine load), else None."""
+        reasons = []
+        cv = self.spread.cv if self.spread else None
+        if self.spread is not None and cv is not None and cv > NOISY_CV:
+            reasons.append(f"its epoch times vary by {cv:.0%} (coefficient of variation, over {self.spread.n} epochs)")
+        if self.load_max is not None and self.cores and self.load_max > self.cores:
+            reasons.append(
+                f"the 1-minute load average reached {self.load_max:.1f} on the {self.cores} "
+                f"core{'s' if self.cores > 1 else ''} it used"
+            )
+        if not reasons:
+            return None
+        return (
+            f"{name}: timing disturbed: {' and '.join(reasons)}; compare costs with 'vqabench probe', "
+            f"which interleaves the methods on the same batches."
+        )
+
+
+def run_timing(run: RunData) -> RunTiming:
+    """Epoch times as hyperfine reports them: the first epoch apart as warm-up when there are more than 2."""
+    from vqabench.stats import spread
+
+    epochs = [e for e in run.epochs if _number(e.epoch_seconds) is not None]
+    warmup = epochs[0].epoch_seconds if len(epochs) > 2 else None
+    steady = epochs[1:] if len(epochs) > 2 else epochs
+    times = spread([e.epoch_seconds for e in steady]) if steady else None
+    step_ms = [ms for e in steady for ms in (e.step_ms or [])] if all(e.step_ms for e in steady) else []
+    loads = [v for v in (_number(e.load_avg_max) for e in run.epochs) if v is not None]
+    cores = [e.cores for e in run.epochs if e.cores]
+    return RunTiming(
+        times.median if times else None,
+        times,
+        warmup,
+        step_ms,
+        max(loads) if loads else None,
+        min(cores) if cores else None,
+    )
+
+
+def relative_time(run: RunTiming, baseline: RunTiming) -> tuple[float | None, list[float] | None]:
+    """Cost relative to a baseline run: mean step time ratio with a 95% bootstrap interval over
+    both runs' steps; the ratio of median epoch times, without an interval, where steps are unknown."""
+    from vqabench.stats import ratio_ci
+
+    if run.step_ms and baseline.step_ms:
+        ratio = ratio_ci(run.step_ms, baseline.step_ms)
+        interval = [ratio.low, ratio.high] if ratio.low is not None and ratio.high is not None else None
+        return ratio.mean, interval
+    return _ratio(run.epoch_seconds, baseline.epoch_seconds), None
+
+
 def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
     """The test predictions a run's worker wrote (question, reference, prediction, em, f1)."""
     path = run.final_eval.predictions if run.final_eval else None
@@ -299,9 +381,12 @@ def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
         return None
 
 
+TOO_FEW = "too few items"
+
+
 def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
     """Paired differences to the SFT run of the same setup on the very same test items."""
-    from vqabench.stats import paired_bootstrap
+    from vqabench.stats import MIN_PAIRED_ITEMS, mcnemar_exact, paired_bootstrap
 
     done = [r for r in runs if r.status == "done" and r.final_eval is not None]
     baselines: dict[tuple[str, str], RunData] = {}  # (setup, seed suffix) -> SFT run; "" = any seed
@@ -327,23 +412,50 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             continue
         row = [run.name, base.name]
         for key in ("em", "f1"):
-            d = paired_bootstrap([a[key] for a in ours], [b[key] for b in theirs])
-            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3f}"]
+            a, b = [x[key] for x in ours], [x[key] for x in theirs]
+            d = paired_bootstrap(a, b)
+            if len(a) < MIN_PAIRED_ITEMS:
+                p = TOO_FEW
+            elif key == "em":  # a binary score: the exact McNemar test
+                p = _p_text(mcnemar_exact(a, b).p_value)
+            else:
+                p = _p_text(d.p_value)
+            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", p]
+        graded = [
+            (x["verdict"] == "correct", y["verdict"] == "correct")
+            for x, y in zip(ours, theirs, strict=True)
+            if x.get("verdict") in ("correct", "incorrect") and y.get("verdict") in ("correct", "incorrect")
+        ]
+        if graded:
+            test = mcnemar_exact([int(x) for x, _ in graded], [int(y) for _, y in graded])
+            diff = (test.a_only - test.b_only) / test.n
+            row += [f"{diff:+.3f}", TOO_FEW if test.too_few else _p_text(test.p_value)]
+        else:
+            row += [NA, NA]
         rows.append([*row, str(len(ours))])
     if not rows:
         return None
     notes = [
         "Difference to the SFT run of the same model and data on the same test questions (positive: "
-        "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions) and a "
-        "two-sided bootstrap p-value. An interval that contains 0 means no measurable difference."
+        "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions). "
+        "p (EM) and p (judge): exact McNemar test on the questions only one of the two runs got right "
+        "(judge: questions both verdicts graded); p (F1): two-sided paired bootstrap. "
+        f"Fewer than {MIN_PAIRED_ITEMS} paired questions: '{TOO_FEW}' instead of a p-value. "
+        "An interval that contains 0 means no measurable difference."
     ]
     return ReportTable(
         "Versus SFT",
-        ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "n"],
-        ["left", "left"] + ["right"] * 5,
+        ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "ΔJudge", "p (judge)", "n"],
+        ["left", "left"] + ["right"] * 7,
         rows,
         notes,
     )
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return TOO_FEW
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
@@ -358,12 +470,19 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     versus = versus_sft_table(runs)
     if versus is not None:
         tables.append(versus)
+    probe = store.probe(session_id)
+    if probe is not None:
+        tables = [t for t in tables if t.rows] + [probe_table(*probe)]
     if per_seed and len(merged) < len(summaries):
         for table in (quality_table(summaries, runs), efficiency_table(summaries, mixed_encoder_cache_warning(runs))):
             table.title += " per seed"
             tables.append(table)
+    extra_devices = [probe[0].device] if probe is not None else []
     return SessionReport(
-        header_line(session, runs), unfinished, tables, [epoch_table(run) for run in runs if run.epochs]
+        header_line(session, runs, extra_devices),
+        unfinished,
+        tables,
+        [epoch_table(run) for run in runs if run.epochs],
     )
 
 
@@ -416,9 +535,9 @@ def markdown_table(table: ReportTable) -> list[str]:
     return [line(cells[0]), rule, *(line(row) for row in cells[1:])]
 
 
-def header_line(session: SessionRecord, runs: Sequence[RunData]) -> str:
+def header_line(session: SessionRecord, runs: Sequence[RunData], devices_too: Sequence[str] = ()) -> str:
     """The first line: machine, device, torch and vqabench versions, date, session."""
-    devices = sorted({r.started.device for r in runs if r.started})
+    devices = sorted({r.started.device for r in runs if r.started} | set(devices_too))
     torches = sorted({r.started.torch_version for r in runs if r.started})
     machine = session.machine or NA
     if session.processor:
@@ -451,7 +570,7 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             ]
         if with_kappa:
             row.append(_pm(s, "kappa", 2))
-        rows.append([*row, _pm(s, "mean_epoch_seconds", 2)])
+        rows.append([*row, _pm(s, "epoch_seconds", 2)])
     evals = [r.final_eval for r in runs if r.final_eval]
     notes = []
     if evals:
@@ -470,7 +589,10 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             if error:
                 notes.append(f"{run.name}: the judge failed ({error}); judge it later with 'vqabench judge --run ID'.")
     if any(s.intervals for s in summaries if s.seeds == 1):
-        notes.append("Brackets: 95% bootstrap confidence interval [low, high] over the test questions.")
+        notes.append(
+            "Brackets: 95% confidence interval [low, high] over the test questions: Wilson score "
+            "intervals for EM and Judge (proportions), a bootstrap interval for F1."
+        )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     if with_kappa:
@@ -478,7 +600,10 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             "κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
             "(1 = always agree, 0 = chance); a low κ means the judge measures something else."
         )
-    notes.append("Epoch time: mean wall clock of the training steps of one epoch (evaluation excluded).")
+    notes.append(
+        "Epoch time: median wall clock of the training steps of one epoch (evaluation excluded); "
+        "the efficiency table gives its spread."
+    )
     return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
 
@@ -491,7 +616,8 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     columns = [
         "Method",
         "Epoch time [s] ↓",
-        "Relative to SFT",
+        "Warm-up epoch [s]",
+        "Relative to SFT [95% CI]",
         "Time to aligned model [s] ↓",
         "Samples/s ↑",
         memory_header,
@@ -512,11 +638,15 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
             memory = _pm(s, "peak_memory_mib", 1)
             if s.uses_reference:
                 reference = _pm(s, "reference_mib", 1)
+        relative = _pm(s, "relative_epoch_time", 2)
+        if s.relative_interval and s.seeds == 1 and relative != NA:
+            relative += f" [{s.relative_interval[0]:.2f}, {s.relative_interval[1]:.2f}]"
         rows.append(
             [
                 s.name,
-                _pm(s, "mean_epoch_seconds", 2),
-                _pm(s, "relative_epoch_time", 2),
+                _pm(s, "epoch_seconds", 2) if s.seeds > 1 else epoch_time_text(s.epoch_spread),
+                _fmt(s.warmup_seconds, 2) if s.warmup_seconds is not None else "–",
+                relative,
                 _pm(s, "aligned_seconds", 2),
                 _pm(s, "samples_per_s", 1),
                 memory,
@@ -526,12 +656,18 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
             + ([s.encoder_cache or NA] if with_cache else [])
         )
     notes = [warning] if warning else []
-    notes.append(
-        "Relative to SFT: mean epoch time divided by that of the SFT run on the same model and "
-        "data (SFT = 1.00). "
+    notes += [
+        "Epoch time: median over epochs ± standard deviation (min … max), as hyperfine shows "
+        "timings; with more than 2 epochs the first is left out as warm-up and shown apart "
+        "(–: 2 epochs or fewer, all in the median).",
+        "Relative to SFT: the run's mean training-step time divided by that of the SFT run on the "
+        "same model and data (SFT = 1.00), over the epochs after the warm-up, with a 95% bootstrap "
+        "interval over both runs' steps (runs recorded without step times: the ratio of median "
+        "epoch times, no interval). Runs go one after another, so a machine that gets busier "
+        "moves whole runs: for a fair cost ratio use 'vqabench probe'. "
         "Time to aligned model: training time of the run plus every run it starts from "
-        "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference."
-    )
+        "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference.",
+    ]
     if with_cache:
         notes.append(
             "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
@@ -554,6 +690,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
+    notes += [s.timing_warning for s in summaries if s.timing_warning]
     return ReportTable("Efficiency", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
 
@@ -590,6 +727,8 @@ def epoch_table(run: RunData) -> ReportTable:
     """Per-epoch losses, cost and preference metrics of one run."""
     cuda = any(e.cuda_max_allocated_mib is not None for e in run.epochs)
     scored = any(e.em is not None or e.judge_score is not None for e in run.epochs)
+    steps = any(e.step_ms_median is not None for e in run.epochs)
+    loads = any(e.load_avg_max is not None for e in run.epochs)
     columns = [
         "Epoch",
         "Train loss ↓",
@@ -599,6 +738,7 @@ def epoch_table(run: RunData) -> ReportTable:
         "Pref. accuracy ↑",
         "Reward margin ↑",
     ] + (["EM ↑", "F1 ↑", "Judge ↑"] if scored else [])
+    columns += (["Step [ms] median (p10 … p90)"] if steps else []) + (["Load avg / cores"] if loads else [])
     rows = []
     for e in run.epochs:
         memory = e.cuda_max_allocated_mib if cuda else e.peak_rss_mib
@@ -613,9 +753,111 @@ def epoch_table(run: RunData) -> ReportTable:
         ]
         if scored:
             row += [_fmt(e.em, 3), _fmt(e.f1, 3), _fmt(e.judge_score, 3)]
+        if steps:
+            row.append(
+                f"{e.step_ms_median:.1f} ({e.step_ms_p10:.1f} … {e.step_ms_p90:.1f})"
+                if e.step_ms_median is not None and e.step_ms_p10 is not None and e.step_ms_p90 is not None
+                else NA
+            )
+        if loads:
+            row.append(f"{_fmt(e.load_avg_max, 1)} / {e.cores or NA}")
         rows.append(row)
     notes = ["EM, F1, Judge per epoch: scored on a sample of eval-split answers."] if scored else []
+    if loads:
+        notes.append(
+            "Load avg / cores: the highest 1-minute load average during the epoch's steps against the "
+            "CPU threads the run used; above them, other work competed for the cores."
+        )
     return ReportTable(f"{run.name} ({run.method}, {run.status})", columns, ["right"] * len(columns), rows, notes)
+
+
+def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> ReportTable:
+    """`vqabench probe`: each preset's step on the same batches, interleaved rounds, one process."""
+    from vqabench.stats import quantiles, ratio_ci
+
+    by_preset: dict[str, list[ProbeMeasured]] = {}
+    for m in measured:
+        by_preset.setdefault(m.preset, []).append(m)
+    steps = {name: [ms for m in rows for ms in m.step_ms] for name, rows in by_preset.items()}
+    base = next((n for n, rows in by_preset.items() if rows[0].method == "sft"), next(iter(by_preset), None))
+    sources = {m.memory_source for m in measured}
+    memory = (
+        "Peak CUDA memory [MiB] ↓"
+        if sources == {"CUDA"}
+        else "Peak RSS [MiB] ↓"
+        if sources == {"RSS"}
+        else "Peak memory [MiB] ↓"
+    )
+    rows = []
+    for name, rounds in by_preset.items():
+        times = steps[name]
+        if not times:
+            rows.append([name, rounds[0].method] + [NA] * 6)
+            continue
+        p10, median, p90 = quantiles(times, (0.1, 0.5, 0.9))
+        relative = NA
+        if name == base:
+            relative = "1.00"
+        elif base is not None and steps[base]:
+            ratio = ratio_ci(times, steps[base], "median")
+            relative = f"{ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}]"
+        peaks = [v for v in (_number(m.peak_memory_mib) for m in rounds) if v is not None]
+        uses_reference = rounds[0].reference_strategy is not None
+        setup = sorted(m.setup_seconds for m in rounds)[len(rounds) // 2]
+        rows.append(
+            [
+                name,
+                rounds[0].method + (f" ({rounds[0].reference_strategy})" if uses_reference else ""),
+                f"{median:.1f} ({p10:.1f} … {p90:.1f})",
+                relative,
+                f"{started.batch_size * 1000.0 / median:.1f}",
+                _fmt(max(peaks), 1) if peaks else NA,
+                _fmt(rounds[0].reference_bytes / MIB, 1) if uses_reference else "none",
+                _fmt(setup, 2) if uses_reference else "–",
+            ]
+        )
+    loads = [v for v in (_number(m.load_avg_max) for m in measured) if v is not None]
+    notes = [
+        f"{started.device}, torch {started.torch_version}; batch {started.batch_size}; "
+        f"{started.steps} timed steps (after {started.warmup} warm-up steps) per preset in each of "
+        f"{started.rounds} interleaved rounds, in one process on the same batches, so whatever else "
+        "runs on the machine lands on every preset alike.",
+        f"Every preset starts from the same model ({started.model_source}), dependants included: "
+        "no preset is trained first, the probe measures what a step costs, not what it learns.",
+        "ms/step: median over every timed step of every round (p10 … p90). Relative: the median "
+        f"step time divided by {base or 'the first preset'}'s, with a 95% bootstrap interval over both "
+        "presets' steps; two presets that do the same work should overlap.",
+        "Peak memory: "
+        + (
+            "CUDA max allocated"
+            if sources == {"CUDA"}
+            else "the process's peak RSS (VmHWM, reset before the timed steps)"
+        )
+        + ", the highest round's. Reference: the frozen copy's bytes (precompute keeps none resident). "
+        "Setup: building the copy, or the precompute pass over the probe's pairs (a run pays it over all its "
+        "pairs), median over rounds.",
+    ]
+    if loads and max(loads) > started.cores:
+        notes.append(
+            f"The 1-minute load average reached {max(loads):.1f} on the {started.cores} core(s) the probe used: "
+            "absolute times are disturbed, the interleaved ratios much less."
+        )
+    return ReportTable(
+        "Step cost probe",
+        ["Preset", "Method", "ms/step ↓", "Relative [95% CI]", "Samples/s ↑", memory, "Reference [MiB] ↓", "Setup [s]"],
+        ["left", "left"] + ["right"] * 6,
+        rows,
+        notes,
+    )
+
+
+def epoch_time_text(times: Spread | None) -> str:
+    """hyperfine's style: `9.34 s ± 0.40 (8.90 … 12.50)`; one epoch: `9.34 s`."""
+    if times is None:
+        return NA
+    if times.n < 2:
+        return f"{times.median:.2f} s"
+    return f"{times.median:.2f} s ± {times.std:.2f} ({times.low:.2f} … {times.high:.2f})"
 
 
 def _status_text(status: str, reason: str) -> str:

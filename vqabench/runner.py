@@ -69,8 +69,10 @@ from vqabench.spec import RunSpec, default_cache_dir
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED = ("queued", "running", "done", "failed", "skipped", "cancelled")
-STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED)
-FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED})
+#: Set by the results store, never by a runner: the host process died before the run ended.
+INTERRUPTED = "interrupted"
+STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED, INTERRUPTED)
+FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED, INTERRUPTED})
 
 #: stderr lines kept per run for the failure message and the dashboard.
 STDERR_TAIL = 80
@@ -143,6 +145,14 @@ class RunnerFinished:
     cancelled: bool
 
 
+class FatalSubscriberError(Exception):
+    """Raised by a subscriber that cannot go on (the results store cannot be written).
+
+    The runner then stops: it drops that subscriber, fails the running run with the
+    exception's message (one sentence naming what failed), and cancels the rest.
+    """
+
+
 Notification = RunQueued | RunStatusChanged | WorkerEvent | WorkerStderr | InvalidWorkerLine | RunnerFinished
 Subscriber = Callable[[Notification], None]
 
@@ -211,6 +221,7 @@ class Runner:
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._started = False
         self._launching: set[str] = set()  # runs whose workers are being started
+        self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -272,7 +283,7 @@ class Runner:
             if state.status != QUEUED or spec.name in running:
                 continue
             if self._cancel_all or state.cancel_requested:
-                self._set_status(state, CANCELLED, "cancelled before it started")
+                self._set_status(state, CANCELLED, self._not_started_reason())
                 continue
             target = self.states.get(spec.after) if spec.after else None
             if target is not None and target.status not in FINAL_STATUSES:
@@ -322,9 +333,12 @@ class Runner:
                 continue
             state.cancel_requested = True
             if state.status == QUEUED and self._started and state.name not in self._launching:
-                self._set_status(state, CANCELLED, "cancelled before it started")
+                self._set_status(state, CANCELLED, self._not_started_reason())
             elif state.status == RUNNING:
                 self._cancel_signals[state.name].set()
+
+    def _not_started_reason(self) -> str:
+        return f"not started: {self.fatal}" if self.fatal else "cancelled before it started"
 
     def _blocker(self, spec: RunSpec) -> RunState | None:
         """The `after` target's state when it did not finish, else None."""
@@ -420,8 +434,10 @@ class Runner:
     def _finish(self, state: RunState, code: int | None) -> None:
         state.exit_code = code
         state.finished_at = time.time()
-        if code == 0 and state.finished is not None and state.failed is None:
+        if code == 0 and state.finished is not None and state.failed is None and self.fatal is None:
             self._set_status(state, DONE, exit_code=code)
+        elif self.fatal is not None:
+            self._set_status(state, FAILED, self.fatal, exit_code=code)
         elif code == 0 and state.failed is None and state.spec.node_rank > 0 and not state.cancel_requested:
             # Another node of a multi-node run: its ranks are not rank 0, so they report nothing.
             reason = f"done on node {state.spec.node_rank} of {state.spec.nnodes}; node 0 records the results"
@@ -565,6 +581,13 @@ class Runner:
         for callback in list(self._subscribers):
             try:
                 callback(notification)
+            except FatalSubscriberError as exc:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+                log.error("stopping the runs: %s", exc)
+                if self.fatal is None:
+                    self.fatal = str(exc)
+                    self._request_cancel(None)
             except Exception:
                 log.exception(
                     "a runner subscriber (%r) failed on %s; the runs go on", callback, type(notification).__name__

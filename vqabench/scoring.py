@@ -1,5 +1,7 @@
 """Scores answers: exact match, token F1, the configured judge, 95% intervals and κ.
 
+EM and judge scores are proportions: Wilson intervals. F1 is continuous: a bootstrap interval.
+
 One place for answer scoring, used by the worker (test and per-epoch eval answers) and by
 ``vqabench judge`` (re-judging stored predictions without retraining). No torch here.
 """
@@ -50,10 +52,19 @@ class ScoreSummary:
 
 
 def _interval(values: list[float]) -> list[float] | None:
+    """95% bootstrap interval of a continuous per-item score (F1)."""
     if len(values) < 2:
         return None
     _, low, high = stats.bootstrap_ci(values, n_resamples=2000, seed=0, level=0.95)
     return None if low is None or high is None else [low, high]
+
+
+def _proportion_interval(values: list[float]) -> list[float] | None:
+    """95% Wilson interval of a binary per-item score (EM, a CORRECT verdict)."""
+    if not values:
+        return None
+    interval = stats.wilson_interval(int(sum(values)), len(values))
+    return [interval.low, interval.high] if interval.low is not None and interval.high is not None else None
 
 
 @contextmanager
@@ -81,7 +92,7 @@ def score_items(
     n = len(items)
     summary = ScoreSummary(n=n, em=sum(ems) / n if n else 0.0, f1=sum(f1s) / n if n else 0.0)
     if with_intervals and n:
-        summary.extra["em_ci"] = _interval(ems)
+        summary.extra["em_ci"] = _proportion_interval(ems)
         summary.extra["f1_ci"] = _interval(f1s)
     if judge_spec is None:
         return summary
@@ -100,7 +111,7 @@ def score_items(
             if v.grade is not Grade.UNPARSEABLE
         ]
         if graded:
-            summary.extra["judge_ci"] = _interval([float(g) for g, _ in graded])
+            summary.extra["judge_ci"] = _proportion_interval([float(g) for g, _ in graded])
             summary.extra["judge_kappa"] = stats.cohen_kappa([g for g, _ in graded], [e for _, e in graded])
         summary.extra["judge_describe"] = described
     return summary

@@ -336,3 +336,36 @@ def _check_processes(spec: RunSpec, where: str) -> None:
             f"{where}: key 'nnodes' has value {spec.nnodes}, which needs 'rdzv_endpoint' (host:port of node 0, "
             f"the same on every node)."
         )
+
+
+@dataclass
+class ProbePlan:
+    """`vqabench probe`: the presets (the first one's model, data and batch size for all) and how long."""
+
+    specs: list[RunSpec]
+    steps: int = 20  # timed steps per preset per round
+    rounds: int = 3
+    warmup: int = 3  # untimed steps per preset per round (allocator and caches settle)
+    bf16: bool = False  # bfloat16 autocast around the step (GPU)
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The worker's plan file: ``{"probe": {...}}`` (a run's spec file has no "probe" key)."""
+        return {"probe": {**dataclasses.asdict(self), "specs": [s.to_dict() for s in self.specs]}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "probe plan") -> ProbePlan:
+        body = dict(data["probe"])
+        specs = [spec_from_dict(s, where) for s in body.pop("specs")]
+        plan = cls(specs=specs, **body)
+        plan.validate(where)
+        return plan
+
+    def validate(self, where: str = "probe") -> None:
+        if not self.specs:
+            raise SpecError(f"{where}: no preset selected; choose at least one with --preset.")
+        for key in ("steps", "rounds"):
+            if getattr(self, key) < 1:
+                raise SpecError(f"{where}: '{key}' is {getattr(self, key)}; it must be at least 1.")
+        if self.warmup < 0:
+            raise SpecError(f"{where}: 'warmup' is {self.warmup}; it must be 0 or more.")

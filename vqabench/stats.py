@@ -1,7 +1,10 @@
-"""How sure a number is: bootstrap intervals, paired differences, Cohen's kappa, win rates.
+"""How sure a number is: intervals, paired tests, Cohen's kappa, win rates, timing spreads.
 
-Pure Python and numpy (no torch, no scipy) so the host-side report can use it. All
-resampling is seeded: the same inputs give the same intervals on every machine.
+Host-side (no torch): numpy, and scipy.stats for the exact tests the field uses (McNemar's
+exact test as a binomial test on the discordant pairs, Wilson score intervals). Proportions
+(EM, judge verdicts) get Wilson intervals and McNemar p-values; continuous per-item scores
+(F1) and timings get seeded bootstrap intervals: the same inputs give the same intervals on
+every machine.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 DEFAULT_RESAMPLES = 2000
+#: Fewer paired items than this: a comparison says "too few items" instead of a p-value.
+MIN_PAIRED_ITEMS = 30
 _MAX_RESAMPLE_CELLS = 4_000_000  # resample in chunks so memory stays small for big n
 
 
@@ -298,3 +303,125 @@ def win_rate(
         first_position_rate=first_picks / decisive if decisive else None,
         outcomes=outcomes,
     )
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
+    """A proportion with its Wilson score interval (not zero-width at 0 or 1, unlike the bootstrap).
+
+    Wilson (1927); the interval Newcombe (1998) recommends among seven for a single proportion.
+    """
+    _check_level(level)
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval got {successes} successes of {n}; need 0 <= successes <= n and n >= 1.")
+    from scipy.stats import binomtest
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=level, method="wilson")
+    return Interval(successes / n, float(ci.low), float(ci.high))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test of two binary scores on the same items.
+
+    `a_only`: items a got right and b wrong; `b_only` the reverse. `p_value` is the two-sided
+    exact binomial test of a_only against a_only + b_only at 1/2 (the exact conditional
+    McNemar test); None when there are fewer than MIN_PAIRED_ITEMS items.
+    """
+
+    n: int
+    a_only: int
+    b_only: int
+    p_value: float | None
+
+    @property
+    def too_few(self) -> bool:
+        return self.p_value is None
+
+
+def mcnemar_exact(a: Sequence[float], b: Sequence[float], min_items: int = MIN_PAIRED_ITEMS) -> McNemar:
+    """Is binary score a (1 = correct) different from b on the same items? Exact McNemar test."""
+    if len(a) != len(b):
+        raise ValueError(
+            f"mcnemar_exact got {len(a)} and {len(b)} scores; a paired test needs one score per item from each."
+        )
+    if any(v not in (0, 1) for v in (*a, *b)):
+        raise ValueError("mcnemar_exact needs binary scores (0 or 1, e.g. exact match or a CORRECT verdict).")
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    if len(a) < min_items:
+        return McNemar(len(a), a_only, b_only, None)
+    discordant = a_only + b_only
+    if discordant == 0:
+        return McNemar(len(a), a_only, b_only, 1.0)
+    from scipy.stats import binomtest
+
+    return McNemar(len(a), a_only, b_only, float(binomtest(a_only, discordant, 0.5).pvalue))
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A timing's spread: median, σ, min and max, for hyperfine's `9.34 s ± 0.40 (8.90 … 12.50)`."""
+
+    median: float
+    std: float  # sample standard deviation; 0 for one value
+    low: float
+    high: float
+    n: int
+    mean: float
+
+    @property
+    def cv(self) -> float | None:
+        """Coefficient of variation (σ / mean); None for fewer than 2 values."""
+        if self.n < 2 or not self.mean:
+            return None
+        return self.std / self.mean
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Median, sample σ, min, max and mean of some timings."""
+    array = _as_values(values, "spread")
+    std = float(array.std(ddof=1)) if array.size > 1 else 0.0
+    return Spread(
+        float(np.median(array)), std, float(array.min()), float(array.max()), int(array.size), float(array.mean())
+    )
+
+
+def quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """Quantiles (linear interpolation, numpy's default) of some values."""
+    return [float(q) for q in np.quantile(_as_values(values, "quantiles"), qs)]
+
+
+def ratio_ci(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    statistic: str = "mean",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """statistic(a) / statistic(b) with a percentile-bootstrap interval, a and b resampled independently.
+
+    For the step times of two runs or two probe rows: "mean" gives the ratio of total time
+    per step, "median" a ratio that a few disturbed steps do not move.
+    """
+    _check_level(level)
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic is {statistic!r}; choose 'mean' or 'median'.")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples is {n_resamples!r}; it must be at least 1.")
+    first = _as_values(a, "ratio_ci")
+    second = _as_values(b, "ratio_ci")
+    reduce = np.mean if statistic == "mean" else np.median
+    if reduce(second) <= 0:
+        raise ValueError(f"ratio_ci: the baseline's {statistic} must be positive.")
+    rng = np.random.default_rng(seed)
+    ratios = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, _MAX_RESAMPLE_CELLS // max(first.size, second.size))
+    for lo in range(0, n_resamples, chunk):
+        hi = min(lo + chunk, n_resamples)
+        top = reduce(first[rng.integers(0, first.size, size=(hi - lo, first.size))], axis=1)
+        bottom = reduce(second[rng.integers(0, second.size, size=(hi - lo, second.size))], axis=1)
+        ratios[lo:hi] = top / bottom
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return Interval(float(reduce(first) / reduce(second)), float(low), float(high))

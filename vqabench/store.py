@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import platform
 import re
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,13 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import vqabench
-from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
+from vqabench.events import EpochEnded, Evaluated, ProbeMeasured, ProbeStarted, RunFailed, RunFinished, RunStarted
 from vqabench.runner import (
     CANCELLED,
     DONE,
     FAILED,
     FINAL_STATUSES,
+    INTERRUPTED,
+    QUEUED,
     RUNNING,
+    FatalSubscriberError,
     InvalidWorkerLine,
     Notification,
     RunnerFinished,
@@ -48,6 +54,8 @@ from vqabench.runner import (
     WorkerEvent,
     WorkerStderr,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RESULTS_DIR = Path("vqabench-results")
 DB_NAME = "results.db"
@@ -171,6 +179,44 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE epochs ADD COLUMN rank_peak_max_mib REAL;
     ALTER TABLE epochs ADD COLUMN rank_peak_sum_mib REAL;
     """,
+    """
+    ALTER TABLE sessions ADD COLUMN host_pid INTEGER;      -- the vqabench process that ran it
+    ALTER TABLE sessions ADD COLUMN host_started TEXT;     -- its start time (/proc), against pid reuse
+    ALTER TABLE epochs ADD COLUMN step_ms_median REAL;
+    ALTER TABLE epochs ADD COLUMN step_ms_p10 REAL;
+    ALTER TABLE epochs ADD COLUMN step_ms_p90 REAL;
+    ALTER TABLE epochs ADD COLUMN step_ms JSON;            -- every step's ms (thinned to 2,048)
+    ALTER TABLE epochs ADD COLUMN load_avg_max REAL;
+    ALTER TABLE epochs ADD COLUMN cores INTEGER;
+    CREATE TABLE probes (
+        session_id    INTEGER PRIMARY KEY REFERENCES sessions(id) ON DELETE CASCADE,
+        presets       JSON NOT NULL,
+        device        TEXT NOT NULL,
+        torch_version TEXT NOT NULL,
+        model_source  TEXT NOT NULL,
+        batch_size    INTEGER NOT NULL,
+        steps         INTEGER NOT NULL,
+        warmup        INTEGER NOT NULL,
+        rounds        INTEGER NOT NULL,
+        cores         INTEGER NOT NULL,
+        pid           INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE probe_rounds (
+        session_id         INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        preset             TEXT NOT NULL,
+        method             TEXT NOT NULL,
+        round              INTEGER NOT NULL,
+        step_ms            JSON NOT NULL,
+        peak_memory_mib    REAL,
+        memory_source      TEXT NOT NULL,
+        reference_strategy TEXT,
+        reference_bytes    INTEGER NOT NULL,
+        setup_seconds      REAL NOT NULL,
+        load_avg_max       REAL,
+        recorded_at        TEXT NOT NULL,
+        PRIMARY KEY (session_id, preset, round)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -197,13 +243,24 @@ _STARTED_COLUMNS = {
 }
 _FINISHED_FIELDS = [f.name for f in dataclasses.fields(RunFinished)]
 _FAILED_COLUMNS = {"error_kind": "error_kind", "message": "error_message", "traceback": "traceback"}
-_JSON_FIELDS = {"config", "data", "extra", "spec", "rank_peak_mib"}
+_JSON_FIELDS = {"config", "data", "extra", "spec", "step_ms", "presets", "rank_peak_mib"}
+_PROBE_FIELDS = [f.name for f in dataclasses.fields(ProbeStarted)]
+_PROBE_ROUND_FIELDS = [f.name for f in dataclasses.fields(ProbeMeasured)]
+
+#: A write that finds the database locked waits `busy_timeout` seconds inside SQLite, then is
+#: tried again after a backoff (doubling from WRITE_BACKOFF), WRITE_ATTEMPTS times in all.
+WRITE_ATTEMPTS = 5
+WRITE_BACKOFF = 0.5
 #: run_started fields added by a later migration, with the value a run recorded before it had
 _STARTED_DEFAULTS = {"world_size": 1, "global_batch": 0, "per_device_batch": 0}
 
 
 class StoreError(Exception):
     """A results store that cannot be used; the message is one sentence for the user."""
+
+
+class StoreWriteError(StoreError, FatalSubscriberError):
+    """A write that still failed after every retry; the runner stops the runs with this message."""
 
 
 @dataclass
@@ -258,16 +315,25 @@ def now_iso() -> str:
 class ResultsStore:
     """The SQLite results store of one results folder; safe to share between threads."""
 
-    def __init__(self, results_dir: Path | str = DEFAULT_RESULTS_DIR, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        results_dir: Path | str = DEFAULT_RESULTS_DIR,
+        *,
+        create: bool = True,
+        busy_timeout: float = 10.0,
+        write_attempts: int = WRITE_ATTEMPTS,
+        write_backoff: float = WRITE_BACKOFF,
+    ) -> None:
         self.results_dir = Path(results_dir)
         self.path = self.results_dir / DB_NAME
+        self.write_attempts, self.write_backoff = max(1, write_attempts), write_backoff
         if not self.path.exists() and not create:
             raise StoreError(
                 f"there is no results store at {self.path}; run 'vqabench --headless' first or pass --results DIR."
             )
         try:
             self.results_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"the results store {self.path} cannot be opened ({exc}).") from None
         self._conn.row_factory = sqlite3.Row
@@ -277,6 +343,7 @@ class ResultsStore:
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate()
+            self.mark_interrupted()
         except StoreError:
             self._conn.close()
             raise
@@ -317,14 +384,39 @@ class ResultsStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a locked database is retried with backoff, then StoreWriteError."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._retrying("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            try:
+                self._retrying("COMMIT")
+            except StoreWriteError:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _retrying(self, statement: str) -> None:
+        """Run BEGIN or COMMIT, where SQLite takes the write lock, retrying while the database is busy."""
+        delay = self.write_backoff
+        for attempt in range(1, self.write_attempts + 1):
+            try:
+                self._conn.execute(statement)
+                return
+            except sqlite3.OperationalError as exc:
+                message = str(exc)
+                if "locked" not in message and "busy" not in message:
+                    raise StoreWriteError(f"cannot write to the results store {self.path} ({message}).") from exc
+                if attempt == self.write_attempts:
+                    raise StoreWriteError(
+                        f"cannot write to the results store {self.path}: {message} after {attempt} attempts; "
+                        f"another process holds its write lock (close it, or pass another --results folder)."
+                    ) from exc
+                log.warning("the results store %s is busy (%s); retrying in %.1f s", self.path, message, delay)
+                time.sleep(delay)
+                delay *= 2
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -337,13 +429,18 @@ class ResultsStore:
         processor: str | None = None,
         started_at: str | None = None,
     ) -> SessionRecord:
-        """Record a new session (machine details from this host unless given) and return it."""
+        """Record a new session (machine details from this host unless given) and return it.
+
+        The session remembers this process (pid and start time), so a later vqabench can tell
+        that it died and mark its unfinished runs interrupted.
+        """
         started_at = started_at or now_iso()
+        self.mark_interrupted()
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO sessions (label, started_at, status, selection, command, machine, "
-                "processor, platform, python_version, vqabench_version) "
-                "VALUES ('', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "processor, platform, python_version, vqabench_version, host_pid, host_started) "
+                "VALUES ('', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     started_at,
                     RUNNING,
@@ -354,6 +451,8 @@ class ResultsStore:
                     platform.platform(),
                     sys.version.split()[0],
                     vqabench.__version__,
+                    os.getpid(),
+                    process_start_time(os.getpid()),
                 ),
             )
             session_id = _inserted_id(cursor)
@@ -368,6 +467,91 @@ class ResultsStore:
                 (status, finished_at or now_iso(), session_id),
             )
 
+    def mark_interrupted(self) -> list[int]:
+        """Mark sessions whose host process died (and whose worker is gone) interrupted; their ids.
+
+        A session is still "running" after its vqabench process was killed (SIGKILL, a lost
+        terminal, a reboot). When that process no longer exists on this machine and the run it
+        was running has no live worker either, the running and queued runs become
+        "interrupted" (their epochs stay) and so does the session. Sessions of other machines
+        and of older stores (no recorded process) are left alone.
+        """
+        rows = self._query(
+            "SELECT id, machine, host_pid, host_started FROM sessions WHERE status = ? AND host_pid IS NOT NULL",
+            (RUNNING,),
+        )
+        reaped = []
+        for row in rows:
+            if row["machine"] != platform.node() or process_alive(row["host_pid"], row["host_started"]):
+                continue
+            runs = self._query(
+                "SELECT id, status, pid FROM runs WHERE session_id = ? AND status IN (?, ?)",
+                (row["id"], RUNNING, QUEUED),
+            )
+            if any(r["status"] == RUNNING and r["pid"] and process_alive(r["pid"]) for r in runs):
+                continue  # its worker still runs on its own; look again later
+            how = f"the vqabench process (pid {row['host_pid']}) that ran it ended without finishing it"
+            try:
+                with self._transaction() as conn:
+                    for r in runs:
+                        epochs = conn.execute("SELECT COUNT(*) FROM epochs WHERE run_id = ?", (r["id"],)).fetchone()[0]
+                        reason = (
+                            f"interrupted: {how}; its {epochs} finished epoch(s) are kept"
+                            if r["status"] == RUNNING
+                            else f"interrupted before it started: {how}"
+                        )
+                        conn.execute(
+                            "UPDATE runs SET status = ?, reason = ?, finished_at = ? WHERE id = ?",
+                            (INTERRUPTED, reason, now_iso(), r["id"]),
+                        )
+                    conn.execute(
+                        "UPDATE sessions SET status = ?, finished_at = ? WHERE id = ? AND status = ?",
+                        (INTERRUPTED, now_iso(), row["id"], RUNNING),
+                    )
+            except StoreWriteError as exc:  # a reader must still open a busy store
+                log.warning("could not mark session %s interrupted: %s", row["id"], exc)
+                continue
+            reaped.append(row["id"])
+        return reaped
+
+    def add_probe(self, session_id: int, event: ProbeStarted) -> None:
+        """Record what a `vqabench probe` session ran on."""
+        values = [_json(getattr(event, f)) if f in _JSON_FIELDS else getattr(event, f) for f in _PROBE_FIELDS]
+        with self._transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO probes (session_id, {', '.join(_PROBE_FIELDS)}) "
+                f"VALUES (?, {', '.join('?' * len(_PROBE_FIELDS))})",
+                (session_id, *values),
+            )
+
+    def add_probe_round(self, session_id: int, event: ProbeMeasured) -> None:
+        """Record one preset's timed steps in one round of a probe."""
+        names = ["session_id", *_PROBE_ROUND_FIELDS, "recorded_at"]
+        values = [
+            session_id,
+            *(_json(getattr(event, f)) if f in _JSON_FIELDS else getattr(event, f) for f in _PROBE_ROUND_FIELDS),
+            now_iso(),
+        ]
+        with self._transaction() as conn:
+            conn.execute(
+                f"INSERT OR REPLACE INTO probe_rounds ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                values,
+            )
+
+    def probe(self, session_id: int) -> tuple[ProbeStarted, list[ProbeMeasured]] | None:
+        """A probe session's setup and its measurements in the order they were taken; None if not a probe."""
+        rows = self._query("SELECT * FROM probes WHERE session_id = ?", (session_id,))
+        if not rows:
+            return None
+        started = ProbeStarted(**{f: _from_column(f, rows[0][f]) for f in _PROBE_FIELDS})
+        measured = [
+            ProbeMeasured(**{f: _from_column(f, row[f]) for f in _PROBE_ROUND_FIELDS})
+            for row in self._query(
+                "SELECT * FROM probe_rounds WHERE session_id = ? ORDER BY round, rowid", (session_id,)
+            )
+        ]
+        return started, measured
+
     def recorder(self, session: SessionRecord) -> SessionRecorder:
         """A runner subscriber that writes the session's notifications here."""
         return SessionRecorder(self, session)
@@ -375,7 +559,8 @@ class ResultsStore:
     # -- queries ----------------------------------------------------------------------------
 
     def list_sessions(self) -> list[SessionRecord]:
-        """Every session, newest first."""
+        """Every session, newest first (sessions whose process died are marked interrupted first)."""
+        self.mark_interrupted()
         return [_record(SessionRecord, r) for r in self._query("SELECT * FROM sessions ORDER BY id DESC")]
 
     def last_session(self) -> SessionRecord | None:
@@ -576,8 +761,43 @@ def _record(cls: type, row: Any, **more: Any) -> Any:
     return cls(**{k: v for k, v in dict(row).items() if k in names}, **more)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
+def _json(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, default=str, separators=(",", ":"))
+
+
+def _from_column(name: str, value: Any) -> Any:
+    return json.loads(value) if name in _JSON_FIELDS and isinstance(value, str) else value
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields after the command name in /proc/<pid>/stat (Linux); None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux /proc); None where unknown."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether `pid` runs on this machine (and, when `started` is given, is the same process)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: trust kill(0)
+    if fields[0] in ("Z", "X"):  # a zombie has ended; only its exit status is left
+        return False
+    return started is None or len(fields) <= 19 or fields[19] == started
 
 
 def _statements(script: str) -> list[str]:

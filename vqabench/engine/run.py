@@ -269,6 +269,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                     judge_score=scored.judge_score if scored else None,
                     scored_n=scored.n if scored else None,
                     **ranks_memory,
+                    **trainer.clock.event_fields(),
                 )
             )
 

@@ -25,6 +25,7 @@ from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.timing import StepClock
 from vqabench.spec import RunSpec
 
 
@@ -178,6 +179,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=spec.lr_decay)
         self.best_loss = math.inf
         self.best_epoch = 0
+        self.clock = StepClock(cores=torch.get_num_threads())  # every step's wall clock, machine load
 
     @property
     def steps_per_epoch(self) -> int:
@@ -204,6 +206,7 @@ class Trainer:
         steps = self.steps_per_epoch
         synchronize(self.device)
         start = time.perf_counter()
+        self.clock.begin()
         blocks = [order[step * bs : (step + 1) * bs] for step in range(steps)]
         for step, batch in enumerate(self.encoded.batches("train", blocks, self.device)):
             try:
@@ -213,6 +216,7 @@ class Trainer:
                     f"the {self.spec.method} loss became non-finite at epoch {epoch}, step {step + 1} of {steps}; "
                     f"lower lr (now {self.spec.lr:g}) or check the data."
                 ) from None
+            self.clock.step_done()  # train_step ends in a host sync (the loss value), so this is the step's time
             total += loss * len(batch)
             count += len(batch)
             now = time.perf_counter()

@@ -1,6 +1,7 @@
 """The worker process: ``python -m vqabench.engine.worker SPEC.json``.
 
-Runs one training run and writes one event (vqabench.events) per stdout line, flushed,
+Runs one training run (or, given a ``{"probe": ...}`` plan, the step-cost probe of
+vqabench.engine.probe) and writes one event (vqabench.events) per stdout line, flushed,
 and nothing else: before anything is imported that might print, the real stdout is kept
 for events and file descriptor 1 is pointed at stderr, where all logs go. Exit code 0
 only on success; on failure a ``run_failed`` event carries a one-sentence message.
@@ -50,6 +51,12 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "internal", f"internal error {type(exc).__name__}: {text.splitlines()[0]}"
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     emit = EventWriter(protocol_stream())
@@ -65,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise SpecError(f"cannot read the run spec '{argv[0]}': {exc}") from None
-        spec = spec_from_dict(data, where=argv[0])
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        from transformers.utils import logging as hf_logging
+        if isinstance(data, dict) and "probe" in data:  # `vqabench probe`: every preset's step, no training
+            from vqabench.engine.probe import ProbePlan, execute_probe
 
-        hf_logging.disable_progress_bar()
+            plan = ProbePlan.from_dict(data, where=argv[0])
+            _quiet_transformers()
+            execute_probe(plan, emit)
+            return 0
+        spec = spec_from_dict(data, where=argv[0])
+        _quiet_transformers()
         from vqabench.engine.run import execute
 
         execute(spec, emit)

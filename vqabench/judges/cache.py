@@ -3,8 +3,9 @@
 A judgment is keyed by a SHA-256 of (kind, judge name, model, prompt version, question,
 reference, prediction). Only replies are stored: a request that failed (rate limit,
 outage, timeout) leaves no row, so a rerun asks again, while everything judged before an
-interruption is reused. UNPARSEABLE replies are stored too: the same prompt at
-temperature 0 would get the same reply, and a new prompt version is a new key.
+interruption is reused. An UNPARSEABLE reply is not a verdict and is not stored either (nor
+read back from an older cache that holds one): a transient junk reply (a truncated or
+overloaded response) is asked again next time instead of being kept as the answer's grade.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class JudgmentCache:
                 chunk = keys[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(
-                    f"SELECT key, outcome, reply, similarity FROM judgments WHERE kind = 'grade' AND key IN ({marks})",
+                    f"SELECT key, outcome, reply, similarity FROM judgments WHERE kind = 'grade' "
+                    f"AND outcome != 'unparseable' AND key IN ({marks})",
                     chunk,
                 )
                 for key, outcome, reply, similarity in rows:
@@ -112,6 +114,9 @@ class JudgmentCache:
         return found
 
     def put_verdict(self, key: str, judge: Judge, verdict: Verdict) -> None:
+        """Store a verdict; an unparseable reply is skipped (it is no verdict, so it is asked again)."""
+        if verdict.grade is Grade.UNPARSEABLE:
+            return
         self._put(
             key,
             "grade",
@@ -126,11 +131,14 @@ class JudgmentCache:
     def get_preference(self, key: str) -> Preference | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT outcome FROM judgments WHERE kind = 'compare' AND key = ?", (key,)
+                "SELECT outcome FROM judgments WHERE kind = 'compare' AND outcome != 'unparseable' AND key = ?", (key,)
             ).fetchone()
         return row[0] if row else None
 
     def put_preference(self, key: str, judge: Judge, preference: Preference) -> None:
+        """Store a preference; an unparseable reply is skipped, as for verdicts."""
+        if preference == "unparseable":
+            return
         self._put(key, "compare", judge.name, judge.model, judge.compare_version, preference, "", None)
 
     def _put(

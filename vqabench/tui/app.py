@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +84,7 @@ class Dashboard(App[int]):
         Binding("c", "cancel_run", "Cancel run"),
         Binding("e", "export", "Export"),
         Binding("o", "open_session", "Sessions"),
+        Binding("t", "probe_cost", "Probe cost"),
         Binding("q", "quit", "Quit"),
         *(Binding(label[0], f"show_panel('{tab}')", label[2:], show=False) for tab, _, label in PANELS),
     ]
@@ -122,6 +124,8 @@ class Dashboard(App[int]):
         self._stopping = False
         self._signals: list[int] = []  # SIGTERM/SIGHUP handlers this app installed
         self._terminal_lost = False
+        self.probe_worker: Worker | None = None
+        self._probe_proc: subprocess.Popen | None = None
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -335,6 +339,54 @@ class Dashboard(App[int]):
         self.notify(f"Wrote {path}", title="Markdown report", timeout=15)
         self._schedule_redraw()
 
+    def action_probe_cost(self) -> None:
+        """`vqabench probe` on the current selection: every preset's step, interleaved; shown under Efficiency."""
+        if self.running:
+            self.notify(
+                "Runs are going: probe the step cost when they end (it would disturb both).", severity="warning"
+            )
+            return
+        if self.probe_worker is not None and not self.probe_worker.is_finished:
+            self.notify("The cost probe is already running.", severity="warning")
+            return
+        self.query_one(EfficiencyPanel).show_probe(None, f"Probing the step cost of '{self.selection}'…")
+        self.action_show_panel("tab-efficiency")
+        self.probe_worker = self._probe()
+
+    @work(thread=True, group="probe", exit_on_error=False)
+    def _probe(self) -> None:
+        from vqabench.probe import run_probe
+
+        def news(line: str) -> None:
+            self.call_from_thread(self.query_one(EfficiencyPanel).show_probe, None, line)
+
+        def started(proc: subprocess.Popen) -> None:
+            self._probe_proc = proc
+
+        try:
+            outcome = run_probe(
+                self.selection,
+                self.overrides,
+                self.store.results_dir,
+                cache_dir=self.cache_dir,
+                worker_cmd=self.worker_cmd,
+                command=f"{self.command} (dashboard: probe)",
+                say=news,
+                on_start=started,
+            )
+        except (SpecError, StoreError) as exc:
+            self.call_from_thread(self.notify, str(exc), title="Cannot probe", severity="error", timeout=15)
+            return
+        self.call_from_thread(self._probe_done, outcome)
+
+    def _probe_done(self, outcome: object) -> None:
+        from vqabench.probe import ProbeOutcome
+
+        assert isinstance(outcome, ProbeOutcome)
+        news = f"The probe failed: {outcome.error}" if outcome.error else f"Stored as session {outcome.session_id}."
+        self.query_one(EfficiencyPanel).show_probe(outcome.table, news)
+        self.notify(news, title="Step cost probe", severity="error" if outcome.error else "information")
+
     def action_open_session(self) -> None:
         sessions = self.store.list_sessions()
         counts = {s.id: len(self.store.runs(s.id)) for s in sessions}
@@ -369,6 +421,8 @@ class Dashboard(App[int]):
         if self._stopping:
             return
         self._stopping = True
+        if self._probe_proc is not None and self._probe_proc.poll() is None:
+            self._probe_proc.terminate()
         if self.running:
             self.notify(f"Stopping the runs (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)…", timeout=30)
             self._stop_then_exit()

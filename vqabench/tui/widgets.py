@@ -20,7 +20,16 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 
-from vqabench.report import MIB, NA, ReportTable, efficiency_table, encoder_cache_text, epoch_table, quality_table
+from vqabench.report import (
+    MIB,
+    NA,
+    ReportTable,
+    efficiency_table,
+    encoder_cache_text,
+    epoch_table,
+    markdown_table,
+    quality_table,
+)
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
 from vqabench.store import SessionRecord
 from vqabench.tui.plot import loss_plot
@@ -280,6 +289,8 @@ class EfficiencyPanel(Vertical):
     def compose(self) -> ComposeResult:
         yield ReportDataTable(id="efficiency-table")
         yield Static(id="efficiency-verdict")
+        yield Static(id="efficiency-timing")
+        yield Static(id="efficiency-probe")
         yield Static(LEGEND, id="efficiency-legend")
 
     #: From this panel width on, the "Peak − ORPO" column fits too.
@@ -307,8 +318,8 @@ class EfficiencyPanel(Vertical):
         ]
         columns = [
             _cells(cost, "Method"),
-            _cells(cost, "Epoch time"),
-            _cells(cost, "Relative"),
+            [c.split(" s", 1)[0] for c in _cells(cost, "Epoch time")],  # the median; the spread is in the export
+            [_point(c) for c in _cells(cost, "Relative")],
             _cells(cost, "Time to aligned"),
             _cells(cost, memory),
             *([_cells(cost, "Peak −")] if wide else []),
@@ -321,6 +332,17 @@ class EfficiencyPanel(Vertical):
         )
         verdict = cheapest_alignment(summaries)
         self.query_one("#efficiency-verdict", Static).update(Text(verdict, "bold"))
+        warnings = [s.timing_warning for s in summaries if s.timing_warning]
+        self.query_one("#efficiency-timing", Static).update(Text("\n".join(warnings), "yellow"))
+
+    def show_probe(self, table: ReportTable | None, news: str = "") -> None:
+        """The latest `vqabench probe` result (key t), or a line about the probe under way."""
+        text = Text(news + ("\n" if news and table else ""))
+        if table is not None:
+            text.append("Step cost probe (same batches, interleaved rounds, one process)\n", "bold")
+            text.append("\n".join(markdown_table(table)) + "\n")
+            text.append("\n".join(table.notes[:2]), "dim")
+        self.query_one("#efficiency-probe", Static).update(text)
 
     def on_resize(self) -> None:
         if self._session is not None:

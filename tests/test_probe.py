@@ -1,0 +1,101 @@
+"""`vqabench probe`: the interleaved step-cost probe, its table, its session in the store, the real worker."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from fake_worker import canned_probe
+from test_headless import cli_env, fake, vqabench
+
+from vqabench.report import probe_table, render_markdown
+from vqabench.spec import ProbePlan, RunSpec, SpecError
+from vqabench.store import ResultsStore
+
+
+def _plan(rounds: int = 3) -> dict:
+    presets = (("sft", "sft", None), ("dpo-beta0.1", "dpo", 0.1), ("dpo-beta0.5", "dpo", 0.5), ("orpo", "orpo", None))
+    specs = [RunSpec(name=n, method=m, after="sft" if m == "dpo" else None, beta=b) for n, m, b in presets]
+    return ProbePlan(specs, steps=20, rounds=rounds, warmup=3).to_dict()["probe"]
+
+
+def test_the_probe_table_gives_spread_ratio_interval_memory_reference_and_setup():
+    started, *measured = canned_probe(_plan())
+    table = probe_table(started, measured)
+    rows = {row[0]: row for row in table.rows}
+    assert list(rows) == ["sft", "dpo-beta0.1", "dpo-beta0.5", "orpo"]
+    assert rows["sft"][2] == "40.0 (39.2 … 40.8)" and rows["sft"][3] == "1.00"  # the baseline itself
+    ratio, low, high = (float(x) for x in re.findall(r"[\d.]+", rows["dpo-beta0.1"][3]))
+    assert ratio == pytest.approx(1.6) and low <= 1.6 <= high
+    assert rows["dpo-beta0.1"][3] == rows["dpo-beta0.5"][3]  # the same work: the same row
+    assert rows["dpo-beta0.1"][1] == "dpo (copy)" and rows["dpo-beta0.1"][6] == "6.0" and rows["orpo"][6] == "none"
+    assert rows["dpo-beta0.1"][7] == "0.05" and rows["orpo"][7] == "–"
+    assert rows["sft"][4] == f"{16 * 1000 / 40.0:.1f}"  # samples/s at batch 16
+    assert any("Every preset starts from the same model (embedded base checkpoint)" in n for n in table.notes)
+
+
+def test_a_probe_plan_is_checked_before_anything_starts():
+    with pytest.raises(SpecError, match="'steps' is 0; it must be at least 1"):
+        ProbePlan([RunSpec(name="sft", method="sft")], steps=0).validate()
+    plan = ProbePlan([RunSpec(name="sft", method="sft")], steps=5, rounds=2)
+    assert ProbePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_probe_command_prints_the_table_and_stores_it_for_export(tmp_path):
+    proc = vqabench(tmp_path, *fake(tmp_path, {}), "probe", "--preset", "sft,dpo-beta0.1,dpo-beta0.5", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "round 2/2 sft: 40.0 ms/step" in proc.stderr
+    assert re.search(r"^\| dpo-beta0\.1 +\| dpo \(copy\) +\| +64\.0 \(", proc.stdout, re.M)
+    assert "Stored as session 1" in proc.stdout
+    plan = json.loads(next((tmp_path / "vqabench-results" / "runs").glob("*-probe/probe.json")).read_text())
+    assert [s["name"] for s in plan["probe"]["specs"]] == ["sft", "dpo-beta0.1", "dpo-beta0.5"]
+    with ResultsStore(tmp_path / "vqabench-results", create=False) as store:
+        session = store.last_session()
+        assert session.status == "done" and " probe --preset sft,dpo-beta0.1,dpo-beta0.5" in session.command
+        started, measured = store.probe(session.id)
+        assert started.rounds == 2 and len(measured) == 6 and measured[0].step_ms[0] == pytest.approx(39.2)
+        report = render_markdown(store, session.id)
+    assert "## Step cost probe" in report and "## Quality" not in report
+    exported = vqabench(tmp_path, "export", "--last")
+    assert exported.stdout == report
+
+
+def test_a_failing_probe_exits_1_with_its_reason_and_keeps_what_it_measured(tmp_path):
+    proc = vqabench(tmp_path, *fake(tmp_path, {"default": {"probe_fail": True}}), "probe", "--preset", "sft,orpo")
+    assert proc.returncode == 1
+    assert "vqabench: the probe failed: internal error RuntimeError: the probe broke." in proc.stderr
+    with ResultsStore(tmp_path / "vqabench-results", create=False) as store:
+        session = store.last_session()
+        assert session.status == "failed" and len(store.probe(session.id)[1]) == 2
+
+
+def test_the_real_probe_worker_times_every_preset_from_one_start_model(tmp_path, vqa_cache):
+    """The engine itself, tiny: two rounds, three steps of batch 8 on the embedded model."""
+    from vqabench.events import ProbeMeasured, ProbeStarted, parse_event
+
+    specs = [
+        RunSpec(name="sft", method="sft", batch_size=8, base_samples=512),
+        RunSpec(name="dpo", method="dpo", after="sft", batch_size=8, base_samples=512),
+        RunSpec(name="dpo-pre", method="dpo", after="sft", reference="precompute", batch_size=8, base_samples=512),
+    ]
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps(ProbePlan(specs, steps=3, rounds=2, warmup=1, cache_dir=str(vqa_cache)).to_dict()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vqabench.engine.worker", str(path)],
+        capture_output=True, text=True, timeout=600, env=cli_env(tmp_path, vqa_cache),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [parse_event(line) for line in proc.stdout.splitlines()]
+    [started] = [e for e in events if isinstance(e, ProbeStarted)]
+    measured = [e for e in events if isinstance(e, ProbeMeasured)]
+    assert started.presets == ["sft", "dpo", "dpo-pre"] and started.steps == 3
+    assert [(m.round, m.preset) for m in measured] == [
+        (1, "sft"), (1, "dpo"), (1, "dpo-pre"), (2, "dpo-pre"), (2, "dpo"), (2, "sft")]  # fmt: skip
+    assert all(len(m.step_ms) == 3 and min(m.step_ms) > 0 for m in measured)
+    copy, pre = measured[1], measured[2]
+    assert copy.reference_bytes > 0 and copy.setup_seconds > 0
+    assert pre.reference_strategy == "precompute" and pre.reference_bytes == 0 and pre.setup_seconds > 0
+    assert all(m.memory_source == "RSS" and m.peak_memory_mib > 100 for m in measured)
