@@ -9,6 +9,7 @@ peak memory during the steps, reference memory and reference setup cost.
 
     python benchmarks/efficiency.py                                   # embedded model, CPU
     python benchmarks/efficiency.py --model blip-vqa-base-random --device cuda --batch-size 16
+    python benchmarks/efficiency.py --methods sft,sft+cache,dpo-copy,dpo-copy+cache   # the encoder cache
 
 Unlike `vqabench probe` it takes methods rather than presets, and any model.
 """
@@ -42,6 +43,10 @@ VARIANTS = {
     "dpo-lora-adapter": ("dpo", "adapter", "lora", None),
     "dpo-lora-copy": ("dpo", "copy", "lora", None),
 }
+#: "<variant>+cache": the same step reading the frozen-encoder cache (engine/encoder_cache.py); the
+#: others run the encoders in every step (encoder_cache = "off"), as the study's code does.
+CACHED = "+cache"
+VARIANTS.update({f"{k}{CACHED}": v for k, v in list(VARIANTS.items())})
 STUDY = {"orpo": 1.12, "dpo-copy": 1.50}  # the study's epoch-time ratios to SFT (one A6000)
 
 
@@ -62,6 +67,7 @@ def variant_specs(keys: list[str], args: argparse.Namespace) -> list[RunSpec]:
                 precision=precision or "fp32",
                 device=args.device,
                 base_samples=args.base_samples,
+                encoder_cache="on" if key.endswith(CACHED) else "off",
             )
         )
     return specs

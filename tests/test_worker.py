@@ -17,7 +17,7 @@ def sft_run(vqa_cache, tmp_path_factory):
 
 
 def _check_stream(events: list, epochs: int) -> None:
-    assert isinstance(events[0], (ev.RunStarted, ev.Progress))
+    assert isinstance(events[0], (ev.RunStarted, ev.Progress, ev.EncoderCached))
     started = of_type(events, ev.RunStarted)
     assert len(started) == 1
     ends = of_type(events, ev.EpochEnded)

@@ -63,7 +63,7 @@ class Progress(Event):
     """Throttled progress inside a phase (a few per second at most)."""
 
     type: ClassVar[str] = "progress"
-    phase: str  # "base", "reference", "train", "eval", "generate", "judge"
+    phase: str  # "base", "images", "encode", "reference", "train", "eval", "generate", "judge"
     epoch: int  # 1-based; 0 outside the training epochs
     step: int
     steps: int
@@ -74,6 +74,24 @@ class Progress(Event):
     gpu_process_mib: float | None = None  # NVML, this worker's pid
     gpu_device_mib: float | None = None  # NVML, the whole device
     gpu_util: float | None = None  # NVML, percent
+
+
+@dataclass
+class EncoderCached(Event):
+    """The frozen-encoder cache is ready: built by this run (its one-off cost) or reused.
+
+    Added within schema version 1: a new event type that older hosts would reject, so host
+    and worker must come from the same vqabench (they do: the runner starts its own worker).
+    """
+
+    type: ClassVar[str] = "encoder_cache"
+    built: bool  # this run ran the encoding pass (and is charged `seconds`); False: reused
+    seconds: float  # wall clock of the one-off encoding pass; 0 when reused
+    path: str | None  # the cache entry's folder; None when kept in memory
+    bytes: int  # size of the cached encodings
+    dtype: str  # "fp32" | "bf16"
+    pairs: int  # (image, question) pairs encoded, all splits
+    warning: str | None = None  # one sentence when the cache folder could not be written
 
 
 @dataclass
@@ -189,7 +207,17 @@ class ProbeMeasured(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
-    for cls in (RunStarted, Progress, EpochEnded, Evaluated, RunFinished, RunFailed, ProbeStarted, ProbeMeasured)
+    for cls in (
+        RunStarted,
+        Progress,
+        EncoderCached,
+        EpochEnded,
+        Evaluated,
+        RunFinished,
+        RunFailed,
+        ProbeStarted,
+        ProbeMeasured,
+    )
 }
 
 

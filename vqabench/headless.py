@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from rich.table import Table
 from rich.text import Text
 
-from vqabench.events import EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
+from vqabench.events import EncoderCached, EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
 from vqabench.export import export_report
 from vqabench.figures import FigureError, figures_dir
@@ -256,6 +256,15 @@ class ConsoleView:
                 )
         elif isinstance(event, ProgressEvent):
             self._progress(run, task, event)
+        elif isinstance(event, EncoderCached):
+            size = f"{event.bytes / 2**20:.1f} MiB {event.dtype}, {event.pairs:,} pairs"
+            where = f"at {event.path}" if event.path else "in memory"
+            if event.built:
+                self.say(run, f"encoder cache: encoded once in {event.seconds:.2f} s ({size}) {where}")
+            else:
+                self.say(run, f"encoder cache: reused ({size}) {where}")
+            if event.warning:
+                self.say(run, f"warning: {event.warning}")
         elif isinstance(event, EpochEnded):
             memory = (
                 f"CUDA peak {event.cuda_max_allocated_mib:.1f} MiB"

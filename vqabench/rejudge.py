@@ -13,6 +13,7 @@ from pathlib import Path
 from vqabench import stats
 from vqabench.events import Evaluated
 from vqabench.judges import JudgeInputError, JudgeItem, cached_compare, judge_file, read_items
+from vqabench.report import encoder_cache_text
 from vqabench.scoring import judge_with_cache, score_items
 from vqabench.spec import JudgeSpec, default_cache_dir
 from vqabench.store import ResultsStore, RunRecord, StoreError
@@ -56,13 +57,20 @@ def compare_runs(
     with judge_with_cache(judge_spec, cache_dir or default_cache_dir()) as (judge, cache):
         result = stats.win_rate(cached_compare(judge, cache), items_a, items_b)
     bias = "n/a" if result.first_position_rate is None else f"{result.first_position_rate:.2f}"
+    caches = {run.name: encoder_cache_text(run.started) for run in (a, b)}
+    warning = ""
+    if len({text == "off" for text in caches.values() if text is not None}) == 2:
+        warning = (
+            f"\nWarning: {a.name} ran with encoder cache {caches[a.name]} and {b.name} with {caches[b.name]}; "
+            f"their answers compare, their times do not."
+        )
     return (
         f"{a.name} (run {a.id}) vs {b.name} (run {b.id}), {judge.describe()}, {result.n} questions asked "
         f"in both orders: {a.name} wins {result.a_wins} ({result.a_rate:.1%}), {b.name} wins {result.b_wins} "
         f"({result.b_rate:.1%}), ties {result.ties} ({result.unparseable} with an unparseable reply); "
         f"score {result.a_score:.3f} for {a.name} (0.5 = even); the judge picked the first-shown answer "
         f"in {bias} of its decisive replies."
-    )
+    ) + warning
 
 
 def rejudge_run(store: ResultsStore, run_id: int, judge_spec: JudgeSpec, cache_dir: Path | None = None) -> Evaluated:

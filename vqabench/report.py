@@ -70,6 +70,7 @@ class RunSummary:
     judge_score: float | None
     intervals: dict[str, list[float]] = field(default_factory=dict)  # "em" -> [low, high]
     kappa: float | None = None
+    encoder_cache: str | None = None  # "off", "built in N s", "reused"; None before run_started
     seeds: int = 1  # > 1: a mean over runs NAME@sN; `spread` holds the 95% half-widths
     trains: str | None = None  # "decoder", "all" or "LoRA r16" (None before run_started said)
     precision: str | None = None  # "fp32", "bf16", "fp16"
@@ -141,6 +142,7 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             em=None,
             f1=None,
             judge_score=None,
+            encoder_cache=_merged_text([m.encoder_cache for m in members]),
             seeds=len(done),
             trains=first.trains,
             precision=first.precision,
@@ -257,6 +259,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 judge_score=evaluation.judge_score if evaluation else None,
                 intervals=intervals,
                 kappa=_number(extra.get("judge_kappa")),
+                encoder_cache=encoder_cache_text(run.started),
                 epoch_spread=timing.spread,
                 warmup_seconds=timing.warmup_seconds,
                 timing_warning=timing.warning(run.name),
@@ -284,6 +287,51 @@ def trains_label(started: RunStarted | None) -> str | None:
     if started.train == "lora":
         return f"LoRA r{started.config.get('lora_r', '?')}"
     return started.train
+
+
+def encoder_cache_info(started: RunStarted | None) -> dict[str, Any] | None:
+    """The run's encoder-cache record from run_started (older runs had none: off); None before it started."""
+    if started is None:
+        return None
+    info = started.data.get("encoder_cache")
+    return info if isinstance(info, dict) else {"on": False}
+
+
+def encoder_cache_text(started: RunStarted | None) -> str | None:
+    """'off', 'built in 12.3 s' or 'reused' for the report, the dashboard and the console."""
+    info = encoder_cache_info(started)
+    if info is None:
+        return None
+    if not info.get("on"):
+        return "off"
+    if info.get("built"):
+        where = "" if info.get("path") else ", in memory"
+        return f"built in {_number(info.get('seconds')) or 0.0:.2f} s{where}"
+    return "reused"
+
+
+def _encoder_cache_seconds(started: RunStarted | None) -> float:
+    """The one-off encoding pass this run paid for (0 when it reused the cache or had none)."""
+    info = encoder_cache_info(started) or {}
+    return (_number(info.get("seconds")) or 0.0) if info.get("on") and info.get("built") else 0.0
+
+
+def mixed_encoder_cache_warning(runs: Sequence[RunData]) -> str | None:
+    """One sentence when runs with and without the encoder cache are set side by side, else None."""
+    on = [r.name for r in runs if (encoder_cache_info(r.started) or {}).get("on")]
+    off = [r.name for r in runs if r.started is not None and r.name not in on]
+    if not on or not off:
+        return None
+    return (
+        f"Warning: runs with the frozen-encoder cache ({', '.join(on)}) and without it ({', '.join(off)}) "
+        f"are side by side, so their epoch times measure different work; compare times only between "
+        f"runs with the same encoder_cache setting."
+    )
+
+
+def _merged_text(values: Sequence[str | None]) -> str | None:
+    kinds = {("built" if v.startswith("built") else v) for v in values if v}
+    return next(iter(kinds)) if len(kinds) == 1 else ("mixed" if kinds else None)
 
 
 @dataclass
@@ -445,7 +493,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     summaries = summarize_runs(runs)
     merged = aggregate_seeds(summaries)
     unfinished = [f"{r.name}: {_status_text(r.status, r.reason)}" for r in runs if r.status != "done"]
-    tables = [quality_table(merged, runs), efficiency_table(merged)]
+    tables = [quality_table(merged, runs), efficiency_table(merged, mixed_encoder_cache_warning(runs))]
     tables[1].notes += placement_notes(runs)
     versus = versus_sft_table(runs)
     if versus is not None:
@@ -457,7 +505,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     if probe is not None:
         tables = [t for t in tables if t.rows] + [probe_table(*probe)]
     if per_seed and len(merged) < len(summaries):
-        for table in (quality_table(summaries, runs), efficiency_table(summaries)):
+        for table in (quality_table(summaries, runs), efficiency_table(summaries, mixed_encoder_cache_warning(runs))):
             table.title += " per seed"
             tables.append(table)
     extra_devices = [probe[0].device] if probe is not None else []
@@ -597,8 +645,8 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
     return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
 
 
-def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
-    """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory."""
+def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None) -> ReportTable:
+    """Cost per method: epoch time and its ratio to SFT, time to an aligned model, memory, encoder cache."""
     sources = {s.memory_source for s in summaries if s.memory_source}
     memory_header = {frozenset({"CUDA"}): "Peak CUDA memory [MiB] ↓", frozenset({"RSS"}): "Peak RSS [MiB] ↓"}.get(
         frozenset(sources), "Peak memory [MiB] ↓"
@@ -618,6 +666,10 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         "Trains",
         "Precision",
     ]
+    # Shown once any run used the encoder cache (without it every run is "off", the study's setting).
+    with_cache = any(s.encoder_cache not in (None, "off") for s in summaries)
+    if with_cache:
+        columns.append("Encoder cache")
     rows = []
     for s in summaries:
         memory = _fmt(s.peak_memory_mib, 1)
@@ -647,8 +699,10 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
                 s.trains or NA,
                 s.precision or NA,
             ]
+            + ([s.encoder_cache or NA] if with_cache else [])
         )
-    notes = [
+    notes = [warning] if warning else []
+    notes += [
         "Epoch time: median over epochs ± standard deviation (min … max), as hyperfine shows "
         "timings; with more than 2 epochs the first is left out as warm-up and shown apart "
         "(–: 2 epochs or fewer, all in the median).",
@@ -660,6 +714,13 @@ def efficiency_table(summaries: Sequence[RunSummary]) -> ReportTable:
         "Time to aligned model: training time of the run plus every run it starts from "
         "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference.",
     ]
+    if with_cache:
+        notes.append(
+            "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
+            "built: this run paid the one-off encoding pass, which is added to its Time to aligned model (and "
+            "to that of the runs that start from it); reused: an earlier run with the same encoders and data "
+            "built it; off: the encoders run in every step, as in the study's code."
+        )
     memory_notes = {
         "CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
         "RSS": "RSS: peak resident memory of the worker process during an epoch (no GPU in use), the largest epoch's.",
@@ -952,11 +1013,12 @@ def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
 
 
 def _stage_seconds(run: RunData) -> float | None:
-    """Train seconds of this run alone, plus its `precompute` reference's one-off scoring pass."""
+    """Train seconds of this run alone, plus the one-off passes it paid: a `precompute` reference's
+    scoring pass and, for the run that built it, the frozen-encoder cache's encoding pass."""
     if run.finished is None:
         return None
     reference = _number(run.started.data.get("reference_seconds")) if run.started is not None else None
-    return run.finished.train_seconds + (reference or 0.0)
+    return run.finished.train_seconds + (reference or 0.0) + _encoder_cache_seconds(run.started)
 
 
 def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:

@@ -29,7 +29,8 @@ LORA_TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
-ORPO_LOGPS = ("mean", "sum")
+ENCODER_CACHE = ("auto", "on", "off")
+ENCODER_CACHE_DTYPES = ("fp32", "bf16")
 #: Model names built by the package itself; anything else is a hub id or a local path.
 BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
 
@@ -136,7 +137,10 @@ class RunSpec:
     rdzv_endpoint: str | None = None  # host:port of node 0, where the nodes meet (nnodes > 1)
     concurrent_runs: int = 1  # set by the runner: runs sharing the host while this one trained (--parallel)
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
-    cache_dir: str | None = None  # base checkpoints and reference caches; None = user cache
+    cache_dir: str | None = None  # base checkpoints, reference, image and encoder caches; None = user cache
+    num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
+    encoder_cache: str = "auto"  # frozen-encoder outputs computed once; auto = on iff train = "decoder"
+    encoder_cache_dtype: str = "fp32"  # fp32 is exact; bf16 halves the file
 
     @property
     def resolved_beta(self) -> float:
@@ -147,6 +151,11 @@ class RunSpec:
     @property
     def needs_reference(self) -> bool:
         return self.method in REFERENCE_METHODS
+
+    @property
+    def uses_encoder_cache(self) -> bool:
+        """Whether the frozen encoders' outputs are computed once and read from the cache."""
+        return self.encoder_cache == "on" or (self.encoder_cache == "auto" and self.train != "all")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,7 +172,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "device": DEVICES,
     "judge.name": JUDGES,
     "dataset.schema": SCHEMAS,
-    "orpo_logps": ORPO_LOGPS,
+    "encoder_cache": ENCODER_CACHE,
+    "encoder_cache_dtype": ENCODER_CACHE_DTYPES,
 }
 #: Keys that take a positive integer or the word "auto" (resolved from the data by the worker).
 _AUTO_INTS = {"max_question_tokens", "max_answer_tokens"}
@@ -182,6 +192,7 @@ _POSITIVE = {
     "lora_alpha",
 }
 _NON_NEGATIVE = {
+    "num_workers",
     "node_rank",
     "eval_every_epoch",
     "dataset.seed",
@@ -323,12 +334,10 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
             f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; "
             f"it must be between 0 and 1."
         )
-    if not 0 <= spec.lora_dropout < 1:
-        raise SpecError(f"{where}: key 'lora_dropout' has value {spec.lora_dropout!r}; it must be in [0, 1).")
-    if spec.reference == "adapter" and spec.train != "lora":
+    if spec.encoder_cache == "on" and spec.train == "all":
         raise SpecError(
-            f"{where}: key 'reference' has value 'adapter', which needs train = \"lora\" (the reference is the "
-            f"model with its adapters disabled), but 'train' is {spec.train!r}; use 'copy' or 'precompute'."
+            f"{where}: key 'encoder_cache' is 'on' but train is {spec.train!r}: the encoders change during "
+            f"training, so their outputs cannot be cached; use 'auto' or 'off', or train = 'decoder' or 'lora'."
         )
     _check_processes(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:

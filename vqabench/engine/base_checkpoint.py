@@ -98,7 +98,7 @@ def build_base_checkpoint(
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         rows, order = order[:bs], order[bs:]
         batch = encoded.batch("train", rows, device)
-        q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+        q = batch.encodings(model)
         c, c_len = blip.answer_logps(model.text_decoder, q, batch.question_mask, *batch.chosen)
         loss = objectives.sft_loss(c, c_len).mean()
         optimizer.zero_grad(set_to_none=True)

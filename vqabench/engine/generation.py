@@ -80,14 +80,23 @@ def greedy_tokens(
 @torch.no_grad()
 def greedy_answers(
     loaded: LoadedModel,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     question_ids: torch.Tensor,
     question_mask: torch.Tensor,
     max_tokens: int,
     use_cache: bool = True,
+    question_embeds: torch.Tensor | None = None,
 ) -> list[str]:
-    """Greedy decoding from BOS until SEP or `max_tokens` answer tokens, for a batch; answer strings."""
-    q = encode_questions(loaded.model, pixel_values, question_ids, question_mask)
+    """Greedy decoding from BOS until SEP or `max_tokens` answer tokens, for a batch; answer strings.
+
+    `question_embeds` (from the frozen-encoder cache) replaces running the encoders.
+    """
+    if question_embeds is not None:
+        q = question_embeds
+    elif pixel_values is not None:
+        q = encode_questions(loaded.model, pixel_values, question_ids, question_mask)
+    else:
+        raise ValueError("greedy_answers needs the images or the cached question encodings")
     rows = greedy_tokens(
         loaded.model.text_decoder,
         q,

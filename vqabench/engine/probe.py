@@ -29,7 +29,9 @@ import torch
 
 from vqabench import events as ev
 from vqabench.engine import model as blip
+from vqabench.engine.cache import ArrayStore, Entry
 from vqabench.engine.data.batching import EncodedData
+from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
@@ -51,6 +53,7 @@ class Probe:
     batches: list[torch.Tensor]
     device: torch.device
     cache_dir: Path
+    encodings: Entry | None = None  # the frozen-encoder cache, for presets that use it (built once, in memory)
 
 
 def prepare(plan: ProbePlan, emit: Emit) -> Probe:
@@ -68,13 +71,27 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(first.seed))
     batches = [order[i * bs : (i + 1) * bs] for i in range(n_batches)]
     batches = [b for b in batches if len(b)]
-    return Probe(plan, start, encoded, batches, device, cache_dir)
+    encodings = None
+    if any(spec.uses_encoder_cache for spec in plan.specs):  # every preset starts from `start`: one pass for all
+        start.model.to(device)
+        attach_encoder_cache(
+            start,
+            encoded,
+            data_fingerprint=data.fingerprint,
+            dtype=first.encoder_cache_dtype,
+            batch_size=bs,
+            device=device,
+            store=ArrayStore(None),
+        )
+        encodings, encoded.encodings = encoded.encodings, None
+    return Probe(plan, start, encoded, batches, device, cache_dir, encodings)
 
 
 def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
     """One preset's steps in one round: a fresh copy of the start model, its reference, the steps."""
     device, encoded = probe.device, probe.encoded
     spec = spec.replace(batch_size=probe.plan.specs[0].batch_size)
+    encoded.encodings = probe.encodings if spec.uses_encoder_cache else None
     loaded = copy.copy(probe.start)
     loaded.model = copy.deepcopy(probe.start.model).to(device)
     blip.freeze_for_training(loaded.model, spec.train)
@@ -135,6 +152,7 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
         setup_seconds=setup_seconds if reference is not None else 0.0,
         load_avg_max=fields["load_avg_max"],
     )
+    encoded.encodings = None
     return result  # the copy, its reference and optimizer go with this frame; execute_probe frees them
 
 

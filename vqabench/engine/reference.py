@@ -184,9 +184,9 @@ class CopyReference:
     ) -> ReferenceLogps:
         if self.train != "all":  # the decoder (with LoRA: as it was before the adapters)
             decoder, q = self.part, question_embeds.detach()
-        else:  # a full copy: it has its own encoders
+        else:  # a full copy: it has its own encoders (and no encoder cache: they train)
             decoder = self.part.get_submodule("text_decoder")
-            q = blip.encode_questions(self.part, batch.pixel_values, batch.question_ids, batch.question_mask)
+            q = batch.encodings(self.part)
         c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
         mm = None
         if with_mismatched:
@@ -274,9 +274,12 @@ class PrecomputedReference:
                 parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}
                 for name in parts:
                     parts[name].append(torch.zeros(0))
-                for lo in range(shard.start, shard.stop, batch_size):
-                    batch = encoded.batch(split, torch.arange(lo, min(lo + batch_size, shard.stop)), device)
-                    q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+                blocks = [
+                    torch.arange(lo, min(lo + batch_size, shard.stop))
+                    for lo in range(shard.start, shard.stop, batch_size)
+                ]
+                for batch in encoded.batches(split, blocks, device):
+                    q = batch.encodings(model)
                     c, r, _, _ = blip.pair_logps(
                         model.text_decoder, q, batch.question_mask, batch.chosen, batch.rejected, loaded.pad_token_id
                     )

@@ -19,10 +19,12 @@ from vqabench import metrics
 from vqabench.engine import distributed
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
+from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import EncodedData, TextEncoder, encode
 from vqabench.engine.data.records import DataError, DataSplits
 from vqabench.engine.data.token_limits import resolve_token_limits
+from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.precision import check_precision
@@ -105,10 +107,17 @@ def execute(spec: RunSpec, emit: Emit) -> None:
         distributed.finish(ranks)
 
 
-def encode_for_run(spec: RunSpec, data: DataSplits, loaded: blip.LoadedModel) -> tuple[RunSpec, EncodedData]:
+def encode_for_run(
+    spec: RunSpec,
+    data: DataSplits,
+    loaded: blip.LoadedModel,
+    store: ArrayStore | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[RunSpec, EncodedData]:
     """Resolve the token limits from the data (recorded in its quality report), encode it, fix KTO's pairing.
 
-    Returns the spec with integer limits, and the encoded data.
+    Images go to the array cache in `store` (None: kept in memory). Returns the spec with
+    integer limits, and the encoded data.
     """
     text = TextEncoder(loaded)
     limits = resolve_token_limits(
@@ -121,7 +130,9 @@ def encode_for_run(spec: RunSpec, data: DataSplits, loaded: blip.LoadedModel) ->
         answer_cap=loaded.answer_token_cap,
     )
     spec = spec.replace(max_question_tokens=limits.question, max_answer_tokens=limits.answer)
-    encoded = encode(data, loaded, limits.question, limits.answer, text)
+    encoded = encode(
+        data, loaded, limits.question, limits.answer, text, store=store, num_workers=spec.num_workers, progress=progress
+    )
     assign_mismatched(encoded, spec.batch_size, spec.dataset.seed)
     return spec, encoded
 
@@ -139,12 +150,34 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
     if not ranks.is_main:  # rank 0 first: it alone builds the base checkpoint and fills the caches
         ranks.barrier()
     loaded, data = load_model_and_data(spec, cache_dir, emit)
-    if ranks.is_main:
-        ranks.barrier()
     with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
         loaded.model.to(device)
+    store = ArrayStore(cache_dir / "arrays")
     # From here on the run uses the resolved limits; run_started's data keeps the settings.
-    spec, encoded = encode_for_run(spec, data, loaded)
+    spec, encoded = encode_for_run(
+        spec,
+        data,
+        loaded,
+        store=store,
+        progress=lambda i, n: progress("images", 0, i, n, None, "writing preprocessed images to the cache"),
+    )
+    encoder_cache: dict[str, object] = {"on": False}
+    if spec.uses_encoder_cache:
+        with explain_out_of_memory("encoding the images and questions once", spec.batch_size):
+            info = attach_encoder_cache(
+                loaded,
+                encoded,
+                data_fingerprint=data.fingerprint,
+                dtype=spec.encoder_cache_dtype,
+                batch_size=spec.batch_size,
+                device=device,
+                store=store,
+                progress=lambda i, n: progress("encode", 0, i, n, None, "encoding images and questions once"),
+            )
+        emit(ev.EncoderCached(**info.to_dict()))
+        encoder_cache = {"on": True, **info.to_dict()}
+    if ranks.is_main:  # the image and encoder caches are complete: the other ranks read them
+        ranks.barrier()
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference: Reference | None = None
@@ -194,6 +227,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
         if spec.train != "lora"
         else sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad),
         "reference_seconds": reference_seconds,
+        "encoder_cache": encoder_cache,
     }
     emit(
         ev.RunStarted(

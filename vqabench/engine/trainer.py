@@ -127,9 +127,11 @@ class MethodStep:
         spec, model = self.spec, self.loaded.model
         if spec.train != "all":  # frozen encoders (decoder or LoRA training)
             with torch.no_grad():
-                q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+                q = batch.encodings(model)
+        elif batch.question_embeds is not None:
+            raise ValueError("cached question encodings reached a run that trains the encoders")
         else:
-            q = blip.encode_questions(model, batch.pixel_values, batch.question_ids, batch.question_mask)
+            q = batch.encodings(model)
         decoder = model.text_decoder
         if not self.needs.needs_rejected:
             smoothing = spec.sft_label_smoothing
@@ -294,10 +296,9 @@ class Trainer:
         marks = [torch.cuda.Event(enable_timing=True)] if self.device.type == "cuda" else None
         if marks is not None:
             marks[0].record()
-        for step in range(steps):
-            rows = order[step * bs : (step + 1) * bs]
+        blocks = [order[step * bs : (step + 1) * bs] for step in range(steps)]
+        for step, batch in enumerate(self.encoded.batches("train", blocks, self.device)):
             try:
-                batch = self.encoded.batch("train", rows, self.device)
                 step_losses[step] = self.train_step(batch) * len(batch)
             except torch.OutOfMemoryError as exc:
                 activity = f"training step {step + 1} of {steps} in epoch {epoch}"
@@ -326,8 +327,9 @@ class Trainer:
         self.loaded.model.eval()
         shard = self.ranks.shard(len(self.encoded.splits[split]))
         losses, chosen, rejected = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
-        for lo in range(shard.start, shard.stop, self.batch_size):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + self.batch_size, shard.stop)), self.device)
+        bs = self.batch_size
+        blocks = [torch.arange(lo, min(lo + bs, shard.stop)) for lo in range(shard.start, shard.stop, bs)]
+        for batch in self.encoded.batches(split, blocks, self.device):
             with self.precision.autocast():
                 out = self.step_fn(split, batch)
             losses.append(out.losses.float().cpu())
@@ -382,11 +384,16 @@ class Trainer:
         out: list[str] = []
         bs = max(self.batch_size, 32)
         steps = -(-len(shard) // bs)
-        for i, lo in enumerate(range(shard.start, shard.stop, bs)):
-            batch = self.encoded.batch(split, torch.arange(lo, min(lo + bs, shard.stop)), self.device)
+        blocks = [torch.arange(lo, min(lo + bs, shard.stop)) for lo in range(shard.start, shard.stop, bs)]
+        for i, batch in enumerate(self.encoded.batches(split, blocks, self.device)):
             with self.precision.autocast():
                 out += greedy_answers(
-                    self.loaded, batch.pixel_values, batch.question_ids, batch.question_mask, self.answer_tokens
+                    self.loaded,
+                    batch.pixel_values,
+                    batch.question_ids,
+                    batch.question_mask,
+                    self.answer_tokens,
+                    question_embeds=batch.question_embeds,
                 )
             self.on_progress("generate", 0, i + 1, steps, None)
         return [answer for part in self.ranks.gather(out) for answer in part]

@@ -22,6 +22,7 @@ from vqabench.event_stream import EventWriter, protocol_stream
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """(error kind, one-sentence message) for a failure."""
+    from vqabench.engine.cache import CacheError
     from vqabench.engine.data.records import DataError
     from vqabench.engine.model import ModelError
     from vqabench.engine.out_of_memory import OutOfMemory, out_of_memory_sentence
@@ -32,6 +33,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
     text = str(exc).strip() or type(exc).__name__
     for cls, kind in (
         (SpecError, "config"),
+        (CacheError, "disk"),
         (DataError, "data"),
         (ModelError, "model"),
         (NumericsError, "numerics"),

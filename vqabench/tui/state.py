@@ -44,6 +44,8 @@ Clock = Callable[[], float]
 
 _PHASE_NAMES = {
     "base": "base model",
+    "images": "images",
+    "encode": "encoding",
     "reference": "reference",
     "train": "train",
     "eval": "eval",

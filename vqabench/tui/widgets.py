@@ -27,6 +27,7 @@ from vqabench.report import (
     ReportTable,
     data_summary,
     efficiency_table,
+    encoder_cache_text,
     epoch_table,
     markdown_table,
     quality_table,
@@ -203,6 +204,9 @@ class EpochPanel(Vertical):
                 f" · {run.started.device} · trains {trains}, {run.started.precision}"
                 f" · {run.started.trainable_params:,} trained params · reference: {reference or 'none'}"
             )
+            cache = encoder_cache_text(run.started)
+            if cache not in (None, "off"):  # the study's setting goes without saying
+                head.append(f" · encoder cache: {cache}")
             summary = data_summary(run.started)
             if summary:
                 head.append(f"\n{summary}")

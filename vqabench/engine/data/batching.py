@@ -1,19 +1,36 @@
-"""Turn preference pairs into tensors once per run, then cut batches from them.
+"""Turn preference pairs into tensors once per run, then serve batches of them.
 
-Images are resized once into a uint8 tensor (normalised per batch, which is cheap) and
-text is tokenized once, so no epoch repeats preprocessing.
+Images are resized once into uint8 ``[3, S, S]`` arrays written to the on-disk array cache
+(:mod:`vqabench.engine.cache`, kind ``images``) and read back memory-mapped, so resident
+memory does not grow with the number of images. Text is tokenized once and kept in memory
+(small). Batches come from a ``torch.utils.data.DataLoader`` (``num_workers`` from the spec;
+pinned memory on CUDA) that gathers a batch's uint8 images; they are copied to the device
+as uint8 and converted and normalised there. With the frozen-encoder cache on
+(:mod:`vqabench.engine.encoder_cache`) a batch carries the cached question encodings
+instead of images.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from vqabench.engine import model as blip
+from vqabench.engine.cache import ArraySpec, ArrayStore, CacheKey, Entry
 from vqabench.engine.data.records import DataSplits, PreferencePair
 from vqabench.engine.model import LoadedModel
+
+#: Names the image preprocessing; part of every key derived from preprocessed pixels.
+IMAGE_PREPROCESSING = "rgb-bicubic-uint8-v1"
+IMAGE_BLOCK = 64  # images decoded and written per block
 
 
 @dataclass
@@ -62,13 +79,14 @@ class DeviceTokens:
 
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None  # None when the question encodings come from the encoder cache
     question_ids: torch.Tensor
     question_mask: torch.Tensor
     chosen: tuple[torch.Tensor, torch.Tensor]
     rejected: tuple[torch.Tensor, torch.Tensor]
     rows: torch.Tensor  # positions of these examples in their split (CPU)
     device_rows: torch.Tensor | None = None  # the same positions on the training device
+    question_embeds: torch.Tensor | None = None  # cached frozen-encoder output [B, Lq, hidden]
 
     def rows_on(self, device: torch.device) -> torch.Tensor:
         return self.device_rows if self.device_rows is not None else self.rows.to(device)
@@ -76,25 +94,73 @@ class Batch:
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
+    def encodings(self, model: Any) -> torch.Tensor:
+        """The question encoding the decoder attends to: from the encoder cache, else computed now."""
+        if self.question_embeds is not None:
+            return self.question_embeds
+        assert self.pixel_values is not None
+        return blip.encode_questions(model, self.pixel_values, self.question_ids, self.question_mask)
+
+
+class BatchRows(torch.utils.data.Dataset):
+    """What a DataLoader worker gathers for one batch of rows: uint8 images, or cached encodings."""
+
+    def __init__(self, images: Entry, image_index: torch.Tensor, encodings: Entry | None, split: str):
+        self.images, self.image_index, self.encodings, self.split = images, image_index, encodings, split
+
+    def __len__(self) -> int:
+        return int(self.image_index.shape[0])
+
+    def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.encodings is not None:
+            return {"rows": rows, "question_embeds": self.encodings.rows(self.split, rows)}
+        return {"rows": rows, "pixels": self.images.rows("pixels", self.image_index[rows])}
+
 
 @dataclass
 class EncodedData:
-    images: torch.Tensor  # [M, 3, S, S] uint8
+    images: Entry  # array "pixels": [M, 3, S, S] uint8, memory-mapped
     mean: torch.Tensor  # [1, 3, 1, 1]
     std: torch.Tensor
     splits: dict[str, EncodedSplit]
     answers_truncated: int
+    num_workers: int = 0  # DataLoader worker processes (0: gather in this process)
+    encodings: Entry | None = None  # the frozen-encoder cache, one array per split, when it is on
     # split -> row whose chosen answer KTO's KL term pairs with each row's question (reference.py)
     mismatched: dict[str, torch.Tensor] = field(default_factory=dict)
     mismatched_on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # copied once
 
     def batch(self, split: str, rows: torch.Tensor, device: torch.device) -> Batch:
+        """One batch gathered in this process (no DataLoader)."""
+        return self._to_batch(split, BatchRows(*self._sources(split))[rows.cpu()], device, pinned=False)
+
+    def batches(self, split: str, row_blocks: Sequence[torch.Tensor], device: torch.device) -> Iterator[Batch]:
+        """The batches of `row_blocks` (each a tensor of split rows), in order, through a DataLoader."""
+        pinned = device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            BatchRows(*self._sources(split)),
+            batch_size=None,
+            sampler=[r.cpu() for r in row_blocks],
+            num_workers=self.num_workers,
+            pin_memory=pinned,
+        )
+        for item in loader:
+            yield self._to_batch(split, item, device, pinned)
+
+    def _sources(self, split: str) -> tuple[Entry, torch.Tensor, Entry | None, str]:
+        return self.images, self.splits[split].image_index, self.encodings, split
+
+    def _to_batch(self, split: str, item: dict[str, torch.Tensor], device: torch.device, pinned: bool) -> Batch:
         s = self.splits[split]
-        rows = rows.cpu()
+        rows = item["rows"]
         if self.mean.device != device:  # once per device, not once per batch
             self.mean, self.std = self.mean.to(device), self.std.to(device)
-        pixels = self.images[s.image_index[rows]].to(device=device, dtype=torch.float32)
-        pixels = (pixels / 255.0 - self.mean) / self.std
+        pixels = embeds = None
+        if "pixels" in item:  # uint8 over the bus, float and normalised on the device
+            pixels = item["pixels"].to(device, non_blocking=pinned).to(torch.float32)
+            pixels = (pixels / 255.0 - self.mean) / self.std
+        else:
+            embeds = item["question_embeds"].to(device, non_blocking=pinned).to(torch.float32)
 
         # Tokens live on the device (once per run); the only per-batch copy is the row indices,
         # asynchronous from pageable memory. Widths come from the CPU masks, so nothing waits.
@@ -106,8 +172,12 @@ class EncodedData:
             return ids[at, :width], mask[at, :width]
 
         # Questions are trimmed per batch too: the decoder honours the cross-attention mask
-        # (engine/cross_attention.py), so padding does not change any score.
+        # (engine/cross_attention.py), so padding does not change any score. Cached encodings
+        # were made at the split's full width; the encoder's self-attention masks padding, so
+        # their first positions are the trimmed question's.
         q_ids, q_mask = trimmed(tokens.question_ids, tokens.question_mask, s.question_mask)
+        if embeds is not None:
+            embeds = embeds[:, : q_ids.shape[1]]
         return Batch(
             pixels,
             q_ids,
@@ -115,7 +185,8 @@ class EncodedData:
             trimmed(tokens.chosen_ids, tokens.chosen_mask, s.chosen_mask),
             trimmed(tokens.rejected_ids, tokens.rejected_mask, s.rejected_mask),
             rows,
-            at,
+            device_rows=at,
+            question_embeds=embeds,
         )
 
 
@@ -183,14 +254,53 @@ class TextEncoder:
         return [self.loaded.bos_token_id, *tokens, self.loaded.sep_token_id]
 
 
+def image_cache_key(data: DataSplits, used: list[str], size: int) -> CacheKey:
+    """Preprocessed pixels depend on the images used, their size and the preprocessing code."""
+    ids = hashlib.sha256("\n".join(used).encode()).hexdigest()[:16]
+    return CacheKey(
+        "images", {"data": data.fingerprint, "image_ids": ids, "size": str(size), "preprocessing": IMAGE_PREPROCESSING}
+    )
+
+
+def cached_images(
+    data: DataSplits,
+    used: list[str],
+    size: int,
+    store: ArrayStore,
+    progress: Callable[[int, int], None] | None = None,
+) -> Entry:
+    """The preprocessed images `used` (in that order) from the cache, written once if missing.
+
+    Images are decoded a block at a time on a small thread pool (PIL releases the GIL) and
+    appended to the entry, so no more than one block of decoded pictures is held at once.
+    """
+    key = image_cache_key(data, used, size)
+    entry = store.open(key)
+    if entry is not None:
+        return entry
+    writer = store.create(key, [ArraySpec("pixels", (len(used), 3, size, size), "uint8")])
+    images: Mapping[str, Image.Image] = data.images
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for lo in range(0, len(used), IMAGE_BLOCK):
+            block = used[lo : lo + IMAGE_BLOCK]
+            pixels = list(pool.map(lambda image_id: image_to_uint8(images[image_id], size), block))
+            writer.write("pixels", torch.stack(pixels))
+            if progress is not None:
+                progress(min(lo + IMAGE_BLOCK, len(used)), len(used))
+    return writer.commit()
+
+
 def encode(
     data: DataSplits,
     loaded: LoadedModel,
     max_question_tokens: int,
     max_answer_tokens: int,
     text: TextEncoder | None = None,
+    store: ArrayStore | None = None,
+    num_workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EncodedData:
-    """Preprocess every split once: images to uint8 tensors, text to padded token ids.
+    """Preprocess every split once: images into the array cache (`store`; None: in memory), text to padded ids.
 
     Pass the `text` encoder that measured the lengths to reuse its tokenisations.
     """
@@ -199,10 +309,7 @@ def encode(
     names = [n for n in ("base", "train", "eval", "test") if getattr(data, n)]
     used = sorted({p.image_id for n in names for p in getattr(data, n)})
     index = {image_id: i for i, image_id in enumerate(used)}
-    size = loaded.image_size
-    images = torch.empty((len(used), 3, size, size), dtype=torch.uint8)
-    for image_id, i in index.items():
-        images[i] = image_to_uint8(data.images[image_id], size)
+    images = cached_images(data, used, loaded.image_size, store or ArrayStore(None), progress)
     pad = loaded.pad_token_id
     splits = {}
     for name in names:
@@ -222,4 +329,4 @@ def encode(
         )
     mean = torch.tensor(loaded.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(loaded.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return EncodedData(images, mean, std, splits, text.truncated)
+    return EncodedData(images, mean, std, splits, text.truncated, num_workers)

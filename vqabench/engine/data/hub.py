@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore
+from vqabench.engine.data.images import MISSING_IMAGE, NO_IMAGE, ImageStore, LazyImages
 from vqabench.engine.data.records import (
     DataError,
     DataSplits,
@@ -315,7 +315,7 @@ def load_splits(
     parts = split_pairs(pairs, spec, seed, opened.name)
     parts["train"] = limit_train(parts["train"], limit, seed)
     every_pair = [p for role in ROLES for p in parts[role]]
-    images = store.load_many_rgb([pair.image_id for pair in every_pair])
+    images = LazyImages(store, [pair.image_id for pair in every_pair])
     return DataSplits(
         train=parts["train"],
         eval=parts["eval"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,29 @@ class ImageStore:
             return {}
         with ThreadPoolExecutor(max_workers=min(self.workers, len(unique))) as pool:
             return dict(zip(unique, pool.map(self.load_rgb, unique), strict=True))
+
+
+class LazyImages(Mapping[str, Image.Image]):
+    """Verified images by id, decoded on each access and not kept: a dataset need not fit in memory.
+
+    The batching code reads each image once, to write its preprocessed pixels to the on-disk
+    image cache, and never again.
+    """
+
+    def __init__(self, store: ImageStore, image_ids: list[str]):
+        self._store = store
+        self._ids = dict.fromkeys(image_ids)
+
+    def __getitem__(self, image_id: str) -> Image.Image:
+        if image_id not in self._ids:
+            raise KeyError(image_id)
+        return self._store.load_rgb(image_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def _examine(key: tuple[str, str], data: bytes | None) -> tuple[str | None, bytes | None, str | None]:

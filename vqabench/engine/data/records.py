@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,7 @@ class QualityReport:
 
 @dataclass
 class DataSplits:
-    """Everything a run trains and scores on, with the images loaded once as RGB.
+    """Everything a run trains and scores on, with its images as RGB by id.
 
     `base` is only used to make the embedded model's base checkpoint (disjoint from the rest).
     """
@@ -64,7 +65,7 @@ class DataSplits:
     train: list[PreferencePair]
     eval: list[PreferencePair]
     test: list[PreferencePair]
-    images: dict[str, Image.Image]
+    images: Mapping[str, Image.Image]  # by image id; may decode on access (hub data)
     base: list[PreferencePair] = field(default_factory=list)
     report: QualityReport = field(default_factory=QualityReport)
     name: str = ""

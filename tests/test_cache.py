@@ -1,0 +1,123 @@
+"""The on-disk array cache: atomic entries, a completeness marker, memory-mapped reads, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
+
+KEY = CacheKey("images", {"data": "abc", "size": "4"})
+SPECS = [ArraySpec("pixels", (10, 3, 4, 4), "uint8"), ArraySpec("codes", (10, 2), "bfloat16")]
+
+
+def fill(store: ArrayStore, key: CacheKey = KEY):
+    writer = store.create(key, SPECS)
+    pixels = torch.arange(10 * 48, dtype=torch.int64).remainder(251).to(torch.uint8).view(10, 3, 4, 4)
+    codes = torch.linspace(-3, 3, 20).view(10, 2).to(torch.bfloat16)
+    for lo in (0, 4, 8):
+        writer.write("pixels", pixels[lo : lo + 4])
+        writer.write("codes", codes[lo : lo + 4])
+    return writer.commit(), pixels, codes
+
+
+def test_an_entry_is_written_once_and_read_back_memory_mapped(tmp_path):
+    store = ArrayStore(tmp_path)
+    entry, pixels, codes = fill(store)
+    again = store.open(KEY)
+    assert again is not None and again.path == entry.path
+    assert isinstance(again.array("pixels"), np.memmap)
+    rows = torch.tensor([7, 0, 3])
+    assert torch.equal(again.rows("pixels", rows), pixels[rows])
+    assert torch.equal(again.rows("codes", rows), codes[rows]) and again.rows("codes", rows).dtype == torch.bfloat16
+    assert again.nbytes == 10 * 48 + 10 * 2 * 2
+    assert [p.name for p in (tmp_path / "images").iterdir()] == [KEY.digest]  # no temporary left
+
+
+def test_a_key_that_differs_in_any_part_misses():
+    other = CacheKey("images", {"data": "abc", "size": "8"})
+    assert other.digest != KEY.digest
+    assert CacheKey("encoder", KEY.parts).digest != KEY.digest
+
+
+def test_a_killed_writer_leaves_nothing_that_is_trusted(tmp_path):
+    store = ArrayStore(tmp_path)
+    writer = store.create(KEY, SPECS)
+    writer.write("pixels", torch.zeros(4, 3, 4, 4, dtype=torch.uint8))
+    # the process dies here: no commit, no marker, the temporary folder stays behind
+    assert store.open(KEY) is None
+    assert all(".tmp-" in p.name for p in (tmp_path / "images").iterdir())
+    entry, pixels, _ = fill(store)  # the next writer of the key replaces the leftover
+    assert torch.equal(entry.rows("pixels", slice(0, 10)), pixels)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_marker", "marker_garbage"])
+def test_a_damaged_entry_is_detected_by_its_marker_and_rebuilt(tmp_path, damage):
+    store = ArrayStore(tmp_path)
+    entry, pixels, _ = fill(store)
+    assert entry.path is not None
+    if damage == "truncate":
+        data = (entry.path / "pixels.npy").read_bytes()
+        (entry.path / "pixels.npy").write_bytes(data[:-7])
+    elif damage == "no_marker":
+        (entry.path / "complete.json").unlink()
+    else:
+        (entry.path / "complete.json").write_text("{not json")
+    assert ArrayStore(tmp_path).open(KEY) is None
+    assert not entry.path.exists()  # removed, so the next run rebuilds it
+    rebuilt, _, _ = fill(store)
+    assert torch.equal(rebuilt.rows("pixels", slice(0, 10)), pixels)
+
+
+def test_a_writer_that_does_not_fill_every_row_cannot_publish(tmp_path):
+    store = ArrayStore(tmp_path)
+    writer = store.create(KEY, SPECS)
+    writer.write("pixels", torch.zeros(10, 3, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes"):
+        writer.commit()
+    assert store.open(KEY) is None
+
+
+def test_a_folder_that_cannot_be_written_gives_one_sentence_naming_it(tmp_path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(CacheError) as info:
+        ArrayStore(blocked).create(KEY, SPECS)
+    message = str(info.value)
+    assert str(blocked) in message and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_full_disk_gives_one_sentence_and_leaves_no_partial_entry(tmp_path):
+    """A real write failure: the file size limit (RLIMIT_FSIZE) makes the kernel refuse the write."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        from pathlib import Path
+        from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
+        try:
+            ArrayStore(Path({str(tmp_path)!r})).create(
+                CacheKey("images", {{"n": "1"}}), [ArraySpec("pixels", (100, 3, 64, 64), "uint8")]
+            )
+        except CacheError as exc:
+            print(exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    message = proc.stdout.strip()
+    assert message.startswith(f"the cache folder '{tmp_path}' cannot be written (File too large)"), message
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_without_a_folder_entries_live_in_memory():
+    entry, pixels, _ = fill(ArrayStore(None))
+    assert entry.path is None
+    assert torch.equal(entry.rows("pixels", torch.tensor([9, 1])), pixels[[9, 1]])
+    assert ArrayStore(None).open(KEY) is None

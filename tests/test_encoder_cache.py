@@ -1,0 +1,234 @@
+"""The frozen-encoder cache: same losses as running the encoders, keyed by the encoders only, safe fallbacks."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import of_type, run_worker, tiny_spec
+
+from vqabench import events as ev
+from vqabench.engine import model as blip
+from vqabench.engine.cache import ArrayStore
+from vqabench.engine.data import easyvqa
+from vqabench.engine.data.batching import encode
+from vqabench.engine.encoder_cache import attach_encoder_cache, encoder_cache_key
+from vqabench.engine.reference import CopyReference, PrecomputedReference
+from vqabench.engine.trainer import MethodStep
+from vqabench.spec import DatasetSpec, RunSpec, SpecError, spec_from_dict
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    data = easyvqa.load_splits(DatasetSpec(eval_size=8, test_size=8), seed=0, limit=16)
+    loaded = blip.build_embedded(seed=0)
+    store = ArrayStore(tmp_path_factory.mktemp("cache") / "arrays")
+    encoded = encode(data, loaded, 32, 16, store=store)
+    return data, loaded, encoded, store
+
+
+def attach(tiny, store=None, dtype="fp32"):
+    data, loaded, encoded, own_store = tiny
+    return attach_encoder_cache(
+        loaded,
+        encoded,
+        data_fingerprint=data.fingerprint,
+        dtype=dtype,
+        batch_size=8,
+        device=CPU,
+        store=store or own_store,
+    )
+
+
+def step_losses(tiny, method: str, strategy: str | None, cached: bool) -> dict[str, torch.Tensor]:
+    """Per-example losses of one training step's forward on train rows 0..7, and the reference's log-probs."""
+    _, start, encoded, _ = tiny
+    if cached:
+        attach(tiny)
+        assert encoded.encodings is not None
+    else:
+        encoded.encodings = None
+    loaded = copy.copy(start)
+    loaded.model = copy.deepcopy(start.model)
+    spec = RunSpec(name=method, method=method, init_checkpoint="x" if strategy else None, reference=strategy or "copy")
+    blip.freeze_for_training(loaded.model, spec.train)
+    reference = None
+    if strategy == "copy":
+        reference = CopyReference(loaded, spec.train)
+    elif strategy == "precompute":
+        reference = PrecomputedReference.build(
+            loaded, encoded, batch_size=8, device=CPU, cache_dir=None, checkpoint_key="k", data_key="d"
+        )
+    step = MethodStep(spec, loaded, encoded, reference)
+    blip.set_train_mode(loaded.model, spec.train)  # decoder dropout on, as in training
+    batch = next(encoded.batches("train", [torch.arange(8)], CPU))
+    assert (batch.question_embeds is not None) == cached and (batch.pixel_values is None) == cached
+    torch.manual_seed(7)  # the same dropout masks on both paths
+    out = step("train", batch)
+    result = {"losses": out.losses.detach(), "chosen": out.chosen_logps}
+    if strategy == "precompute":
+        result.update({f"ref_{k}": v for k, v in reference.table["train"].items()})
+    encoded.encodings = None
+    return result
+
+
+@pytest.mark.parametrize(
+    ("method", "strategy"),
+    [
+        ("sft", None),
+        ("orpo", None),
+        ("dpo", "copy"),
+        ("dpo", "precompute"),
+        ("ipo", "copy"),
+        ("kto", "copy"),
+        ("kto", "precompute"),
+        ("simpo", None),
+    ],
+)
+def test_cached_encodings_give_the_same_per_example_losses(tiny, method, strategy):
+    plain = step_losses(tiny, method, strategy, cached=False)
+    cached = step_losses(tiny, method, strategy, cached=True)
+    assert plain.keys() == cached.keys()
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-5, rtol=0, msg=f"{method} {strategy} {name}")
+    assert bool(torch.isfinite(plain["losses"]).all())
+
+
+def test_eval_and_generation_read_the_same_encodings(tiny):
+    _, loaded, encoded, _ = tiny
+    loaded.model.eval()
+    rows = [torch.arange(8)]
+    encoded.encodings = None
+    plain = next(encoded.batches("test", rows, CPU))
+    attach(tiny)
+    cached = next(encoded.batches("test", rows, CPU))
+    encoded.encodings = None
+    with torch.no_grad():
+        torch.testing.assert_close(cached.encodings(loaded.model), plain.encodings(loaded.model), atol=1e-5, rtol=0)
+    answers = blip.greedy_answers(loaded, plain.pixel_values, plain.question_ids, plain.question_mask, 4)
+    again = blip.greedy_answers(
+        loaded, None, cached.question_ids, cached.question_mask, 4, question_embeds=cached.question_embeds
+    )
+    assert answers == again
+
+
+def test_the_key_names_the_encoders_only(tiny):
+    data, loaded, encoded, _ = tiny
+    key = encoder_cache_key(loaded, encoded, data.fingerprint, "fp32", CPU)
+    trained_decoder = copy.copy(loaded)
+    trained_decoder.model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        next(trained_decoder.model.text_decoder.parameters()).add_(1.0)
+    assert encoder_cache_key(trained_decoder, encoded, data.fingerprint, "fp32", CPU) == key  # SFT's children share
+    other_base = blip.build_embedded(seed=1)
+    assert encoder_cache_key(other_base, encoded, data.fingerprint, "fp32", CPU).digest != key.digest
+    assert encoder_cache_key(loaded, encoded, data.fingerprint, "bf16", CPU).digest != key.digest
+    assert encoder_cache_key(loaded, encoded, "other-data", "fp32", CPU).digest != key.digest
+
+
+def test_a_different_base_model_misses_the_cache_and_builds_its_own(tiny):
+    data, _, encoded, store = tiny
+    first = attach(tiny)
+    reused = attach(tiny)
+    assert not reused.built and reused.path == first.path and reused.seconds == 0.0
+    other = attach_encoder_cache(
+        blip.build_embedded(seed=1),
+        encoded,
+        data_fingerprint=data.fingerprint,
+        dtype="fp32",
+        batch_size=8,
+        device=CPU,
+        store=store,
+    )
+    encoded.encodings = None
+    assert other.built and other.path != first.path
+
+
+def test_bf16_halves_the_file(tiny):
+    fp32, bf16 = attach(tiny), attach(tiny, dtype="bf16")
+    _, _, encoded, _ = tiny
+    assert encoded.encodings is not None and encoded.encodings.rows("train", torch.arange(2)).dtype == torch.bfloat16
+    encoded.encodings = None
+    assert bf16.bytes * 2 == fp32.bytes and fp32.bytes == sum(
+        len(encoded.splits[s]) * encoded.splits[s].question_ids.shape[1] * 128 * 4 for s in ("train", "eval", "test")
+    )
+
+
+def test_an_unwritable_folder_falls_back_to_memory_with_one_warning(tiny, tmp_path, caplog):
+    (tmp_path / "encoder").write_text("a file where the encoder cache folder should be")
+    info = attach(tiny, store=ArrayStore(tmp_path))
+    _, loaded, encoded, _ = tiny
+    loaded.model.eval()  # the frozen encoders run in eval mode (no dropout)
+    assert info.built and info.path is None and info.warning is not None
+    assert f"'{tmp_path}'" in info.warning and info.warning.count(". ") == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [info.warning]
+    cached = next(encoded.batches("train", [torch.arange(4)], CPU))
+    encoded.encodings = None
+    plain = next(encoded.batches("train", [torch.arange(4)], CPU))
+    with torch.no_grad():
+        torch.testing.assert_close(cached.encodings(loaded.model), plain.encodings(loaded.model), atol=1e-5, rtol=0)
+
+
+def test_training_the_encoders_never_uses_the_cache():
+    base = {"name": "x", "method": "sft"}
+    assert RunSpec(name="x", method="sft").uses_encoder_cache
+    assert not spec_from_dict({**base, "train": "all"}).uses_encoder_cache
+    assert not spec_from_dict({**base, "encoder_cache": "off"}).uses_encoder_cache
+    with pytest.raises(SpecError, match="encoder_cache") as info:
+        spec_from_dict({**base, "train": "all", "encoder_cache": "on"})
+    assert str(info.value).count(". ") == 0
+
+
+def test_a_run_that_trains_all_reads_no_cache_and_says_so(tmp_path, vqa_cache):
+    events, rc, err = run_worker(tiny_spec("all-parts", "sft", train="all", limit=16), tmp_path, vqa_cache)
+    assert rc == 0, err[-2000:]
+    assert of_type(events, ev.EncoderCached) == []
+    started = of_type(events, ev.RunStarted)[0]
+    assert started.data["encoder_cache"] == {"on": False}
+    assert not any(p.phase == "encode" for p in of_type(events, ev.Progress))
+
+
+def test_a_preset_all_session_encodes_once_per_base_model(tmp_path, vqa_cache):
+    """SFT builds the cache; every run that starts from SFT's checkpoint or the same base reuses it."""
+    from test_headless import vqabench
+
+    from vqabench.report import render_markdown
+    from vqabench.store import ResultsStore
+
+    (vqa_cache / "base").mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "base").symlink_to(vqa_cache / "base")  # share the session's base checkpoint, not its arrays
+    settings = ["base_samples=512", "dataset.eval_size=8", "dataset.test_size=8", "judge.name=exact"]
+    proc = vqabench(
+        tmp_path,
+        "--headless",
+        "--preset",
+        "all",
+        "--epochs",
+        "1",
+        "--limit",
+        "16",
+        *[arg for s in settings for arg in ("--set", s)],
+        "--cache",
+        str(cache),
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("encoder cache: encoded once in") == 1
+    assert proc.stdout.count("encoder cache: reused") == 6
+    store = ResultsStore(tmp_path / "vqabench-results")
+    session = store.last_session()
+    assert session is not None
+    infos = {run.name: run.started.data["encoder_cache"] for run in store.runs(session.id) if run.started}
+    assert len(infos) == 7 and all(info["on"] for info in infos.values())
+    assert len([name for name, info in infos.items() if info["built"]]) == 1  # the first run to start (orpo)
+    assert len({info["path"] for info in infos.values()}) == 1
+    assert len(list((cache / "arrays" / "encoder").iterdir())) == 1
+    report = render_markdown(store, session.id)
+    assert len(re.findall(r"\| +built in [0-9.]+ s \|", report)) == 1
+    assert len(re.findall(r"\| +reused \|", report)) == 6

@@ -1,0 +1,288 @@
+"""Arrays computed once from (inputs, code version) and read many times, kept on disk.
+
+One store for every derived array the engine would otherwise recompute: preprocessed images
+(``kind="images"``, uint8 ``[M, 3, S, S]``) and frozen-encoder outputs (``kind="encoder"``,
+``[N, Lq, hidden]`` per split). An entry is a folder of ``.npy`` files read back as numpy
+memory maps, so resident memory does not grow with the dataset.
+
+* **Key.** :class:`CacheKey` names everything the values depend on (a dict of strings, plus
+  the kind and this module's :data:`FORMAT_VERSION`); its hash is the entry's folder name.
+* **Atomic.** An entry is written into a temporary sibling folder with plain sequential
+  writes (a full disk is an ``OSError``, never the ``SIGBUS`` a memory-mapped write gets),
+  its completeness marker last, then renamed into place in one step. A killed writer leaves
+  only a ``.tmp-*`` folder that no reader opens (and the next writer of the key removes).
+* **Checked.** The marker records each array's shape, dtype and byte size; an entry whose
+  files do not match it (truncated, replaced) is removed and rebuilt.
+* **Fallback.** With no folder (``root=None``) entries live in memory, for callers that
+  choose to go on when the folder cannot be written.
+
+numpy has no bfloat16: such arrays are stored as their raw 16 bits (``uint16``), and the
+marker says so; :meth:`Entry.rows` returns them as ``torch.bfloat16``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Bump when the on-disk layout changes: old entries are then simply never found.
+FORMAT_VERSION = 1
+MARKER = "complete.json"
+_NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "bfloat16": np.uint16}
+
+
+class CacheError(OSError):
+    """A cache folder that cannot be written (read-only, full disk); the message is one sentence."""
+
+    def __init__(self, folder: Path | None, reason: str):
+        self.folder, self.reason = folder, reason
+        super().__init__(
+            f"the cache folder '{folder}' cannot be written ({reason}); "
+            f"free some space or point cache_dir (or $VQABENCH_CACHE) at a writable folder."
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything an entry's values depend on; equal keys mean interchangeable values."""
+
+    kind: str  # "images", "encoder"
+    parts: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps([self.kind, FORMAT_VERSION, sorted(self.parts.items())])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of an entry: its name, shape and dtype name (uint8, float32, bfloat16)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(_NUMPY_DTYPES[self.dtype]).itemsize
+
+
+@dataclass
+class Entry:
+    """A complete entry: arrays opened as read-only memory maps (or held in memory)."""
+
+    key: CacheKey
+    path: Path | None  # None: in memory
+    specs: dict[str, ArraySpec]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory entries only
+    _opened_in: int = -1  # the pid whose memory maps `arrays` holds (reopen after fork)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs.values())
+
+    def array(self, name: str) -> np.ndarray:
+        if self.path is not None and self._opened_in != os.getpid():
+            self.arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="r") for n in self.specs}
+            self._opened_in = os.getpid()
+        return self.arrays[name]
+
+    def rows(self, name: str, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Rows of one array as a (copied) tensor in its stored dtype."""
+        index = rows if isinstance(rows, slice) else rows.numpy()
+        values = np.ascontiguousarray(self.array(name)[index])
+        if not values.flags.writeable:  # a slice is a view of the read-only map: copy it
+            values = values.copy()
+        if self.specs[name].dtype == "bfloat16":
+            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(values)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Memory maps are reopened in a DataLoader worker, not pickled as copies of the data."""
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["arrays"], state["_opened_in"] = {}, -1
+        return state
+
+
+class EntryWriter:
+    """Fills the arrays of a new entry row block by row block, in order; `commit` publishes it."""
+
+    def __init__(self, store: ArrayStore, key: CacheKey, specs: list[ArraySpec]):
+        self.key, self.store = key, store
+        self.specs = {s.name: s for s in specs}
+        self.filled = dict.fromkeys(self.specs, 0)
+        self._files: dict[str, Any] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.tmp: Path | None = None
+        if store.root is None:
+            self.arrays = {s.name: np.empty(s.shape, dtype=_NUMPY_DTYPES[s.dtype]) for s in specs}
+            return
+        folder = store.root / key.kind
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.tmp = folder / f"{key.digest}.tmp-{os.getpid()}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+            for s in specs:
+                fh = open(self.tmp / f"{s.name}.npy", "wb")  # noqa: SIM115 (closed in commit/abort)
+                self._files[s.name] = fh
+                np.lib.format.write_array_header_1_0(
+                    fh,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(_NUMPY_DTYPES[s.dtype])),
+                        "fortran_order": False,
+                        "shape": s.shape,
+                    },
+                )
+                if hasattr(os, "posix_fallocate") and s.nbytes:  # a full disk fails here, before any work
+                    os.posix_fallocate(fh.fileno(), fh.tell(), s.nbytes)
+        except OSError as exc:
+            self.abort()
+            raise store.write_error(exc) from exc
+
+    def write(self, name: str, values: torch.Tensor | np.ndarray) -> None:
+        """Append the next rows of array `name`."""
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu()
+            if values.dtype == torch.bfloat16:
+                values = values.view(torch.int16)  # the raw 16 bits; numpy has no bfloat16
+            values = values.numpy()
+        spec = self.specs[name]
+        stored = _NUMPY_DTYPES[spec.dtype]
+        values = np.ascontiguousarray(values.view(stored) if values.dtype == np.int16 else values, dtype=stored)
+        lo, hi = self.filled[name], self.filled[name] + values.shape[0]
+        if hi > spec.shape[0] or values.shape[1:] != spec.shape[1:]:
+            raise ValueError(f"rows {lo}:{hi} of shape {values.shape[1:]} do not fit array '{name}' {spec.shape}")
+        if self.tmp is None:
+            self.arrays[name][lo:hi] = values
+        else:
+            try:
+                self._files[name].write(values.tobytes())
+            except OSError as exc:
+                self.abort()
+                raise self.store.write_error(exc) from exc
+        self.filled[name] = hi
+
+    def commit(self) -> Entry:
+        """Check every array is full, write the marker last, and publish the entry atomically."""
+        short = [n for n, s in self.specs.items() if self.filled[n] != s.shape[0]]
+        if short:
+            self.abort()
+            raise ValueError(f"cache entry {self.key.digest}: array(s) {', '.join(short)} not filled")
+        if self.tmp is None:
+            return Entry(self.key, None, self.specs, self.arrays)
+        target = self.tmp.parent / self.key.digest
+        try:
+            for fh in self._files.values():
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+            marker = {
+                "kind": self.key.kind,
+                "parts": self.key.parts,
+                "format": FORMAT_VERSION,
+                "arrays": {
+                    n: {"shape": list(s.shape), "dtype": s.dtype, "bytes": s.nbytes} for n, s in self.specs.items()
+                },
+            }
+            (self.tmp / MARKER).write_text(json.dumps(marker, indent=1))
+            if target.exists():  # another process published this key first: keep theirs
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            else:
+                try:
+                    self.tmp.rename(target)
+                except OSError:
+                    if not target.exists():
+                        raise
+                    shutil.rmtree(self.tmp, ignore_errors=True)
+        except OSError as exc:
+            self.abort()
+            raise self.store.write_error(exc) from exc
+        entry = self.store.open(self.key)
+        assert entry is not None, f"cache entry {target} was published but does not open"
+        return entry
+
+    def abort(self) -> None:
+        """Close and remove the temporary folder; nothing of this entry is left to be trusted."""
+        for fh in self._files.values():
+            with contextlib.suppress(OSError):
+                fh.close()
+        self._files.clear()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ArrayStore:
+    """Entries under `root` (None: in memory only), one folder per kind, one sub-folder per key."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    def folder(self, kind: str) -> Path | None:
+        return self.root / kind if self.root is not None else None
+
+    def write_error(self, exc: OSError) -> CacheError:
+        return CacheError(self.root, exc.strerror or type(exc).__name__)
+
+    def open(self, key: CacheKey) -> Entry | None:
+        """The complete entry for `key`, or None; an entry that fails its marker's checks is removed."""
+        if self.root is None:
+            return None
+        path = self.root / key.kind / key.digest
+        if not path.is_dir():
+            return None
+        problem = _check(path, key)
+        if problem is None:
+            marker = json.loads((path / MARKER).read_text())
+            specs = {n: ArraySpec(n, tuple(a["shape"]), a["dtype"]) for n, a in marker["arrays"].items()}
+            return Entry(key, path, specs)
+        log.warning("cache entry %s is %s; removing it to rebuild", path, problem)
+        shutil.rmtree(path, ignore_errors=True)
+        return None
+
+    def create(self, key: CacheKey, specs: list[ArraySpec]) -> EntryWriter:
+        """A writer for a new entry; raises CacheError when the folder cannot be written."""
+        return EntryWriter(self, key, specs)
+
+
+def _check(path: Path, key: CacheKey) -> str | None:
+    """None if the entry at `path` is complete and matches `key`, else what is wrong with it."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return "incomplete (no readable completeness marker)"
+    if marker.get("parts") != key.parts or marker.get("format") != FORMAT_VERSION:
+        return "for another key"
+    for name, info in marker.get("arrays", {}).items():
+        file = path / f"{name}.npy"
+        try:
+            with file.open("rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, _ = read_header(fh)
+                header = fh.tell()
+            size = file.stat().st_size
+        except (OSError, ValueError):
+            return f"damaged ({file.name} unreadable)"
+        if list(shape) != info["shape"] or size != header + info["bytes"]:
+            return f"damaged ({file.name} has {size - header} bytes of data, the marker says {info['bytes']})"
+    return None

@@ -1,0 +1,180 @@
+"""The frozen-encoder cache: question encodings computed once per study, read by every step.
+
+With ``train = "decoder"`` the vision encoder and the question encoder are frozen and in
+eval mode, so the encoding of an (image, question) pair never changes. It is computed once,
+in one batched pass (progress phase ``encode``), into the array cache
+(:mod:`vqabench.engine.cache`, kind ``encoder``): one ``[pairs, question tokens, hidden]``
+array per split, memory-mapped when read. Training steps, eval, test generation, the
+precompute reference pass and KTO's mismatched pairs all read it through
+:meth:`vqabench.engine.data.batching.Batch.encodings`.
+
+The key names the encoders' weights only (vision model and text encoder, not the decoder),
+so SFT and every run that starts from SFT's checkpoint share one entry; plus the data, the
+question token ids (tokenizer and width), the image preprocessing, the dtype, the device
+type and the torch/transformers versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from vqabench.engine import model as blip
+from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
+from vqabench.engine.data.batching import EncodedData
+
+log = logging.getLogger(__name__)
+
+#: Bump when what the cached encodings mean changes (how they are computed, not the weights).
+ENCODER_CACHE_VERSION = "1"
+DTYPES = {"fp32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
+SPLITS = ("train", "eval", "test")
+
+
+@dataclass
+class EncoderCacheInfo:
+    """What one run did with the encoder cache (reported in run_started and its own event)."""
+
+    built: bool  # this run computed the encodings (and pays `seconds`); False: reused an entry
+    seconds: float  # the one-off encoding pass; 0 when reused
+    path: str | None  # the entry's folder; None when kept in memory
+    bytes: int  # size of the encodings
+    dtype: str  # fp32 | bf16
+    pairs: int
+    warning: str | None = None  # one sentence when the cache folder could not be written
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encoder_fingerprint(model: Any) -> str:
+    """Hash of the frozen encoders' weights (vision model and question encoder), not the decoder's."""
+    h = hashlib.sha256()
+    for part in ("vision_model", "text_encoder"):
+        for name, tensor in sorted(getattr(model, part).state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{part}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:24]
+
+
+def encoder_cache_key(
+    loaded: blip.LoadedModel, encoded: EncodedData, data_fingerprint: str, dtype: str, device: torch.device
+) -> CacheKey:
+    import transformers
+
+    questions = hashlib.sha256()
+    for name in SPLITS:
+        s = encoded.splits[name]
+        questions.update(name.encode())
+        for tensor in (s.image_index, s.question_ids, s.question_mask):
+            questions.update(str(tuple(tensor.shape)).encode())
+            questions.update(tensor.contiguous().numpy().tobytes())
+    return CacheKey(
+        "encoder",
+        {
+            "encoders": encoder_fingerprint(loaded.model),
+            "data": data_fingerprint,
+            "questions": questions.hexdigest()[:24],
+            "images": encoded.images.key.digest,
+            "normalisation": f"{tuple(loaded.image_mean)} {tuple(loaded.image_std)}",
+            "dtype": dtype,
+            "device": device.type,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "code": ENCODER_CACHE_VERSION,
+        },
+    )
+
+
+def attach_encoder_cache(
+    loaded: blip.LoadedModel,
+    encoded: EncodedData,
+    *,
+    data_fingerprint: str,
+    dtype: str,
+    batch_size: int,
+    device: torch.device,
+    store: ArrayStore,
+    progress: Callable[[int, int], None] | None = None,
+) -> EncoderCacheInfo:
+    """Open the cached question encodings for this model and data, or compute them once; attach them to `encoded`.
+
+    A folder that cannot be written (or fills up) does not fail the run: the encodings are
+    kept in memory instead, with one warning sentence in the returned info.
+    """
+    encoded.encodings = None  # the pass below reads images
+    key = encoder_cache_key(loaded, encoded, data_fingerprint, dtype, device)
+    stored, torch_dtype = DTYPES[dtype]
+    pairs = sum(len(encoded.splits[n]) for n in SPLITS)
+    entry = store.open(key)
+    if entry is not None:
+        log.info("question encodings read from %s", entry.path)
+        encoded.encodings = entry
+        return EncoderCacheInfo(False, 0.0, str(entry.path), entry.nbytes, dtype, pairs)
+    hidden = int(loaded.model.config.text_config.hidden_size)
+    specs = [
+        ArraySpec(n, (len(encoded.splits[n]), int(encoded.splits[n].question_ids.shape[1]), hidden), stored)
+        for n in SPLITS
+    ]
+    start = time.perf_counter()
+    warning = None
+    try:
+        entry = _encode_all(loaded, encoded, store, key, specs, torch_dtype, batch_size, device, progress)
+    except CacheError as exc:
+        warning = (
+            f"the encoder cache folder '{exc.folder}' cannot be written ({exc.reason}); "
+            f"the question encodings are kept in memory for this run."
+        )
+        log.warning(warning)
+        entry = _encode_all(loaded, encoded, ArrayStore(None), key, specs, torch_dtype, batch_size, device, progress)
+    encoded.encodings = entry
+    path = str(entry.path) if entry.path is not None else None
+    return EncoderCacheInfo(True, time.perf_counter() - start, path, entry.nbytes, dtype, pairs, warning)
+
+
+def _encode_all(
+    loaded: blip.LoadedModel,
+    encoded: EncodedData,
+    store: ArrayStore,
+    key: CacheKey,
+    specs: list[ArraySpec],
+    torch_dtype: torch.dtype,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+):
+    writer = store.create(key, specs)
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    total = sum(-(-len(encoded.splits[n]) // batch_size) for n in SPLITS)
+    done = 0
+    try:
+        with torch.no_grad():
+            for name in SPLITS:
+                s = encoded.splits[name]
+                n = len(s)
+                blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+                for batch in encoded.batches(name, blocks, device):
+                    # The split's full question width, whatever width a batch is trimmed to: a
+                    # batch reads the first positions of these rows (padding is masked out).
+                    q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
+                    assert batch.pixel_values is not None
+                    q = blip.encode_questions(model, batch.pixel_values, q_ids, q_mask)
+                    writer.write(name, q.to(torch_dtype))
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        model.train(was_training)
