@@ -15,6 +15,7 @@ from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.encoder_cache import attach_encoder_cache, encoder_cache_key
+from vqabench.engine.generation import greedy_answers
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.trainer import MethodStep
 from vqabench.spec import DatasetSpec, RunSpec, SpecError, spec_from_dict
@@ -109,8 +110,8 @@ def test_eval_and_generation_read_the_same_encodings(tiny):
     encoded.encodings = None
     with torch.no_grad():
         torch.testing.assert_close(cached.encodings(loaded.model), plain.encodings(loaded.model), atol=1e-5, rtol=0)
-    answers = blip.greedy_answers(loaded, plain.pixel_values, plain.question_ids, plain.question_mask, 4)
-    again = blip.greedy_answers(
+    answers = greedy_answers(loaded, plain.pixel_values, plain.question_ids, plain.question_mask, 4)
+    again = greedy_answers(
         loaded, None, cached.question_ids, cached.question_mask, 4, question_embeds=cached.question_embeds
     )
     assert answers == again
