@@ -281,11 +281,10 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             if spec.eval_every_epoch and ranks.is_main:
                 eval_items = judge_items_of(encoded.splits["eval"].pairs[: len(answers)], answers)
                 try:
-                    summary = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
+                    scored = score_items(eval_items, spec.judge, cache_dir, with_intervals=False)
                 except JudgeError as exc:
                     log.error("judging epoch %d's eval answers failed: %s", epoch, exc)
-                    summary = score_items(eval_items, None, cache_dir, with_intervals=False)
-                scored = summary
+                    scored = score_items(eval_items, None, cache_dir, with_intervals=False)
             e = result.eval
             emit(
                 ev.EpochEnded(
