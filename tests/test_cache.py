@@ -1,4 +1,4 @@
-"""The on-disk array cache: atomic entries, a completeness marker, memory-mapped reads, clear errors."""
+"""The on-disk array cache: atomic entries, a completeness marker, positioned reads, clear errors."""
 
 from __future__ import annotations
 
@@ -26,14 +26,21 @@ def fill(store: ArrayStore, key: CacheKey = KEY):
     return writer.commit(), pixels, codes
 
 
-def test_an_entry_is_written_once_and_read_back_memory_mapped(tmp_path):
+def test_an_entry_is_written_once_and_read_back_by_position(tmp_path):
     store = ArrayStore(tmp_path)
     entry, pixels, codes = fill(store)
     again = store.open(KEY)
     assert again is not None and again.path == entry.path
-    assert isinstance(again.array("pixels"), np.memmap)
+    on_disk = np.load(entry.path / "pixels.npy", mmap_mode="r")  # plain .npy files: numpy maps them too
+    assert np.array_equal(on_disk, pixels.numpy())
     rows = torch.tensor([7, 0, 3])
     assert torch.equal(again.rows("pixels", rows), pixels[rows])
+    runs = torch.tensor([2, 3, 4, 9, 5, 6, 6])  # consecutive runs are read in one go; repeats too
+    assert torch.equal(again.rows("pixels", runs), pixels[runs])
+    assert torch.equal(again.rows("codes", slice(3, 8)), codes[3:8])
+    assert again.rows("pixels", torch.tensor([], dtype=torch.long)).shape == (0, 3, 4, 4)
+    with pytest.raises(IndexError):
+        again.rows("pixels", torch.tensor([10]))
     assert torch.equal(again.rows("codes", rows), codes[rows]) and again.rows("codes", rows).dtype == torch.bfloat16
     assert again.nbytes == 10 * 48 + 10 * 2 * 2
     assert [p.name for p in (tmp_path / "images").iterdir()] == [KEY.digest]  # no temporary left
@@ -121,3 +128,41 @@ def test_without_a_folder_entries_live_in_memory():
     assert entry.path is None
     assert torch.equal(entry.rows("pixels", torch.tensor([9, 1])), pixels[[9, 1]])
     assert ArrayStore(None).open(KEY) is None
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_reading_every_row_does_not_keep_the_file_in_this_process_resident_set(tmp_path):
+    # 96 MiB of rows, read back whole in batches: a memory map would leave every page it
+    # touched in the resident set (RssFile); positioned reads leave the page cache outside it.
+    spec = ArraySpec("pixels", (384, 3, 256, 256), "uint8")
+    store = ArrayStore(tmp_path)
+    writer = store.create(KEY, [spec])
+    block = torch.arange(32 * 3 * 256 * 256, dtype=torch.int64).remainder(253).to(torch.uint8).view(32, 3, 256, 256)
+    for _ in range(12):
+        writer.write("pixels", block)
+    entry = writer.commit()
+    before = _rss_mib()
+    for lo in range(0, 384, 16):
+        batch = entry.rows("pixels", torch.arange(lo, lo + 16))
+        assert torch.equal(batch, block[lo % 32 : lo % 32 + 16])
+        del batch
+    assert _rss_mib() - before < 24  # 96 MiB were read
+
+
+def test_a_file_cut_short_after_it_was_opened_is_an_error_not_zeros(tmp_path):
+    store = ArrayStore(tmp_path)
+    entry, _, _ = fill(store)
+    assert entry.path is not None
+    entry.rows("pixels", torch.tensor([0]))  # opened
+    with open(entry.path / "pixels.npy", "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) - 48)
+    with pytest.raises(OSError, match="ended"):
+        entry.rows("pixels", torch.tensor([9]))

@@ -1,4 +1,4 @@
-"""Preprocessed images live in the on-disk cache, memory-mapped; batches come through a DataLoader."""
+"""Preprocessed images live in the on-disk cache, read by rows; batches come through a DataLoader."""
 
 from __future__ import annotations
 

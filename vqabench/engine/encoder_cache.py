@@ -4,7 +4,7 @@ With ``train = "decoder"`` the vision encoder and the question encoder are froze
 eval mode, so the encoding of an (image, question) pair never changes. It is computed once,
 in one batched pass (progress phase ``encode``), into the array cache
 (:mod:`vqabench.engine.cache`, kind ``encoder``): one ``[pairs, question tokens, hidden]``
-array per split, memory-mapped when read. Training steps, eval, test generation, the
+array per split, read back by rows from the file. Training steps, eval, test generation, the
 precompute reference pass and KTO's mismatched pairs all read it through
 :meth:`vqabench.engine.data.batching.Batch.encodings`.
 

@@ -1,7 +1,7 @@
 """Turn preference pairs into tensors once per run, then serve batches of them.
 
 Images are resized once into uint8 ``[3, S, S]`` arrays written to the on-disk array cache
-(:mod:`vqabench.engine.cache`, kind ``images``) and read back memory-mapped, so resident
+(:mod:`vqabench.engine.cache`, kind ``images``) and read back a batch's rows at a time, so resident
 memory does not grow with the number of images. Text is tokenized once and kept in memory
 (small). Batches come from a ``torch.utils.data.DataLoader`` (``num_workers`` from the spec;
 pinned memory on CUDA) that gathers a batch's uint8 images; they are copied to the device
@@ -119,7 +119,7 @@ class BatchRows(torch.utils.data.Dataset):
 
 @dataclass
 class EncodedData:
-    images: Entry  # array "pixels": [M, 3, S, S] uint8, memory-mapped
+    images: Entry  # array "pixels": [M, 3, S, S] uint8, on disk, read by rows
     mean: torch.Tensor  # [1, 3, 1, 1]
     std: torch.Tensor
     splits: dict[str, EncodedSplit]
