@@ -100,7 +100,7 @@ class Entry:
     path: Path | None  # None: in memory
     specs: dict[str, ArraySpec]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory entries only
-    _files: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # name -> (fd, data offset)
+    _files: dict[str, tuple[Any, int]] = field(default_factory=dict, repr=False)  # name -> (file, data offset)
     _opened_in: int = -1  # the pid whose descriptors `_files` holds (reopen after fork)
 
     @property
@@ -142,22 +142,21 @@ class Entry:
         if self._opened_in != os.getpid():
             self._files, self._opened_in = {}, os.getpid()  # a forked child opens its own
         if name not in self._files:
-            fd = os.open(self.path / f"{name}.npy", os.O_RDONLY)
-            with open(fd, "rb", closefd=False) as fh:
-                _, offset = _read_header(fh)
-            self._files[name] = (fd, offset)
-        return self._files[name]
+            fh = open(self.path / f"{name}.npy", "rb", buffering=0)  # noqa: SIM115 (closed with the entry)
+            _, offset = _read_header(fh)
+            self._files[name] = (fh, offset)
+        fh, offset = self._files[name]
+        return fh.fileno(), offset
 
     def close(self) -> None:
-        """Close this process's descriptors (they are also closed when the process ends)."""
+        """Close this process's files (they also close when the entry is garbage-collected)."""
         if self._opened_in == os.getpid():
-            for fd, _ in self._files.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            for fh, _ in self._files.values():
+                fh.close()
         self._files, self._opened_in = {}, -1
 
     def __getstate__(self) -> dict[str, Any]:
-        """A DataLoader worker opens the files itself; descriptors are not pickled."""
+        """A DataLoader worker opens the files itself; open files are not pickled."""
         state = dict(self.__dict__)
         state["_files"], state["_opened_in"] = {}, -1
         return state
