@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
@@ -191,45 +190,3 @@ def test_a_run_that_trains_all_reads_no_cache_and_says_so(tmp_path, vqa_cache):
     started = of_type(events, ev.RunStarted)[0]
     assert started.data["encoder_cache"] == {"on": False}
     assert not any(p.phase == "encode" for p in of_type(events, ev.Progress))
-
-
-def test_a_preset_all_session_encodes_once_per_base_model(tmp_path, vqa_cache):
-    """SFT builds the cache; every run that starts from SFT's checkpoint or the same base reuses it."""
-    from test_headless import vqabench
-
-    from vqabench.report import render_markdown
-    from vqabench.store import ResultsStore
-
-    (vqa_cache / "base").mkdir(exist_ok=True)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "base").symlink_to(vqa_cache / "base")  # share the session's base checkpoint, not its arrays
-    settings = ["base_samples=512", "dataset.eval_size=8", "dataset.test_size=8", "judge.name=exact"]
-    proc = vqabench(
-        tmp_path,
-        "--headless",
-        "--preset",
-        "all",
-        "--epochs",
-        "1",
-        "--limit",
-        "16",
-        *[arg for s in settings for arg in ("--set", s)],
-        "--cache",
-        str(cache),
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("encoder cache: encoded once in") == 1
-    assert proc.stdout.count("encoder cache: reused") == 6
-    store = ResultsStore(tmp_path / "vqabench-results")
-    session = store.last_session()
-    assert session is not None
-    infos = {run.name: run.started.data["encoder_cache"] for run in store.runs(session.id) if run.started}
-    assert len(infos) == 7 and all(info["on"] for info in infos.values())
-    assert len([name for name, info in infos.items() if info["built"]]) == 1  # the first run to start (orpo)
-    assert len({info["path"] for info in infos.values()}) == 1
-    assert len(list((cache / "arrays" / "encoder").iterdir())) == 1
-    report = render_markdown(store, session.id)
-    assert len(re.findall(r"\| *built in [0-9.]+ s *\|", report)) == 1
-    assert len(re.findall(r"\| *reused *\|", report)) == 6

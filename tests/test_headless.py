@@ -83,10 +83,11 @@ def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
 
 def test_a_crashed_run_makes_the_exit_code_1_and_is_explained(tmp_path):
     plan = {"runs": {"sft": {"crash_in_epoch": 2}}}
-    proc = vqabench(tmp_path, "--headless", "--preset", "sft,orpo", *fake(tmp_path, plan))
+    proc = vqabench(tmp_path, "--headless", "--preset", "sft,orpo,kto", *fake(tmp_path, plan))
     assert proc.returncode == 1
     assert "[sft] failed: worker exited with signal 9 (killed) during epoch 2 of 3" in proc.stdout
-    assert "Runs that did not finish:" in proc.stdout and "1 of 2 run(s) done." in proc.stdout
+    assert "[kto] skipped: sft failed\n" in proc.stdout and "skipped: skipped" not in proc.stdout
+    assert "Runs that did not finish:" in proc.stdout and "1 of 3 run(s) done." in proc.stdout
     with ResultsStore(tmp_path / "vqabench-results") as store:
         runs = {r.name: r for r in store.runs(store.last_session().id)}
         assert [e.epoch for e in store.epochs(runs["sft"].id)] == [1]
@@ -168,27 +169,28 @@ def test_without_the_dashboard_plain_vqabench_says_so(tmp_path):
 def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     """The issue's check: every top-level preset on the embedded default, a tiny run each.
 
-    Most of its time is the embedded base checkpoint, built once per test session in vqa_cache.
+    It also checks the frozen-encoder cache across a session: the first run to start builds
+    it, and every run from the same base model or from SFT's checkpoint reuses that entry.
     """
-    # --set shrinks the base checkpoint (shared with the other tests' cache) and the test split;
-    # the judge stays the default (offline semantic judge without TOGETHER_API_KEY).
+    (vqa_cache / "base").mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "base").symlink_to(vqa_cache / "base")  # share the session's base checkpoint, not its arrays
+    # --set shrinks the base checkpoint and the splits; the judge stays the default (the
+    # offline semantic judge without TOGETHER_API_KEY).
+    settings = ["base_samples=512", "dataset.test_size=32", "dataset.eval_size=16"]
     proc = vqabench(
         tmp_path,
         "--headless",
         "--preset",
         "all",
         "--limit",
-        "64",
+        "32",
         "--epochs",
         "1",
-        "--set",
-        "base_samples=512",
-        "--set",
-        "dataset.test_size=48",
-        "--set",
-        "dataset.eval_size=32",
+        *[arg for s in settings for arg in ("--set", s)],
         timeout=900,
-        cache=vqa_cache,
+        cache=cache,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "7 of 7 run(s) done." in proc.stdout
@@ -204,6 +206,20 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     quality = report.split("## Quality")[1].split("##")[0]
     sft_row = next(line for line in quality.splitlines() if line.startswith("| sft "))
     assert "n/a" not in sft_row.split("|")[2]  # EM measured
+
+    # The encoder cache: built once, by the first run to start (orpo), reused by the six others.
+    assert proc.stdout.count("encoder cache: encoded once in") == 1
+    assert proc.stdout.count("encoder cache: reused") == 6
+    with ResultsStore(tmp_path / "vqabench-results") as store:
+        session = store.last_session()
+        assert session is not None
+        infos = {run.name: run.started.data["encoder_cache"] for run in store.runs(session.id) if run.started}
+    assert len(infos) == 7 and all(info["on"] for info in infos.values())
+    assert [name for name, info in infos.items() if info["built"]] == ["orpo"]
+    assert len({info["path"] for info in infos.values()}) == 1
+    assert len(list((cache / "arrays" / "encoder").iterdir())) == 1
+    assert len(re.findall(r"\| *built in [0-9.]+ s *\|", report)) == 1
+    assert len(re.findall(r"\| *reused *\|", report)) == 6
 
 
 def test_two_seeds_on_the_real_worker_report_mean_and_interval(tmp_path, vqa_cache):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fake_together_server import FakeTogetherServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +52,15 @@ def test_a_missing_answers_file_is_one_sentence(tmp_path):
     assert proc.stderr.strip().startswith("vqabench: ") and "nope.jsonl" in proc.stderr
 
 
-def test_a_stored_run_is_rejudged_by_the_api_judge_without_retraining(tmp_path, vqa_cache):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, vqa_cache) -> Path:
+    """A results folder holding one stored session of two real runs (sft, orpo), trained once for this module."""
+    folder = tmp_path_factory.mktemp("rejudge")
     run = vqabench(
-        tmp_path,
+        folder,
         "--headless",
         "--preset",
-        "sft",
+        "sft,orpo",
         "--limit",
         "32",
         "--epochs",
@@ -69,42 +74,38 @@ def test_a_stored_run_is_rejudged_by_the_api_judge_without_retraining(tmp_path, 
         cache=vqa_cache,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return folder
+
+
+def copy_of(trained: Path, tmp_path: Path) -> Path:
+    """A test's own copy of the stored session, so what one test writes no other sees."""
+    shutil.copytree(trained / "vqabench-results", tmp_path / "vqabench-results", symlinks=True)
+    return tmp_path
+
+
+def test_a_stored_run_is_rejudged_by_the_api_judge_without_retraining(trained, tmp_path, vqa_cache):
+    folder = copy_of(trained, tmp_path)
     with FakeTogetherServer() as server:
-        args = ("judge", "--run", "1", "--judge", "together", "--base-url", server.base_url)
-        first = vqabench(tmp_path, *args, cache=vqa_cache, key="test-key")
+        url = ("--base-url", server.base_url)
+        args = ("judge", "--run", "1", "--judge", "together", *url, "--requests-per-minute", "6000")
+        first = vqabench(folder, *args, cache=vqa_cache, key="test-key")
         assert first.returncode == 0, first.stderr
         assert "Run 1: together judge" in first.stdout and "on 24 answers" in first.stdout
         paid = len(server.chat_requests)
         assert 0 < paid <= 24  # empty answers are graded without a request
-        again = vqabench(tmp_path, *args, cache=vqa_cache, key="test-key")
+        again = vqabench(folder, *args, cache=vqa_cache, key="test-key")
         assert again.returncode == 0 and len(server.chat_requests) == paid  # the cache pays nothing twice
-    report = vqabench(tmp_path, "export", "--last", cache=vqa_cache).stdout
-    assert "by the together judge" in report
-    run_dirs = list((tmp_path / "vqabench-results" / "runs").glob("*-sft"))
-    assert (run_dirs[0] / "predictions.together.jsonl").is_file()
+    report = vqabench(folder, "export", "--last", cache=vqa_cache).stdout
+    assert "by the exact, together judge" in report  # run 1 is rejudged; run 2 keeps its exact verdicts
+    # the verdicts go next to the predictions in this (copied) results folder, not the original
+    assert len(list((folder / "vqabench-results" / "runs").glob("*/predictions.together.jsonl"))) == 1
+    assert not list((trained / "vqabench-results" / "runs").glob("*/predictions.together.jsonl"))
 
 
-def test_compare_two_stored_runs_asks_both_orders(tmp_path, vqa_cache):
-    run = vqabench(
-        tmp_path,
-        "--headless",
-        "--preset",
-        "sft,orpo",
-        "--limit",
-        "32",
-        "--epochs",
-        "1",
-        "--set",
-        "base_samples=512",
-        "--set",
-        "dataset.test_size=16",
-        "--set",
-        "judge.name=exact",
-        cache=vqa_cache,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    proc = vqabench(tmp_path, "compare", "1", "2", "--judge", "exact", cache=vqa_cache)
+def test_compare_two_stored_runs_asks_both_orders(trained, tmp_path, vqa_cache):
+    folder = copy_of(trained, tmp_path)
+    proc = vqabench(folder, "compare", "1", "2", "--judge", "exact", cache=vqa_cache)
     assert proc.returncode == 0, proc.stderr
-    assert "16 questions asked in both orders" in proc.stdout and "(0.5 = even)" in proc.stdout
-    mismatch = vqabench(tmp_path, "compare", "1", "99", "--judge", "exact", cache=vqa_cache)
+    assert "24 questions asked in both orders" in proc.stdout and "(0.5 = even)" in proc.stdout
+    mismatch = vqabench(folder, "compare", "1", "99", "--judge", "exact", cache=vqa_cache)
     assert mismatch.returncode == 2 and "no run 99" in mismatch.stderr and "Traceback" not in mismatch.stderr

@@ -213,3 +213,18 @@ def test_a_write_that_stays_locked_raises_one_sentence_naming_the_database(tmp_p
     assert isinstance(caught.value, FatalSubscriberError)
     blocker.execute("ROLLBACK")
     assert store.list_sessions() == []
+
+
+def test_a_moved_results_folder_finds_its_runs_files_in_itself(tmp_path):
+    elsewhere = tmp_path / "old" / "runs" / "3-1-sft" / "predictions.jsonl"  # where the run wrote it
+    moved = tmp_path / "moved"
+    local = moved / "runs" / "3-1-sft" / "predictions.jsonl"
+    local.parent.mkdir(parents=True)
+    local.write_text("{}\n")
+    with ResultsStore(moved) as store:
+        assert store.run_file(str(elsewhere)) == local  # the original is gone: this folder's copy
+        elsewhere.parent.mkdir(parents=True)
+        elsewhere.write_text("{}\n")
+        assert store.run_file(str(elsewhere)) == local  # both exist: this folder's copy first
+        other = tmp_path / "out" / "x" / "answers.jsonl"
+        assert store.run_file(str(other)) == other  # not in this folder: the recorded path

@@ -21,7 +21,7 @@ from pathlib import Path
 import vqabench
 from vqabench.judges import JudgeError, JudgeInputError
 from vqabench.presets import Overrides
-from vqabench.spec import SpecError
+from vqabench.spec import JudgeSpec, SpecError
 from vqabench.store import DEFAULT_RESULTS_DIR, ResultsStore, StoreError
 
 EXIT_USAGE = 2
@@ -187,11 +187,28 @@ def _add_judge_command(commands: argparse._SubParsersAction) -> None:
     judge.add_argument("--model", help="the judge model (together)")
     judge.add_argument("--threshold", type=float, help="semantic judge: cosine counted as correct")
     judge.add_argument("--limit", type=_positive_int, metavar="N", help="judge only the first N answers")
+    _add_rate_option(judge)
     judge.add_argument(
         "-o", "--output", type=Path, metavar="OUT.jsonl", help="verdicts file for FILE (default: FILE.verdicts.jsonl)"
     )
     judge.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(judge)
+
+
+def _add_rate_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--requests-per-minute",
+        type=_positive_int,
+        metavar="N",
+        help="together judge: most request starts per minute (default 60; raise it to your account's limit)",
+    )
+
+
+def _judge_spec(args: argparse.Namespace) -> JudgeSpec:
+    spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    if args.requests_per_minute is not None:
+        spec.requests_per_minute = args.requests_per_minute
+    return spec
 
 
 def _add_compare_command(commands: argparse._SubParsersAction) -> None:
@@ -206,6 +223,7 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
     compare.add_argument("--base-url", help="the Together-compatible API's base URL")
     compare.add_argument("--limit", type=_positive_int, metavar="N", help="compare only the first N questions")
+    _add_rate_option(compare)
     compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
     _add_results_option(compare)
 
@@ -268,9 +286,8 @@ def _run_probe(args: argparse.Namespace) -> int:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from vqabench.rejudge import compare_runs
-    from vqabench.spec import JudgeSpec
 
-    spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    spec = _judge_spec(args)
     with ResultsStore(args.results, create=False) as store:
         print(compare_runs(store, args.run_a, args.run_b, spec, args.cache))
     return 0
@@ -278,9 +295,8 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_judge(args: argparse.Namespace) -> int:
     from vqabench.rejudge import judge_answers_file, rejudge_run
-    from vqabench.spec import JudgeSpec
 
-    spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    spec = _judge_spec(args)
     if args.model:
         spec.model = args.model
     if args.threshold is not None:

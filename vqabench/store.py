@@ -363,6 +363,16 @@ class ResultsStore:
                 f"{self.path} is not a vqabench results store ({exc}); pass another --results folder."
             ) from None
 
+    def run_file(self, recorded: str | Path) -> Path:
+        """A file a run wrote (recorded as an absolute path), found in this results folder first.
+
+        A results folder that was moved or copied still holds its runs under ``runs/``; the
+        recorded path is used only when this folder has no such file.
+        """
+        path = Path(recorded)
+        here = self.results_dir / "runs" / path.parent.name / path.name
+        return here if here.exists() else path
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
