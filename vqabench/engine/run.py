@@ -19,6 +19,7 @@ from vqabench import metrics
 from vqabench.engine import distributed
 from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
+from vqabench.engine.best_weights import BestWeights
 from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import EncodedData, TextEncoder, encode
@@ -260,9 +261,8 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
         with judge_with_cache(spec.judge, cache_dir) as (judge, _):
             judge.prepare()
     best_dir = out_dir / "best"
-    best_state: dict[str, torch.Tensor] | None = None
     train_seconds = 0.0
-    part = blip.trainable_part(loaded.model, spec.train)
+    best = BestWeights(blip.trainable_part(loaded.model, spec.train))
     with telemetry:
         trainer.warm_up()  # untimed, outside every window; training numbers are unchanged
         for epoch in range(1, spec.epochs + 1):
@@ -270,7 +270,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             tel = result.telemetry
             train_seconds += result.epoch_seconds
             if result.is_best:
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in part.state_dict().items()}
+                best.keep()
                 if ranks.is_main:
                     blip.save_checkpoint(loaded, best_dir)
             ranks_memory = distributed.rank_memory(tel.event_fields(), ranks) if ranks.distributed else {}
@@ -313,8 +313,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                 )
             )
 
-    if best_state is not None:
-        part.load_state_dict(best_state)
+    best.restore()  # the test answers come from the best epoch (lowest eval loss)
     with explain_out_of_memory("generating the test answers", spec.batch_size):
         answers = trainer.answers("test")
     if not ranks.is_main:  # rank 0 judges, writes the predictions and reports
