@@ -92,8 +92,8 @@ class Entry:
     kernel's page cache still serves repeated reads, but its pages are not mapped into this
     process, so they neither count in its resident set nor have to fit in it. (Pages of a
     memory map that a pass touches stay in the resident set for as long as the map is open:
-    measured, a pass over 10,000 cached 384x384 images added their whole 4.1 GiB to a run's
-    peak RSS.) The files are plain ``.npy``: ``numpy.load(..., mmap_mode="r")`` opens them too.
+    with a map, a run's peak RSS grew by about the bytes of every cached 384x384 image it read,
+    docs/benchmarks.md section 9.) The files are plain ``.npy``: ``numpy.load(..., mmap_mode="r")`` opens them too.
     """
 
     key: CacheKey
