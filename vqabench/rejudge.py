@@ -40,7 +40,7 @@ def _test_predictions(store: ResultsStore, run: RunRecord) -> Path:
     paths = [e.predictions for e in store.evals(run.id) if e.split == "test" and e.predictions]
     if not paths:
         raise StoreError(f"run {run.id} ({run.name}) has no stored test predictions to judge; it did not finish.")
-    return store.run_file(paths[-1])
+    return Path(paths[-1])  # the store finds it in its own folder first (ResultsStore.run_file)
 
 
 def compare_runs(

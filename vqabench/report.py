@@ -189,9 +189,6 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
     data = []
     for run in store.runs(session_id):
         tests = [e for e in store.evals(run.id) if e.split == "test"]
-        for e in tests:  # a moved or copied results folder reads its own copies
-            if e.predictions:
-                e.predictions = str(store.run_file(e.predictions))
         data.append(
             RunData(
                 run.name,

@@ -610,9 +610,13 @@ class ResultsStore:
     def evals(self, run_id: int) -> list[Evaluated]:
         """The run's evaluations, in the order they arrived."""
         rows = self._query("SELECT * FROM evals WHERE run_id = ? ORDER BY id", (run_id,))
-        return [
+        evals = [
             Evaluated(**{k: (json.loads(row[k]) if k == "extra" else row[k]) for k in _EVAL_FIELDS}) for row in rows
         ]
+        for e in evals:  # a moved or copied results folder reads its own copies
+            if e.predictions:
+                e.predictions = str(self.run_file(e.predictions))
+        return evals
 
     def stderr_tail(self, run: RunRecord, lines: int = 20) -> list[str]:
         """The last log lines of a run's worker, from its stderr file."""
