@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
@@ -187,11 +188,24 @@ class CopyReference:
         else:  # a full copy: it has its own encoders (and no encoder cache: they train)
             decoder = self.part.get_submodule("text_decoder")
             q = batch.encodings(self.part)
-        c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
-        mm = None
-        if with_mismatched:
-            mm, _ = blip.answer_logps(decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch))
-        return ReferenceLogps(c, r, mm)
+        return _decoder_logps(decoder, q, encoded, split, batch, self.pad_id, with_mismatched)
+
+
+def _decoder_logps(
+    decoder: nn.Module,
+    q: torch.Tensor,
+    encoded: EncodedData,
+    split: str,
+    batch: Batch,
+    pad_id: int,
+    with_mismatched: bool,
+) -> ReferenceLogps:
+    """A reference decoder's chosen and rejected log-probs (and KTO's mismatched ones) for a batch."""
+    c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, pad_id)
+    mm = None
+    if with_mismatched:
+        mm, _ = blip.answer_logps(decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch))
+    return ReferenceLogps(c, r, mm)
 
 
 class PrecomputedReference:
@@ -326,12 +340,6 @@ class AdapterReference:
         decoder.eval()  # eval semantics like the other strategies: the decoder's dropout is off
         try:
             with self.model.disable_adapter():
-                c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.pad_id)
-                mm = None
-                if with_mismatched:
-                    mm, _ = blip.answer_logps(
-                        decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch)
-                    )
+                return _decoder_logps(decoder, q, encoded, split, batch, self.pad_id, with_mismatched)
         finally:
             decoder.train(was_training)
-        return ReferenceLogps(c, r, mm)
