@@ -110,7 +110,7 @@ class Entry:
     def rows(self, name: str, rows: torch.Tensor | slice) -> torch.Tensor:
         """Rows of one array as a (copied) tensor in its stored dtype."""
         spec = self.specs[name]
-        index = np.arange(spec.shape[0])[rows] if isinstance(rows, slice) else rows.numpy()
+        index = np.arange(*rows.indices(spec.shape[0])) if isinstance(rows, slice) else rows.numpy()
         values = self._read(name, index) if self.path is not None else np.ascontiguousarray(self.arrays[name][index])
         if spec.dtype == "bfloat16":
             return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
