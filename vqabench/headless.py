@@ -43,6 +43,7 @@ from vqabench.runner import (
     RunStatusChanged,
     WorkerEvent,
     WorkerStderr,
+    status_line,
 )
 from vqabench.store import ResultsStore
 
@@ -217,10 +218,7 @@ class ConsoleView:
                 self.progress.start_task(self._tasks[note.run])
                 self.progress.update(self._tasks[note.run], where="starting")
             return
-        if note.reason.startswith(note.status):  # "skipped: sft failed" already names its status
-            self.say(note.run, note.reason)
-        else:
-            self.say(note.run, note.status + (f": {note.reason}" if note.reason else ""))
+        self.say(note.run, status_line(note.status, note.reason))
         if note.status == FAILED and self._stderr.get(note.run):
             self.say(note.run, "last log lines of the worker:")
             for line in self._stderr[note.run]:

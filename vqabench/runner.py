@@ -74,6 +74,14 @@ INTERRUPTED = "interrupted"
 STATUSES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, CANCELLED, INTERRUPTED)
 FINAL_STATUSES = frozenset({DONE, FAILED, SKIPPED, CANCELLED, INTERRUPTED})
 
+
+def status_line(status: str, reason: str) -> str:
+    """'failed: why' for a console or status bar; the reason alone when it already names its status."""
+    if reason.startswith(status):  # e.g. "skipped: sft failed"
+        return reason
+    return status + (f": {reason}" if reason else "")
+
+
 #: stderr lines kept per run for the failure message and the dashboard.
 STDERR_TAIL = 80
 #: Longest stdout line accepted from a worker (a run_started with a large config is long).
@@ -640,18 +648,7 @@ def _kill_group(pgid: int) -> None:
 
 def _live_group_members(pgid: int) -> list[int]:
     """Pids of the group's processes that are not yet dead (zombies count as dead); Linux /proc."""
-    alive = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", encoding="ascii", errors="replace") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            alive.append(int(entry.name))
-    return alive
+    return [pid for pid, (_, group) in _process_table().items() if group == pgid]
 
 
 def _process_table() -> dict[int, tuple[int, int]]:

@@ -42,6 +42,7 @@ from vqabench.runner import (
     Runner,
     RunnerFinished,
     RunStatusChanged,
+    status_line,
 )
 from vqabench.spec import SpecError
 from vqabench.store import ResultsStore, StoreError
@@ -541,8 +542,7 @@ class Dashboard(App[int]):
         if run is None:
             return ""
         if run.status in FINAL_STATUSES and run.status != DONE and run.reason:
-            reason = run.reason if run.reason.startswith(run.status) else f"{run.status}: {run.reason}"
-            return f"{run.name} {reason}"
+            return f"{run.name} {status_line(run.status, run.reason)}"
         if run.status == RUNNING and run.phase_message:
             return f"{run.name}: {run.phase_message}"
         return ""
