@@ -22,19 +22,24 @@ HOST_MODULES = [
 ]
 
 
-def imported_after(statement: str) -> set[str]:
-    """Top-level packages in sys.modules after running `statement` in a fresh interpreter."""
-    code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+def last_line_of(code: str, timeout: float = 120) -> str:
+    """The last line `code` prints in a fresh interpreter run from the repository."""
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=60,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr
-    return set(json.loads(proc.stdout.splitlines()[-1]))
+    return proc.stdout.splitlines()[-1]
+
+
+def imported_after(statement: str) -> set[str]:
+    """Top-level packages in sys.modules after running `statement` in a fresh interpreter."""
+    code = f"{statement}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    return set(json.loads(last_line_of(code, timeout=60)))
 
 
 def test_runner_store_report_headless_and_cli_do_not_import_textual_or_torch():
@@ -59,13 +64,4 @@ def test_the_event_writer_lives_with_the_protocol_so_the_engine_has_no_import_ci
         "import sys, vqabench.engine.base_checkpoint\n"
         "print('circle' if 'vqabench.engine.worker' in sys.modules else 'ok')"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-1] == "ok"
+    assert last_line_of(code) == "ok"
