@@ -4,9 +4,9 @@
 
 runs COMMAND, and replaces what lies between ``<!-- record: NAME -->`` and
 ``<!-- /record: NAME -->`` in docs/benchmarks.md (a new section at the end when there are
-no such markers) with: the command, the commit (``-dirty`` when tracked files differ from
-it), the machine (host, processor, cores, torch), the date, the 1-minute load average
-before and after, and the command's standard output exactly as printed. Nothing in
+no such markers) with: the command, the commit (``-dirty`` when tracked files other than
+the doc itself differ from it), the machine (host, processor, cores, torch), the date, the
+1-minute load average before and after, and the command's standard output exactly as printed. Nothing in
 between is typed by hand, so a figure in the docs always has the run that printed it.
 Standard error (progress lines) goes to the terminal. ``--fenced`` puts the output in a
 code block (for output that is not Markdown); ``--doc PATH`` records into another file.
@@ -28,17 +28,29 @@ REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 
 
-def commit() -> str:
-    """The short commit hash, with -dirty when tracked files were changed since."""
+def commit(doc: Path) -> str:
+    """The short commit hash, with -dirty when tracked files were changed since.
+
+    The doc being recorded into does not count: record.py itself changes it, so recording
+    several sections one after another would otherwise mark all but the first dirty.
+    """
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD").strip()
+        top = Path(git("rev-parse", "--show-toplevel").strip())
+        entries = iter(git("status", "--porcelain", "-z", "--untracked-files=no").split("\0"))
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    changed = []
+    for entry in entries:
+        if entry:
+            changed.append((top / entry[3:]).resolve())
+            if entry[0] in "RC":  # a rename or copy: its source path follows
+                next(entries, None)
+    dirty = [path for path in changed if path != doc.resolve()]
     return head + ("-dirty" if dirty else "")
 
 
@@ -61,14 +73,14 @@ def load() -> str:
         return "n/a"
 
 
-def block(name: str, command: list[str], output: str, before: str, after: str, fenced: bool) -> str:
+def block(name: str, command: list[str], output: str, before: str, after: str, fenced: bool, doc: Path) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = output.rstrip("\n")
     if fenced:
         body = f"```text\n{body}\n```"
     return (
         f"<!-- record: {name} -->\n"
-        f"Recorded by `benchmarks/record.py` on {date}: commit {commit()}, machine {machine()}; "
+        f"Recorded by `benchmarks/record.py` on {date}: commit {commit(doc)}, machine {machine()}; "
         f"1-minute load average {before} before and {after} after the run.\n\n"
         f"    {shlex.join(command)}\n\n"
         f"{body}\n"
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"record.py: {shlex.join(command)} exited with {proc.returncode}; {args.doc} is unchanged.", file=sys.stderr
         )
         return proc.returncode
-    recorded = block(args.name, command, proc.stdout, before, after, args.fenced)
+    recorded = block(args.name, command, proc.stdout, before, after, args.fenced, args.doc)
     args.doc.write_text(insert(args.doc.read_text(encoding="utf-8"), args.name, recorded), encoding="utf-8")
     print(f"record.py: recorded '{args.name}' in {args.doc}.", file=sys.stderr)
     return 0

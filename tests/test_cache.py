@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from vqabench.engine import cache
 from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
 
 KEY = CacheKey("images", {"data": "abc", "size": "4"})
@@ -166,3 +172,103 @@ def test_a_file_cut_short_after_it_was_opened_is_an_error_not_zeros(tmp_path):
         fh.truncate(fh.seek(0, 2) - 48)
     with pytest.raises(OSError, match="ended"):
         entry.rows("pixels", torch.tensor([9]))
+
+
+OTHER_KEY = CacheKey("images", {"data": "other", "size": "4"})
+WRITER_THAT_STOPS = """
+import sys, time
+from pathlib import Path
+from vqabench.engine.cache import ArraySpec, ArrayStore, CacheKey
+writer = ArrayStore(Path(sys.argv[1])).create(
+    CacheKey("images", {"data": "abc", "size": "4"}), [ArraySpec("pixels", (64, 3, 64, 64), "uint8")]
+)
+print(writer.tmp, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_writer_and_a_live_ones_is_kept(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER_THAT_STOPS, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(proc.stdout.readline().strip())
+        assert left.is_dir() and left.name.endswith(f"-{proc.pid}") and cache._host() in left.name
+        assert (left / "pixels.npy").stat().st_size >= 64 * 3 * 64 * 64  # reserved up front
+        fill(ArrayStore(tmp_path), OTHER_KEY)  # the writer is alive: its temporary stays
+        assert left.is_dir()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    fill(ArrayStore(tmp_path), OTHER_KEY)  # any next writer in the folder removes what is left
+    assert not left.exists()
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [OTHER_KEY.digest]
+
+
+def _temporary(folder: Path, host: str, pid: int, age_s: float = 0.0) -> Path:
+    path = folder / f"{KEY.digest}.tmp-{host}-{pid}"
+    path.mkdir(parents=True)
+    (path / "pixels.npy").write_bytes(b"x")
+    then = time.time() - age_s
+    for p in (path / "pixels.npy", path):
+        os.utime(p, (then, then))
+    return path
+
+
+def test_temporaries_of_live_writers_on_this_host_are_kept_whatever_their_age(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = _temporary(tmp_path, cache._host(), os.getpid(), age_s=3 * cache.STALE_TEMPORARY_AGE_S)
+        theirs = _temporary(tmp_path, cache._host(), sleeper.pid, age_s=3 * cache.STALE_TEMPORARY_AGE_S)
+        assert cache.remove_stale_temporaries(tmp_path) == []
+        assert mine.is_dir() and theirs.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=30)
+    assert cache.remove_stale_temporaries(tmp_path) == [theirs]  # gone now (the pid was reaped)
+
+
+def test_temporaries_from_another_host_are_removed_only_once_untouched_for_the_stated_age(tmp_path):
+    day = cache.STALE_TEMPORARY_AGE_S
+    young = _temporary(tmp_path / "a", "elsewhere.example", os.getpid(), age_s=day - 600)
+    old = _temporary(tmp_path / "b", "elsewhere.example", os.getpid(), age_s=day + 600)
+    unnamed = _temporary(tmp_path / "c", "", 123, age_s=day + 600)  # the name before hosts were in it
+    assert unnamed.name.endswith(".tmp--123")
+    (unnamed.parent / f"{KEY.digest}.tmp-123").mkdir()
+    assert cache.remove_stale_temporaries(tmp_path / "a") == []
+    assert young.is_dir()
+    assert cache.remove_stale_temporaries(tmp_path / "b") == [old]
+    assert cache.remove_stale_temporaries(tmp_path / "c") == [unnamed]  # the fresh one stays
+    assert (unnamed.parent / f"{KEY.digest}.tmp-123").is_dir()
+
+
+def _publish_after_both_wrote(final: Path, payload: bytes, barrier) -> None:
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(payload)
+        barrier.wait(timeout=30)  # both writers have written their temporary before either renames
+
+    cache.publish_file(final, write)
+
+
+def test_two_processes_publishing_one_file_never_share_a_temporary(tmp_path):
+    """Concurrent runs sharing a start write the same reference table at once."""
+    final = tmp_path / "reference" / "table.pt"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    payloads = [bytes([1]) * 300_000, bytes([2]) * 200_000]
+    writers = [context.Process(target=_publish_after_both_wrote, args=(final, p, barrier)) for p in payloads]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(timeout=60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert final.read_bytes() in payloads  # one writer's whole file, never a mix
+    assert [p.name for p in final.parent.iterdir()] == ["table.pt"]
+
+
+def test_publishing_a_file_removes_the_temporary_of_a_killed_writer(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    final = tmp_path / "table.pt"
+    left = tmp_path / f"table.pt.tmp-{cache._host()}-{dead.pid}"
+    left.write_bytes(b"half a table")
+    cache.publish_file(final, lambda tmp: tmp.write_bytes(b"table"))
+    assert [p.name for p in tmp_path.iterdir()] == ["table.pt"] and final.read_bytes() == b"table"

@@ -11,7 +11,8 @@ the dataset.
 * **Atomic.** An entry is written into a temporary sibling folder with plain sequential
   writes (a full disk is an ``OSError``, never the ``SIGBUS`` a memory-mapped write gets),
   its completeness marker last, then renamed into place in one step. A killed writer leaves
-  only a ``.tmp-*`` folder that no reader opens (and the next writer of the key removes).
+  only a ``.tmp-<host>-<pid>`` folder that no reader opens; the next writer in that folder
+  removes it once its process is gone (:func:`remove_stale_temporaries`).
 * **Checked.** The marker records each array's shape, dtype and byte size; an entry whose
   files do not match it (truncated, replaced) is removed and rebuilt.
 * **Fallback.** With no folder (``root=None``) entries live in memory, for callers that
@@ -28,7 +29,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,94 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MARKER = "complete.json"
 _NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "bfloat16": np.uint16}
+#: A temporary left by a writer on another host (whose process cannot be asked whether it is
+#: alive) is removed once nothing in it has changed for this long.
+STALE_TEMPORARY_AGE_S = 24 * 60 * 60
+_TEMPORARY = ".tmp-"
+
+
+def _host() -> str:
+    """This machine's name as temporaries carry it: no '-', so the one before the pid is unambiguous."""
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "host"
+
+
+def temporary_sibling(final: Path) -> Path:
+    """Where a writer builds `final` before renaming it into place: unique to this host and process.
+
+    The name says who owns it, so that :func:`remove_stale_temporaries` can tell a live
+    writer's temporary from one whose writer was killed.
+    """
+    return final.with_name(f"{final.name}{_TEMPORARY}{_host()}-{os.getpid()}")
+
+
+def _process_is_gone(pid: int) -> bool:
+    """Whether no process `pid` exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of `path` and, for a folder, of the files in it."""
+    times = [path.stat().st_mtime]
+    if path.is_dir():
+        times += [child.stat().st_mtime for child in path.iterdir()]
+    return max(times)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries in `folder` (see :func:`temporary_sibling`) whose writer is gone.
+
+    One from this host is stale when its process no longer exists; one from another host (or
+    with no host in its name, as before hosts were named) when nothing in it has changed for
+    :data:`STALE_TEMPORARY_AGE_S`. A live writer's temporary on this host is never removed.
+    Returns what was removed.
+    """
+    now = time.time()
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in folder.iterdir() if _TEMPORARY in p.name]
+    except OSError:
+        return removed
+    for path in candidates:
+        owner = path.name.partition(_TEMPORARY)[2]
+        host, _, pid = owner.rpartition("-")
+        try:
+            if host == _host() and pid.isdigit():
+                stale = _process_is_gone(int(pid))
+            else:
+                stale = now - _last_change(path) > STALE_TEMPORARY_AGE_S
+        except OSError:  # removed meanwhile by another writer
+            continue
+        if not stale:
+            continue
+        log.info("removing %s, left by a writer that is gone", path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def publish_file(final: Path, write: Callable[[Path], None]) -> None:
+    """Write one file through its own temporary sibling and rename it into place in one step.
+
+    Writers of the same file in several processes (concurrent runs sharing a start) never
+    share a temporary; temporaries of killed writers in the folder are removed first.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent)
+    tmp = temporary_sibling(final)
+    try:
+        write(tmp)
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class CacheError(OSError):
@@ -201,8 +294,9 @@ class EntryWriter:
         folder = store.root / key.kind
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self.tmp = folder / f"{key.digest}.tmp-{os.getpid()}"
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            remove_stale_temporaries(folder)
+            self.tmp = temporary_sibling(folder / key.digest)
+            shutil.rmtree(self.tmp, ignore_errors=True)  # left by an earlier process with this pid
             self.tmp.mkdir()
             for s in specs:
                 fh = open(self.tmp / f"{s.name}.npy", "wb")  # noqa: SIM115 (closed in commit/abort)

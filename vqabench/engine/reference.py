@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from vqabench.engine import model as blip
+from vqabench.engine.cache import publish_file
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.telemetry import module_bytes
@@ -308,10 +309,7 @@ class PrecomputedReference:
                 table[split] = {k: ranks.gather_cat(torch.cat(v)) for k, v in parts.items()}
         model.train(was_training)
         if path is not None and ranks.is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(table, tmp)
-            tmp.replace(path)
+            publish_file(path, lambda tmp: torch.save(table, tmp))
         return cls(table, path, time.perf_counter() - start, False)
 
 
