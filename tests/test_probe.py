@@ -92,6 +92,7 @@ def test_the_real_probe_worker_times_every_preset_from_one_start_model(tmp_path,
     [started] = [e for e in events if isinstance(e, ProbeStarted)]
     measured = [e for e in events if isinstance(e, ProbeMeasured)]
     assert started.presets == ["sft", "dpo", "dpo-pre"] and started.steps == 3
+    assert started.machine_cores is not None and started.machine_cores >= 1  # what its load is judged against
     assert [(m.round, m.preset) for m in measured] == [
         (1, "sft"), (1, "dpo"), (1, "dpo-pre"), (2, "dpo-pre"), (2, "dpo"), (2, "sft")]  # fmt: skip
     assert all(len(m.step_ms) == 3 and min(m.step_ms) > 0 for m in measured)
@@ -99,3 +100,55 @@ def test_the_real_probe_worker_times_every_preset_from_one_start_model(tmp_path,
     assert copy.reference_bytes > 0 and copy.setup_seconds > 0
     assert pre.reference_strategy == "precompute" and pre.reference_bytes == 0 and pre.setup_seconds > 0
     assert all(m.memory_source == "RSS" and m.peak_memory_mib > 100 for m in measured)
+
+
+def _measured(preset: str, method: str, round_: int, ms: float, load: float = 1.0):
+    from vqabench.events import ProbeMeasured
+
+    steps = [ms * (1 + 0.01 * ((i * 7) % 5 - 2)) for i in range(20)]
+    return ProbeMeasured(preset, method, round_, steps, 500.0, "RSS", None, 0, 0.0, load_avg_max=load)
+
+
+def _started(rounds: int, threads: int = 2, machine_cores: int | None = 2):
+    from vqabench.events import ProbeStarted
+
+    return ProbeStarted(["sft", "orpo"], "cpu", "2.13", "m", 16, 20, 3, rounds, threads, 1, machine_cores)
+
+
+def test_the_probe_ratio_is_paired_by_round_and_a_disturbed_round_widens_it_to_noisy():
+    # round 2's ORPO block ran while another process took the cores: its ratio is far off
+    rounds = {1: (40.0, 46.0), 2: (40.0, 20.0), 3: (40.0, 47.0)}
+    measured = [
+        m
+        for r, (sft, orpo) in rounds.items()
+        for m in (_measured("sft", "sft", r, sft), _measured("orpo", "orpo", r, orpo))
+    ]
+    table = probe_table(_started(3), measured)
+    relative = {row[0]: row[3] for row in table.rows}["orpo"]
+    low, high = (float(x) for x in re.findall(r"\[([\d.]+), ([\d.]+)\]", relative)[0])
+    assert low < 1.0 < high and relative.endswith(" noisy")
+    assert any(note.startswith("noisy: the 95% interval reaches 1") for note in table.notes)
+    calm = [
+        m for r in (1, 2, 3) for m in (_measured("sft", "sft", r, 40.0), _measured("orpo", "orpo", r, 46.0 + r / 10))
+    ]
+    relative = {row[0]: row[3] for row in probe_table(_started(3), calm).rows}["orpo"]
+    assert re.fullmatch(r"1\.1\d \[1\.1\d, 1\.1\d\]", relative)
+    one = [_measured("sft", "sft", 1, 40.0), _measured("orpo", "orpo", 1, 46.0)]
+    one_round = {row[0]: row[3] for row in probe_table(_started(1), one).rows}
+    assert one_round["orpo"] == "1.15"  # one round: a ratio, no interval
+
+
+@pytest.mark.parametrize(
+    ("load", "threads", "machine_cores", "flagged"),
+    [
+        (2.04, 2, 2, False),  # the probe's own 2 threads on 2 cores, and a whisper of other work
+        (1.9, 1, 2, False),  # 1 thread on 2 cores: other work fits on the idle core
+        (2.6, 2, 2, True),  # other work competed for the probe's cores
+        (2.6, 1, 2, True),
+        (2.6, 2, None, True),  # an older probe without the machine's cores: judged against its threads
+    ],
+)
+def test_the_probe_load_flag_discounts_its_own_threads(load, threads, machine_cores, flagged):
+    measured = [_measured("sft", "sft", 1, 40.0, load), _measured("orpo", "orpo", 1, 46.0, load)]
+    notes = probe_table(_started(1, threads, machine_cores), measured).notes
+    assert any("other work competed for the cores" in note for note in notes) == flagged

@@ -364,3 +364,50 @@ def test_a_disturbed_timing_is_flagged_in_one_sentence():
     assert summary.timing_warning in efficiency_table([summary]).notes
     calm = RunData("sft", "sft", "done", setup="s", epochs=[_timed_epoch(1, 10.0, [50.0], load=1.9)])
     assert summarize_runs([calm])[0].timing_warning is None
+
+
+def test_a_lora_run_is_compared_with_the_lora_sft_of_its_setup_not_the_full_decoder_sft(tmp_path):
+    store = ResultsStore(tmp_path)
+    session = store.begin_session("mixed")
+    specs = [
+        RunSpec(name="sft", method="sft"),
+        RunSpec(name="lora-sft", method="sft", train="lora"),
+        RunSpec(name="lora-dpo", method="dpo", train="lora", after="lora-sft"),
+        RunSpec(name="orpo-bf16", method="orpo", precision="bf16"),
+    ]
+    record(store, session, specs)
+    report = build_report(store, session.id)
+    efficiency = {row[0]: row for row in report.tables[1].rows}
+    assert efficiency["lora-sft"][3] == "1.00"  # the LoRA baseline itself, not a ratio to the full `sft`
+    assert efficiency["orpo-bf16"][3] == "n/a"  # no bf16 SFT run in this session
+    setups = {run.name: run.setup for run in report.runs}  # the Versus SFT table pairs runs by the same setup
+    assert setups["lora-dpo"] == setups["lora-sft"] != setups["sft"] != setups["orpo-bf16"]
+
+
+def test_an_interval_that_reaches_one_for_a_method_doing_more_work_is_flagged_noisy_not_a_finding():
+    from vqabench.report import NOISY_NOTE, RunData, efficiency_table, summarize_runs
+
+    rng = np.random.default_rng(5)
+
+    def epochs(mean: float, spread: float) -> list:
+        return [_timed_epoch(e, 10.0, [float(x) for x in rng.normal(mean, mean * spread, 40)]) for e in (1, 2, 3, 4)]
+
+    sft = RunData("sft", "sft", "done", setup="s", epochs=epochs(50, 0.02))
+    rows = {}
+    for name, method, mean in (("orpo", "orpo", 52), ("sft-lr2", "sft", 50), ("dpo", "dpo", 75)):
+        run = RunData(name, method, "done", setup="s", epochs=epochs(mean, 0.02))
+        run.epochs[2] = _timed_epoch(3, 10.0, [mean * 1.3] * 40)  # one epoch that another process slowed down
+        rows[name] = run
+    table = efficiency_table(summarize_runs([sft, *rows.values()]))
+    cells = {row[0]: row[3] for row in table.rows}
+    assert cells["orpo"].endswith(" noisy") and "[" in cells["orpo"]  # ORPO scores the rejected answer too
+    assert not cells["sft-lr2"].endswith("noisy")  # the same work as SFT: an interval around 1 is expected
+    assert not cells["dpo"].endswith("noisy")  # clearly above 1
+    assert NOISY_NOTE in table.notes
+
+
+def test_the_methods_flagged_for_doing_more_work_than_sft_are_those_that_score_rejected_answers():
+    from vqabench.objectives import OBJECTIVE_INPUTS
+    from vqabench.report import MORE_WORK_THAN_SFT
+
+    assert {m for m, needs in OBJECTIVE_INPUTS.items() if needs.needs_rejected} == MORE_WORK_THAN_SFT

@@ -184,8 +184,9 @@ class ProbeStarted(Event):
     steps: int  # timed steps per preset per round
     warmup: int  # untimed steps per preset per round
     rounds: int
-    cores: int
+    cores: int  # the CPU threads the probe ran (torch.get_num_threads())
     pid: int = 0
+    machine_cores: int | None = None  # the CPU cores the probe's process may use (None: not recorded)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from vqabench.report import (
     SessionReport,
     build_report,
     data_summary,
+    load_disturbed,
     markdown_table,
     run_quality_report,
 )
@@ -288,7 +289,7 @@ class ConsoleView:
                 f"{event.samples_per_s:.1f} samples/s, pref. accuracy {event.pref_accuracy:.3f}, "
                 f"{memory}{scores}{' (best)' if event.is_best else ''}",
             )
-            if event.load_avg_max is not None and event.cores and event.load_avg_max > event.cores:
+            if load_disturbed(event.load_avg_max, event.cores):
                 self.say(
                     run,
                     f"timing disturbed: the 1-minute load average reached {event.load_avg_max:.1f} on the "

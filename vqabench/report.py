@@ -27,6 +27,19 @@ NA = "n/a"
 MIB = 2**20
 #: A run's timing is flagged as disturbed above this coefficient of variation of its epoch times.
 NOISY_CV = 0.15
+#: Methods whose training step does strictly more work than SFT's, which scores the chosen answer
+#: only: each also runs the rejected answer through the decoder (objectives.OBJECTIVE_INPUTS,
+#: needs_rejected), and DPO, IPO and KTO with a copy or adapter reference one more decoder pass.
+MORE_WORK_THAN_SFT = frozenset({"dpo", "ipo", "kto", "orpo", "simpo"})
+NOISY = "noisy"
+NOISY_NOTE = (
+    f"{NOISY}: the 95% interval reaches 1 (or lies below it) for a method whose step does strictly more "
+    "work than SFT's (it also scores the rejected answer; DPO, IPO and KTO with a copy or adapter "
+    "reference run one more decoder pass), so the timing could not tell its cost from SFT's: that is "
+    "noise, not a finding; more rounds or epochs, or a quieter machine, narrow the interval."
+)
+#: Load from other work beyond the cores left idle, as a share of the cores, that marks a timing disturbed.
+LOAD_SLACK = 0.05
 EPOCH_NOTE = (
     "Training loss over the epoch, eval loss and preference metrics on the eval split; "
     "★ marks the best epoch (lowest eval loss), the checkpoint that is evaluated and handed on."
@@ -46,7 +59,7 @@ class RunData:
     finished: RunFinished | None = None
     epochs: list[EpochEnded] = field(default_factory=list)
     final_eval: Evaluated | None = None  # the last eval on the test split
-    setup: str = ""  # model and data; a run's SFT baseline is an SFT run of the same setup
+    setup: str = ""  # model, data, trained part, precision; a run's SFT baseline is an SFT run of the same setup
 
 
 @dataclass
@@ -58,7 +71,7 @@ class RunSummary:
     status: str
     epoch_seconds: float | None  # median over the epochs after the warm-up (all of them for 2 or fewer)
     relative_epoch_time: float | None  # mean step time / the SFT run's (epoch times where steps are unknown)
-    aligned_seconds: float | None  # train time of this run and every run it starts from
+    aligned_seconds: float | None  # train time of this run and every run it starts from, and their one-off passes
     samples_per_s: float | None
     peak_memory_mib: float | None
     memory_source: str | None  # "CUDA" (torch max allocated) or "RSS" (process peak)
@@ -207,14 +220,18 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
 
 
 def run_setup(spec: dict[str, Any]) -> str:
-    """Model and data of a run (a spec as a dict): runs of one setup share an SFT baseline."""
+    """Model, data, trained part and precision of a run (a spec as a dict): runs of one setup share
+    an SFT baseline, so `lora-dpo` is compared with `lora-sft`, never with the full-decoder `sft`."""
     dataset = spec.get("dataset") or {}
-    return f"{spec.get('model', '')} on {dataset.get('source', '') if isinstance(dataset, dict) else dataset}"
+    source = dataset.get("source", "") if isinstance(dataset, dict) else dataset
+    train, precision = spec.get("train") or "decoder", spec.get("precision") or "fp32"
+    return f"{spec.get('model', '')} on {source}, train {train}, {precision}"
 
 
 def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     """Headline numbers per run; ratios against the SFT run of the same setup, chains along `after`."""
     by_name = {r.name: r for r in runs}
+    encodings = encoding_seconds(runs)
     timings = {r.name: run_timing(r) for r in runs}
     means = {name: t.epoch_seconds for name, t in timings.items()}
     # Baselines per (setup, seed suffix): a run repeated per seed is compared with the SFT (or
@@ -247,7 +264,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 status=run.status,
                 epoch_seconds=epoch_mean,
                 relative_epoch_time=None,
-                aligned_seconds=_aligned_seconds(run, by_name),
+                aligned_seconds=_aligned_seconds(run, by_name, encodings),
                 samples_per_s=_mean([e.samples_per_s for e in run.epochs]),
                 peak_memory_mib=peak,
                 memory_source=source,
@@ -263,7 +280,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 epoch_spread=timing.spread,
                 warmup_seconds=timing.warmup_seconds,
                 timing_warning=timing.warning(run.name),
-                stage_seconds=_stage_seconds(run),
+                stage_seconds=_stage_seconds(run, _route(run, by_name)[:-1], encodings),
                 trains=trains_label(run.started),
                 precision=run.started.precision if run.started else None,
                 trainable_params=run.started.trainable_params if run.started else None,
@@ -310,10 +327,26 @@ def encoder_cache_text(started: RunStarted | None) -> str | None:
     return "reused"
 
 
-def _encoder_cache_seconds(started: RunStarted | None) -> float:
-    """The one-off encoding pass this run paid for (0 when it reused the cache or had none)."""
-    info = encoder_cache_info(started) or {}
-    return (_number(info.get("seconds")) or 0.0) if info.get("on") and info.get("built") else 0.0
+def encoder_cache_entry(run: RunData) -> str | None:
+    """The encoder-cache entry a run used: its folder, or the run's own in-memory encodings; None without one."""
+    info = encoder_cache_info(run.started) or {}
+    if not info.get("on"):
+        return None
+    return str(info["path"]) if info.get("path") else f"{run.name} (in memory)"
+
+
+def encoding_seconds(runs: Sequence[RunData]) -> dict[str, float]:
+    """Seconds of each encoder-cache entry's one-off encoding pass, as measured by the run that built it.
+
+    Every route is charged the pass for the entry it reads, whichever run built it: time to an
+    aligned model must not depend on queue order. An entry built before this session (every run
+    reused it) is in no route's time."""
+    seconds: dict[str, float] = {}
+    for run in runs:
+        entry, info = encoder_cache_entry(run), encoder_cache_info(run.started) or {}
+        if entry is not None and info.get("built"):
+            seconds.setdefault(entry, _number(info.get("seconds")) or 0.0)
+    return seconds
 
 
 def mixed_encoder_cache_warning(runs: Sequence[RunData]) -> str | None:
@@ -341,7 +374,7 @@ class RunTiming:
     epoch_seconds: float | None  # median of the steady epochs
     spread: Spread | None
     warmup_seconds: float | None
-    step_ms: list[float]  # the steady epochs' step times, where every one of them carries them
+    step_ms: list[list[float]]  # per steady epoch its step times, where every one of them carries them
     load_max: float | None
     cores: int | None
 
@@ -351,7 +384,7 @@ class RunTiming:
         cv = self.spread.cv if self.spread else None
         if self.spread is not None and cv is not None and cv > NOISY_CV:
             reasons.append(f"its epoch times vary by {cv:.0%} (coefficient of variation, over {self.spread.n} epochs)")
-        if self.load_max is not None and self.cores and self.load_max > self.cores:
+        if self.load_max is not None and self.cores and load_disturbed(self.load_max, self.cores):
             reasons.append(
                 f"the 1-minute load average reached {self.load_max:.1f} on the {self.cores} "
                 f"core{'s' if self.cores > 1 else ''} it used"
@@ -364,6 +397,25 @@ class RunTiming:
         )
 
 
+def load_disturbed(load: float | None, threads: int | None, cores: int | None = None) -> bool:
+    """Did other work compete for the cores while `threads` threads ran on a machine with `cores`?
+
+    The 1-minute load average counts the measured process's own threads, so the other work is
+    load - threads, and it competes only beyond the cores the process left idle (cores - threads);
+    a disturbance is more than LOAD_SLACK of the cores beyond them (a probe on 2 threads of 2 cores
+    at load 2.0 is its own load). `cores` unknown (runs, older probes): taken as `threads`.
+    """
+    if load is None or not threads:
+        return False
+    cores = max(cores or threads, threads)
+    return (load - threads) - (cores - threads) > LOAD_SLACK * cores
+
+
+def noisy_ratio(method: str, low: float | None) -> bool:
+    """A cost ratio to SFT whose interval reaches 1 for a method that does strictly more work per step."""
+    return method in MORE_WORK_THAN_SFT and low is not None and low <= 1.0
+
+
 def run_timing(run: RunData) -> RunTiming:
     """Epoch times as hyperfine reports them: the first epoch apart as warm-up when there are more than 2."""
     from vqabench.stats import spread
@@ -372,7 +424,7 @@ def run_timing(run: RunData) -> RunTiming:
     warmup = epochs[0].epoch_seconds if len(epochs) > 2 else None
     steady = epochs[1:] if len(epochs) > 2 else epochs
     times = spread([e.epoch_seconds for e in steady]) if steady else None
-    step_ms = [ms for e in steady for ms in (e.step_ms or [])] if all(e.step_ms for e in steady) else []
+    step_ms = [list(e.step_ms or []) for e in steady] if all(e.step_ms for e in steady) else []
     loads = [v for v in (_number(e.load_avg_max) for e in run.epochs) if v is not None]
     cores = [e.cores for e in run.epochs if e.cores]
     return RunTiming(
@@ -386,8 +438,10 @@ def run_timing(run: RunData) -> RunTiming:
 
 
 def relative_time(run: RunTiming, baseline: RunTiming) -> tuple[float | None, list[float] | None]:
-    """Cost relative to a baseline run: mean step time ratio with a 95% bootstrap interval over
-    both runs' steps; the ratio of median epoch times, without an interval, where steps are unknown."""
+    """Cost relative to a baseline run: the ratio of mean step times with a 95% t-interval over both
+    runs' steady epochs (stats.ratio_ci: an epoch is the unit that a disturbance moves; fewer than
+    2 steady epochs each: no interval); the ratio of median epoch times, without an interval, where
+    steps are unknown."""
     from vqabench.stats import ratio_ci
 
     if run.step_ms and baseline.step_ms:
@@ -464,7 +518,8 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
     if not rows:
         return None
     notes = [
-        "Difference to the SFT run of the same model and data on the same test questions (positive: "
+        "Difference to the SFT run of the same model and data, training the same part in the same precision, "
+        "on the same test questions (positive: "
         "better than SFT), with a 95% paired bootstrap interval (2,000 resamples of questions). "
         "p (EM) and p (judge): exact McNemar test on the questions only one of the two runs got right "
         "(judge: questions both verdicts graded); p (F1): two-sided paired bootstrap. "
@@ -670,7 +725,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     with_cache = any(s.encoder_cache not in (None, "off") for s in summaries)
     if with_cache:
         columns.append("Encoder cache")
-    rows = []
+    rows, noisy = [], False
     for s in summaries:
         memory = _fmt(s.peak_memory_mib, 1)
         if len(sources) > 1 and s.memory_source:
@@ -681,8 +736,15 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
             if s.uses_reference:
                 reference = _pm(s, "reference_mib", 1)
         relative = _pm(s, "relative_epoch_time", 2)
+        low = None
         if s.relative_interval and s.seeds == 1 and relative != NA:
             relative += f" [{s.relative_interval[0]:.2f}, {s.relative_interval[1]:.2f}]"
+            low = s.relative_interval[0]
+        elif s.seeds > 1 and s.relative_epoch_time is not None and "relative_epoch_time" in s.spread:
+            low = s.relative_epoch_time - s.spread["relative_epoch_time"]
+        if noisy_ratio(s.method, low):
+            relative += f" {NOISY}"
+            noisy = True
         rows.append(
             [
                 s.name,
@@ -707,19 +769,22 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         "timings; with more than 2 epochs the first is left out as warm-up and shown apart "
         "(–: 2 epochs or fewer, all in the median).",
         "Relative to SFT: the run's mean training-step time divided by that of the SFT run on the "
-        "same model and data (SFT = 1.00), over the epochs after the warm-up, with a 95% bootstrap "
-        "interval over both runs' steps (runs recorded without step times: the ratio of median "
-        "epoch times, no interval). Runs go one after another, so a machine that gets busier "
-        "moves whole runs: for a fair cost ratio use 'vqabench probe'. "
+        "same model and data that trains the same part in the same precision (SFT = 1.00), over the epochs "
+        "after the warm-up, with a 95% Student-t interval over both runs' epochs (an epoch is the unit a "
+        "disturbance moves; fewer than 2 such epochs each, or runs recorded without step times: no interval). "
+        "It covers the variation between epochs, not a drift between the two runs, which go one after "
+        "another: for a fair cost ratio use 'vqabench probe' (or --seeds, whose interval spans runs). "
         "Time to aligned model: training time of the run plus every run it starts from "
         "(SFT + DPO counts both stages), and the one-off pass of a precomputed reference.",
     ]
     if with_cache:
         notes.append(
-            "Encoder cache: the frozen encoders' outputs computed once and read by every step (train = decoder); "
-            "built: this run paid the one-off encoding pass, which is added to its Time to aligned model (and "
-            "to that of the runs that start from it); reused: an earlier run with the same encoders and data "
-            "built it; off: the encoders run in every step, as in the study's code."
+            "Encoder cache: the frozen encoders' outputs computed once and read by every step; built: this run "
+            "ran the one-off encoding pass; reused: an earlier run with the same encoders and data built it; "
+            "off: the encoders run in every step, as in the study's code. Every route is charged the encoding "
+            "pass it needs, whichever run built the entry (the builder's measured seconds, once per route: "
+            "SFT + DPO pays it once), so Time to aligned model does not depend on queue order; an entry built "
+            "before this session is charged to no route."
         )
     memory_notes = {
         "CUDA": "CUDA memory: torch's peak allocated memory on the GPU, the largest epoch's.",
@@ -742,6 +807,8 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     )
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
+    if noisy:
+        notes.append(NOISY_NOTE)
     notes += [s.timing_warning for s in summaries if s.timing_warning]
     align = ["left"] + ["right"] * (len(columns) - 3) + ["left", "left"]  # Trains and Precision are words
     return ReportTable("Efficiency", columns, align, rows, notes)
@@ -909,6 +976,7 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         by_preset.setdefault(m.preset, []).append(m)
     steps = {name: [ms for m in rows for ms in m.step_ms] for name, rows in by_preset.items()}
     base = next((n for n, rows in by_preset.items() if rows[0].method == "sft"), next(iter(by_preset), None))
+    base_rounds = {m.round: m.step_ms for m in by_preset.get(base or "", []) if m.step_ms}
     sources = {m.memory_source for m in measured}
     memory = (
         "Peak CUDA memory [MiB] ↓"
@@ -917,7 +985,7 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         if sources == {"RSS"}
         else "Peak memory [MiB] ↓"
     )
-    rows = []
+    rows, noisy = [], False
     for name, rounds in by_preset.items():
         times = steps[name]
         if not times:
@@ -925,11 +993,17 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
             continue
         p10, median, p90 = quantiles(times, (0.1, 0.5, 0.9))
         relative = NA
+        paired = [(m.step_ms, base_rounds[m.round]) for m in rounds if m.step_ms and m.round in base_rounds]
         if name == base:
             relative = "1.00"
-        elif base is not None and steps[base]:
-            ratio = ratio_ci(times, steps[base], "median")
-            relative = f"{ratio.mean:.2f} [{ratio.low:.2f}, {ratio.high:.2f}]"
+        elif paired:
+            ratio = ratio_ci([a for a, _ in paired], [b for _, b in paired], "median", paired=True)
+            relative = f"{ratio.mean:.2f}"
+            if ratio.low is not None and ratio.high is not None:
+                relative += f" [{ratio.low:.2f}, {ratio.high:.2f}]"
+            if noisy_ratio(rounds[0].method, ratio.low):
+                relative += f" {NOISY}"
+                noisy = True
         peaks = [v for v in (_number(m.peak_memory_mib) for m in rounds) if v is not None]
         uses_reference = rounds[0].reference_strategy is not None
         setup = sorted(m.setup_seconds for m in rounds)[len(rounds) // 2]
@@ -953,9 +1027,10 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         "runs on the machine lands on every preset alike.",
         f"Every preset starts from the same model ({started.model_source}), dependants included: "
         "no preset is trained first, the probe measures what a step costs, not what it learns.",
-        "ms/step: median over every timed step of every round (p10 … p90). Relative: the median "
-        f"step time divided by {base or 'the first preset'}'s, with a 95% bootstrap interval over both "
-        "presets' steps; two presets that do the same work should overlap.",
+        "ms/step: median over every timed step of every round (p10 … p90). Relative: per round, the median "
+        f"step time divided by {base or 'the first preset'}'s in the same round; the geometric mean over "
+        "rounds with a 95% Student-t interval over the rounds' log-ratios (a round is the unit a "
+        "disturbance moves; no interval from one round); two presets that do the same work should overlap.",
         "Peak memory: "
         + (
             "CUDA max allocated"
@@ -966,10 +1041,14 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         "Setup: building the copy, or the precompute pass over the probe's pairs (a run pays it over all its "
         "pairs), median over rounds.",
     ]
-    if loads and max(loads) > started.cores:
+    if noisy:
+        notes.append(NOISY_NOTE)
+    if loads and load_disturbed(max(loads), started.cores, started.machine_cores):
+        cores = started.machine_cores or started.cores
         notes.append(
-            f"The 1-minute load average reached {max(loads):.1f} on the {started.cores} core(s) the probe used: "
-            "absolute times are disturbed, the interleaved ratios much less."
+            f"The 1-minute load average reached {max(loads):.1f} on {cores} core(s), of which the probe ran "
+            f"{started.cores} thread(s): other work competed for the cores, so absolute times are disturbed, "
+            "the interleaved ratios much less."
         )
     return ReportTable(
         "Step cost probe",
@@ -996,29 +1075,42 @@ def _status_text(status: str, reason: str) -> str:
     return reason if reason.startswith(status) else f"{status} ({reason})"
 
 
-def _aligned_seconds(run: RunData, by_name: dict[str, RunData]) -> float | None:
-    """Train seconds of the run and of every run it starts from; None if a stage is missing."""
-    total, seen, node = 0.0, set(), run
-    while True:
-        stage = _stage_seconds(node)
-        if stage is None or node.name in seen:
-            return None
-        seen.add(node.name)
-        total += stage
-        if node.after is None:
-            return total
-        if node.after not in by_name:
-            return None
+def _route(run: RunData, by_name: dict[str, RunData]) -> list[RunData]:
+    """The runs from the first stage to this one along `after` (as far as they are known), first first."""
+    route, node = [run], run
+    while node.after is not None and node.after in by_name and by_name[node.after] not in route:
         node = by_name[node.after]
+        route.insert(0, node)
+    return route
 
 
-def _stage_seconds(run: RunData) -> float | None:
-    """Train seconds of this run alone, plus the one-off passes it paid: a `precompute` reference's
-    scoring pass and, for the run that built it, the frozen-encoder cache's encoding pass."""
+def _aligned_seconds(run: RunData, by_name: dict[str, RunData], encodings: dict[str, float]) -> float | None:
+    """Train seconds of the run and of every run it starts from, with their one-off passes; None if a
+    stage is missing."""
+    route = _route(run, by_name)
+    if route[0].after is not None:  # a stage it starts from is not in the session, or a cycle
+        return None
+    total = 0.0
+    for i, node in enumerate(route):
+        stage = _stage_seconds(node, route[:i], encodings)
+        if stage is None:
+            return None
+        total += stage
+    return total
+
+
+def _stage_seconds(run: RunData, before: Sequence[RunData], encodings: dict[str, float]) -> float | None:
+    """Train seconds of this run alone, plus the one-off passes it needs: a `precompute` reference's
+    scoring pass, and the frozen-encoder cache's encoding pass (its builder's seconds, whoever built
+    the entry) unless a stage `before` it on its route already read the same entry."""
     if run.finished is None:
         return None
     reference = _number(run.started.data.get("reference_seconds")) if run.started is not None else None
-    return run.finished.train_seconds + (reference or 0.0) + _encoder_cache_seconds(run.started)
+    entry = encoder_cache_entry(run)
+    encoding = 0.0
+    if entry is not None and entry not in {encoder_cache_entry(r) for r in before}:
+        encoding = encodings.get(entry, 0.0)
+    return run.finished.train_seconds + (reference or 0.0) + encoding
 
 
 def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:

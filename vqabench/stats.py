@@ -1,14 +1,15 @@
 """How sure a number is: intervals, paired tests, Cohen's kappa, win rates, timing spreads.
 
-Host-side (no torch): numpy, and scipy.stats for the exact tests the field uses (McNemar's
+Host-side (no torch): numpy, and scipy.stats for Student's t and the exact tests the field uses (McNemar's
 exact test as a binomial test on the discordant pairs, Wilson score intervals). Proportions
 (EM, judge verdicts) get Wilson intervals and McNemar p-values; continuous per-item scores
-(F1) and timings get seeded bootstrap intervals: the same inputs give the same intervals on
-every machine.
+(F1) get seeded bootstrap intervals (the same inputs give the same intervals on every
+machine); timing ratios get t-intervals over the units that vary (probe rounds, epochs).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -20,6 +21,8 @@ import numpy as np
 DEFAULT_RESAMPLES = 2000
 #: Fewer paired items than this: a comparison says "too few items" instead of a p-value.
 MIN_PAIRED_ITEMS = 30
+#: Fewer units (probe rounds, steady epochs of a run) than this: a timing ratio has no interval.
+MIN_TIMING_UNITS = 2
 _MAX_RESAMPLE_CELLS = 4_000_000  # resample in chunks so memory stays small for big n
 
 
@@ -140,58 +143,16 @@ def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> f
     return (observed - expected) / (1.0 - expected)
 
 
-def _regularized_incomplete_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b) by its continued fraction (modified Lentz), accurate to about 1e-14."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only on this side
-        return 1.0 - _regularized_incomplete_beta(1.0 - x, b, a)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    fraction = d
-    for m in range(1, 500):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            fraction *= c * d
-        if abs(c * d - 1.0) < 1e-15:
-            break
-    return math.exp(log_front) * fraction / a
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` degrees of freedom."""
-    tail = 0.5 * _regularized_incomplete_beta(df / (df + t * t), df / 2.0, 0.5)
-    return 1.0 - tail if t >= 0 else tail
-
-
+@functools.lru_cache(maxsize=256)
 def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, by bisection on the CDF."""
+    """The t with P(T <= t) = p for Student's t with `df` degrees of freedom (scipy.stats.t).
+
+    Cached: intervals ask for the same few (level, degrees of freedom) again and again."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p is {p!r}; a probability strictly between 0 and 1 is needed.")
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    low, high = 0.0, 1.0
-    while student_t_cdf(high, df) < p:
-        high *= 2.0
-    for _ in range(200):
-        middle = (low + high) / 2.0
-        if student_t_cdf(middle, df) < p:
-            low = middle
-        else:
-            high = middle
-        if high - low < 1e-12 * max(1.0, high):
-            break
-    return (low + high) / 2.0
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
 
 
 def mean_ci_across_seeds(values: Sequence[float], level: float = 0.95) -> Interval:
@@ -392,36 +353,64 @@ def quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
 
 
 def ratio_ci(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
+    a_units: Sequence[Sequence[float] | np.ndarray],
+    b_units: Sequence[Sequence[float] | np.ndarray],
     statistic: str = "mean",
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
+    paired: bool = False,
     level: float = 0.95,
+    min_units: int = MIN_TIMING_UNITS,
 ) -> Interval:
-    """statistic(a) / statistic(b) with a percentile-bootstrap interval, a and b resampled independently.
+    """The ratio of a's to b's per-unit statistic (geometric means over units), with a t-interval over the units.
 
-    For the step times of two runs or two probe rows: "mean" gives the ratio of total time
-    per step, "median" a ratio that a few disturbed steps do not move.
+    Step times come in units: the rounds of a probe, the epochs of a run. What disturbs a timing
+    (another process, a CPU that slows down) moves a whole unit, so steps are not independent:
+    resampling single steps pooled across units ignores that and covers the true ratio far less
+    often than it claims. The interval is therefore built from one statistic per unit, on the
+    log scale (a ratio is a difference of logs), with Student's t:
+
+    * ``paired=True`` (probe rounds: each round runs both methods on the same batches, one after
+      the other): the per-round log-ratios log(stat(a_r) / stat(b_r)), their standard error, and
+      t with rounds - 1 degrees of freedom;
+    * ``paired=False`` (two runs, one after the other, epochs as units): the two runs' per-epoch
+      log-statistics, a pooled-variance two-sample standard error (both runs' relative noise is
+      the machine's), and t with n_a + n_b - 2 degrees of freedom.
+
+    The ratio is exp(mean log stat(a_u) - mean log stat(b_u)): for a probe the geometric mean of
+    the rounds' ratios, the interval exp(that ± t · se) around it. A t-interval rather than a
+    bootstrap over units: with the probe's default 3 rounds a percentile bootstrap over rounds is
+    itself far too narrow (it cannot reach t's heavy tails with 3 values), while the t-interval is
+    exact when the per-unit log-ratios are normal. Below `min_units` units per side the bounds are
+    None: no interval rather than a made-up one. "mean" gives the ratio of total time per step,
+    "median" one that a few disturbed steps do not move.
     """
     _check_level(level)
     if statistic not in ("mean", "median"):
         raise ValueError(f"statistic is {statistic!r}; choose 'mean' or 'median'.")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples is {n_resamples!r}; it must be at least 1.")
-    first = _as_values(a, "ratio_ci")
-    second = _as_values(b, "ratio_ci")
     reduce = np.mean if statistic == "mean" else np.median
-    if reduce(second) <= 0:
-        raise ValueError(f"ratio_ci: the baseline's {statistic} must be positive.")
-    rng = np.random.default_rng(seed)
-    ratios = np.empty(n_resamples, dtype=np.float64)
-    chunk = max(1, _MAX_RESAMPLE_CELLS // max(first.size, second.size))
-    for lo in range(0, n_resamples, chunk):
-        hi = min(lo + chunk, n_resamples)
-        top = reduce(first[rng.integers(0, first.size, size=(hi - lo, first.size))], axis=1)
-        bottom = reduce(second[rng.integers(0, second.size, size=(hi - lo, second.size))], axis=1)
-        ratios[lo:hi] = top / bottom
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(ratios, [tail, 1.0 - tail])
-    return Interval(float(reduce(first) / reduce(second)), float(low), float(high))
+    firsts = [_as_values(unit, "ratio_ci") for unit in a_units]
+    seconds = [_as_values(unit, "ratio_ci") for unit in b_units]
+    if not firsts or not seconds:
+        raise ValueError("ratio_ci needs at least one unit (a round or an epoch) of values on each side; got none.")
+    if paired and len(firsts) != len(seconds):
+        raise ValueError(
+            f"ratio_ci got {len(firsts)} and {len(seconds)} units; "
+            "a paired ratio needs one unit (round) from each side."
+        )
+    unit_a = np.array([float(reduce(unit)) for unit in firsts])
+    unit_b = np.array([float(reduce(unit)) for unit in seconds])
+    if np.any(unit_a <= 0) or np.any(unit_b <= 0):
+        raise ValueError(f"ratio_ci: every unit's {statistic} must be positive (they are times).")
+    log_a, log_b = np.log(unit_a), np.log(unit_b)
+    centre = float(log_a.mean() - log_b.mean())  # = the mean per-round log-ratio when paired
+    if min(log_a.size, log_b.size) < max(2, min_units):
+        return Interval(math.exp(centre), None, None)
+    if paired:
+        diffs = log_a - log_b
+        se = float(diffs.std(ddof=1)) / math.sqrt(diffs.size)
+        df = diffs.size - 1
+    else:
+        df = log_a.size + log_b.size - 2
+        pooled = (float(((log_a - log_a.mean()) ** 2).sum()) + float(((log_b - log_b.mean()) ** 2).sum())) / df
+        se = math.sqrt(pooled * (1.0 / log_a.size + 1.0 / log_b.size))
+    half = student_t_quantile(1.0 - (1.0 - level) / 2.0, df) * se
+    return Interval(math.exp(centre), math.exp(centre - half), math.exp(centre + half))

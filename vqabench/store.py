@@ -225,6 +225,10 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE config IS NOT NULL;
     ALTER TABLE epochs ADD COLUMN optimizer_state_bytes INTEGER;
     """,
+    # 5: the cores the probe's process may use, against which its load average is judged.
+    """
+    ALTER TABLE probes ADD COLUMN machine_cores INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

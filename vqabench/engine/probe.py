@@ -36,7 +36,7 @@ from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
-from vqabench.engine.timing import StepClock
+from vqabench.engine.timing import StepClock, usable_cores
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
 from vqabench.spec import ProbePlan, RunSpec, default_cache_dir
 
@@ -173,6 +173,7 @@ def execute_probe(plan: ProbePlan, emit: Emit) -> list[ev.ProbeMeasured]:
             rounds=plan.rounds,
             cores=torch.get_num_threads(),
             pid=os.getpid(),
+            machine_cores=usable_cores(),
         )
     )
     results: list[ev.ProbeMeasured] = []

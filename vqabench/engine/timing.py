@@ -28,6 +28,14 @@ def load_average() -> float | None:
         return None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one), for judging the load."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def step_quantiles(step_seconds: list[float]) -> dict[str, float | None]:
     """Median, p10 and p90 of step times, in milliseconds (None without steps)."""
     if not step_seconds:
