@@ -224,6 +224,41 @@ def test_dpo_starts_at_exactly_log2_in_train_mode_with_dropout_disabled():
     assert abs(float(with_dropout.step_fn("train", batch).losses.detach().mean()) - math.log(2)) > 1e-6
 
 
+def test_bf16_precomputed_reference_starts_dpo_at_log2_as_exactly_as_copy():
+    # The precomputed pass runs under the run's autocast: a bf16 run's reference is scored in
+    # bf16 like its policy (scored in fp32, step 0 was off log 2 by up to 2.3e-4 per example).
+    # fp32 is test_both_reference_strategies_give_the_same_dpo_loss; fp16 needs a GPU.
+    precision = "bf16"
+    data = easyvqa.load_splits(DatasetSpec(eval_size=8, test_size=8), seed=0, limit=16)
+    loaded = blip.build_embedded(seed=0)
+    encoded = encode(data, loaded, 32, 16)
+    cpu = torch.device("cpu")
+    spec = RunSpec(name="dpo", method="dpo", init_checkpoint="x", batch_size=16, precision=precision)
+    batch = encoded.batch("train", torch.arange(16), cpu)
+    references = {
+        "copy": CopyReference(loaded, "decoder"),
+        "precompute": PrecomputedReference.build(
+            loaded,
+            encoded,
+            batch_size=8,
+            device=cpu,
+            cache_dir=None,
+            checkpoint_key="k",
+            data_key="d",
+            precision=precision,
+        ),
+    }
+    off_log2 = {}
+    for strategy, reference in references.items():
+        trainer = Trainer(spec, loaded, encoded, reference, cpu)
+        blip.set_train_mode(loaded.model, spec.train)  # as the first training step runs
+        with trainer.precision.autocast():
+            losses = trainer.step_fn("train", batch).losses.detach()
+        off_log2[strategy] = float((losses - math.log(2)).abs().max())
+    assert off_log2["copy"] < 1e-6
+    assert off_log2["precompute"] < 1e-6  # per example, as close as copy
+
+
 def test_sft_label_smoothing_matches_torch_cross_entropy(tiny):
     loaded, encoded, _ = tiny
     loaded.model.eval()

@@ -9,7 +9,7 @@ from vqabench import events as ev
 from vqabench.engine import model as blip
 from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
-from vqabench.engine.data.batching import encode, image_to_uint8
+from vqabench.engine.data.batching import encode, image_cache_key, image_to_uint8
 from vqabench.spec import DatasetSpec
 
 CPU = torch.device("cpu")
@@ -33,6 +33,17 @@ def test_every_image_is_written_once_and_batches_match_direct_preprocessing(tmp_
     mean, std = torch.tensor(loaded.image_mean).view(1, 3, 1, 1), torch.tensor(loaded.image_std).view(1, 3, 1, 1)
     assert batch.pixel_values is not None
     torch.testing.assert_close(batch.pixel_values, (expected.float() / 255.0 - mean) / std, atol=0, rtol=0)
+
+
+def test_the_image_key_changes_with_pillows_version(monkeypatch):
+    import PIL
+
+    data = easyvqa.load_splits(DatasetSpec(eval_size=2, test_size=2), seed=0, limit=4)
+    used = sorted({p.image_id for p in data.train})
+    before = image_cache_key(data, used, 64).digest
+    assert image_cache_key(data, used, 64).digest == before
+    monkeypatch.setattr(PIL, "__version__", PIL.__version__ + ".post1")
+    assert image_cache_key(data, used, 64).digest != before  # resampling may differ: decode again
 
 
 def test_dataloader_workers_give_the_same_batches_in_the_same_order(tmp_path):

@@ -114,6 +114,20 @@ def test_only_the_adapters_train_and_the_optimizer_state_is_measured(data):
     assert n_trainable < sum(p.numel() for p in loaded.model.text_decoder.parameters()) // 5
 
 
+def test_lora_dropout_follows_the_spec_while_the_models_own_dropout_is_off(data):
+    _, encoded = data
+    loaded = fresh()
+    spec = lora_spec("dpo", lora_dropout=0.05)
+    assert spec.disable_dropout  # the default
+    lora.attach(loaded, spec)  # the run's order: adapters first, then the trainer disables dropout
+    Trainer(spec, loaded, encoded, AdapterReference(loaded), CPU)
+    dropouts = {n: m.p for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    adapters = {n: p for n, p in dropouts.items() if ".lora_dropout." in n}
+    own = {n: p for n, p in dropouts.items() if n not in adapters}
+    assert adapters and set(adapters.values()) == {spec.lora_dropout}
+    assert own and set(own.values()) == {0.0}
+
+
 def test_lora_checkpoint_holds_the_adapter_and_loads_back_the_same_logps(data, tmp_path):
     _, encoded = data
     loaded = fresh()

@@ -7,8 +7,10 @@ import torch
 
 from vqabench.engine import model as blip
 from vqabench.engine import reference as ref_mod
+from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
+from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.reference import (
     CopyReference,
     PrecomputedReference,
@@ -104,3 +106,82 @@ def test_precompute_cache_misses_when_transformers_tokenizer_or_scoring_code_cha
     finally:
         loaded.tokenizer = original
     assert build().from_cache  # back to the first key
+
+
+@pytest.fixture(scope="module")
+def cached_encodings(tiny):
+    """The tiny data's encoder cache entries (in memory), fp32 and bf16."""
+    loaded, encoded, data = tiny
+    entries = {}
+    try:
+        for dtype in ("fp32", "bf16"):
+            attach_encoder_cache(
+                loaded,
+                encoded,
+                data_fingerprint=data.fingerprint,
+                dtype=dtype,
+                batch_size=16,
+                device=torch.device("cpu"),
+                store=ArrayStore(None),
+            )
+            entries[dtype] = encoded.encodings
+    finally:
+        encoded.encodings = None
+    return entries
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({}, {"encodings": "fp32"}),
+        ({"encodings": "fp32"}, {"encodings": "bf16"}),
+        ({}, {"precision": "bf16"}),
+        ({}, {"device": "cuda"}),
+        ({}, {"torch": torch.__version__ + ".post1"}),
+    ],
+    ids=["encoder cache on", "encoder cache dtype", "precision", "device type", "torch version"],
+)
+def test_precompute_key_changes_with_everything_that_changes_the_numbers(
+    tiny, cached_encodings, monkeypatch, before, after
+):
+    loaded, encoded, data = tiny
+
+    def key(settings: dict) -> str:
+        s = {"encodings": None, "precision": "fp32", "device": "cpu", "torch": torch.__version__, **settings}
+        encoded.encodings = cached_encodings[s["encodings"]] if s["encodings"] else None
+        try:
+            with monkeypatch.context() as m:
+                m.setattr(torch, "__version__", s["torch"])
+                return ref_mod.reference_cache_key(
+                    loaded, encoded, "k", data.fingerprint, precision=s["precision"], device=torch.device(s["device"])
+                )
+        finally:
+            encoded.encodings = None
+
+    assert key(before) == key(before)
+    assert key(before) != key(after)
+
+
+def test_a_table_scored_from_bf16_encodings_is_not_reused_by_an_fp32_run(tiny, cached_encodings, tmp_path):
+    loaded, encoded, data = tiny
+
+    def build(dtype: str) -> PrecomputedReference:
+        encoded.encodings = cached_encodings[dtype]
+        try:
+            return PrecomputedReference.build(
+                loaded,
+                encoded,
+                batch_size=16,
+                device=torch.device("cpu"),
+                cache_dir=tmp_path,
+                checkpoint_key="k",
+                data_key=data.fingerprint,
+            )
+        finally:
+            encoded.encodings = None
+
+    bf16 = build("bf16")
+    fp32 = build("fp32")
+    assert not bf16.from_cache and not fp32.from_cache
+    assert not torch.equal(fp32.table["train"]["chosen"], bf16.table["train"]["chosen"])  # the numbers differ
+    assert build("fp32").from_cache

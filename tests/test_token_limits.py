@@ -46,6 +46,18 @@ def test_auto_answer_limit_is_the_p99_of_chosen_and_rejected_lengths():
     assert data.report.warnings == []  # 1% cut: below the 5% that warns
 
 
+def test_auto_limits_come_from_train_and_eval_and_long_test_answers_are_only_counted():
+    short = PreferencePair("img0", "what is it?", "w " * 3, "v " * 2)
+    long = PreferencePair("img1", "what colour is the big shape on the left of the picture?", "w " * 40, "v " * 30)
+    image = Image.new("RGB", (8, 8))
+    data = DataSplits(train=[short] * 10, eval=[short] * 2, test=[long] * 3, images={"img0": image, "img1": image})
+    limits = resolve(data)
+    assert (limits.answer, limits.question) == (3, 3)  # the test split's 40 words and 11-word questions unread
+    stats = data.report.token_stats
+    assert (stats["answers"], stats["truncated"], stats["max"]) == (30, 6, 40)  # the test answers, cut and counted
+    assert stats["questions"] == 15 and stats["questions_truncated"] == 3
+
+
 def test_limits_are_capped_by_the_position_limit_and_integers_still_work():
     data = splits([("w " * 300, "v " * 200)] * 4)
     assert resolve(data, cap=62).answer == 62

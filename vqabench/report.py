@@ -883,8 +883,8 @@ def data_table(runs: Sequence[RunData]) -> ReportTable | None:
         0,
         "Rows read and pairs built by the data loader, rows skipped by reason; answer lengths in the "
         "model's tokens over the chosen and rejected answers of every split; Answer limit: "
-        "max_answer_tokens ((auto) = their p99, capped by the decoder's positions); Truncated: answers "
-        "longer than the limit, cut without their end token.",
+        "max_answer_tokens ((auto) = their p99 over train and eval, capped by the decoder's positions); "
+        "Truncated: answers longer than the limit, cut without their end token.",
     )
     columns = ["Run", *DATA_COLUMNS]
     return ReportTable("Data", columns, ["left", "right", "right", "left"] + ["right"] * 5, rows, notes)

@@ -262,14 +262,16 @@ def freeze_for_training(model: nn.Module, train: str) -> None:
 
 
 def disable_dropout(model: nn.Module) -> int:
-    """Set every dropout probability in `model` to 0 (TRL's ``disable_dropout``); returns how many.
+    """Set the model's own dropout probabilities to 0 (TRL's ``disable_dropout``); returns how many.
 
     The reference always runs in eval mode; with the policy's dropout off as well, policy and
-    reference give identical log-probs at step 0, so DPO starts at exactly log 2.
+    reference give identical log-probs at step 0, so DPO starts at exactly log 2. LoRA's
+    dropout (peft's ``lora_dropout`` modules) is left at the spec's ``lora_dropout``: it is a
+    setting of its own, and with the adapters starting at zero it does not move step 0.
     """
     count = 0
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" not in name.split("."):
             module.p = 0.0
             count += 1
     return count

@@ -29,6 +29,17 @@ def check_precision(name: str, device: torch.device) -> None:
         )
 
 
+def autocast(name: str, device: torch.device) -> Any:
+    """The forward passes' autocast for precision `name` on `device`; a no-op context for fp32.
+
+    Every forward pass of a run goes through it, the precomputed reference's included, so the
+    reference strategies give the same numbers under every precision.
+    """
+    if name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[name])
+
+
 class Precision:
     """The autocast context of a run's forward passes and the scaler of its backward pass."""
 
@@ -42,9 +53,7 @@ class Precision:
 
     def autocast(self) -> Any:
         """Autocast to the run's dtype; a no-op context for fp32."""
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.name, self.device)
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Backward pass and optimizer step; with fp16 the loss is scaled and an overflowing step skipped."""

@@ -109,6 +109,7 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
             cache_dir=None,  # measured every round: the one-off pass a run pays
             checkpoint_key="probe",
             data_key="probe",
+            precision="bf16" if probe.plan.bf16 else spec.precision,
         )
     if spec.train == "lora":  # as a run does: a copy or precomputed reference is taken before the adapters
         attach_lora(loaded, spec)

@@ -4,8 +4,9 @@
   encoders are frozen). The frozen encoders and their output are shared with the policy,
   so the reference costs one extra decoder pass and no second vision pass.
 * ``precompute`` scores every train and eval pair once before training with the starting
-  checkpoint (which *is* the reference), stores the log-probs on disk keyed by checkpoint
-  and data hashes, and keeps no reference weights resident while training.
+  checkpoint (which *is* the reference), under the run's autocast like every other forward
+  pass, stores the log-probs on disk keyed by everything that changes them
+  (:func:`reference_cache_key`), and keeps no reference weights resident while training.
 * ``adapter`` (``train = "lora"``) is the policy itself with its LoRA adapters disabled
   (peft's ``disable_adapter``): the frozen base *is* the starting model, so it costs one
   extra decoder pass and no resident bytes.
@@ -34,6 +35,7 @@ from vqabench.engine import model as blip
 from vqabench.engine.cache import publish_file
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
+from vqabench.engine.precision import autocast
 from vqabench.engine.telemetry import module_bytes
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def reference_cache_key(loaded: blip.LoadedModel, encoded: EncodedData, checkpoint_key: str, data_key: str) -> str:
-    """Everything a precomputed table depends on: weights, data, token layout, pairing, code versions."""
+def reference_cache_key(
+    loaded: blip.LoadedModel,
+    encoded: EncodedData,
+    checkpoint_key: str,
+    data_key: str,
+    *,
+    precision: str,
+    device: torch.device,
+) -> str:
+    """Everything a precomputed table depends on: weights, data, token layout, pairing, the
+    encodings the decoder reads (live, or the encoder cache's entry and its dtype), the precision,
+    the device type and the torch, transformers and scoring code versions."""
     import transformers
 
     train = encoded.splits["train"]
@@ -145,11 +157,22 @@ def reference_cache_key(loaded: blip.LoadedModel, encoded: EncodedData, checkpoi
         str(tuple(train.question_ids.shape)),
         str(len(encoded.splits["eval"])),
         pairing.hexdigest(),
+        _encodings_part(encoded),
+        f"precision {precision}",
+        f"device {device.type}",
+        f"torch {torch.__version__}",
         f"transformers {transformers.__version__}",
         f"tokenizer {tokenizer_fingerprint(loaded.tokenizer)}",
         f"scoring {SCORING_VERSION}",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _encodings_part(encoded: EncodedData) -> str:
+    """Where the decoder's question encodings come from: computed live, or an encoder cache entry (key, dtype)."""
+    if encoded.encodings is None:
+        return "encoder cache off"
+    return f"encoder cache {encoded.encodings.key.digest} {encoded.encodings.key.parts.get('dtype', '?')}"
 
 
 @dataclass
@@ -257,17 +280,20 @@ class PrecomputedReference:
         cache_dir: Path | None,
         checkpoint_key: str,
         data_key: str,
+        precision: str = "fp32",
         progress: ProgressFn | None = None,
         ranks: Ranks = SINGLE,
     ) -> PrecomputedReference:
         """Load the cached table for this checkpoint and data, or score every pair once.
 
+        The pairs are scored under the autocast of the run's `precision`, as the policy's and a
+        copy reference's passes are, so DPO starts at log 2 whichever strategy and precision.
         On several processes each rank scores a slice of every split, the slices are gathered,
         and rank 0 alone writes the cache.
         """
         import time
 
-        key = reference_cache_key(loaded, encoded, checkpoint_key, data_key)
+        key = reference_cache_key(loaded, encoded, checkpoint_key, data_key, precision=precision, device=device)
         path = cache_dir / "reference" / f"{key}.pt" if cache_dir is not None else None
         if path is not None and ranks.all(path.exists(), device):
             try:
@@ -283,7 +309,7 @@ class PrecomputedReference:
         table: dict[str, dict[str, torch.Tensor]] = {}
         total = sum(-(-len(ranks.shard(len(encoded.splits[s]))) // batch_size) for s in ("train", "eval"))
         done = 0
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             for split in ("train", "eval"):
                 shard = ranks.shard(len(encoded.splits[split]))
                 parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}

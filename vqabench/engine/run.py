@@ -205,6 +205,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
                     cache_dir=cache_dir,
                     checkpoint_key=key,
                     data_key=data.fingerprint,
+                    precision=spec.precision,
                     progress=lambda i, n: progress("reference", 0, i, n, None, "precomputing reference log-probs"),
                     ranks=ranks,
                 )

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 
@@ -255,10 +256,18 @@ class TextEncoder:
 
 
 def image_cache_key(data: DataSplits, used: list[str], size: int) -> CacheKey:
-    """Preprocessed pixels depend on the images used, their size and the preprocessing code."""
+    """Preprocessed pixels depend on the images used, their size, the preprocessing code and
+    Pillow's version (its decoders and resampling filters can change between releases)."""
     ids = hashlib.sha256("\n".join(used).encode()).hexdigest()[:16]
     return CacheKey(
-        "images", {"data": data.fingerprint, "image_ids": ids, "size": str(size), "preprocessing": IMAGE_PREPROCESSING}
+        "images",
+        {
+            "data": data.fingerprint,
+            "image_ids": ids,
+            "size": str(size),
+            "preprocessing": IMAGE_PREPROCESSING,
+            "pillow": PIL.__version__,
+        },
     )
 
 

@@ -1,8 +1,10 @@
 """Question and answer length limits, from the data ("auto") or the spec, capped by the model.
 
 ``max_answer_tokens = "auto"`` is the p99 of the chosen and rejected answers' token counts
-over every split, ``max_question_tokens = "auto"`` the p99 of the questions' (with the
-tokenizer's [CLS]/[SEP]); one width each for every split. Both are capped by the text
+over the train and eval splits, ``max_question_tokens = "auto"`` the p99 of their questions'
+(with the tokenizer's [CLS]/[SEP]): the test split is only scored, so no setting may read its
+answers. One width each serves every split; a longer test answer is cut like any other and
+counted in the report, whose statistics cover every split. Both are capped by the text
 model's position limit (``max_position_embeddings``; an answer also needs room for BOS and
 SEP), integers included, so no length can index past the position table. The answer lengths,
 the limits and the number of answers cut go into the data quality report, with a one-sentence
@@ -51,12 +53,13 @@ def resolve_token_limits(
     question_cap: int,
     answer_cap: int,
 ) -> TokenLimits:
-    """Resolve both limits from the pairs of every split; record the statistics in ``data.report``.
+    """Resolve "auto" limits from the train and eval pairs; record every split's statistics in ``data.report``.
 
     `question_length` / `answer_length` map a text to its token count (the run's tokenizer);
     raises DataError when every answer is empty after tokenisation.
     """
-    pairs: list[PreferencePair] = [*data.train, *data.eval, *data.test]
+    fitted: list[PreferencePair] = [*data.train, *data.eval]  # what "auto" may read; test is only scored
+    pairs: list[PreferencePair] = [*fitted, *data.test]
     answers = [a for p in pairs for a in (p.chosen, p.rejected) if a]
     answer_lengths = [int(answer_length(a)) for a in answers]
     if answers and not any(answer_lengths):
@@ -65,9 +68,10 @@ def resolve_token_limits(
             f"tokenizer; check the answer columns (dataset.columns) and the tokenizer."
         )
     question_lengths = [int(question_length(p.question)) for p in pairs]
+    fitted_answers = sum(1 for p in fitted for a in (p.chosen, p.rejected) if a)  # `answers` lists them first
     limits = TokenLimits(
-        question=_resolve(question_setting, question_lengths, question_cap, "max_question_tokens"),
-        answer=_resolve(answer_setting, answer_lengths, answer_cap, "max_answer_tokens"),
+        question=_resolve(question_setting, question_lengths[: len(fitted)], question_cap, "max_question_tokens"),
+        answer=_resolve(answer_setting, answer_lengths[:fitted_answers], answer_cap, "max_answer_tokens"),
     )
     answer_stats = length_stats(answer_lengths, limits.answer)
     question_stats = length_stats(question_lengths, limits.question)
