@@ -178,35 +178,46 @@ def events_of(notes: list, run: str | None, cls: type) -> list:
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout_free_checkpoint, tmp_path):
     # DPO with a precomputed reference: the sharded precompute pass, the pair step under DDP,
     # sharded eval and generation. Two caches, so each run computes its own reference.
-    dpo = {"method": "dpo", "reference": "precompute"}
-    first, notes = run_session([tiny_run("one", dropout_free_checkpoint, **dpo)], tmp_path / "1", tmp_path / "c1")
-    second, more = run_session(
-        [tiny_run("two", dropout_free_checkpoint, **dpo, nproc_per_node=2)], tmp_path / "2", tmp_path / "c2"
-    )
+    # KTO with a copy reference: its KL point is a mean over the global batch, so each rank's
+    # share is summed over ranks, in training and in eval; 17 eval pairs leave rank 1 without a
+    # row in the last eval batch.
+    def runs(suffix: str, **more) -> list[RunSpec]:
+        kto_data = {"eval_size": 17, "test_size": 16}
+        return [
+            tiny_run(f"dpo{suffix}", dropout_free_checkpoint, method="dpo", reference="precompute", **more),
+            tiny_run(
+                f"kto{suffix}", dropout_free_checkpoint, method="kto", dataset=kto_data, lr=1e-3, beta=1.0, **more
+            ),
+        ]
+
+    first, notes = run_session(runs("1"), tmp_path / "1", tmp_path / "c1")
+    second, more = run_session(runs("2", nproc_per_node=2), tmp_path / "2", tmp_path / "c2")
     notes += more
     for runner in (first, second):
         assert all(s.status == DONE for s in runner.states.values()), [s.reason for s in runner.states.values()]
     assert len(list((tmp_path / "c2" / "reference").glob("*.pt"))) == 1  # written once, by rank 0
-    for name in ("one", "two"):
+    for name in ("dpo1", "dpo2", "kto1", "kto2"):
         assert len(events_of(notes, name, ev.RunStarted)) == 1
         assert len(events_of(notes, name, ev.RunFinished)) == 1
-    [started] = events_of(notes, "two", ev.RunStarted)
+    [started] = events_of(notes, "dpo2", ev.RunStarted)
     assert (started.world_size, started.backend, started.global_batch, started.per_device_batch) == (2, "gloo", 8, 4)
-    assert all(s.data["reference_seconds"] > 0 for s in events_of(notes, None, ev.RunStarted))  # none from a cache
-    assert second.states["two"].device == "2 processes"
-    one, two = events_of(notes, "one", ev.EpochEnded), events_of(notes, "two", ev.EpochEnded)
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two, strict=True):
-        assert b.train_loss == pytest.approx(a.train_loss, abs=1e-4)
-        assert b.eval_loss == pytest.approx(a.eval_loss, abs=1e-4)
-        assert b.pref_accuracy == pytest.approx(a.pref_accuracy, abs=1e-6)
-        assert b.rank_peak_mib is not None and len(b.rank_peak_mib) == 2 and all(p > 0 for p in b.rank_peak_mib)
-        assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(
-            sum(b.rank_peak_mib)
-        )
-    assert one[0].rank_peak_mib is None  # one process: no per-rank figures
+    dpo_started = events_of(notes, "dpo1", ev.RunStarted) + events_of(notes, "dpo2", ev.RunStarted)
+    assert all(s.data["reference_seconds"] > 0 for s in dpo_started)  # none from a cache
+    assert second.states["dpo2"].device == second.states["kto2"].device == "2 processes"
+    for method in ("dpo", "kto"):
+        one, two = events_of(notes, f"{method}1", ev.EpochEnded), events_of(notes, f"{method}2", ev.EpochEnded)
+        assert len(one) == len(two) == 2
+        for a, b in zip(one, two, strict=True):
+            assert b.train_loss == pytest.approx(a.train_loss, abs=1e-4), method
+            assert b.eval_loss == pytest.approx(a.eval_loss, abs=1e-4), method
+            assert b.pref_accuracy == pytest.approx(a.pref_accuracy, abs=1e-6), method
+            assert b.rank_peak_mib is not None and len(b.rank_peak_mib) == 2 and all(p > 0 for p in b.rank_peak_mib)
+            assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(
+                sum(b.rank_peak_mib)
+            )
+        assert one[0].rank_peak_mib is None  # one process: no per-rank figures
     # Test generation is sharded and gathered: every test question answered once, in order.
-    [test_one], [test_two] = events_of(notes, "one", ev.Evaluated), events_of(notes, "two", ev.Evaluated)
+    [test_one], [test_two] = events_of(notes, "dpo1", ev.Evaluated), events_of(notes, "dpo2", ev.Evaluated)
     assert test_two.n == test_one.n == 16 and test_two.em == test_one.em
     assert Path(test_two.predictions).read_text() == Path(test_one.predictions).read_text()
 

@@ -8,8 +8,11 @@ and gets its device; the rest of the engine asks a :class:`Ranks` what it needs:
 * ``is_main``: rank 0 alone writes events, checkpoints, predictions and caches;
 * :meth:`Ranks.train_sampler`: a ``DistributedSampler`` over the train split (also with one
   process, so 1 and N processes see the same permutation);
-* :meth:`Ranks.shard` / :meth:`Ranks.gather`: eval, the precompute pass and test generation
-  score a contiguous slice per rank, and the slices are gathered back in order;
+* :meth:`Ranks.shard` / :meth:`Ranks.gather`: the precompute pass and test generation score a
+  contiguous slice per rank, and the slices are gathered back in order; eval splits each global
+  batch the same way;
+* :meth:`Ranks.total`: a sum over ranks inside a step (KTO's KL reference point is a mean over
+  the global batch);
 * :meth:`Ranks.wrap`: the trainable part under ``DistributedDataParallel``.
 
 ``batch_size`` is the global batch: each process takes ``batch_size / world_size`` rows a
@@ -110,6 +113,14 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
+
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed element-wise over ranks (one all-reduce on a copy); `values` itself for one process."""
+        if not self.distributed:
+            return values
+        summed = values.detach().clone()
+        dist.all_reduce(summed)
+        return summed
 
     def all(self, flag: bool, device: torch.device) -> bool:
         """True when every rank says True: a decision all ranks take together."""
