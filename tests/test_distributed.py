@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ from conftest import TINY
 from fake_worker import canned_events, process_alive, worker_cmd
 
 from vqabench import events as ev
-from vqabench.engine.distributed import Ranks
+from vqabench.engine.data.records import DataError
+from vqabench.engine.distributed import (
+    COLLECTIVE_TIMEOUT_ENV,
+    NodePreparation,
+    PreparationFailed,
+    Ranks,
+    collective_timeout,
+)
 from vqabench.launch import (
     VISIBLE_GPUS_ENV,
     DevicePool,
@@ -159,9 +167,17 @@ def tiny_run(name: str, checkpoint: Path, **changes) -> RunSpec:
     return spec_from_dict(data)
 
 
-def run_session(specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=None) -> tuple[Runner, list]:
+def run_session(
+    specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=None, worker_cmd=None, env=None
+) -> tuple[Runner, list]:
     runner = Runner(
-        specs, runs_dir=tmp_path / "runs", session="d", cache_dir=vqa_cache, gpus=[], env={"OMP_NUM_THREADS": "1"}
+        specs,
+        runs_dir=tmp_path / "runs",
+        session="d",
+        cache_dir=vqa_cache,
+        gpus=[],
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
+        worker_cmd=worker_cmd,
     )
     notes: list = []
     runner.subscribe(notes.append)
@@ -244,6 +260,47 @@ def test_killing_one_rank_fails_the_run_in_one_sentence_and_keeps_its_epochs(
     assert len(seen["ranks"]) == 2
     assert not [pid for pid in [state.pid, *seen["ranks"]] if pid is not None and process_alive(pid)]
     assert [n.status for n in notes if isinstance(n, RunStatusChanged)] == ["running", "failed"]
+
+
+def slow_preparation(seconds: float) -> list[str]:
+    return [sys.executable, str(Path(__file__).with_name("slow_preparation_worker.py")), str(seconds)]
+
+
+def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(dropout_free_checkpoint, vqa_cache, tmp_path):
+    # A 4-second collective timeout stands in for the 10 minutes; rank 0 prepares for 6 seconds
+    # (the old barrier failed here with "Timed out waiting 4000ms for recv operation to complete").
+    spec = tiny_run("two", dropout_free_checkpoint, nproc_per_node=2, epochs=1)
+    runner, notes = run_session(
+        [spec], tmp_path, vqa_cache, worker_cmd=slow_preparation(6), env={COLLECTIVE_TIMEOUT_ENV: "4"}
+    )
+    state = runner.states["two"]
+    assert state.status == DONE, "\n".join(state.stderr_tail)
+    assert len(events_of(notes, "two", ev.EpochEnded)) == 1 and len(events_of(notes, "two", ev.RunFinished)) == 1
+
+
+def test_a_process_waiting_for_preparation_stops_with_the_reason_of_the_one_that_failed():
+    import torch.distributed as dist
+
+    store = dist.HashStore()  # stands in for the rendezvous store the ranks share
+    first = NodePreparation(Ranks(rank=0, world_size=2, local_world_size=2, store=store), poll_seconds=0.01)
+    other = NodePreparation(
+        Ranks(rank=1, world_size=2, local_rank=1, local_world_size=2, store=store), poll_seconds=0.01
+    )
+    with pytest.raises(DataError), first:
+        first.begin()
+        raise DataError("the file 'train.jsonl' has no rows.")
+    with pytest.raises(PreparationFailed) as info:
+        other.begin()
+    assert str(info.value) == "rank 0 failed while preparing the run: the file 'train.jsonl' has no rows."
+    assert info.value.error_kind == "data"
+
+
+def test_the_collective_timeout_is_ten_minutes_unless_the_environment_shortens_it():
+    assert collective_timeout({}) == timedelta(minutes=10)
+    assert collective_timeout({COLLECTIVE_TIMEOUT_ENV: "2.5"}) == timedelta(seconds=2.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(SpecError, match=rf"\$VQABENCH_COLLECTIVE_TIMEOUT_S has value '{bad}'"):
+            collective_timeout({COLLECTIVE_TIMEOUT_ENV: bad})
 
 
 def worker_processes(root: int | None) -> list[int]:
