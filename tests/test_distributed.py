@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,14 @@ from conftest import TINY
 from fake_worker import canned_events, process_alive, worker_cmd
 
 from vqabench import events as ev
-from vqabench.engine.distributed import Ranks
+from vqabench.engine.data.records import DataError
+from vqabench.engine.distributed import (
+    COLLECTIVE_TIMEOUT_ENV,
+    NodePreparation,
+    PreparationFailed,
+    Ranks,
+    collective_timeout,
+)
 from vqabench.launch import (
     VISIBLE_GPUS_ENV,
     DevicePool,
@@ -159,9 +167,17 @@ def tiny_run(name: str, checkpoint: Path, **changes) -> RunSpec:
     return spec_from_dict(data)
 
 
-def run_session(specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=None) -> tuple[Runner, list]:
+def run_session(
+    specs: list[RunSpec], tmp_path: Path, vqa_cache: Path, on_note=None, worker_cmd=None, env=None
+) -> tuple[Runner, list]:
     runner = Runner(
-        specs, runs_dir=tmp_path / "runs", session="d", cache_dir=vqa_cache, gpus=[], env={"OMP_NUM_THREADS": "1"}
+        specs,
+        runs_dir=tmp_path / "runs",
+        session="d",
+        cache_dir=vqa_cache,
+        gpus=[],
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
+        worker_cmd=worker_cmd,
     )
     notes: list = []
     runner.subscribe(notes.append)
@@ -178,35 +194,46 @@ def events_of(notes: list, run: str | None, cls: type) -> list:
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout_free_checkpoint, tmp_path):
     # DPO with a precomputed reference: the sharded precompute pass, the pair step under DDP,
     # sharded eval and generation. Two caches, so each run computes its own reference.
-    dpo = {"method": "dpo", "reference": "precompute"}
-    first, notes = run_session([tiny_run("one", dropout_free_checkpoint, **dpo)], tmp_path / "1", tmp_path / "c1")
-    second, more = run_session(
-        [tiny_run("two", dropout_free_checkpoint, **dpo, nproc_per_node=2)], tmp_path / "2", tmp_path / "c2"
-    )
+    # KTO with a copy reference: its KL point is a mean over the global batch, so each rank's
+    # share is summed over ranks, in training and in eval; 17 eval pairs leave rank 1 without a
+    # row in the last eval batch.
+    def runs(suffix: str, **more) -> list[RunSpec]:
+        kto_data = {"eval_size": 17, "test_size": 16}
+        return [
+            tiny_run(f"dpo{suffix}", dropout_free_checkpoint, method="dpo", reference="precompute", **more),
+            tiny_run(
+                f"kto{suffix}", dropout_free_checkpoint, method="kto", dataset=kto_data, lr=1e-3, beta=1.0, **more
+            ),
+        ]
+
+    first, notes = run_session(runs("1"), tmp_path / "1", tmp_path / "c1")
+    second, more = run_session(runs("2", nproc_per_node=2), tmp_path / "2", tmp_path / "c2")
     notes += more
     for runner in (first, second):
         assert all(s.status == DONE for s in runner.states.values()), [s.reason for s in runner.states.values()]
     assert len(list((tmp_path / "c2" / "reference").glob("*.pt"))) == 1  # written once, by rank 0
-    for name in ("one", "two"):
+    for name in ("dpo1", "dpo2", "kto1", "kto2"):
         assert len(events_of(notes, name, ev.RunStarted)) == 1
         assert len(events_of(notes, name, ev.RunFinished)) == 1
-    [started] = events_of(notes, "two", ev.RunStarted)
+    [started] = events_of(notes, "dpo2", ev.RunStarted)
     assert (started.world_size, started.backend, started.global_batch, started.per_device_batch) == (2, "gloo", 8, 4)
-    assert all(s.data["reference_seconds"] > 0 for s in events_of(notes, None, ev.RunStarted))  # none from a cache
-    assert second.states["two"].device == "2 processes"
-    one, two = events_of(notes, "one", ev.EpochEnded), events_of(notes, "two", ev.EpochEnded)
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two, strict=True):
-        assert b.train_loss == pytest.approx(a.train_loss, abs=1e-4)
-        assert b.eval_loss == pytest.approx(a.eval_loss, abs=1e-4)
-        assert b.pref_accuracy == pytest.approx(a.pref_accuracy, abs=1e-6)
-        assert b.rank_peak_mib is not None and len(b.rank_peak_mib) == 2 and all(p > 0 for p in b.rank_peak_mib)
-        assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(
-            sum(b.rank_peak_mib)
-        )
-    assert one[0].rank_peak_mib is None  # one process: no per-rank figures
+    dpo_started = events_of(notes, "dpo1", ev.RunStarted) + events_of(notes, "dpo2", ev.RunStarted)
+    assert all(s.data["reference_seconds"] > 0 for s in dpo_started)  # none from a cache
+    assert second.states["dpo2"].device == second.states["kto2"].device == "2 processes"
+    for method in ("dpo", "kto"):
+        one, two = events_of(notes, f"{method}1", ev.EpochEnded), events_of(notes, f"{method}2", ev.EpochEnded)
+        assert len(one) == len(two) == 2
+        for a, b in zip(one, two, strict=True):
+            assert b.train_loss == pytest.approx(a.train_loss, abs=1e-4), method
+            assert b.eval_loss == pytest.approx(a.eval_loss, abs=1e-4), method
+            assert b.pref_accuracy == pytest.approx(a.pref_accuracy, abs=1e-6), method
+            assert b.rank_peak_mib is not None and len(b.rank_peak_mib) == 2 and all(p > 0 for p in b.rank_peak_mib)
+            assert b.rank_peak_max_mib == max(b.rank_peak_mib) and b.rank_peak_sum_mib == pytest.approx(
+                sum(b.rank_peak_mib)
+            )
+        assert one[0].rank_peak_mib is None  # one process: no per-rank figures
     # Test generation is sharded and gathered: every test question answered once, in order.
-    [test_one], [test_two] = events_of(notes, "one", ev.Evaluated), events_of(notes, "two", ev.Evaluated)
+    [test_one], [test_two] = events_of(notes, "dpo1", ev.Evaluated), events_of(notes, "dpo2", ev.Evaluated)
     assert test_two.n == test_one.n == 16 and test_two.em == test_one.em
     assert Path(test_two.predictions).read_text() == Path(test_one.predictions).read_text()
 
@@ -233,6 +260,47 @@ def test_killing_one_rank_fails_the_run_in_one_sentence_and_keeps_its_epochs(
     assert len(seen["ranks"]) == 2
     assert not [pid for pid in [state.pid, *seen["ranks"]] if pid is not None and process_alive(pid)]
     assert [n.status for n in notes if isinstance(n, RunStatusChanged)] == ["running", "failed"]
+
+
+def slow_preparation(seconds: float) -> list[str]:
+    return [sys.executable, str(Path(__file__).with_name("slow_preparation_worker.py")), str(seconds)]
+
+
+def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(dropout_free_checkpoint, vqa_cache, tmp_path):
+    # A 4-second collective timeout stands in for the 10 minutes; rank 0 prepares for 6 seconds
+    # (the old barrier failed here with "Timed out waiting 4000ms for recv operation to complete").
+    spec = tiny_run("two", dropout_free_checkpoint, nproc_per_node=2, epochs=1)
+    runner, notes = run_session(
+        [spec], tmp_path, vqa_cache, worker_cmd=slow_preparation(6), env={COLLECTIVE_TIMEOUT_ENV: "4"}
+    )
+    state = runner.states["two"]
+    assert state.status == DONE, "\n".join(state.stderr_tail)
+    assert len(events_of(notes, "two", ev.EpochEnded)) == 1 and len(events_of(notes, "two", ev.RunFinished)) == 1
+
+
+def test_a_process_waiting_for_preparation_stops_with_the_reason_of_the_one_that_failed():
+    import torch.distributed as dist
+
+    store = dist.HashStore()  # stands in for the rendezvous store the ranks share
+    first = NodePreparation(Ranks(rank=0, world_size=2, local_world_size=2, store=store), poll_seconds=0.01)
+    other = NodePreparation(
+        Ranks(rank=1, world_size=2, local_rank=1, local_world_size=2, store=store), poll_seconds=0.01
+    )
+    with pytest.raises(DataError), first:
+        first.begin()
+        raise DataError("the file 'train.jsonl' has no rows.")
+    with pytest.raises(PreparationFailed) as info:
+        other.begin()
+    assert str(info.value) == "rank 0 failed while preparing the run: the file 'train.jsonl' has no rows."
+    assert info.value.error_kind == "data"
+
+
+def test_the_collective_timeout_is_ten_minutes_unless_the_environment_shortens_it():
+    assert collective_timeout({}) == timedelta(minutes=10)
+    assert collective_timeout({COLLECTIVE_TIMEOUT_ENV: "2.5"}) == timedelta(seconds=2.5)
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(SpecError, match=rf"\$VQABENCH_COLLECTIVE_TIMEOUT_S has value '{bad}'"):
+            collective_timeout({COLLECTIVE_TIMEOUT_ENV: bad})
 
 
 def worker_processes(root: int | None) -> list[int]:

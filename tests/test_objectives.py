@@ -97,6 +97,21 @@ def test_kto_kl_estimate_is_mean_policy_minus_reference():
     assert kl.dim() == 0
 
 
+def test_kto_kl_estimate_over_processes_is_the_mean_of_the_global_batch():
+    # Two processes hold unequal shares of one batch; `total` stands in for the all-reduce.
+    policy, reference = t(-1.0, -2.0, -3.0, -4.0, -0.5), t(-1.5, -2.2, -2.9, -4.4, -1.4)
+    shares = [(policy[:3], reference[:3]), (policy[3:], reference[3:])]
+    sent: list[torch.Tensor] = []
+    for p, r in shares:
+        kto_kl_estimate(p, r, total=lambda x: sent.append(x) or x)
+    summed = sent[0] + sent[1]
+    per_process = [kto_kl_estimate(p, r, total=lambda _: summed).item() for p, r in shares]
+    whole = kto_kl_estimate(policy, reference).item()
+    assert whole == pytest.approx((0.5 + 0.2 - 0.1 + 0.4 + 0.9) / 5, abs=TOL)
+    assert per_process == pytest.approx([whole, whole], abs=TOL)
+    assert kto_kl_estimate(*shares[0]).item() != pytest.approx(whole, abs=0.1)  # a share's own mean is not it
+
+
 # --- limiting cases -------------------------------------------------------------------
 
 

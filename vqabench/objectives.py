@@ -11,6 +11,7 @@ Formulas, papers and defaults: docs/objectives.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -182,11 +183,24 @@ def kto_loss(
     )
 
 
-def kto_kl_estimate(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tensor) -> Tensor:
-    """KTO's batch KL reference point: mean(policy − ref) on mismatched pairs, ≥ 0, detached."""
+def kto_kl_estimate(
+    policy_mismatched_logps: Tensor,
+    ref_mismatched_logps: Tensor,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """KTO's batch KL reference point: mean(policy − ref) on mismatched pairs, ≥ 0, detached.
+
+    The mean is over the global batch: when one step's batch is split over processes, ``total``
+    sums a tensor over them (an all-reduce), and the mean is the summed differences over the
+    summed row counts, as TRL gathers it. None: this process holds the whole batch.
+    """
     dtype = _compute_dtype(policy_mismatched_logps, ref_mismatched_logps)
     diff = policy_mismatched_logps.detach().to(dtype) - ref_mismatched_logps.detach().to(dtype)
-    return diff.mean().clamp(min=0.0)
+    if total is None:
+        return diff.mean().clamp(min=0.0)
+    rows = torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)
+    summed = total(torch.stack([diff.sum().to(torch.float64), rows]))
+    return (summed[0] / summed[1]).to(dtype).clamp(min=0.0)
 
 
 def reward_margins(

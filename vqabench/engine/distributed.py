@@ -8,9 +8,15 @@ and gets its device; the rest of the engine asks a :class:`Ranks` what it needs:
 * ``is_main``: rank 0 alone writes events, checkpoints, predictions and caches;
 * :meth:`Ranks.train_sampler`: a ``DistributedSampler`` over the train split (also with one
   process, so 1 and N processes see the same permutation);
-* :meth:`Ranks.shard` / :meth:`Ranks.gather`: eval, the precompute pass and test generation
-  score a contiguous slice per rank, and the slices are gathered back in order;
-* :meth:`Ranks.wrap`: the trainable part under ``DistributedDataParallel``.
+* :meth:`Ranks.shard` / :meth:`Ranks.gather`: the precompute pass and test generation score a
+  contiguous slice per rank, and the slices are gathered back in order; eval splits each global
+  batch the same way;
+* :meth:`Ranks.total`: a sum over ranks inside a step (KTO's KL reference point is a mean over
+  the global batch);
+* :meth:`Ranks.wrap`: the trainable part under ``DistributedDataParallel``;
+* :class:`NodePreparation`: each node's first process prepares (base checkpoint, data,
+  caches) while the others poll the rendezvous store, since preparing has no time limit and
+  a collective has one (``COLLECTIVE_TIMEOUT``).
 
 ``batch_size`` is the global batch: each process takes ``batch_size / world_size`` rows a
 step and DDP averages the gradients over ranks, so with equal per-rank batches a step is
@@ -21,10 +27,14 @@ shards (PyTorch's rule), so 1 and N processes match exactly when ``len(train) % 
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from types import TracebackType
 from typing import Any, cast
 
 import torch
@@ -36,6 +46,18 @@ from vqabench.spec import SpecError
 
 #: How long a collective waits for a rank that went silent before it fails.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+#: Seconds that replace COLLECTIVE_TIMEOUT when set (the tests shorten it).
+COLLECTIVE_TIMEOUT_ENV = "VQABENCH_COLLECTIVE_TIMEOUT_S"
+#: Seconds between two looks at the rendezvous store while a process waits for another's preparation.
+PREPARATION_POLL_SECONDS = 0.25
+
+
+class PreparationFailed(RuntimeError):
+    """Another process failed while preparing the run; this one stops with its reason and kind."""
+
+    def __init__(self, message: str, error_kind: str) -> None:
+        super().__init__(message)
+        self.error_kind = error_kind
 
 
 class StepModule(nn.Module):
@@ -62,6 +84,7 @@ class Ranks:
     local_rank: int = 0
     local_world_size: int = 1
     backend: str | None = None  # "nccl" or "gloo"; None for one process
+    store: dist.Store | None = field(default=None, compare=False, repr=False)  # the rendezvous store, for polling
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +93,11 @@ class Ranks:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def node_rank(self) -> int:
+        """The node this process runs on (torchrun numbers ranks node by node)."""
+        return self.rank // self.local_world_size
 
     def per_device_batch(self, batch_size: int) -> int:
         """The rows one process takes a step; refuses a global batch that does not divide."""
@@ -111,6 +139,14 @@ class Ranks:
         dist.all_reduce(t)
         return t.tolist()
 
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed element-wise over ranks (one all-reduce on a copy); `values` itself for one process."""
+        if not self.distributed:
+            return values
+        summed = values.detach().clone()
+        dist.all_reduce(summed)
+        return summed
+
     def all(self, flag: bool, device: torch.device) -> bool:
         """True when every rank says True: a decision all ranks take together."""
         return self.sum([0.0 if flag else 1.0], device)[0] == 0.0
@@ -131,12 +167,71 @@ class Ranks:
             StepModule(part), device_ids=[device.index] if device.type == "cuda" else None, **no_resend
         )
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 SINGLE = Ranks()
+
+
+class NodePreparation:
+    """The first process of each node prepares the run; every process then waits for the others by polling.
+
+    Preparing (building the embedded base checkpoint, reading the data, decoding every image
+    into the array cache, the encoder pass) runs once per node and may take far longer than a
+    collective may wait (``COLLECTIVE_TIMEOUT``), so no process waits in a collective while
+    another prepares. They poll keys in the run's rendezvous store (torchrun's, shared by every
+    node) instead: the node's other processes wait for ``prepared/node<n>`` before they read
+    the caches, and every process, once it has its data, adds itself to ``ready`` and waits
+    until all have, so the run's first collective starts with every rank there. A process that
+    fails before that sets ``failed`` with its reason, and the others stop with it rather than
+    wait on; one that dies outright is seen by torchrun, which stops the rest.
+
+    Used as a context manager around the run (that marks a failure): :meth:`begin` where
+    preparing starts, :meth:`done` where it ends.
+    """
+
+    def __init__(self, ranks: Ranks, poll_seconds: float = PREPARATION_POLL_SECONDS) -> None:
+        self.ranks = ranks
+        self.store = ranks.store if ranks.distributed else None
+        self.poll_seconds = poll_seconds
+        self.finished = False
+
+    @property
+    def _prepared_key(self) -> str:
+        return f"prepared/node{self.ranks.node_rank}"
+
+    def begin(self) -> None:
+        """Every process calls it; the node's first returns at once, the others once that one is done."""
+        if self.store is not None and self.ranks.local_rank != 0:
+            self._wait_until(lambda store: store.check([self._prepared_key]))
+
+    def done(self) -> None:
+        """This process has its model and data; returns when every process has."""
+        if self.store is not None:
+            if self.ranks.local_rank == 0:
+                self.store.set(self._prepared_key, "1")
+            self.store.add("ready", 1)
+            self._wait_until(lambda store: store.add("ready", 0) >= self.ranks.world_size)
+        self.finished = True
+
+    def _wait_until(self, condition: Callable[[dist.Store], bool]) -> None:
+        assert self.store is not None
+        while not condition(self.store):
+            if self.store.check(["failed"]):
+                failure = json.loads(self.store.get("failed"))
+                raise PreparationFailed(
+                    f"rank {failure['rank']} failed while preparing the run: {failure['message']}", failure["kind"]
+                )
+            time.sleep(self.poll_seconds)
+
+    def __enter__(self) -> NodePreparation:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None or self.store is None or self.finished or isinstance(exc, PreparationFailed):
+            return
+        from vqabench.engine.worker import classify  # the worker's one-sentence reasons
+
+        error_kind, message = classify(exc)
+        self.store.set("failed", json.dumps({"rank": self.ranks.rank, "kind": error_kind, "message": message}))
 
 
 def launched_by_torchrun() -> bool:
@@ -173,8 +268,33 @@ def start(device_name: str) -> tuple[Ranks, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(ranks.backend, timeout=COLLECTIVE_TIMEOUT)
-    return ranks, device
+    timeout = collective_timeout(env)
+    # The env:// rendezvous that init_process_group would do itself, kept for NodePreparation's polling.
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    dist.init_process_group(
+        ranks.backend,
+        store=dist.PrefixStore("default_pg", store),  # the prefix torch itself gives it
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        timeout=timeout,
+    )
+    return replace(ranks, store=dist.PrefixStore("vqabench", store)), device
+
+
+def collective_timeout(env: Mapping[str, str]) -> timedelta:
+    """COLLECTIVE_TIMEOUT, or the seconds in ``$VQABENCH_COLLECTIVE_TIMEOUT_S`` when that is set."""
+    raw = env.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None:
+        return COLLECTIVE_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise SpecError(
+            f"${COLLECTIVE_TIMEOUT_ENV} has value {raw!r}; give the seconds a collective may wait, above 0."
+        )
+    return timedelta(seconds=seconds)
 
 
 def finish(ranks: Ranks) -> None:

@@ -103,7 +103,8 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     ranks, device = distributed.start(spec.device)
     try:
         check_precision(spec.precision, device)
-        _execute(spec, emit if ranks.is_main else _silent, ranks, device, t_start)
+        with distributed.NodePreparation(ranks) as preparation:
+            _execute(spec, emit if ranks.is_main else _silent, ranks, device, t_start, preparation)
     finally:
         distributed.finish(ranks)
 
@@ -142,14 +143,22 @@ def _silent(event: ev.Event) -> None:
     """Ranks other than 0 report nothing: one run, one event stream."""
 
 
-def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.device, t_start: float) -> None:
+def _execute(
+    spec: RunSpec,
+    emit: Emit,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    t_start: float,
+    preparation: distributed.NodePreparation,
+) -> None:
     cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     out_dir = Path(spec.output_dir) if spec.output_dir else Path("vqabench-results") / "runs" / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Throttled(emit)
 
-    if not ranks.is_main:  # rank 0 first: it alone builds the base checkpoint and fills the caches
-        ranks.barrier()
+    # Each node's first process builds the base checkpoint and fills the caches, while the others
+    # wait for it outside any collective (preparing has no time limit; a collective has one).
+    preparation.begin()
     loaded, data = load_model_and_data(spec, cache_dir, emit)
     with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
         loaded.model.to(device)
@@ -177,8 +186,7 @@ def _execute(spec: RunSpec, emit: Emit, ranks: distributed.Ranks, device: torch.
             )
         emit(ev.EncoderCached(**info.to_dict()))
         encoder_cache = {"on": True, **info.to_dict()}
-    if ranks.is_main:  # the image and encoder caches are complete: the other ranks read them
-        ranks.barrier()
+    preparation.done()  # caches complete, every process has its data: collectives may start
     torch.manual_seed(spec.seed)  # dropout and shuffling vary with the run seed only
 
     reference: Reference | None = None

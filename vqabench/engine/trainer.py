@@ -6,8 +6,9 @@ compare across methods), steps the LR schedule, and keeps the checkpoint with th
 eval loss. The caller owns the events; the trainer reports through callbacks.
 
 On several processes (engine/distributed.py) the train split is sharded by a
-DistributedSampler, the step runs under DDP, and eval and generation score a slice per
-rank and gather it, so every rank ends an epoch with the same figures.
+DistributedSampler, the step runs under DDP, eval scores a slice of every global batch per
+rank and generation a slice of the split, and both gather them, so every rank ends an epoch
+with the same figures.
 """
 
 from __future__ import annotations
@@ -114,11 +115,20 @@ def synchronize(device: torch.device) -> None:
 class MethodStep:
     """Computes one method's per-example losses for a batch: the step every run and benchmark shares."""
 
-    def __init__(self, spec: RunSpec, loaded: blip.LoadedModel, encoded: EncodedData, reference: Reference | None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        loaded: blip.LoadedModel,
+        encoded: EncodedData,
+        reference: Reference | None,
+        ranks: Ranks = SINGLE,
+    ):
         self.spec = spec
         self.loaded = loaded
         self.encoded = encoded
         self.reference = reference
+        # Each rank holds a share of the global batch; batch-level statistics (KTO's KL point) sum over ranks.
+        self.total = ranks.total if ranks.distributed else None
         self.needs = objectives.OBJECTIVE_INPUTS[spec.method]
         if self.needs.needs_reference and reference is None:
             raise ValueError(f"method '{spec.method}' needs a reference model")
@@ -161,13 +171,22 @@ class MethodStep:
                 mm, _ = blip.answer_logps(
                     decoder, q.detach(), batch.question_mask, *mismatched_answers(self.encoded, split, batch)
                 )
-            kl = objectives.kto_kl_estimate(mm, ref.mismatched)
+            kl = objectives.kto_kl_estimate(mm, ref.mismatched, self.total)
             losses = objectives.kto_loss(
                 c, r, ref.chosen, ref.rejected, kl, beta, spec.kto_desirable_weight, spec.kto_undesirable_weight
             )
         else:
             raise ValueError(f"unknown method '{method}'")
         return StepOutput(losses, c.detach(), r.detach(), q)
+
+    def join_without_rows(self) -> None:
+        """Take part in a step's sums over ranks when every row of its global batch sits on other ranks.
+
+        Only the last eval batch can leave a rank empty; the others still wait for this rank's share.
+        """
+        if self.total is not None and self.needs.needs_mismatched_kl:
+            device = next(self.loaded.model.parameters()).device
+            self.total(torch.zeros(2, dtype=torch.float64, device=device))  # no rows: a sum and a count of 0
 
     def _reference_logps(self, split: str, batch: Batch, question_embeds: torch.Tensor) -> ReferenceLogps:
         if self.reference is None:  # __init__ refuses this for methods that need one
@@ -200,7 +219,7 @@ class Trainer:
         blip.freeze_for_training(loaded.model, spec.train)
         if spec.disable_dropout:
             blip.disable_dropout(loaded.model)
-        self.step_fn = MethodStep(spec, loaded, encoded, reference)
+        self.step_fn = MethodStep(spec, loaded, encoded, reference, ranks)
         self.ddp = ranks.wrap(blip.trainable_part(loaded.model, spec.train), device)
         self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -325,10 +344,16 @@ class Trainer:
     def evaluate(self, split: str = "eval") -> EvalResult:
         start = time.perf_counter()
         self.loaded.model.eval()
-        shard = self.ranks.shard(len(self.encoded.splits[split]))
         losses, chosen, rejected = [torch.zeros(0)], [torch.zeros(0)], [torch.zeros(0)]
-        bs = self.batch_size
-        blocks = [torch.arange(lo, min(lo + bs, shard.stop)) for lo in range(shard.start, shard.stop, bs)]
+        # The split in global batches, as one process takes it, each sliced over the ranks: a
+        # batch-level statistic (KTO's KL point) then covers the rows it covers on one process.
+        n, step = len(self.encoded.splits[split]), self.spec.batch_size
+        blocks = []
+        for lo in range(0, n, step):
+            part = self.ranks.shard(min(step, n - lo))
+            blocks.append(torch.arange(lo + part.start, lo + part.stop))
+        empty = sum(1 for block in blocks if not len(block))  # at most the last batch, when it has < N rows
+        blocks = [block for block in blocks if len(block)]
         for batch in self.encoded.batches(split, blocks, self.device):
             with self.precision.autocast():
                 out = self.step_fn(split, batch)
@@ -342,6 +367,8 @@ class Trainer:
                 rejected.append(r.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
+        for _ in range(empty):
+            self.step_fn.join_without_rows()
         gather = self.ranks.gather_cat
         c, r, loss = gather(torch.cat(chosen)), gather(torch.cat(rejected)), gather(torch.cat(losses))
         margins = objectives.reward_margins(c, r)
