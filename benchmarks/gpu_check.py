@@ -177,7 +177,14 @@ def sync_free_step_check(methods: list[tuple[str, str | None]], steps: int = 20)
         ref: Any = None
         if reference == "precompute":
             ref = PrecomputedReference.build(
-                loaded, encoded, batch_size=bs, device=device, cache_dir=None, checkpoint_key="gpu", data_key="gpu"
+                loaded,
+                encoded,
+                batch_size=bs,
+                device=device,
+                cache_dir=None,
+                checkpoint_key="gpu",
+                data_key="gpu",
+                precision="fp32",
             )
         loaded.model.to(device)
         if reference == "copy":

@@ -95,6 +95,7 @@ def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
         cache_dir=tmp_path,
         checkpoint_key="k",
         data_key=data.fingerprint,
+        precision="fp32",
     )
     # Move the policy away from the reference so the loss is not simply log 2.
     with torch.no_grad():
@@ -116,6 +117,7 @@ def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
         cache_dir=tmp_path,
         checkpoint_key="k",
         data_key=data.fingerprint,
+        precision="fp32",
     )
     assert again.from_cache and torch.equal(again.table["eval"]["chosen"], pre_ref.table["eval"]["chosen"])
 
@@ -133,6 +135,7 @@ def test_reference_bytes_copy_is_the_trainable_part_and_precompute_is_zero(tiny,
         cache_dir=None,
         checkpoint_key="k",
         data_key=data.fingerprint,
+        precision="fp32",
     )
     assert pre.resident_bytes == 0
 

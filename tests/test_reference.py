@@ -58,7 +58,14 @@ def test_kto_precomputed_and_copy_references_agree_on_the_mismatched_pairs(tiny)
     spec = RunSpec(name="kto", method="kto", init_checkpoint="x", batch_size=8)
     copy_ref = CopyReference(loaded, "decoder")
     pre = PrecomputedReference.build(
-        loaded, encoded, batch_size=8, device=torch.device("cpu"), cache_dir=None, checkpoint_key="k", data_key="d"
+        loaded,
+        encoded,
+        batch_size=8,
+        device=torch.device("cpu"),
+        cache_dir=None,
+        checkpoint_key="k",
+        data_key="d",
+        precision="fp32",
     )
     batch = encoded.batch("train", torch.tensor([9, 2, 30, 17, 4]), torch.device("cpu"))
     with torch.no_grad():
@@ -87,6 +94,7 @@ def test_precompute_cache_misses_when_transformers_tokenizer_or_scoring_code_cha
             cache_dir=tmp_path,
             checkpoint_key="k",
             data_key=data.fingerprint,
+            precision="fp32",
         )
 
     assert not build().from_cache
@@ -176,6 +184,7 @@ def test_a_table_scored_from_bf16_encodings_is_not_reused_by_an_fp32_run(tiny, c
                 cache_dir=tmp_path,
                 checkpoint_key="k",
                 data_key=data.fingerprint,
+                precision="fp32",
             )
         finally:
             encoded.encodings = None

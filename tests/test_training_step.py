@@ -346,7 +346,14 @@ def test_a_training_step_of_each_method_makes_no_host_sync_on_a_gpu(small, metho
     ref = None
     if reference == "precompute":
         ref = PrecomputedReference.build(
-            loaded, encoded, batch_size=8, device=device, cache_dir=None, checkpoint_key="t", data_key="t"
+            loaded,
+            encoded,
+            batch_size=8,
+            device=device,
+            cache_dir=None,
+            checkpoint_key="t",
+            data_key="t",
+            precision="fp32",
         )
     loaded.model.to(device)
     if reference == "copy":

@@ -280,7 +280,7 @@ class PrecomputedReference:
         cache_dir: Path | None,
         checkpoint_key: str,
         data_key: str,
-        precision: str = "fp32",
+        precision: str,
         progress: ProgressFn | None = None,
         ranks: Ranks = SINGLE,
     ) -> PrecomputedReference:
