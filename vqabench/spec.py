@@ -128,7 +128,7 @@ class RunSpec:
     orpo_logps: str = "mean"  # ORPO's odds from token-mean ("mean", Hong et al.) or summed log-probs
     sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (HF's BLIP loss uses 0.1)
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
-    base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
+    base_samples: int = 2000  # embedded model: samples that make the base checkpoint (few: fine-tuning moves it)
     device: str = "auto"
     telemetry_interval: float = 0.2
     gpus: list[int] = field(default_factory=list)  # GPUs the runner may place this run on; [] = no placement
