@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", default="decoder", choices=("decoder", "all"))
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--base-samples", type=int, default=8000, help="embedded model: samples of its base checkpoint")
+    p.add_argument(
+        "--base-samples", type=int, default=RunSpec.base_samples, help="embedded model: samples of its base checkpoint"
+    )
     p.add_argument("--cache", default=None, help="base checkpoint cache (default: vqabench's)")
     args = p.parse_args(argv)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]

@@ -51,11 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(REPO))
         from vqabench.engine.base_checkpoint import base_folder
         from vqabench.engine.model import META_FILE
+        from vqabench.spec import RunSpec
 
-        folder = base_folder(root / "shared", seed=0, samples=8000)
+        samples = RunSpec.base_samples  # the presets' start
+        folder = base_folder(root / "shared", seed=0, samples=samples)
         print(f"building the embedded base checkpoint once (not timed) in {folder}", file=sys.stderr)
+        builder = [sys.executable, "-m", "vqabench.engine.base_checkpoint", str(folder), "--seed", "0"]
+        builder += ["--samples", str(samples)]
         subprocess.run(
-            [sys.executable, "-m", "vqabench.engine.base_checkpoint", str(folder), "--seed", "0", "--samples", "8000"],
+            builder,
             env=env,
             check=True,
             stdout=subprocess.DEVNULL,

@@ -206,6 +206,12 @@ def test_end_to_end_on_the_real_worker(tmp_path, vqa_cache):
     quality = report.split("## Quality")[1].split("##")[0]
     sft_row = next(line for line in quality.splitlines() if line.startswith("| sft "))
     assert "n/a" not in sft_row.split("|")[2]  # EM measured
+    # The starting model is scored once, by the first run from it (orpo), and is the first row of both tables.
+    assert proc.stdout.count("base: EM") == 1 and "[orpo] base: EM" in proc.stdout
+    base_row = [line for line in quality.splitlines() if line.startswith("| ")][1]  # the first after the header
+    assert base_row.startswith("| base ") and re.search(r"\| *[01]\.\d{3} \[[01]\.\d{3}, [01]\.\d{3}\] *\|", base_row)
+    versus = report.split("## Versus SFT")[1].split("##")[0]
+    assert [line for line in versus.splitlines() if line.startswith("| ")][1].startswith("| base ")
 
     # The encoder cache: built once, by the first run to start (orpo), reused by the six others.
     assert proc.stdout.count("encoder cache: encoded once in") == 1

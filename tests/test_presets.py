@@ -43,10 +43,12 @@ def test_all_is_every_top_level_preset_in_dependency_order():
 def test_top_level_presets_share_the_training_setup_of_the_paper():
     specs = {s.name: s for s in load_presets("all")}
     shared = {
-        (s.model, s.dataset.source, s.epochs, s.limit, s.lr, s.batch_size, s.lr_decay, s.seed, s.judge.name)
+        (s.model, s.dataset.source, s.base_samples, s.epochs, s.limit, s.lr, s.batch_size, s.lr_decay, s.seed)
         for s in specs.values()
     }
-    assert shared == {("embedded", "easyvqa", 3, 4000, 5e-5, 16, 0.9, 0, "auto")}
+    # one start for all (a base checkpoint weak enough for fine-tuning to move), 2,000 pairs
+    assert shared == {("embedded", "easyvqa", 2000, 3, 2000, 5e-5, 16, 0.9, 0)}
+    assert {s.judge.name for s in specs.values()} == {"auto"}
     assert {specs[n].after for n in ("ipo", "kto")} == {"sft"}
     assert specs["simpo"].after is None and specs["simpo"].resolved_beta == 2.0
     assert specs["dpo-beta0.1"].beta == 0.1 and specs["dpo-beta0.5"].beta == 0.5

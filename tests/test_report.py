@@ -411,3 +411,38 @@ def test_the_methods_flagged_for_doing_more_work_than_sft_are_those_that_score_r
     from vqabench.report import MORE_WORK_THAN_SFT
 
     assert {m for m, needs in OBJECTIVE_INPUTS.items() if needs.needs_rejected} == MORE_WORK_THAN_SFT
+
+
+def test_the_starting_model_is_a_base_row_in_quality_and_versus_sft(tmp_path):
+    import json as _json
+
+    from vqabench.events import Evaluated
+    from vqabench.report import RunData, quality_table, summarize_runs, versus_sft_table
+
+    def scores(name: str, split: str, ems: list[int]) -> Evaluated:
+        path = tmp_path / f"{name}-{split}.jsonl"
+        rows = [{"question": f"q{i}", "reference": "r", "prediction": "p", "em": e, "f1": e} for i, e in enumerate(ems)]
+        path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+        n = len(ems)
+        extra = {"em_ci": [0.2, 0.4], "f1_ci": [0.21, 0.41]}
+        return Evaluated(split=split, n=n, em=sum(ems) / n, f1=sum(ems) / n, predictions=str(path), extra=extra)
+
+    setup = "embedded on easyvqa"
+    sft = RunData("sft", "sft", "done", final_eval=scores("sft", "test", [1] * 60 + [0] * 40), setup=setup)
+    orpo = RunData("orpo", "orpo", "done", final_eval=scores("orpo", "test", [1] * 70 + [0] * 30), setup=setup)
+    orpo.base_eval = scores("orpo", "base", [1] * 30 + [0] * 70)  # orpo ran first and scored the start model
+    runs = [orpo, sft]
+    quality = quality_table(summarize_runs(runs), runs)
+    assert [row[0] for row in quality.rows] == ["base", "orpo", "sft"]
+    assert quality.rows[0][1] == "0.300 [0.200, 0.400]" and quality.rows[0][-1] == "–"
+    assert any(note.startswith("base: the starting model") for note in quality.notes)
+    versus = versus_sft_table(runs)
+    assert versus is not None and [row[0] for row in versus.rows] == ["base", "orpo"]
+    base_row = versus.rows[0]
+    # 30 questions SFT got right and the starting model did not, none the other way
+    assert base_row[1] == "sft" and base_row[2].startswith("-0.300 [") and base_row[3] == "< 0.001"
+    assert any("what SFT gained" in note for note in versus.notes)
+    # no base scores: no base row, never a made-up one
+    orpo.base_eval = None
+    assert [row[0] for row in quality_table(summarize_runs(runs), runs).rows] == ["orpo", "sft"]
+    assert [row[0] for row in versus_sft_table(runs).rows] == ["orpo"]

@@ -24,7 +24,7 @@ from vqabench.runner import (
     WorkerStderr,
     default_worker_cmd,
 )
-from vqabench.spec import RunSpec
+from vqabench.spec import DatasetSpec, RunSpec
 from vqabench.store import ResultsStore
 
 SPECS = [
@@ -341,3 +341,16 @@ def test_cancelling_concurrent_runs_leaves_no_process(tmp_path):
     pids = asyncio.run(scenario())
     assert statuses(runner) == {"sft": "cancelled", "dpo": "cancelled", "orpo": "cancelled"}
     assert not [pid for p in pids for pid in p.values() if process_alive(pid)]
+
+
+def test_the_starting_model_is_scored_once_per_session_by_the_first_run_that_starts_from_it(tmp_path):
+    specs = [*SPECS, RunSpec(name="simpo", method="simpo", epochs=2), RunSpec(name="big", method="sft", limit=9)]
+    specs.append(RunSpec(name="other-data", method="sft", epochs=2, dataset=DatasetSpec(test_size=10)))
+    runner, notes = make_runner(tmp_path, {}, specs=specs)
+    asyncio.run(runner.run())
+    written = {s.name: json.loads((tmp_path / "runs" / f"s1-{s.name}" / "spec.json").read_text()) for s in specs}
+    started = [n.run for n in notes if isinstance(n, RunStatusChanged) and n.status == "running"]
+    same_start = [name for name in started if name in ("sft", "orpo", "simpo", "big")]
+    # the first of the four runs from the embedded start model on this test split scores it, and the one run
+    # on another test split; dpo starts from sft's checkpoint
+    assert {name for name, spec in written.items() if spec["score_base"]} == {same_start[0], "other-data"}

@@ -138,10 +138,13 @@ class EpochEnded(Event):
 
 @dataclass
 class Evaluated(Event):
-    """Final answer quality on the test split, from the best checkpoint."""
+    """Answer quality on the test split: split "test" from the best checkpoint; split "base" from the
+    starting model before training (sent, before the "test" one, by the one run per session that the
+    runner asked to score it, `score_base`). A new value of an existing field, so no version change:
+    hosts that read only "test" ignore it."""
 
     type: ClassVar[str] = "eval"
-    split: str
+    split: str  # "test" or "base"
     n: int
     em: float
     f1: float

@@ -60,6 +60,7 @@ class RunData:
     epochs: list[EpochEnded] = field(default_factory=list)
     final_eval: Evaluated | None = None  # the last eval on the test split
     setup: str = ""  # model, data, trained part, precision; a run's SFT baseline is an SFT run of the same setup
+    base_eval: Evaluated | None = None  # the starting model's test scores, where this run made them
 
 
 @dataclass
@@ -201,7 +202,9 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
     """The stored runs of a session as RunData, in queue order."""
     data = []
     for run in store.runs(session_id):
-        tests = [e for e in store.evals(run.id) if e.split == "test"]
+        evals = store.evals(run.id)
+        tests = [e for e in evals if e.split == "test"]
+        bases = [e for e in evals if e.split == "base"]
         data.append(
             RunData(
                 run.name,
@@ -214,6 +217,7 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
                 store.epochs(run.id),
                 tests[-1] if tests else None,
                 run_setup(run.spec),
+                bases[-1] if bases else None,
             )
         )
     return data
@@ -451,9 +455,11 @@ def relative_time(run: RunTiming, baseline: RunTiming) -> tuple[float | None, li
     return _ratio(run.epoch_seconds, baseline.epoch_seconds), None
 
 
-def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
-    """The test predictions a run's worker wrote (question, reference, prediction, em, f1)."""
-    path = run.final_eval.predictions if run.final_eval else None
+def read_predictions(run: RunData, split: str = "test") -> list[dict[str, Any]] | None:
+    """The test predictions a run's worker wrote (question, reference, prediction, em, f1); split "base":
+    the starting model's answers to the same questions."""
+    evaluation = run.base_eval if split == "base" else run.final_eval
+    path = evaluation.predictions if evaluation else None
     if not path:
         return None
     try:
@@ -464,6 +470,25 @@ def read_predictions(run: RunData) -> list[dict[str, Any]] | None:
 
 
 TOO_FEW = "too few items"
+BASE = "base"
+
+
+def base_rows(runs: Sequence[RunData]) -> list[tuple[str, RunData]]:
+    """(row name, run that scored it) per setup whose starting model was scored: "base", or
+    "base (model on data)" when the session mixes setups."""
+    scored: dict[str, RunData] = {}
+    for run in runs:
+        if run.base_eval is not None:
+            scored.setdefault(run.setup, run)
+    setups = {r.setup for r in runs}
+    return [(BASE if len(setups) == 1 else f"{BASE} ({setup})", run) for setup, run in scored.items()]
+
+
+BASE_NOTE = (
+    "base: the starting model (the checkpoint the runs without `after` start from), before any training, "
+    "answering the same test questions, scored by the same judge; a method's row minus it is what its "
+    "training gained."
+)
 
 
 def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
@@ -477,11 +502,13 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             baselines.setdefault((r.setup, seed_suffix(r.name)), r)
             baselines.setdefault((r.setup, ""), r)
     rows = []
-    for run in done:
-        base = baselines.get((run.setup, seed_suffix(run.name))) or baselines.get((run.setup, ""))
-        if base is None or base is run:
+    candidates = [(name, run, "base") for name, run in base_rows(runs)] + [(r.name, r, "test") for r in done]
+    for name, run, split in candidates:
+        suffix = "" if split == "base" else seed_suffix(run.name)
+        base = baselines.get((run.setup, suffix)) or baselines.get((run.setup, ""))
+        if base is None or (base is run and split == "test"):
             continue
-        ours, theirs = read_predictions(run), read_predictions(base)
+        ours, theirs = read_predictions(run, split), read_predictions(base)
         if (
             not ours
             or not theirs
@@ -492,7 +519,7 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             )
         ):
             continue
-        row = [run.name, base.name]
+        row = [name, base.name]
         for key in ("em", "f1"):
             a, b = [x[key] for x in ours], [x[key] for x in theirs]
             d = paired_bootstrap(a, b)
@@ -526,6 +553,11 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         f"Fewer than {MIN_PAIRED_ITEMS} paired questions: '{TOO_FEW}' instead of a p-value. "
         "An interval that contains 0 means no measurable difference."
     ]
+    if any(row[0].startswith(BASE) for row in rows):
+        notes.append(
+            "base: the starting model, before any training, against SFT: negative is what SFT gained over it "
+            "(a method's own gain over the starting model is its difference minus the base row's)."
+        )
     return ReportTable(
         "Versus SFT",
         ["Method", "Baseline", "ΔEM [95% CI]", "p (EM)", "ΔF1 [95% CI]", "p (F1)", "ΔJudge", "p (judge)", "n"],
@@ -651,6 +683,24 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
     with_kappa = any(s.kappa is not None for s in summaries)
     columns = ["Method", "EM ↑", "F1 ↑", "Judge ↑"] + (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
     rows = []
+    bases = base_rows(runs)
+    for name, run in bases:
+        scores = run.base_eval
+        assert scores is not None
+        ci = {
+            key: scores.extra[f"{key}_ci"]
+            for key in ("em", "f1", "judge")
+            if _is_interval(scores.extra.get(f"{key}_ci"))
+        }
+        row = [
+            name,
+            _score(scores.em, ci.get("em")),
+            _score(scores.f1, ci.get("f1")),
+            _score(scores.judge_score, ci.get("judge")),
+        ]
+        if with_kappa:
+            row.append(_fmt(scores.extra.get("judge_kappa"), 2))
+        rows.append([*row, "–"])
     for s in summaries:
         if s.seeds > 1:
             row = [s.name, _pm(s, "em", 3), _pm(s, "f1", 3), _pm(s, "judge_score", 3)]
@@ -693,6 +743,8 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             "κ judge/EM: Cohen's kappa between the judge's verdicts and exact match "
             "(1 = always agree, 0 = chance); a low κ means the judge measures something else."
         )
+    if bases:
+        notes.append(BASE_NOTE)
     notes.append(
         "Epoch time: median wall clock of the training steps of one epoch (evaluation excluded); "
         "the efficiency table gives its spread."

@@ -229,6 +229,7 @@ class Runner:
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._started = False
         self._launching: set[str] = set()  # runs whose workers are being started
+        self._base_scored: set[str] = set()  # starting models (RunSpec.starting_model_key) already asked to score
         self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
 
     # -- public API -------------------------------------------------------------------------
@@ -361,11 +362,15 @@ class Runner:
         folder = f"{self.session}-{spec.name}" if self.session else spec.name
         output_dir = self.runs_dir / re.sub(r"[^\w.@-]", "_", folder)
         output_dir.mkdir(parents=True, exist_ok=True)
-        changes: dict[str, str | int] = {"output_dir": str(output_dir), "cache_dir": str(self.cache_dir)}
+        changes: dict[str, str | int | bool] = {"output_dir": str(output_dir), "cache_dir": str(self.cache_dir)}
         if placement.concurrent_runs > 1:
             changes["concurrent_runs"] = placement.concurrent_runs
         if spec.after in self.states:
             changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
+        start = spec.starting_model_key()
+        if start is not None and start not in self._base_scored:  # the starting model is scored once per session
+            self._base_scored.add(start)
+            changes["score_base"] = True
         state.spec = spec.replace(**changes)
         spec_path = output_dir / "spec.json"
         spec_path.write_text(json.dumps(state.spec.to_dict(), indent=2) + "\n")

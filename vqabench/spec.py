@@ -9,6 +9,7 @@ Pure Python: no torch, no textual.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -127,7 +128,7 @@ class RunSpec:
     orpo_logps: str = "mean"  # ORPO's odds from token-mean ("mean", Hong et al.) or summed log-probs
     sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (HF's BLIP loss uses 0.1)
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
-    base_samples: int = 8000  # embedded model: samples used to make the base checkpoint
+    base_samples: int = 2000  # embedded model: samples that make the base checkpoint (few: fine-tuning moves it)
     device: str = "auto"
     telemetry_interval: float = 0.2
     gpus: list[int] = field(default_factory=list)  # GPUs the runner may place this run on; [] = no placement
@@ -136,6 +137,9 @@ class RunSpec:
     node_rank: int = 0  # this node's rank; node 0 records the results
     rdzv_endpoint: str | None = None  # host:port of node 0, where the nodes meet (nnodes > 1)
     concurrent_runs: int = 1  # set by the runner: runs sharing the host while this one trained (--parallel)
+    # Set by the runner on the first run of a session that starts from a given model, data and test
+    # split: it also answers the test questions with the starting model, before training ("base" scores).
+    score_base: bool = False
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
     cache_dir: str | None = None  # base checkpoints, reference, image and encoder caches; None = user cache
     num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
@@ -156,6 +160,20 @@ class RunSpec:
     def uses_encoder_cache(self) -> bool:
         """Whether the frozen encoders' outputs are computed once and read from the cache."""
         return self.encoder_cache == "on" or (self.encoder_cache == "auto" and self.train != "all")
+
+    def starting_model_key(self) -> str | None:
+        """What a "base" score depends on: the starting model, the data, the test split, the answer
+        limits and the judge; None for a run that starts from another run's checkpoint."""
+        if self.after is not None or self.init_checkpoint is not None:
+            return None
+        parts = {
+            "model": self.model,
+            "base_samples": self.base_samples if self.model == "embedded" else None,
+            "dataset": dataclasses.asdict(self.dataset),
+            "judge": dataclasses.asdict(self.judge),
+            "tokens": [self.max_question_tokens, self.max_answer_tokens],
+        }
+        return json.dumps(parts, sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -264,6 +264,12 @@ def _execute(
         )
     )
 
+    base_answers: list[str] | None = None
+    if spec.score_base and spec.init_checkpoint is None:
+        # The starting model's test answers, for the report's "base" row; judged after training
+        # with the run's own answers, so no judge model is resident during the epochs.
+        with explain_out_of_memory("generating the starting model's test answers", spec.batch_size):
+            base_answers = trainer.answers("test")
     if spec.eval_every_epoch and ranks.is_main:
         # Judging happens after every epoch: load the judge's model now, so it is resident from
         # the first epoch on and the per-epoch memory figures stay comparable.
@@ -328,18 +334,40 @@ def _execute(
     if not ranks.is_main:  # rank 0 judges, writes the predictions and reports
         return
     pairs = encoded.splits["test"].pairs
+    if base_answers is not None:
+        base = score_answers(spec, pairs, base_answers, cache_dir, out_dir / "base-predictions.jsonl", progress)
+        emit(base.to_event("base", str(out_dir / "base-predictions.jsonl")))
+    predictions = out_dir / "predictions.jsonl"
+    summary = score_answers(spec, pairs, answers, cache_dir, predictions, progress)
+    emit(summary.to_event("test", str(predictions)))
+    emit(
+        ev.RunFinished(
+            best_epoch=trainer.best_epoch,
+            best_eval_loss=trainer.best_loss,
+            checkpoint=str(best_dir),
+            total_seconds=time.perf_counter() - t_start,
+            train_seconds=train_seconds,
+        )
+    )
+
+
+def score_answers(
+    spec: RunSpec, pairs: list, answers: list[str], cache_dir: Path, predictions: Path, progress: Throttled
+) -> ScoreSummary:
+    """Score test answers with the run's judge and write them, one JSON line per question, to `predictions`.
+
+    A judge failure keeps EM and F1 (the answers can be judged later with `vqabench judge --run ID`).
+    """
     items = judge_items_of(pairs, answers)
     try:
         summary = score_items(
             items, spec.judge, cache_dir, progress=lambda i, n: progress("judge", 0, i, n, None, "judging test answers")
         )
     except JudgeError as exc:
-        # Training and answers are sound: keep them (and the runs that start from this one);
-        # the answers can be judged later with `vqabench judge --run ID`.
+        # Training and answers are sound: keep them (and the runs that start from this one).
         log.error("judging the test answers failed: %s", exc)
         summary = score_items(items, None, cache_dir)
         summary.extra["judge_error"] = str(exc)
-    predictions = out_dir / "predictions.jsonl"
     with predictions.open("w") as fh:
         for i, (pair, answer) in enumerate(zip(pairs, answers, strict=True)):
             row = {
@@ -353,16 +381,7 @@ def _execute(
             if i < len(summary.verdicts):
                 row["verdict"] = summary.verdicts[i]
             fh.write(json.dumps(row) + "\n")
-    emit(summary.to_event("test", str(predictions)))
-    emit(
-        ev.RunFinished(
-            best_epoch=trainer.best_epoch,
-            best_eval_loss=trainer.best_loss,
-            checkpoint=str(best_dir),
-            total_seconds=time.perf_counter() - t_start,
-            train_seconds=train_seconds,
-        )
-    )
+    return summary
 
 
 def judge_items_of(pairs: list, answers: list[str]) -> list[JudgeItem]:

@@ -81,6 +81,7 @@ class RunView:
     failed: RunFailed | None = None
     epochs: list[EpochEnded] = field(default_factory=list)
     final_eval: Evaluated | None = None
+    base_eval: Evaluated | None = None  # the starting model's test scores, where this run made them
     phase: str = ""
     epoch: int = 0
     step: int = 0
@@ -128,6 +129,7 @@ class RunView:
             list(self.epochs),
             self.final_eval,
             self.setup,
+            self.base_eval,
         )
 
     def progress_fraction(self) -> float:
@@ -226,6 +228,8 @@ class RunView:
         elif isinstance(event, Evaluated):
             if event.split == "test":
                 self.final_eval = event
+            elif event.split == "base":
+                self.base_eval = event
         elif isinstance(event, RunFinished):
             self.finished = event
         elif isinstance(event, RunFailed):
@@ -269,6 +273,7 @@ class SessionView:
                 list(data.epochs),
                 data.final_eval,
             )
+            view.base_eval = data.base_eval
             view.stored_elapsed = _seconds_between(record.started_at, record.finished_at)
             view.stderr.extend(store.stderr_tail(record, stderr_lines))
             view.stderr_total = len(view.stderr)
