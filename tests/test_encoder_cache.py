@@ -61,7 +61,14 @@ def step_losses(tiny, method: str, strategy: str | None, cached: bool) -> dict[s
         reference = CopyReference(loaded, spec.train)
     elif strategy == "precompute":
         reference = PrecomputedReference.build(
-            loaded, encoded, batch_size=8, device=CPU, cache_dir=None, checkpoint_key="k", data_key="d"
+            loaded,
+            encoded,
+            batch_size=8,
+            device=CPU,
+            cache_dir=None,
+            checkpoint_key="k",
+            data_key="d",
+            precision="fp32",
         )
     step = MethodStep(spec, loaded, encoded, reference)
     blip.set_train_mode(loaded.model, spec.train)  # decoder dropout on, as in training

@@ -76,7 +76,14 @@ def test_copy_precompute_and_adapter_references_give_the_same_dpo_loss_with_lora
     loaded = fresh()
     copy_ref = CopyReference(loaded, "lora")
     pre_ref = PrecomputedReference.build(
-        loaded, encoded, batch_size=8, device=CPU, cache_dir=tmp_path, checkpoint_key="k", data_key=splits.fingerprint
+        loaded,
+        encoded,
+        batch_size=8,
+        device=CPU,
+        cache_dir=tmp_path,
+        checkpoint_key="k",
+        data_key=splits.fingerprint,
+        precision="fp32",
     )
     spec = lora_spec()
     lora.attach(loaded, spec)
