@@ -22,6 +22,8 @@ with these keys (all optional):
                     `cuda` also NVML GPU memory and utilisation (default false)
     record_env      write <output_dir>/env.json: the CUDA_VISIBLE_DEVICES it got and its
                     start and end times (time.time())
+    base_event      emit the starting model's "base" eval before the test eval when the spec's
+                    score_base asks for it, as the real worker does
     probe_fail      for a probe plan ({"probe": ...}): emit run_failed after the first round
 
 Given a probe plan instead of a spec, it answers as the probe worker does: probe_started,
@@ -32,6 +34,7 @@ then one probe_measured per preset and round, with step times scaled by METHOD_C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -268,6 +271,8 @@ def main(script_path: str, spec_path: str) -> int:
                 _emit(RunFailed(error_kind="numerics", message=f"the loss became NaN in epoch {epoch}."))
                 return 1
             continue
+        if isinstance(event, Evaluated) and plan.get("base_event") and spec.get("score_base"):
+            _emit(dataclasses.replace(event, split="base", em=0.3, f1=0.35, judge_score=0.3))
         _emit(event)
     if plan.get("record_env"):
         record = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}

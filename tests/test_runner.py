@@ -14,6 +14,7 @@ import pytest
 from fake_worker import process_alive, worker_cmd
 
 from vqabench.events import EpochEnded, RunStarted
+from vqabench.presets import order_runs
 from vqabench.runner import (
     InvalidWorkerLine,
     Runner,
@@ -346,7 +347,7 @@ def test_cancelling_concurrent_runs_leaves_no_process(tmp_path):
 def test_the_starting_model_is_scored_once_per_session_by_the_first_run_that_starts_from_it(tmp_path):
     specs = [*SPECS, RunSpec(name="simpo", method="simpo", epochs=2), RunSpec(name="big", method="sft", limit=9)]
     specs.append(RunSpec(name="other-data", method="sft", epochs=2, dataset=DatasetSpec(test_size=10)))
-    runner, notes = make_runner(tmp_path, {}, specs=specs)
+    runner, notes = make_runner(tmp_path, {"default": {"base_event": True}}, specs=specs)
     asyncio.run(runner.run())
     written = {s.name: json.loads((tmp_path / "runs" / f"s1-{s.name}" / "spec.json").read_text()) for s in specs}
     started = [n.run for n in notes if isinstance(n, RunStatusChanged) and n.status == "running"]
@@ -354,3 +355,16 @@ def test_the_starting_model_is_scored_once_per_session_by_the_first_run_that_sta
     # the first of the four runs from the embedded start model on this test split scores it, and the one run
     # on another test split; dpo starts from sft's checkpoint
     assert {name for name, spec in written.items() if spec["score_base"]} == {same_start[0], "other-data"}
+
+
+def test_when_the_run_asked_to_score_the_starting_model_dies_the_next_run_from_it_scores_it(tmp_path):
+    specs = [RunSpec(name=m, method=m, epochs=2) for m in ("sft", "orpo", "simpo")]
+    first, second, third = [s.name for s in order_runs(specs)]
+    plan = {"default": {"base_event": True}, "runs": {first: {"crash_in_epoch": 1}}}
+    runner, _ = make_runner(tmp_path, plan, specs=specs)
+    asyncio.run(runner.run())
+    written = {s.name: json.loads((tmp_path / "runs" / f"s1-{s.name}" / "spec.json").read_text()) for s in specs}
+    assert statuses(runner) == {first: "failed", second: "done", third: "done"}
+    # the first run is killed before it reports the base scores: the second is asked instead, and once it
+    # has reported them the third is not
+    assert [written[name]["score_base"] for name in (first, second, third)] == [True, True, False]

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from vqabench.events import (
     EpochEnded,
+    Evaluated,
     Event,
     EventError,
     Progress,
@@ -229,7 +230,10 @@ class Runner:
         self._cancel_signals: dict[str, asyncio.Event] = {}
         self._started = False
         self._launching: set[str] = set()  # runs whose workers are being started
-        self._base_scored: set[str] = set()  # starting models (RunSpec.starting_model_key) already asked to score
+        # Starting models (RunSpec.starting_model_key) whose "base" scores arrived, and the run asked for
+        # them meanwhile: a run that ends without them (killed, failed) passes the task to the next from there.
+        self._base_scored: set[str] = set()
+        self._base_scoring: dict[str, str] = {}
         self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
 
     # -- public API -------------------------------------------------------------------------
@@ -368,8 +372,8 @@ class Runner:
         if spec.after in self.states:
             changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
         start = spec.starting_model_key()
-        if start is not None and start not in self._base_scored:  # the starting model is scored once per session
-            self._base_scored.add(start)
+        if start is not None and start not in self._base_scored and start not in self._base_scoring:
+            self._base_scoring[start] = spec.name  # the starting model is scored once per session
             changes["score_base"] = True
         state.spec = spec.replace(**changes)
         spec_path = output_dir / "spec.json"
@@ -446,6 +450,9 @@ class Runner:
 
     def _finish(self, state: RunState, code: int | None) -> None:
         state.exit_code = code
+        start = state.spec.starting_model_key()
+        if start is not None and self._base_scoring.get(start) == state.name:
+            del self._base_scoring[start]  # scored, or the next run from this start is asked to
         state.finished_at = time.time()
         if code == 0 and state.finished is not None and state.failed is None and self.fatal is None:
             self._set_status(state, DONE, exit_code=code)
@@ -562,9 +569,12 @@ class Runner:
         )
         self._notify(InvalidWorkerLine(state.name, line, error))
 
-    @staticmethod
-    def _observe(state: RunState, event: Event) -> None:
-        if isinstance(event, RunStarted):
+    def _observe(self, state: RunState, event: Event) -> None:
+        if isinstance(event, Evaluated) and event.split == "base":
+            start = state.spec.starting_model_key()
+            if start is not None:
+                self._base_scored.add(start)
+        elif isinstance(event, RunStarted):
             state.started = event
         elif isinstance(event, Progress):
             state.phase, state.epoch = event.phase, event.epoch
