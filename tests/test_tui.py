@@ -785,3 +785,19 @@ def test_concurrent_runs_show_their_gpus_in_the_runs_table(tmp_path, monkeypatch
             await wait_for(pilot, lambda: app.live is not None and app.live.status != "running")
 
     asyncio.run(scenario())
+
+
+def test_the_efficiency_panel_shows_each_runs_own_scores_under_the_starting_models_row(tmp_path):
+    app = make_app(tmp_path, {"default": {"base_event": True}}, selection="sft,orpo")
+
+    async def scenario() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("a")
+            await wait_for(pilot, lambda: app.live is not None and app.live.status != "running")
+            rows = table_rows(app.query_one("#efficiency-table", ReportDataTable))
+            # the fake worker's base scores are EM 0.3, F1 0.35; its sft and orpo score 0.60 and 0.66
+            assert rows[0][0] == "base" and rows[0][1:6] == ["–"] * 5 and rows[0][6:8] == ["0.300", "0.350"]
+            scores = {r[0]: r[6] for r in rows[1:]}
+            assert scores == {"sft": "0.600", "orpo": "0.660"}
+
+    asyncio.run(scenario())

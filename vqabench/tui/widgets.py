@@ -25,6 +25,7 @@ from vqabench.report import (
     MIB,
     NA,
     ReportTable,
+    base_rows,
     data_summary,
     efficiency_table,
     encoder_cache_text,
@@ -259,7 +260,8 @@ def _mib(value: int | None) -> str:
 #: What the efficiency columns mean (left out on short terminals; docs/dashboard.md has it too).
 LEGEND = Text(
     "s/epoch: mean training time of an epoch; ×SFT: that time relative to SFT on the same "
-    "model and data; Aligned s: training time including the runs it starts from; −ORPO MiB "
+    "model, data, trained part and precision; Aligned s: training time including the runs it "
+    "starts from and the encoding pass it reads; base: the starting model's scores; −ORPO MiB "
     "(on wide screens): peak memory minus the ORPO run's; Ref MiB: the frozen reference model "
     "(none: no reference). EM/F1/Judge on the test split; the exported report adds their "
     "95% intervals.",
@@ -321,7 +323,8 @@ class EfficiencyPanel(Horizontal):
             self.query_one(CostCharts).show(session)
         summaries = session.summaries()
         cost = efficiency_table(summaries)
-        quality = quality_table(summaries, session.run_data())
+        runs = session.run_data()
+        quality = quality_table(summaries, runs)
         memory = next((c for c in cost.columns if c.startswith("Peak") and not c.startswith("Peak −")), "Peak")
         memory_header = {"Peak CUDA memory [MiB] ↓": "CUDA MiB", "Peak RSS [MiB] ↓": "RSS MiB"}.get(memory, "Peak MiB")
         wide = not self.side_by_side and self.size.width >= self.WIDE
@@ -345,9 +348,17 @@ class EfficiencyPanel(Horizontal):
             _cells(cost, memory),
             *([_cells(cost, "Peak −")] if wide else []),
             _cells(cost, "Reference"),
-            *([_point(c) for c in _cells(quality, name)] for name in ("EM", "F1", "Judge")),
         ]
-        rows = [list(r) for r in zip(*columns, strict=False)]
+        # Quality rows by name: the quality table also holds the starting model ("base"), which has no cost.
+        scores = {row[0]: [_point(c) for c in row] for row in quality.rows}
+        picks = [_column(quality, name) for name in ("EM", "F1", "Judge")]
+
+        def scored(name: str) -> list[str]:
+            row = scores.get(name)
+            return [row[i] if row is not None and i is not None else NA for i in picks]
+
+        base = [[name, *["–"] * (len(columns) - 1), *scored(name)] for name, _ in base_rows(runs)]
+        rows = base + [[*r, *scored(r[0])] for r in zip(*columns, strict=False)]
         self.query_one("#efficiency-table", ReportDataTable).show_rows(
             headers, rows, [False] + [True] * (len(headers) - 1)
         )
