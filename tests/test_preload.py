@@ -118,23 +118,44 @@ def write_spec(tmp_path: Path, name: str = "sft") -> Path:
     return path
 
 
+def wait_for_pids(path: Path) -> dict:
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
 def test_a_sigkilled_launcher_leaves_no_worker_alive(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{Path(TESTS).parent}{os.pathsep}{TESTS}"}
     server = PreloadServer("fake_worker", env)
     try:
         spec = write_spec(tmp_path)
         proc = launcher(server, module_cmd(tmp_path, {"default": {"hang_in_epoch": 1}}), spec, env)
-        pids_file = tmp_path / "out" / "pids.json"
-        deadline = time.monotonic() + 30
-        while not (pids_file.exists() and pids_file.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pids = json.loads(pids_file.read_text())
+        pids = wait_for_pids(tmp_path / "out" / "pids.json")
         assert process_alive(pids["worker"]) and pids["worker"] != proc.pid
         proc.kill()
         proc.wait()
         deadline = time.monotonic() + 5
         while (process_alive(pids["worker"]) or process_alive(pids["grandchild"])) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert not process_alive(pids["worker"]) and not process_alive(pids["grandchild"])
+    finally:
+        server.close()
+
+
+def test_a_server_whose_host_died_lets_running_workers_finish_and_still_guards_them(tmp_path):
+    env = {**os.environ, "PYTHONPATH": f"{Path(TESTS).parent}{os.pathsep}{TESTS}"}
+    server = PreloadServer("fake_worker", env)
+    try:
+        spec = write_spec(tmp_path)
+        proc = launcher(server, module_cmd(tmp_path, {"default": {"hang_in_epoch": 1}}), spec, env)
+        pids = wait_for_pids(tmp_path / "out" / "pids.json")
+        assert server.process is not None and server.process.stdin is not None
+        server.process.stdin.close()  # what the host's death does to the server
+        time.sleep(0.5)
+        assert process_alive(pids["worker"]) and server.process.poll() is None  # as without the server
+        proc.kill()
+        server.process.wait(timeout=5)  # its last worker gone, the server exits
         assert not process_alive(pids["worker"]) and not process_alive(pids["grandchild"])
     finally:
         server.close()

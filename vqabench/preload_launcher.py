@@ -58,20 +58,21 @@ class PreloadServer:
 
     def command(self, worker_cmd: Sequence[str]) -> list[str]:
         """`worker_cmd` (``python -m MODULE ARGS...``) as a launcher command; starts the server if needed."""
-        if self.process is None:
+        if self.folder is None:  # the first run starts the server, once
             self.folder = tempfile.mkdtemp(prefix="vqabench-preload-")
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
                 listener.bind(os.path.join(self.folder, "socket"))  # here, so launchers never find it missing
                 listener.listen(64)
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "vqabench.engine.preload", str(listener.fileno()), self.module],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    env=self.env,
-                    start_new_session=True,
-                    pass_fds=[listener.fileno()],
-                )
+                with contextlib.suppress(OSError):  # if it fails, launchers find no server: they start workers
+                    self.process = subprocess.Popen(
+                        [sys.executable, "-m", "vqabench.engine.preload", str(listener.fileno()), self.module],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                        env=self.env,
+                        start_new_session=True,
+                        pass_fds=[listener.fileno()],
+                    )
         assert self.folder is not None
         return [sys.executable, "-m", "vqabench.preload_launcher", os.path.join(self.folder, "socket"), *worker_cmd[2:]]
 

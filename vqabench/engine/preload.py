@@ -23,8 +23,10 @@ Protocol, one JSON line per message on a Unix stream socket, with the launcher:
    is reaped, and SIGKILLs what is left of the child's group, as the runner does.
 
 If a launcher's connection closes before its child exits (the launcher was SIGKILLed), the
-child's group is SIGKILLed: no worker outlives its launcher. The server exits when its
-stdin reaches end of file (the runner closed it or died) or on SIGTERM, killing any child.
+child's group is SIGKILLed: no worker outlives its launcher. On SIGTERM (the runner is
+done) the server exits at once, killing any child. When its stdin reaches end of file (the
+runner died without stopping it) it accepts no more launchers and exits once its children
+have: as without the server, a worker whose host was SIGKILLed runs to its end.
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ class Connection:
             return None
         self.buffer += data
         *lines, self.buffer = self.buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
+        messages = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                messages.append(json.loads(line))
+        return messages
 
 
 class Server:
@@ -89,6 +95,7 @@ class Server:
         self.children: dict[int, Connection] = {}
         self.wake_read, self.wake_write = socket.socketpair()
         self.stopping = False
+        self.draining = False  # no new launchers; exit once every child has
 
     def serve(self) -> None:
         for sock in (self.wake_read, self.wake_write):
@@ -100,7 +107,7 @@ class Server:
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         self.selector.register(sys.stdin, selectors.EVENT_READ, "stdin")
         try:
-            while not self.stopping:
+            while not (self.stopping or (self.draining and not self.children)):
                 for key, _ in self.selector.select():
                     self._handle(key)
                 self._reap()
@@ -120,7 +127,9 @@ class Server:
                 self.wake_read.recv(4096)
         elif key.data == "stdin":
             if not os.read(sys.stdin.fileno(), 4096):
-                self.stopping = True
+                self.draining = True
+                self.selector.unregister(self.listener)
+                self.selector.unregister(sys.stdin)
         else:
             self._from_launcher(key.data)
 
