@@ -19,6 +19,7 @@ HOST_MODULES = [
     "vqabench.charts",
     "vqabench.export",
     "vqabench.figures",
+    "vqabench.preload_launcher",
 ]
 
 

@@ -32,7 +32,10 @@ others go on. Cancelling sends SIGTERM to the worker's process group, SIGKILL af
 so no grandchild outlives its run. If the task running :meth:`Runner.run` is itself
 cancelled, the running workers are terminated the same way before the cancellation goes on.
 torchrun starts each rank in a session of its own: the runner signals every process group
-below the worker it started, not only the worker's own.
+below the worker it started, not only the worker's own. On Linux a single-process run with a
+``python -m MODULE`` worker starts through vqabench/preload_launcher.py, which has the worker
+forked from a server that imported it (and torch) once per session; the launcher forwards
+signals and exit codes, so none of the above changes (``VQABENCH_PRELOAD=0``: no server).
 A host killed with SIGKILL cannot clean up; its worker then runs to its end on its own.
 """
 
@@ -64,6 +67,7 @@ from vqabench.events import (
     parse_event,
 )
 from vqabench.launch import DevicePool, Placement, check_launch, is_distributed, launch_command, visible_gpus
+from vqabench.preload_launcher import PreloadServer, preload_module
 from vqabench.presets import order_runs
 from vqabench.spec import RunSpec, default_cache_dir
 
@@ -235,6 +239,8 @@ class Runner:
         self._base_scored: set[str] = set()
         self._base_scoring: dict[str, str] = {}
         self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
+        module = preload_module(self.worker_cmd, self._env)
+        self._preload = PreloadServer(module, self._env) if module else None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -283,6 +289,8 @@ class Runner:
                 for name in [n for n, task in running.items() if task in done]:
                     running.pop(name).result()
         finally:
+            if self._preload is not None:
+                self._preload.close()
             for state in self.states.values():
                 if state.status not in FINAL_STATUSES:
                     self._set_status(state, CANCELLED, "cancelled: the runner was stopped")
@@ -382,7 +390,10 @@ class Runner:
 
     async def _run_one(self, state: RunState, placement: Placement) -> None:
         spec_path = self._prepare(state, placement)
-        command = launch_command(state.spec, self.worker_cmd, spec_path)
+        worker_cmd = self.worker_cmd
+        if self._preload is not None and not is_distributed(state.spec):
+            worker_cmd = self._preload.command(worker_cmd)
+        command = launch_command(state.spec, worker_cmd, spec_path)
         state.device = placement.label(state.spec)
         state.started_at = time.time()
         self._launching.add(state.name)
