@@ -1,0 +1,81 @@
+"""Which family serves a model: a config's ``model_type`` → its module, and the built-in variants by name.
+
+Family modules are imported lazily (vLLM's registry does the same), so listing what is
+supported imports no model code. A family module defines ``FAMILY`` (its :class:`ModelFamily`)
+and ``VARIANTS`` (its built-in random variants).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from vqabench.models.family import LoadedModel, ModelError, ModelFamily
+
+#: Family module by the config's ``model_type``.
+FAMILY_MODULES: dict[str, str] = {
+    "blip": "vqabench.models.blip",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model the package builds itself, with random weights: by name in a preset's ``model``.
+
+    `build(seed, texts, tokenizer)` makes it; a variant whose tokenizer is trained in-process
+    trains it on `texts` (the run's own questions and answers), or reuses `tokenizer` (a
+    checkpoint's) so that a saved variant can be rebuilt exactly.
+    """
+
+    name: str
+    family: str  # the family's name
+    description: str
+    build: Callable[[int, Iterable[str] | None, Any | None], LoadedModel]
+    #: A variant whose tokenizer is trained on the run's text needs it at build time.
+    needs_texts: bool = False
+    #: Sized like a released checkpoint (for timing and memory at real scale), not a tiny test model.
+    real_size: bool = False
+
+
+def _family_module(module_name: str) -> Any:
+    return importlib.import_module(module_name)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILY_MODULES)
+
+
+def family_for(model_type: str) -> ModelFamily:
+    """The family serving a config's `model_type`; ModelError naming what is supported otherwise."""
+    module_name = FAMILY_MODULES.get(model_type)
+    if module_name is None:
+        raise ModelError(
+            f"model_type '{model_type}' is not a vision-language model vqabench can train; "
+            f"supported model types are {', '.join(supported_model_types())}."
+        )
+    family: ModelFamily = _family_module(module_name).FAMILY
+    return family
+
+
+def family_named(name: str) -> ModelFamily:
+    """A family by its user-facing name (as saved in a checkpoint's vqabench.json)."""
+    for module_name in dict.fromkeys(FAMILY_MODULES.values()):
+        family: ModelFamily = _family_module(module_name).FAMILY
+        if family.name == name:
+            return family
+    raise ModelError(f"no model family is named '{name}'.")
+
+
+def variants() -> dict[str, Variant]:
+    """Every built-in variant, by name, in the registry's order."""
+    found: dict[str, Variant] = {}
+    for module_name in dict.fromkeys(FAMILY_MODULES.values()):
+        for variant in _family_module(module_name).VARIANTS:
+            found[variant.name] = variant
+    return found
+
+
+def variant(name: str) -> Variant | None:
+    return variants().get(name)
