@@ -119,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     sys.path.insert(0, args.code)
-    from vqabench.engine import model as blip
+    from vqabench.models import blip, checkpoints
 
     results = []
     with tempfile.TemporaryDirectory(prefix="vqabench-data-scale-") as tmp:
         root = Path(tmp)
         checkpoint = root / "model"
-        blip.save_checkpoint(model_at(blip, args.image_size, args.patch_size), checkpoint)
+        checkpoints.save_checkpoint(model_at(blip, args.image_size, args.patch_size), checkpoint)
         for n in counts:
             folder = root / f"n{n}"
             t0 = time.perf_counter()

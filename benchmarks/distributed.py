@@ -53,10 +53,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        from vqabench.engine import model as blip
+        from vqabench.models import blip, checkpoints
 
         checkpoint = folder / "start"
-        blip.save_checkpoint(blip.build_embedded(0), checkpoint)  # no base-checkpoint build in the timings
+        checkpoints.save_checkpoint(blip.build_embedded(0), checkpoint)  # no base-checkpoint build in the timings
         spec = {
             "method": "sft",
             "epochs": args.epochs,

@@ -30,13 +30,14 @@ import time
 import torch
 
 from vqabench import __version__
-from vqabench.engine import model as blip
 from vqabench.engine.generation import greedy_answers
-from vqabench.engine.model import encode_questions
 from vqabench.engine.trainer import pick_device, synchronize
+from vqabench.models import blip
+from vqabench.models.blip import encode_questions
+from vqabench.models.family import LoadedModel
 
 
-def build(name: str, seed: int) -> blip.LoadedModel:
+def build(name: str, seed: int) -> LoadedModel:
     return blip.build_random_blip_vqa_base(seed) if name == "blip-vqa-base-random" else blip.build_embedded(seed)
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             q.attention_mask,
             args.tokens,
             use_cache=use_cache,
-            question_embeds=None if encode else encoded,
+            features=None if encode else encoded,
         )
         synchronize(device)
         return (time.perf_counter() - start) * 1000 / args.batch_size, answers

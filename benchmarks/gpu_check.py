@@ -156,11 +156,11 @@ def sync_free_step_check(methods: list[tuple[str, str | None]], steps: int = 20)
 
     import torch
 
-    from vqabench.engine import model as blip
     from vqabench.engine.data import easyvqa
     from vqabench.engine.data.batching import encode
     from vqabench.engine.reference import CopyReference, PrecomputedReference
     from vqabench.engine.trainer import Trainer, pick_device
+    from vqabench.models import blip
     from vqabench.spec import DatasetSpec, RunSpec
 
     check = Check("training step under sync debug mode 'error'")

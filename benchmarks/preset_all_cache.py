@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         sys.path.insert(0, str(REPO))
         from vqabench.engine.base_checkpoint import base_folder
-        from vqabench.engine.model import META_FILE
+        from vqabench.models.family import META_FILE
         from vqabench.spec import RunSpec
 
         samples = RunSpec.base_samples  # the presets' start

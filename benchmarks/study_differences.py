@@ -17,12 +17,13 @@ import sys
 import torch
 
 from vqabench import objectives
-from vqabench.engine import model as blip
-from vqabench.engine.cross_attention import cross_attention_modules
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.reference import CopyReference
 from vqabench.engine.trainer import MethodStep, Trainer
+from vqabench.models import blip, checkpoints, parts
+from vqabench.models.blip_masks import cross_attention_modules
+from vqabench.models.family import pad_right
 from vqabench.spec import DatasetSpec, RunSpec
 
 
@@ -31,8 +32,8 @@ def rejected_on_chosen_inputs(decoder, q, q_mask, chosen, rejected) -> torch.Ten
     c_ids, c_mask = chosen
     r_ids, r_mask = rejected
     width = max(c_ids.shape[1], r_ids.shape[1])
-    c_ids, c_mask = blip.pad_to(c_ids, c_mask, width, 0)
-    r_ids, r_mask = blip.pad_to(r_ids, r_mask, width, 0)
+    c_ids, c_mask = pad_right(c_ids, c_mask, width, 0)
+    r_ids, r_mask = pad_right(r_ids, r_mask, width, 0)
     logits = decoder(
         input_ids=c_ids,
         attention_mask=c_mask,
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.batch_size
     data = easyvqa.load_splits(DatasetSpec(eval_size=8, test_size=8), seed=0, limit=n)
-    loaded = blip.load_pretrained(args.checkpoint) if args.checkpoint else blip.build_embedded(seed=0)
+    loaded = checkpoints.load_pretrained(args.checkpoint) if args.checkpoint else blip.build_embedded(seed=0)
     encoded = encode(data, loaded, 32, 16)
     model, decoder = loaded.model.eval(), loaded.model.text_decoder
     batch = encoded.batch("train", torch.arange(n), torch.device("cpu"))
@@ -120,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     for disable in (False, True):
         values = []
         for seed in range(5):
-            fresh = blip.load_pretrained(args.checkpoint) if args.checkpoint else blip.build_embedded(seed=0)
+            fresh = checkpoints.load_pretrained(args.checkpoint) if args.checkpoint else blip.build_embedded(seed=0)
             spec = RunSpec(name="d", method="dpo", init_checkpoint="x", disable_dropout=disable, batch_size=n)
             trainer = Trainer(spec, fresh, encoded, CopyReference(fresh, "decoder"), torch.device("cpu"))
-            blip.set_train_mode(fresh.model, "decoder")
+            parts.set_train_mode(fresh, "decoder")
             torch.manual_seed(seed)
             with torch.no_grad():
                 values.append(float(trainer.step_fn("train", batch).losses.mean()))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vqabench.engine import lora
-from vqabench.engine import model as blip
 from vqabench.engine.best_weights import BestWeights
+from vqabench.models import blip, lora, parts
 from vqabench.spec import RunSpec
 
 
@@ -32,7 +31,7 @@ def test_with_lora_only_the_adapters_are_kept():
     loaded = blip.build_embedded(seed=0)
     spec = RunSpec(name="sft", method="sft", train="lora")
     lora.attach(loaded, spec)
-    decoder = blip.trainable_part(loaded.model, "lora")
+    decoder = parts.trainable_part(loaded, "lora")
     best = BestWeights(decoder)
     best.keep()
     adapters = {n: p for n, p in decoder.named_parameters() if "lora_" in n}

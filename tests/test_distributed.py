@@ -149,13 +149,13 @@ def test_the_report_states_processes_batches_and_concurrent_epoch_times(tmp_path
 @pytest.fixture(scope="module")
 def dropout_free_checkpoint(tmp_path_factory) -> Path:
     """The embedded model with dropout off, so 1 and 2 processes draw no random masks."""
-    from vqabench.engine import model as blip
+    from vqabench.models import blip, checkpoints
 
     folder = tmp_path_factory.mktemp("no-dropout") / "checkpoint"
     loaded = blip.build_embedded(0)
     text = loaded.model.config.text_config
     text.hidden_dropout_prob = text.attention_probs_dropout_prob = 0.0
-    blip.save_checkpoint(loaded, folder)
+    checkpoints.save_checkpoint(loaded, folder)
     return folder
 
 

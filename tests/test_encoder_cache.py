@@ -9,7 +9,6 @@ import torch
 from conftest import of_type, run_worker, tiny_spec
 
 from vqabench import events as ev
-from vqabench.engine import model as blip
 from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
@@ -17,6 +16,7 @@ from vqabench.engine.encoder_cache import attach_encoder_cache, encoder_cache_ke
 from vqabench.engine.generation import greedy_answers
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.trainer import MethodStep
+from vqabench.models import blip, parts
 from vqabench.spec import DatasetSpec, RunSpec, SpecError, spec_from_dict
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def step_losses(tiny, method: str, strategy: str | None, cached: bool) -> dict[s
     loaded = copy.copy(start)
     loaded.model = copy.deepcopy(start.model)
     spec = RunSpec(name=method, method=method, init_checkpoint="x" if strategy else None, reference=strategy or "copy")
-    blip.freeze_for_training(loaded.model, spec.train)
+    parts.freeze_for_training(loaded, spec.train)
     reference = None
     if strategy == "copy":
         reference = CopyReference(loaded, spec.train)
@@ -71,9 +71,9 @@ def step_losses(tiny, method: str, strategy: str | None, cached: bool) -> dict[s
             precision="fp32",
         )
     step = MethodStep(spec, loaded, encoded, reference)
-    blip.set_train_mode(loaded.model, spec.train)  # decoder dropout on, as in training
+    parts.set_train_mode(loaded, spec.train)  # decoder dropout on, as in training
     batch = next(encoded.batches("train", [torch.arange(8)], CPU))
-    assert (batch.question_embeds is not None) == cached and (batch.pixel_values is None) == cached
+    assert (batch.features is not None) == cached and (batch.pixel_values is None) == cached
     torch.manual_seed(7)  # the same dropout masks on both paths
     out = step("train", batch)
     result = {"losses": out.losses.detach(), "chosen": out.chosen_logps}
@@ -115,11 +115,14 @@ def test_eval_and_generation_read_the_same_encodings(tiny):
     cached = next(encoded.batches("test", rows, CPU))
     encoded.encodings = None
     with torch.no_grad():
-        torch.testing.assert_close(cached.encodings(loaded.model), plain.encodings(loaded.model), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cached.features_of(loaded.family, loaded.model),
+            plain.features_of(loaded.family, loaded.model),
+            atol=1e-5,
+            rtol=0,
+        )
     answers = greedy_answers(loaded, plain.pixel_values, plain.question_ids, plain.question_mask, 4)
-    again = greedy_answers(
-        loaded, None, cached.question_ids, cached.question_mask, 4, question_embeds=cached.question_embeds
-    )
+    again = greedy_answers(loaded, None, cached.question_ids, cached.question_mask, 4, features=cached.features)
     assert answers == again
 
 
@@ -177,7 +180,12 @@ def test_an_unwritable_folder_falls_back_to_memory_with_one_warning(tiny, tmp_pa
     encoded.encodings = None
     plain = next(encoded.batches("train", [torch.arange(4)], CPU))
     with torch.no_grad():
-        torch.testing.assert_close(cached.encodings(loaded.model), plain.encodings(loaded.model), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cached.features_of(loaded.family, loaded.model),
+            plain.features_of(loaded.family, loaded.model),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_training_the_encoders_never_uses_the_cache():

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.generation import greedy_answers
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import module_bytes
 from vqabench.engine.trainer import MethodStep, Trainer
+from vqabench.models import blip, checkpoints, parts
+from vqabench.models.family import ModelError, pad_right
 from vqabench.spec import DatasetSpec, RunSpec
 
 
@@ -47,16 +48,19 @@ def test_answer_logps_ignore_padding(tiny):
     with torch.no_grad():
         q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
         a = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)[0]
-        padded = blip.pad_to(*batch.chosen, batch.chosen[0].shape[1] + 5, loaded.pad_token_id)
+        padded = pad_right(*batch.chosen, batch.chosen[0].shape[1] + 5, loaded.pad_token_id)
         b = blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *padded)[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoint_saved_to_a_folder_loads_back_by_path(tiny, tmp_path):
     loaded, encoded, _ = tiny
-    blip.save_checkpoint(loaded, tmp_path / "ckpt")
-    again = blip.load_pretrained(str(tmp_path / "ckpt"))
-    assert again.image_size == loaded.image_size and again.bos_token_id == loaded.bos_token_id
+    checkpoints.save_checkpoint(loaded, tmp_path / "ckpt")
+    again = checkpoints.load_pretrained(str(tmp_path / "ckpt"))
+    assert (
+        again.image_size == loaded.image_size
+        and again.model.config.text_config.bos_token_id == loaded.model.config.text_config.bos_token_id
+    )
     batch = encoded.batch("eval", torch.arange(6), torch.device("cpu"))
     again.model.eval()
     with torch.no_grad():
@@ -65,22 +69,22 @@ def test_checkpoint_saved_to_a_folder_loads_back_by_path(tiny, tmp_path):
             q = blip.encode_questions(m.model, batch.pixel_values, batch.question_ids, batch.question_mask)
             outs.append(blip.answer_logps(m.model.text_decoder, q, batch.question_mask, *batch.chosen)[0])
     torch.testing.assert_close(outs[0], outs[1])
-    assert len(blip.checkpoint_fingerprint(tmp_path / "ckpt")) == 16
+    assert len(checkpoints.checkpoint_fingerprint(tmp_path / "ckpt")) == 16
 
 
 def test_missing_model_path_is_one_sentence():
-    with pytest.raises(blip.ModelError, match="neither an existing folder nor a hub id"):
-        blip.load_pretrained("./no/such/checkpoint")
+    with pytest.raises(ModelError, match="neither an existing folder nor a hub id"):
+        checkpoints.load_pretrained("./no/such/checkpoint")
 
 
 def test_frozen_encoders_leave_only_the_decoder_trainable(tiny):
     loaded, _, _ = tiny
-    blip.freeze_for_training(loaded.model, "decoder")
-    trainable, total = blip.count_parameters(loaded.model)
+    parts.freeze_for_training(loaded, "decoder")
+    trainable, total = parts.count_parameters(loaded.model)
     assert trainable == sum(p.numel() for p in loaded.model.text_decoder.parameters())
     assert 0 < trainable < total
-    blip.freeze_for_training(loaded.model, "all")
-    assert blip.count_parameters(loaded.model)[0] == total
+    parts.freeze_for_training(loaded, "all")
+    assert parts.count_parameters(loaded.model)[0] == total
 
 
 def test_both_reference_strategies_give_the_same_dpo_loss(tiny, tmp_path):
@@ -186,7 +190,11 @@ def _question_scores(loaded, width: int) -> torch.Tensor:
     questions = ["what color is the shape?", "is there a red circle in the image?"]
     q = tok(questions, padding="max_length", max_length=width, return_tensors="pt")
     answers = [
-        [loaded.bos_token_id, *tok(a, add_special_tokens=False)["input_ids"], loaded.sep_token_id]
+        [
+            loaded.model.config.text_config.bos_token_id,
+            *tok(a, add_special_tokens=False)["input_ids"],
+            loaded.model.config.text_config.sep_token_id,
+        ]
         for a in ("blue", "no")
     ]
     ids = torch.tensor(answers)
@@ -212,7 +220,7 @@ def test_dpo_starts_at_exactly_log2_in_train_mode_with_dropout_disabled():
     assert spec.disable_dropout  # the default
     reference = CopyReference(loaded, "decoder")
     trainer = Trainer(spec, loaded, encoded, reference, torch.device("cpu"))
-    blip.set_train_mode(loaded.model, spec.train)  # as the first training step runs
+    parts.set_train_mode(loaded, spec.train)  # as the first training step runs
     assert loaded.model.text_decoder.training
     batch = encoded.batch("train", torch.arange(16), torch.device("cpu"))
     losses = trainer.step_fn("train", batch).losses.detach()
@@ -222,7 +230,7 @@ def test_dpo_starts_at_exactly_log2_in_train_mode_with_dropout_disabled():
     with_dropout = Trainer(
         spec.replace(disable_dropout=False), dropped, encoded, CopyReference(dropped, "decoder"), torch.device("cpu")
     )
-    blip.set_train_mode(dropped.model, spec.train)
+    parts.set_train_mode(dropped, spec.train)
     torch.manual_seed(0)
     assert abs(float(with_dropout.step_fn("train", batch).losses.detach().mean()) - math.log(2)) > 1e-6
 
@@ -254,7 +262,7 @@ def test_bf16_precomputed_reference_starts_dpo_at_log2_as_exactly_as_copy():
     off_log2 = {}
     for strategy, reference in references.items():
         trainer = Trainer(spec, loaded, encoded, reference, cpu)
-        blip.set_train_mode(loaded.model, spec.train)  # as the first training step runs
+        parts.set_train_mode(loaded, spec.train)  # as the first training step runs
         with trainer.precision.autocast():
             losses = trainer.step_fn("train", batch).losses.detach()
         off_log2[strategy] = float((losses - math.log(2)).abs().max())

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
-from vqabench.engine.generation import greedy_answers, greedy_tokens
+from vqabench.engine.generation import greedy_answers
+from vqabench.models import blip
+from vqabench.models.blip import greedy_tokens
 from vqabench.spec import DatasetSpec
 
 
@@ -26,8 +27,8 @@ def _tokens(loaded, batch, max_new_tokens, use_cache):
         loaded.model.text_decoder,
         q,
         batch.question_mask,
-        bos_id=loaded.bos_token_id,
-        sep_id=loaded.sep_token_id,
+        bos_id=loaded.model.config.text_config.bos_token_id,
+        sep_id=loaded.model.config.text_config.sep_token_id,
         pad_id=loaded.pad_token_id,
         max_new_tokens=max_new_tokens,
         use_cache=use_cache,
@@ -42,7 +43,9 @@ def test_cached_greedy_tokens_equal_the_uncached_loop(tiny):
     saved = bias.detach().clone()
     try:
         with torch.no_grad():
-            bias[loaded.sep_token_id] -= 50.0  # no SEP: long answers exercise the cache over many steps
+            bias[loaded.model.config.text_config.sep_token_id] -= (
+                50.0  # no SEP: long answers exercise the cache over many steps
+            )
         cached = _tokens(loaded, batch, 24, use_cache=True)
         plain = _tokens(loaded, batch, 24, use_cache=False)
     finally:
@@ -59,7 +62,9 @@ def test_cached_answers_equal_after_a_weight_change_and_stop_at_sep(tiny):
     saved = bias.detach().clone()
     try:
         with torch.no_grad():
-            bias[loaded.sep_token_id] += 6.0  # SEP likely after a few tokens: rows finish at different steps
+            bias[loaded.model.config.text_config.sep_token_id] += (
+                6.0  # SEP likely after a few tokens: rows finish at different steps
+            )
         args = (loaded, batch.pixel_values, batch.question_ids, batch.question_mask, 24)
         cached, plain = greedy_answers(*args, use_cache=True), greedy_answers(*args, use_cache=False)
         assert cached == plain

@@ -6,10 +6,10 @@ import torch
 from conftest import of_type, run_worker, tiny_spec
 
 from vqabench import events as ev
-from vqabench.engine import model as blip
 from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode, image_cache_key, image_to_uint8
+from vqabench.models import blip, checkpoints
 from vqabench.spec import DatasetSpec
 
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def test_dataloader_workers_give_the_same_batches_in_the_same_order(tmp_path):
 
 def test_a_cache_folder_that_cannot_be_written_fails_the_run_in_one_sentence(tmp_path):
     start = tmp_path / "start"
-    blip.save_checkpoint(blip.build_embedded(seed=0), start)  # no base checkpoint to build first
+    checkpoints.save_checkpoint(blip.build_embedded(seed=0), start)  # no base checkpoint to build first
     blocked = tmp_path / "blocked-cache"
     blocked.mkdir()
     (blocked / "arrays").write_text("not a folder")

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import EncodedData, encode
 from vqabench.engine.reference import CopyReference, assign_mismatched
 from vqabench.engine.trainer import EvalResult, Trainer
+from vqabench.models import checkpoints
+from vqabench.models.family import LoadedModel
 from vqabench.spec import DatasetSpec, RunSpec
 
 BASE_SAMPLES = 512  # the size tests/conftest.py's TINY uses: one base checkpoint for the whole test session
@@ -43,10 +44,10 @@ SFT_EVAL_DROP = 0.2
 
 
 @pytest.fixture(scope="module")
-def start(vqa_cache) -> tuple[blip.LoadedModel, EncodedData]:
+def start(vqa_cache) -> tuple[LoadedModel, EncodedData]:
     """The embedded base checkpoint and 64 train / 32 eval easy-VQA pairs, encoded once for every test here."""
     folder = ensure_base_checkpoint(seed=0, samples=BASE_SAMPLES, cache_dir=vqa_cache, emit=lambda _: None)
-    loaded = blip.load_pretrained(str(folder))
+    loaded = checkpoints.load_pretrained(str(folder))
     data = easyvqa.load_splits(DatasetSpec(eval_size=32, test_size=8), seed=0, limit=64)
     encoded = encode(data, loaded, 32, 16)
     assign_mismatched(encoded, 16, 0)

@@ -7,13 +7,13 @@ import re
 import pytest
 import torch
 
-from vqabench.engine import lora
-from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.precision import Precision, check_precision
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.trainer import MethodStep, Trainer
+from vqabench.models import blip, checkpoints, lora, parts
+from vqabench.models.family import LoadedModel
 from vqabench.spec import DatasetSpec, RunSpec, SpecError
 
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def data():
     return splits, encode(splits, blip.build_embedded(seed=0), 32, 16)
 
 
-def fresh() -> blip.LoadedModel:
+def fresh() -> LoadedModel:
     loaded = blip.build_embedded(seed=0)
     loaded.model.eval()
     return loaded
@@ -42,7 +42,7 @@ def perturb_adapters(model: torch.nn.Module, scale: float = 0.05) -> None:
                 p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
-def chosen_logps(loaded: blip.LoadedModel, batch) -> torch.Tensor:
+def chosen_logps(loaded: LoadedModel, batch) -> torch.Tensor:
     with torch.no_grad():
         q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
         return blip.answer_logps(loaded.model.text_decoder, q, batch.question_mask, *batch.chosen)[0]
@@ -59,7 +59,7 @@ def test_adapter_reference_gives_the_starting_models_logps(data):
     start = chosen_logps(loaded, batch)
     lora.attach(loaded, lora_spec())
     perturb_adapters(loaded.model)
-    blip.set_train_mode(loaded.model, "lora")  # training: LoRA's and the decoder's dropout are live
+    parts.set_train_mode(loaded, "lora")  # training: LoRA's and the decoder's dropout are live
     with torch.no_grad():
         q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)
         ref = AdapterReference(loaded).logps(encoded, "train", batch, q, with_mismatched=True)
@@ -111,7 +111,7 @@ def test_only_the_adapters_train_and_the_optimizer_state_is_measured(data):
     assert {n.split(".text_decoder.")[0] for n, _ in trainable} == {"base_model.model"}  # decoder only
     frozen = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if not p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable}
-    blip.set_train_mode(loaded.model, "lora")
+    parts.set_train_mode(loaded, "lora")
     trainer.train_step(encoded.batch("train", torch.arange(8), CPU))
     assert all(torch.equal(p, frozen[n]) for n, p in loaded.model.named_parameters() if n in frozen)
     assert any(not torch.equal(p, before[n]) for n, p in trainable)
@@ -141,16 +141,16 @@ def test_lora_checkpoint_holds_the_adapter_and_loads_back_the_same_logps(data, t
     lora.attach(loaded, lora_spec())
     perturb_adapters(loaded.model)
     loaded.model.eval()
-    blip.save_checkpoint(loaded, tmp_path / "ckpt")
+    checkpoints.save_checkpoint(loaded, tmp_path / "ckpt")
     files = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
-    again = blip.load_pretrained(str(tmp_path / "ckpt"))
+    again = checkpoints.load_pretrained(str(tmp_path / "ckpt"))
     again.model.eval()
     assert "LoRA adapter merged" in again.source
     assert not any("lora_" in n for n, _ in again.model.named_parameters())  # merged into plain weights
     batch = encoded.batch("eval", torch.arange(8), CPU)
     torch.testing.assert_close(chosen_logps(again, batch), chosen_logps(loaded, batch), atol=1e-5, rtol=0)
-    assert len(blip.checkpoint_fingerprint(tmp_path / "ckpt")) == 16
+    assert len(checkpoints.checkpoint_fingerprint(tmp_path / "ckpt")) == 16
 
 
 def test_lora_targets_matching_no_module_list_the_candidates():
@@ -160,7 +160,7 @@ def test_lora_targets_matching_no_module_list_the_candidates():
 
 
 def test_default_targets_are_the_decoders_attention_and_feed_forward_projections():
-    names = lora.target_modules(fresh().model.text_decoder, lora_spec().lora_targets)
+    names = lora.target_modules(fresh().model.text_decoder, list(blip.FAMILY.lora_targets))
     per_layer = {n.split(".", 4)[-1] for n in names}
     assert per_layer == {
         "attention.self.query",

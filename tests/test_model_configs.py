@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import BlipConfig, BlipForQuestionAnswering
 
-from vqabench.engine.model_configs import blip_vqa_base_config, blip_vqa_base_values, parameter_breakdown
+from vqabench.models.blip_configs import blip_vqa_base_config, blip_vqa_base_values, parameter_breakdown
 
 
 def _linear(n_in: int, n_out: int) -> int:

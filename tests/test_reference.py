@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vqabench.engine import model as blip
 from vqabench.engine import reference as ref_mod
 from vqabench.engine.cache import ArrayStore
 from vqabench.engine.data import easyvqa
@@ -19,6 +18,7 @@ from vqabench.engine.reference import (
     mismatched_rows,
 )
 from vqabench.engine.trainer import MethodStep
+from vqabench.models import blip
 from vqabench.spec import DatasetSpec, RunSpec
 
 

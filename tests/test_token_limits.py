@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vqabench.engine import model as blip
 from vqabench.engine.data.batching import TextEncoder, encode
 from vqabench.engine.data.records import DataError, DataSplits, PreferencePair
 from vqabench.engine.data.token_limits import resolve_token_limits
+from vqabench.models import blip
 from vqabench.spec import SpecError, spec_from_dict
 
 
@@ -101,8 +101,12 @@ def test_a_cut_answer_gets_no_sep_and_fits_the_decoders_positions():
     assert data.report.token_stats["truncated"] == 2
     encoded = encode(data, loaded, limits.question, limits.answer, text)
     ids, mask = encoded.splits["train"].chosen_ids, encoded.splits["train"].chosen_mask
-    assert int(mask[0].sum()) == 1 + 62 and int(ids[0, 62]) != loaded.sep_token_id  # BOS + 62 tokens, no SEP
-    assert int(ids[1, int(mask[1].sum()) - 1]) == loaded.sep_token_id  # a whole answer ends with SEP
+    assert (
+        int(mask[0].sum()) == 1 + 62 and int(ids[0, 62]) != loaded.model.config.text_config.sep_token_id
+    )  # BOS + 62 tokens, no SEP
+    assert (
+        int(ids[1, int(mask[1].sum()) - 1]) == loaded.model.config.text_config.sep_token_id
+    )  # a whole answer ends with SEP
     batch = encoded.batch("train", torch.arange(2), torch.device("cpu"))
     with torch.no_grad():
         q = blip.encode_questions(loaded.model, batch.pixel_values, batch.question_ids, batch.question_mask)

@@ -26,14 +26,14 @@ from packaging.version import Version
 from torch.overrides import TorchFunctionMode
 
 from vqabench import events as ev
-from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import BaseCheckpointError, ensure_base_checkpoint
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
+from vqabench.engine.errors import classify
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.reference import CopyReference, PrecomputedReference
 from vqabench.engine.trainer import NumericsError, Trainer, pick_device
-from vqabench.engine.worker import classify
+from vqabench.models import blip
 from vqabench.spec import DatasetSpec, RunSpec, SpecError, check_device, spec_from_dict
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vqabench.spec import BUILTIN_MODELS, RunSpec, SpecError, spec_from_dict
+from vqabench.models.registry import variant_names
+from vqabench.spec import RunSpec, SpecError, spec_from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,10 +181,11 @@ def read_preset(path: Path) -> Preset:
 def _check_sources(spec: RunSpec, path: Path) -> None:
     """Reject a model or dataset that no loader could find, before anything starts."""
     model = spec.model
-    if model not in BUILTIN_MODELS and not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+    builtin = ["embedded", *variant_names()]
+    if model not in builtin and not Path(model).expanduser().exists() and not _HUB_ID.match(model):
         raise SpecError(
-            f"{path}: key 'model' has value {model!r}; allowed are {', '.join(BUILTIN_MODELS)}, "
-            f"a hub id like 'Salesforce/blip-vqa-base' or an existing local folder."
+            f"{path}: key 'model' has value {model!r}; allowed are {', '.join(builtin)}, "
+            f"a hub id like 'Qwen/Qwen2-VL-2B-Instruct' or an existing local folder."
         )
     source = spec.dataset.source
     if source == "easyvqa":

@@ -22,18 +22,16 @@ METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
 #: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
 REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
 REFERENCE_STRATEGIES = ("copy", "precompute", "adapter")
-TRAIN_PARTS = ("decoder", "all", "lora")
+#: Which weights train (each family says which it supports): BLIP's answer "decoder"; a model's
+#: language model ("lm"), with its vision projector ("lm+projector"), LoRA adapters on the
+#: language model ("lora"), or every weight ("all").
+TRAIN_PARTS = ("decoder", "lm", "lm+projector", "lora", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
-#: LoRA's default targets: the answer decoder's attention (self and cross: query, key, value and
-#: output projections) and feed-forward projections, matched as module-name suffixes.
-LORA_TARGETS = ("query", "key", "value", "output.dense", "intermediate.dense")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
 ENCODER_CACHE = ("auto", "on", "off")
 ENCODER_CACHE_DTYPES = ("fp32", "bf16")
-#: Model names built by the package itself; anything else is a hub id or a local path.
-BUILTIN_MODELS = ("embedded", "blip-vqa-base-random")
 
 #: Method-specific defaults from each method's paper (used when the preset leaves them out).
 METHOD_DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "simpo": 2.0}
@@ -103,7 +101,7 @@ class RunSpec:
     lora_r: int = 16  # train = "lora": adapter rank
     lora_alpha: int = 32  # adapter scaling is lora_alpha / lora_r
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # decoder module-name suffixes
+    lora_targets: list[str] = field(default_factory=list)  # module-name suffixes; [] = the family's defaults
     precision: str = "fp32"  # autocast dtype of the forward passes; log-probs and losses stay fp32
     epochs: int = 3
     lr: float = 1e-4
@@ -355,7 +353,8 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
     if spec.encoder_cache == "on" and spec.train == "all":
         raise SpecError(
             f"{where}: key 'encoder_cache' is 'on' but train is {spec.train!r}: the encoders change during "
-            f"training, so their outputs cannot be cached; use 'auto' or 'off', or train = 'decoder' or 'lora'."
+            f"training, so their outputs cannot be cached; use 'auto' or 'off', or a train value that "
+            f"freezes the vision part ('decoder', 'lm', 'lm+projector' or 'lora')."
         )
     _check_processes(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:

@@ -1,6 +1,6 @@
-"""The embedded model's base checkpoint: the small BLIP trained on easy-VQA's base split.
+"""The embedded model's base checkpoint: the small embedded model trained on easy-VQA's base split.
 
-Fine-tuning in the paper starts from blip-vqa-base, a model that already answers. The
+Fine-tuning in the study starts from a pretrained model, one that already answers. The
 embedded default gets the same footing from a checkpoint the project makes itself: every
 part of the small model trained with SFT on the base split (images disjoint from the
 fine-tuning, eval and test splits). Deterministic for a data seed; cached on disk keyed by
@@ -31,11 +31,13 @@ import torch
 
 from vqabench import events as ev
 from vqabench import objectives
-from vqabench.engine import model as blip
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
 from vqabench.engine.data.records import DataSplits
 from vqabench.event_stream import EventWriter, protocol_stream
+from vqabench.models import registry
+from vqabench.models.checkpoints import build_variant, save_checkpoint
+from vqabench.models.family import META_FILE
 from vqabench.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,21 @@ class BaseRecipe:
 
 
 RECIPE = BaseRecipe()
+#: The built-in variant the base checkpoint starts from (random weights of the embedded model).
+EMBEDDED_INIT = "embedded-init"
+
+
+def _embedded_fingerprint() -> str:
+    found = registry.variant(EMBEDDED_INIT)
+    assert found is not None and found.fingerprint is not None
+    return found.fingerprint()
+
+
 BASE_MESSAGE = "building the embedded base checkpoint (once, then cached)"
 
 
 def base_folder(cache_dir: Path, seed: int, samples: int) -> Path:
-    text = f"{blip.embedded_fingerprint()}|{seed}|{samples}|{RECIPE.key()}"
+    text = f"{_embedded_fingerprint()}|{seed}|{samples}|{RECIPE.key()}"
     return cache_dir / "base" / hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -79,10 +91,10 @@ def build_base_checkpoint(
     samples: int,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
-    """Train the small BLIP on easy-VQA's base split (on the CPU) and save it to `folder` atomically."""
+    """Train the embedded model on easy-VQA's base split (on the CPU) and save it to `folder` atomically."""
     device = torch.device("cpu")
     data = easyvqa.load_splits(DatasetSpec(seed=seed), seed=seed, limit=1, with_base=True)
-    loaded = blip.build_embedded(seed)
+    loaded = build_variant(EMBEDDED_INIT, seed)
     model = loaded.model.to(device)
     encoded = encode(DataSplits(train=data.base, eval=[], test=[], images=data.images), loaded, 32, 16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=RECIPE.lr, weight_decay=RECIPE.weight_decay)
@@ -98,9 +110,9 @@ def build_base_checkpoint(
             order = torch.cat([order, torch.randperm(n, generator=generator)])
         rows, order = order[:bs], order[bs:]
         batch = encoded.batch("train", rows, device)
-        q = batch.encodings(model)
-        c, c_len = blip.answer_logps(model.text_decoder, q, batch.question_mask, *batch.chosen)
-        loss = objectives.sft_loss(c, c_len).mean()
+        q = batch.features_of(loaded.family, model)
+        scores = loaded.family.answer_scores(model, q, batch.prompt, batch.chosen)
+        loss = objectives.sft_loss(scores.logps, scores.lengths).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,8 +125,10 @@ def build_base_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
         loaded.model = model.cpu()
-        loaded.source = f"embedded small BLIP, base checkpoint ({samples} easy-VQA base samples, seed {seed})"
-        blip.save_checkpoint(loaded, tmp)
+        loaded.source = (
+            f"embedded small {loaded.family.name}, base checkpoint ({samples} easy-VQA base samples, seed {seed})"
+        )
+        save_checkpoint(loaded, tmp)
         if folder.exists():  # another process finished first; keep theirs
             shutil.rmtree(tmp)
         else:
@@ -127,7 +141,7 @@ def build_base_checkpoint(
 def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, emit: Callable[[ev.Event], None]) -> Path:
     """The cached base checkpoint's folder, built first in a child process if missing."""
     folder = base_folder(cache_dir, seed, samples)
-    if (folder / blip.META_FILE).exists():
+    if (folder / META_FILE).exists():
         return folder
     log.info("building the embedded base checkpoint in %s (%d samples)", folder, samples)
     cmd = [
@@ -165,7 +179,7 @@ def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, emit: Ca
             f"the embedded base checkpoint build was killed by signal {signal_number}"
             f"{' (most likely the out-of-memory killer)' if signal_number == 9 else ''}; free host memory and retry.",
         )
-    if child.returncode != 0 or not (folder / blip.META_FILE).exists():
+    if child.returncode != 0 or not (folder / META_FILE).exists():
         raise RuntimeError(
             f"building the embedded base checkpoint failed (exit code {child.returncode}); its log is above on stderr."
         )
@@ -175,7 +189,7 @@ def ensure_base_checkpoint(*, seed: int, samples: int, cache_dir: Path, emit: Ca
 def main(argv: list[str] | None = None) -> int:
     import traceback
 
-    from vqabench.engine.worker import classify
+    from vqabench.engine.errors import classify
 
     emit = EventWriter(protocol_stream())
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

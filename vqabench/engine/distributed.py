@@ -228,7 +228,7 @@ class NodePreparation:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc is None or self.store is None or self.finished or isinstance(exc, PreparationFailed):
             return
-        from vqabench.engine.worker import classify  # the worker's one-sentence reasons
+        from vqabench.engine.errors import classify  # the worker's one-sentence reasons
 
         error_kind, message = classify(exc)
         self.store.set("failed", json.dumps({"rank": self.ranks.rank, "kind": error_kind, "message": message}))

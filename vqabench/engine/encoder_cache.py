@@ -1,17 +1,18 @@
-"""The frozen-encoder cache: question encodings computed once per study, read by every step.
+"""The frozen-encoder cache: the frozen part's output computed once per study, read by every step.
 
-With ``train = "decoder"`` the vision encoder and the question encoder are frozen and in
-eval mode, so the encoding of an (image, question) pair never changes. It is computed once,
-in one batched pass (progress phase ``encode``), into the array cache
-(:mod:`vqabench.engine.cache`, kind ``encoder``): one ``[pairs, question tokens, hidden]``
-array per split, read back by rows from the file. Training steps, eval, test generation, the
+Unless ``train = "all"`` a model's frozen part (BLIP: the vision and question encoders) is
+in eval mode and never changes, so its output for a row (the family's *features*:
+:meth:`~vqabench.models.family.ModelFamily.features`) never changes either. It is computed
+once, in one batched pass (progress phase ``encode``), into the array cache
+(:mod:`vqabench.engine.cache`, kind ``encoder``): one ``[pairs, *feature shape]`` array per
+split, read back by rows from the file. Training steps, eval, test generation, the
 precompute reference pass and KTO's mismatched pairs all read it through
-:meth:`vqabench.engine.data.batching.Batch.encodings`.
+:meth:`vqabench.engine.data.batching.Batch.features_of`.
 
-The key names the encoders' weights only (vision model and text encoder, not the decoder),
-so SFT and every run that starts from SFT's checkpoint share one entry; plus the data, the
-question token ids (tokenizer and width), the image preprocessing, the dtype, the device
-type and the torch/transformers versions.
+The key names the frozen modules' weights only (BLIP: vision model and text encoder, not
+the decoder), so SFT and every run that starts from SFT's checkpoint share one entry; plus
+the family, the data, the prompt token ids (tokenizer and width), the image preprocessing,
+the dtype, the device type and the torch/transformers versions.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 
 import torch
 
-from vqabench.engine import model as blip
 from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
 from vqabench.engine.data.batching import EncodedData
+from vqabench.models.family import LoadedModel, fingerprint_modules
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,18 @@ class EncoderCacheInfo:
         return asdict(self)
 
 
-def encoder_fingerprint(model: Any) -> str:
-    """Hash of the frozen encoders' weights (vision model and question encoder), not the decoder's."""
-    h = hashlib.sha256()
-    for part in ("vision_model", "text_encoder"):
-        for name, tensor in sorted(getattr(model, part).state_dict().items()):
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{part}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:24]
+def encoder_fingerprint(loaded: LoadedModel, train: str) -> str:
+    """Hash of the frozen modules' weights (BLIP: vision model and question encoder), not the trained ones."""
+    return fingerprint_modules(loaded.family.frozen_modules(loaded.model, train))
 
 
 def encoder_cache_key(
-    loaded: blip.LoadedModel, encoded: EncodedData, data_fingerprint: str, dtype: str, device: torch.device
+    loaded: LoadedModel,
+    encoded: EncodedData,
+    data_fingerprint: str,
+    dtype: str,
+    device: torch.device,
+    train: str = "decoder",
 ) -> CacheKey:
     import transformers
 
@@ -79,7 +79,8 @@ def encoder_cache_key(
     return CacheKey(
         "encoder",
         {
-            "encoders": encoder_fingerprint(loaded.model),
+            "family": loaded.family.name,
+            "encoders": encoder_fingerprint(loaded, train),
             "data": data_fingerprint,
             "questions": questions.hexdigest()[:24],
             "images": encoded.images.key.digest,
@@ -94,7 +95,7 @@ def encoder_cache_key(
 
 
 def attach_encoder_cache(
-    loaded: blip.LoadedModel,
+    loaded: LoadedModel,
     encoded: EncodedData,
     *,
     data_fingerprint: str,
@@ -102,6 +103,7 @@ def attach_encoder_cache(
     batch_size: int,
     device: torch.device,
     store: ArrayStore,
+    train: str = "decoder",
     progress: Callable[[int, int], None] | None = None,
 ) -> EncoderCacheInfo:
     """Open the cached question encodings for this model and data, or compute them once; attach them to `encoded`.
@@ -110,7 +112,7 @@ def attach_encoder_cache(
     kept in memory instead, with one warning sentence in the returned info.
     """
     encoded.encodings = None  # the pass below reads images
-    key = encoder_cache_key(loaded, encoded, data_fingerprint, dtype, device)
+    key = encoder_cache_key(loaded, encoded, data_fingerprint, dtype, device, train)
     stored, torch_dtype = DTYPES[dtype]
     pairs = sum(len(encoded.splits[n]) for n in SPLITS)
     entry = store.open(key)
@@ -118,9 +120,13 @@ def attach_encoder_cache(
         log.info("question encodings read from %s", entry.path)
         encoded.encodings = entry
         return EncoderCacheInfo(False, 0.0, str(entry.path), entry.nbytes, dtype, pairs)
-    hidden = int(loaded.model.config.text_config.hidden_size)
+    family = loaded.family
     specs = [
-        ArraySpec(n, (len(encoded.splits[n]), int(encoded.splits[n].question_ids.shape[1]), hidden), stored)
+        ArraySpec(
+            n,
+            (len(encoded.splits[n]), *family.features_shape(loaded, int(encoded.splits[n].question_ids.shape[1]))),
+            stored,
+        )
         for n in SPLITS
     ]
     start = time.perf_counter()
@@ -140,7 +146,7 @@ def attach_encoder_cache(
 
 
 def _encode_all(
-    loaded: blip.LoadedModel,
+    loaded: LoadedModel,
     encoded: EncodedData,
     store: ArrayStore,
     key: CacheKey,
@@ -163,11 +169,11 @@ def _encode_all(
                 n = len(s)
                 blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
                 for batch in encoded.batches(name, blocks, device):
-                    # The split's full question width, whatever width a batch is trimmed to: a
-                    # batch reads the first positions of these rows (padding is masked out).
+                    # The split's full prompt width, whatever width a batch is trimmed to: the
+                    # family trims what a batch reads (BLIP: the first positions; padding is masked out).
                     q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
                     assert batch.pixel_values is not None
-                    q = blip.encode_questions(model, batch.pixel_values, q_ids, q_mask)
+                    q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask)
                     writer.write(name, q.to(torch_dtype))
                     done += 1
                     if progress is not None:

@@ -45,7 +45,7 @@ import threading
 import traceback
 
 #: What the real worker imports before it trains; a test worker module gets only itself.
-HEAVY_MODULES = ("torch", "transformers", "transformers.models.blip.modeling_blip", "vqabench.engine.run")
+HEAVY_MODULES = ("torch", "transformers", "vqabench.models.blip", "vqabench.engine.run")
 REAL_WORKER = "vqabench.engine.worker"
 #: Environment keys a run may set differently from the server's (read only when CUDA starts).
 PER_RUN_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})

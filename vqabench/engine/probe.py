@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 
 from vqabench import events as ev
-from vqabench.engine import model as blip
 from vqabench.engine.cache import ArrayStore, Entry
 from vqabench.engine.data.batching import EncodedData
 from vqabench.engine.encoder_cache import attach_encoder_cache
-from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock, usable_cores
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
+from vqabench.models import lora, parts
+from vqabench.models.family import LoadedModel
 from vqabench.spec import ProbePlan, RunSpec, default_cache_dir
 
 Emit = Callable[[ev.Event], None]
@@ -48,7 +48,7 @@ class Probe:
     """The loaded start model, the batches every preset steps through, and the device."""
 
     plan: ProbePlan
-    start: blip.LoadedModel
+    start: LoadedModel
     encoded: EncodedData
     batches: list[torch.Tensor]
     device: torch.device
@@ -82,6 +82,7 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
             batch_size=bs,
             device=device,
             store=ArrayStore(None),
+            train=first.train,
         )
         encodings, encoded.encodings = encoded.encodings, None
     return Probe(plan, start, encoded, batches, device, cache_dir, encodings)
@@ -94,12 +95,11 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
     encoded.encodings = probe.encodings if spec.uses_encoder_cache else None
     loaded = copy.copy(probe.start)
     loaded.model = copy.deepcopy(probe.start.model).to(device)
-    blip.freeze_for_training(loaded.model, spec.train)
+    parts.freeze_for_training(loaded, spec.train)
     started = time.perf_counter()
     reference: CopyReference | PrecomputedReference | AdapterReference | None = None
     if spec.needs_reference and spec.reference == "copy":
         reference = CopyReference(loaded, spec.train)
-        reference.part.to(device)
     elif spec.needs_reference and spec.reference == "precompute":
         reference = PrecomputedReference.build(
             loaded,
@@ -112,13 +112,13 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
             precision="bf16" if probe.plan.bf16 else spec.precision,
         )
     if spec.train == "lora":  # as a run does: a copy or precomputed reference is taken before the adapters
-        attach_lora(loaded, spec)
+        lora.attach(loaded, spec)
         if spec.needs_reference and spec.reference == "adapter":
             reference = AdapterReference(loaded)
     synchronize(device)
     setup_seconds = time.perf_counter() - started
     trainer = Trainer(spec, loaded, encoded, reference, device)
-    blip.set_train_mode(loaded.model, spec.train)
+    parts.set_train_mode(loaded, spec.train)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if probe.plan.bf16 else nullcontext()
 
     def step(rows: torch.Tensor) -> None:

@@ -1,15 +1,16 @@
 """DPO-style reference models: a frozen copy, or log-probs precomputed once and cached.
 
-* ``copy`` keeps a frozen copy of only the trainable part (the answer decoder when the
-  encoders are frozen). The frozen encoders and their output are shared with the policy,
-  so the reference costs one extra decoder pass and no second vision pass.
+* ``copy`` keeps a frozen copy of only the trainable part (BLIP's answer decoder, a causal
+  VLM's language model). The frozen part's weights and its output (the features) are
+  shared with the policy, so the reference costs one extra pass of the trainable part and
+  no second vision pass.
 * ``precompute`` scores every train and eval pair once before training with the starting
   checkpoint (which *is* the reference), under the run's autocast like every other forward
   pass, stores the log-probs on disk keyed by everything that changes them
   (:func:`reference_cache_key`), and keeps no reference weights resident while training.
 * ``adapter`` (``train = "lora"``) is the policy itself with its LoRA adapters disabled
   (peft's ``disable_adapter``): the frozen base *is* the starting model, so it costs one
-  extra decoder pass and no resident bytes.
+  extra pass of the language model and no resident bytes.
 
 All run the reference in eval mode (no dropout, LoRA's included), so they give the same numbers.
 KTO's KL term pairs each question with the chosen answer of another image's row, from a
@@ -31,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqabench.engine import model as blip
 from vqabench.engine.cache import publish_file
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.precision import autocast
 from vqabench.engine.telemetry import module_bytes
+from vqabench.models import parts
+from vqabench.models.family import LoadedModel, ModelFamily
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -133,7 +135,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def reference_cache_key(
-    loaded: blip.LoadedModel,
+    loaded: LoadedModel,
     encoded: EncodedData,
     checkpoint_key: str,
     data_key: str,
@@ -142,15 +144,15 @@ def reference_cache_key(
     device: torch.device,
 ) -> str:
     """Everything a precomputed table depends on: weights, data, token layout, pairing, the
-    encodings the decoder reads (live, or the encoder cache's entry and its dtype), the precision,
-    the device type and the torch, transformers and scoring code versions."""
+    features the trainable part reads (live, or the encoder cache's entry and its dtype), the
+    precision, the device type and the torch, transformers and scoring code versions."""
     import transformers
 
     train = encoded.splits["train"]
     pairing = hashlib.sha256()
     for name in ("train", "eval"):
         pairing.update(split_mismatched(encoded, name).numpy().tobytes())
-    parts = [
+    key_parts = [
         checkpoint_key,
         data_key,
         str(tuple(train.chosen_ids.shape)),
@@ -165,11 +167,11 @@ def reference_cache_key(
         f"tokenizer {tokenizer_fingerprint(loaded.tokenizer)}",
         f"scoring {SCORING_VERSION}",
     ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
 
 
 def _encodings_part(encoded: EncodedData) -> str:
-    """Where the decoder's question encodings come from: computed live, or an encoder cache entry (key, dtype)."""
+    """Where the trainable part's features come from: computed live, or an encoder cache entry (key, dtype)."""
     if encoded.encodings is None:
         return "encoder cache off"
     return f"encoder cache {encoded.encodings.key.digest} {encoded.encodings.key.parts.get('dtype', '?')}"
@@ -183,15 +185,25 @@ class ReferenceLogps:
 
 
 class CopyReference:
-    """A frozen copy of the trainable part, run beside the policy on the same encodings."""
+    """A frozen copy of the trainable part, run beside the policy on the same features.
+
+    The copy is the whole model object, but every weight outside the trainable part is the
+    policy's own tensor (shared, not copied), so only the trainable part costs memory.
+    """
 
     strategy = "copy"
 
-    def __init__(self, loaded: blip.LoadedModel, train: str):
+    def __init__(self, loaded: LoadedModel, train: str):
         self.train = train
-        self.part = copy.deepcopy(blip.trainable_part(loaded.model, train)).eval()
-        for p in self.part.parameters():
+        self.family: ModelFamily = loaded.family
+        trained = {id(t) for t in parts.trainable_part(loaded, train).parameters()}
+        shared = {id(t): t for t in (*loaded.model.parameters(), *loaded.model.buffers()) if id(t) not in trained}
+        self.model = copy.deepcopy(loaded.model, memo=shared).eval()
+        for p in self.model.parameters():
             p.requires_grad_(False)
+        self.part = parts.trainable_part(
+            LoadedModel(loaded.family, self.model, loaded.tokenizer, loaded.image, loaded.source), train
+        )
         self.pad_id = loaded.pad_token_id
 
     @property
@@ -204,19 +216,18 @@ class CopyReference:
         encoded: EncodedData,
         split: str,
         batch: Batch,
-        question_embeds: torch.Tensor,
+        features: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps:
-        if self.train != "all":  # the decoder (with LoRA: as it was before the adapters)
-            decoder, q = self.part, question_embeds.detach()
-        else:  # a full copy: it has its own encoders (and no encoder cache: they train)
-            decoder = self.part.get_submodule("text_decoder")
-            q = batch.encodings(self.part)
-        return _decoder_logps(decoder, q, encoded, split, batch, self.pad_id, with_mismatched)
+        # The frozen part is shared, so the policy's features serve the copy too; a full copy
+        # ("all") has its own (and no encoder cache: every weight trains).
+        q = features.detach() if self.train != "all" else batch.features_of(self.family, self.model)
+        return _scored(self.family, self.model, q, encoded, split, batch, self.pad_id, with_mismatched)
 
 
-def _decoder_logps(
-    decoder: nn.Module,
+def _scored(
+    family: ModelFamily,
+    model: nn.Module,
     q: torch.Tensor,
     encoded: EncodedData,
     split: str,
@@ -224,12 +235,12 @@ def _decoder_logps(
     pad_id: int,
     with_mismatched: bool,
 ) -> ReferenceLogps:
-    """A reference decoder's chosen and rejected log-probs (and KTO's mismatched ones) for a batch."""
-    c, r, _, _ = blip.pair_logps(decoder, q, batch.question_mask, batch.chosen, batch.rejected, pad_id)
+    """A reference model's chosen and rejected log-probs (and KTO's mismatched ones) for a batch."""
+    c, r = family.pair_scores(model, q, batch.prompt, batch.chosen, batch.rejected, pad_id)
     mm = None
     if with_mismatched:
-        mm, _ = blip.answer_logps(decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch))
-    return ReferenceLogps(c, r, mm)
+        mm = family.answer_scores(model, q, batch.prompt, mismatched_answers(encoded, split, batch)).logps
+    return ReferenceLogps(c.logps, r.logps, mm)
 
 
 class PrecomputedReference:
@@ -260,10 +271,10 @@ class PrecomputedReference:
         encoded: EncodedData,
         split: str,
         batch: Batch,
-        question_embeds: torch.Tensor,
+        features: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps:
-        device = question_embeds.device
+        device = features.device
         t = self.table_on(device)[split]
         rows = batch.rows_on(device)
         mm = t["mismatched"][rows] if with_mismatched else None
@@ -272,7 +283,7 @@ class PrecomputedReference:
     @classmethod
     def build(
         cls,
-        loaded: blip.LoadedModel,
+        loaded: LoadedModel,
         encoded: EncodedData,
         *,
         batch_size: int,
@@ -312,27 +323,27 @@ class PrecomputedReference:
         with torch.no_grad(), autocast(precision, device):
             for split in ("train", "eval"):
                 shard = ranks.shard(len(encoded.splits[split]))
-                parts: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}
-                for name in parts:
-                    parts[name].append(torch.zeros(0))
+                columns: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "mismatched": []}
+                for name in columns:
+                    columns[name].append(torch.zeros(0))
                 blocks = [
                     torch.arange(lo, min(lo + batch_size, shard.stop))
                     for lo in range(shard.start, shard.stop, batch_size)
                 ]
                 for batch in encoded.batches(split, blocks, device):
-                    q = batch.encodings(model)
-                    c, r, _, _ = blip.pair_logps(
-                        model.text_decoder, q, batch.question_mask, batch.chosen, batch.rejected, loaded.pad_token_id
-                    )
-                    mm, _ = blip.answer_logps(
-                        model.text_decoder, q, batch.question_mask, *mismatched_answers(encoded, split, batch)
-                    )
-                    for name, value in (("chosen", c), ("rejected", r), ("mismatched", mm)):
-                        parts[name].append(value.float().cpu())
+                    q = batch.features_of(loaded.family, model)
+                    scored = _scored(loaded.family, model, q, encoded, split, batch, loaded.pad_token_id, True)
+                    for name, value in (
+                        ("chosen", scored.chosen),
+                        ("rejected", scored.rejected),
+                        ("mismatched", scored.mismatched),
+                    ):
+                        assert value is not None
+                        columns[name].append(value.float().cpu())
                     done += 1
                     if progress is not None:
                         progress(done, total)
-                table[split] = {k: ranks.gather_cat(torch.cat(v)) for k, v in parts.items()}
+                table[split] = {k: ranks.gather_cat(torch.cat(v)) for k, v in columns.items()}
         model.train(was_training)
         if path is not None and ranks.is_main:
             publish_file(path, lambda tmp: torch.save(table, tmp))
@@ -345,8 +356,8 @@ class AdapterReference:
     strategy = "adapter"
     resident_bytes = 0  # the base weights are the policy's own
 
-    def __init__(self, loaded: blip.LoadedModel):
-        self.model = loaded.model  # a peft.PeftModel
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded  # its model is a peft.PeftModel
         self.pad_id = loaded.pad_token_id
 
     @torch.no_grad()
@@ -355,15 +366,17 @@ class AdapterReference:
         encoded: EncodedData,
         split: str,
         batch: Batch,
-        question_embeds: torch.Tensor,
+        features: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps:
-        decoder = self.model.text_decoder
-        q = question_embeds.detach()
-        was_training = decoder.training
-        decoder.eval()  # eval semantics like the other strategies: the decoder's dropout is off
+        model = self.loaded.model
+        part = parts.trainable_part(self.loaded, "lora")
+        was_training = part.training
+        part.eval()  # eval semantics like the other strategies: dropout is off
         try:
-            with self.model.disable_adapter():
-                return _decoder_logps(decoder, q, encoded, split, batch, self.pad_id, with_mismatched)
+            with model.disable_adapter():
+                return _scored(
+                    self.loaded.family, model, features.detach(), encoded, split, batch, self.pad_id, with_mismatched
+                )
         finally:
-            decoder.train(was_training)
+            part.train(was_training)

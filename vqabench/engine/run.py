@@ -17,7 +17,6 @@ import torch
 from vqabench import events as ev
 from vqabench import metrics
 from vqabench.engine import distributed
-from vqabench.engine import model as blip
 from vqabench.engine.base_checkpoint import ensure_base_checkpoint
 from vqabench.engine.best_weights import BestWeights
 from vqabench.engine.cache import ArrayStore
@@ -26,13 +25,14 @@ from vqabench.engine.data.batching import EncodedData, TextEncoder, encode
 from vqabench.engine.data.records import DataError, DataSplits
 from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.engine.encoder_cache import attach_encoder_cache
-from vqabench.engine.lora import attach as attach_lora
 from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.precision import check_precision
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference, assign_mismatched
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Reference, Trainer
 from vqabench.judges import JudgeError, JudgeItem
+from vqabench.models import checkpoints, lora, parts, registry
+from vqabench.models.family import LoadedModel, ModelError
 from vqabench.scoring import ScoreSummary, judge_with_cache, score_items
 from vqabench.spec import RunSpec, default_cache_dir
 
@@ -68,32 +68,39 @@ def load_data(spec: RunSpec, cache_dir: Path) -> DataSplits:
     return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, cache_dir=cache_dir / "datasets")
 
 
-def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[blip.LoadedModel, DataSplits]:
-    """The starting model (init checkpoint, embedded base, built-in or hub) and the data."""
-    builds_base = spec.init_checkpoint is None and spec.model == "embedded"
-    loaded: blip.LoadedModel | None = None
+def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[LoadedModel, DataSplits]:
+    """The starting model (init checkpoint, embedded base, built-in variant or hub) and the data.
+
+    Raises ModelError when the model's family cannot train the spec's ``train`` value.
+    """
+    loaded: LoadedModel | None = None
     if spec.init_checkpoint is not None:
         if not Path(spec.init_checkpoint).is_dir():
-            raise blip.ModelError(
+            raise ModelError(
                 f"the starting checkpoint '{spec.init_checkpoint}' does not exist; "
                 f"run the preset named in 'after' first."
             )
-        loaded = blip.load_pretrained(spec.init_checkpoint)
-    elif spec.model == "blip-vqa-base-random":
-        loaded = blip.build_random_blip_vqa_base(spec.seed)
-    elif not builds_base:
-        loaded = blip.load_pretrained(spec.model)
+        loaded = checkpoints.load_pretrained(spec.init_checkpoint)
+    elif spec.model != "embedded" and registry.variant(spec.model) is None:
+        loaded = checkpoints.load_pretrained(spec.model)
     data = load_data(spec, cache_dir)
-    if builds_base:
+    if loaded is None and spec.model == "embedded":
         # Always made from easy-VQA's base split, whatever the fine-tuning data, so it is the
         # same "pretrained" model for every dataset. Built on the CPU whatever the run's device,
         # so it is the same bytes everywhere and its cache key holds.
         folder = ensure_base_checkpoint(
             seed=spec.dataset.seed, samples=spec.base_samples, cache_dir=cache_dir, emit=emit
         )
-        loaded = blip.load_pretrained(str(folder))
-    assert loaded is not None
+        loaded = checkpoints.load_pretrained(str(folder))
+    elif loaded is None:  # a built-in variant; a tiny one trains its tokenizer on the run's own text
+        loaded = checkpoints.build_variant(spec.model, spec.seed, texts=fitting_texts(data))
+    loaded.family.check_train(spec.train)
     return loaded, data
+
+
+def fitting_texts(data: DataSplits) -> list[str]:
+    """The questions and answers a tokenizer may be trained on: the train and eval splits, never test."""
+    return [t for p in (*data.train, *data.eval) for t in (p.question, p.chosen, p.rejected) if t]
 
 
 def execute(spec: RunSpec, emit: Emit) -> None:
@@ -112,7 +119,7 @@ def execute(spec: RunSpec, emit: Emit) -> None:
 def encode_for_run(
     spec: RunSpec,
     data: DataSplits,
-    loaded: blip.LoadedModel,
+    loaded: LoadedModel,
     store: ArrayStore | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[RunSpec, EncodedData]:
@@ -122,6 +129,8 @@ def encode_for_run(
     integer limits, and the encoded data.
     """
     text = TextEncoder(loaded)
+    if not spec.lora_targets:  # the family's defaults, recorded in run_started's config
+        spec = spec.replace(lora_targets=list(loaded.family.lora_targets))
     limits = resolve_token_limits(
         data,
         question_setting=spec.max_question_tokens,
@@ -130,6 +139,7 @@ def encode_for_run(
         answer_length=text.answer_length,
         question_cap=loaded.question_token_cap,
         answer_cap=loaded.answer_token_cap,
+        prompts_can_be_cut=loaded.family.prompts_can_be_cut,
     )
     spec = spec.replace(max_question_tokens=limits.question, max_answer_tokens=limits.answer)
     encoded = encode(
@@ -182,6 +192,7 @@ def _execute(
                 batch_size=spec.batch_size,
                 device=device,
                 store=store,
+                train=spec.train,
                 progress=lambda i, n: progress("encode", 0, i, n, None, "encoding images and questions once"),
             )
         emit(ev.EncoderCached(**info.to_dict()))
@@ -193,13 +204,11 @@ def _execute(
     reference_seconds = None
     if spec.needs_reference:
         if spec.reference == "copy":
-            copied = CopyReference(loaded, spec.train)
-            copied.part.to(device)
-            reference = copied
+            reference = CopyReference(loaded, spec.train)
         elif spec.reference == "precompute":
             ckpt = spec.init_checkpoint
             start = (
-                blip.checkpoint_fingerprint(Path(ckpt))
+                checkpoints.checkpoint_fingerprint(Path(ckpt))
                 if ckpt
                 else f"{spec.model}:{spec.seed}:{spec.base_samples}:{spec.dataset.seed}"
             )
@@ -219,11 +228,11 @@ def _execute(
                 )
             reference, reference_seconds = precomputed, precomputed.seconds
     if spec.train == "lora":  # after a copy or precomputed reference has taken the start model
-        attach_lora(loaded, spec)
+        lora.attach(loaded, spec)
         if spec.needs_reference and spec.reference == "adapter":
             reference = AdapterReference(loaded)
     trainer = Trainer(spec, loaded, encoded, reference, device, on_progress=progress, ranks=ranks)
-    trainable, total = blip.count_parameters(loaded.model)
+    trainable, total = parts.count_parameters(loaded.model)
     ref_bytes = reference.resident_bytes if reference is not None else 0
     telemetry = Telemetry(str(device), interval=spec.telemetry_interval)
     progress.telemetry = telemetry.latest
@@ -233,7 +242,8 @@ def _execute(
         "quality": data.report.to_dict(),
         "fingerprint": data.fingerprint,
         "model_source": loaded.source,
-        "trainable_bytes": module_bytes(blip.trainable_part(loaded.model, spec.train))
+        "model_family": loaded.family.name,
+        "trainable_bytes": module_bytes(parts.trainable_part(loaded, spec.train))
         if spec.train != "lora"
         else sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad),
         "reference_seconds": reference_seconds,
@@ -277,7 +287,7 @@ def _execute(
             judge.prepare()
     best_dir = out_dir / "best"
     train_seconds = 0.0
-    best = BestWeights(blip.trainable_part(loaded.model, spec.train))
+    best = BestWeights(parts.trainable_part(loaded, spec.train))
     with telemetry:
         trainer.warm_up()  # untimed, outside every window; training numbers are unchanged
         for epoch in range(1, spec.epochs + 1):
@@ -287,7 +297,7 @@ def _execute(
             if result.is_best:
                 best.keep()
                 if ranks.is_main:
-                    blip.save_checkpoint(loaded, best_dir)
+                    checkpoints.save_checkpoint(loaded, best_dir)
             ranks_memory = distributed.rank_memory(tel.event_fields(), ranks) if ranks.distributed else {}
             scored: ScoreSummary | None = None
             if spec.eval_every_epoch:

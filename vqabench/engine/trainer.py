@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import torch
 
 from vqabench import objectives
-from vqabench.engine import model as blip
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.generation import greedy_answers
@@ -32,6 +31,8 @@ from vqabench.engine.precision import Precision
 from vqabench.engine.reference import ReferenceLogps, mismatched_answers
 from vqabench.engine.telemetry import optimizer_state_bytes
 from vqabench.engine.timing import StepClock
+from vqabench.models import parts
+from vqabench.models.family import LoadedModel
 from vqabench.spec import RunSpec
 
 
@@ -58,7 +59,7 @@ class Reference(Protocol):
         encoded: EncodedData,
         split: str,
         batch: Batch,
-        question_embeds: torch.Tensor,
+        features: torch.Tensor,
         with_mismatched: bool = False,
     ) -> ReferenceLogps: ...
 
@@ -68,7 +69,7 @@ class StepOutput:
     losses: torch.Tensor  # [batch], per-example loss of the method
     chosen_logps: torch.Tensor  # detached
     rejected_logps: torch.Tensor | None
-    question_embeds: torch.Tensor  # the batch's encoding, for scoring more answers without re-encoding
+    features: torch.Tensor  # the batch's frozen-part output, for scoring more answers without recomputing it
 
 
 @dataclass
@@ -118,7 +119,7 @@ class MethodStep:
     def __init__(
         self,
         spec: RunSpec,
-        loaded: blip.LoadedModel,
+        loaded: LoadedModel,
         encoded: EncodedData,
         reference: Reference | None,
         ranks: Ranks = SINGLE,
@@ -134,24 +135,25 @@ class MethodStep:
             raise ValueError(f"method '{spec.method}' needs a reference model")
 
     def __call__(self, split: str, batch: Batch) -> StepOutput:
-        spec, model = self.spec, self.loaded.model
-        if spec.train != "all":  # frozen encoders (decoder or LoRA training)
+        spec, model, family = self.spec, self.loaded.model, self.loaded.family
+        if spec.train != "all":  # a frozen part (everything outside the language model or its adapters)
             with torch.no_grad():
-                q = batch.encodings(model)
-        elif batch.question_embeds is not None:
-            raise ValueError("cached question encodings reached a run that trains the encoders")
+                q = batch.features_of(family, model)
+        elif batch.features is not None:
+            raise ValueError("cached features reached a run that trains every weight")
         else:
-            q = batch.encodings(model)
-        decoder = model.text_decoder
+            q = batch.features_of(family, model)
         if not self.needs.needs_rejected:
             smoothing = spec.sft_label_smoothing
-            c, c_len, vocab = blip.answer_logps_with_vocab_mean(
-                decoder, q, batch.question_mask, *batch.chosen, vocab_mean=smoothing > 0
+            scores = family.answer_scores(model, q, batch.prompt, batch.chosen, vocab_mean=smoothing > 0)
+            c = scores.logps
+            return StepOutput(
+                objectives.sft_loss(c, scores.lengths, smoothing, scores.vocab_means), c.detach(), None, q
             )
-            return StepOutput(objectives.sft_loss(c, c_len, smoothing, vocab), c.detach(), None, q)
-        c, r, c_len, r_len = blip.pair_logps(
-            decoder, q, batch.question_mask, batch.chosen, batch.rejected, self.loaded.pad_token_id
+        chosen, rejected = family.pair_scores(
+            model, q, batch.prompt, batch.chosen, batch.rejected, self.loaded.pad_token_id
         )
+        c, r, c_len, r_len = chosen.logps, rejected.logps, chosen.lengths, rejected.lengths
         method, beta = spec.method, spec.resolved_beta
         if method == "orpo":
             losses = objectives.orpo_loss(c, r, c_len, r_len, spec.lam, average=spec.orpo_logps == "mean")
@@ -168,9 +170,9 @@ class MethodStep:
             if ref.mismatched is None:
                 raise ValueError("KTO needs the reference's log-probs of mismatched answers for its KL estimate")
             with torch.no_grad():
-                mm, _ = blip.answer_logps(
-                    decoder, q.detach(), batch.question_mask, *mismatched_answers(self.encoded, split, batch)
-                )
+                mm = family.answer_scores(
+                    model, q.detach(), batch.prompt, mismatched_answers(self.encoded, split, batch)
+                ).logps
             kl = objectives.kto_kl_estimate(mm, ref.mismatched, self.total)
             losses = objectives.kto_loss(
                 c, r, ref.chosen, ref.rejected, kl, beta, spec.kto_desirable_weight, spec.kto_undesirable_weight
@@ -188,10 +190,10 @@ class MethodStep:
             device = next(self.loaded.model.parameters()).device
             self.total(torch.zeros(2, dtype=torch.float64, device=device))  # no rows: a sum and a count of 0
 
-    def _reference_logps(self, split: str, batch: Batch, question_embeds: torch.Tensor) -> ReferenceLogps:
+    def _reference_logps(self, split: str, batch: Batch, features: torch.Tensor) -> ReferenceLogps:
         if self.reference is None:  # __init__ refuses this for methods that need one
             raise ValueError(f"method '{self.spec.method}' needs a reference model")
-        return self.reference.logps(self.encoded, split, batch, question_embeds, self.needs.needs_mismatched_kl)
+        return self.reference.logps(self.encoded, split, batch, features, self.needs.needs_mismatched_kl)
 
 
 class Trainer:
@@ -202,7 +204,7 @@ class Trainer:
     def __init__(
         self,
         spec: RunSpec,
-        loaded: blip.LoadedModel,
+        loaded: LoadedModel,
         encoded: EncodedData,
         reference: Reference | None,
         device: torch.device,
@@ -216,11 +218,11 @@ class Trainer:
         self.encoded = encoded
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
-        blip.freeze_for_training(loaded.model, spec.train)
+        parts.freeze_for_training(loaded, spec.train)
         if spec.disable_dropout:
-            blip.disable_dropout(loaded.model)
+            parts.disable_dropout(loaded.model)
         self.step_fn = MethodStep(spec, loaded, encoded, reference, ranks)
-        self.ddp = ranks.wrap(blip.trainable_part(loaded.model, spec.train), device)
+        self.ddp = ranks.wrap(parts.trainable_part(loaded, spec.train), device)
         self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -256,7 +258,7 @@ class Trainer:
         starts from, so the first real step is unchanged too.
         """
         rows = torch.arange(min(self.batch_size, len(self.encoded.splits["train"])))
-        blip.set_train_mode(self.loaded.model, self.spec.train)
+        parts.set_train_mode(self.loaded, self.spec.train)
         cuda = [self.device.index or 0] if self.device.type == "cuda" else []
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         with (
@@ -299,7 +301,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         bs = self.batch_size
-        blip.set_train_mode(self.loaded.model, self.spec.train)
+        parts.set_train_mode(self.loaded, self.spec.train)
         last = 0.0
         steps = self.steps_per_epoch
         sizes = [min(bs, len(order) - step * bs) for step in range(steps)]
@@ -361,10 +363,10 @@ class Trainer:
             chosen.append(out.chosen_logps.float().cpu())
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
                 with self.precision.autocast():
-                    r, _ = blip.answer_logps(
-                        self.loaded.model.text_decoder, out.question_embeds, batch.question_mask, *batch.rejected
+                    scored = self.loaded.family.answer_scores(
+                        self.loaded.model, out.features, batch.prompt, batch.rejected
                     )
-                rejected.append(r.float().cpu())
+                rejected.append(scored.logps.float().cpu())
             else:
                 rejected.append(out.rejected_logps.float().cpu())
         for _ in range(empty):
@@ -420,7 +422,7 @@ class Trainer:
                     batch.question_ids,
                     batch.question_mask,
                     self.answer_tokens,
-                    question_embeds=batch.question_embeds,
+                    features=batch.features,
                 )
             self.on_progress("generate", 0, i + 1, steps, None)
         return [answer for part in self.ranks.gather(out) for answer in part]

@@ -125,8 +125,21 @@ class ModelFamily:
     answer_offset: ClassVar[int] = 1
     #: Whether the frozen part's output depends on the question too (BLIP: yes; a vision tower: no).
     features_read_question: ClassVar[bool] = True
+    #: Whether a long prompt may be cut (BLIP's question); a causal VLM's never is: it would cut image tokens.
+    prompts_can_be_cut: ClassVar[bool] = False
 
     # -- loading ---------------------------------------------------------------------------
+    def make_loaded(
+        self,
+        model: Any,
+        tokenizer: Any,
+        image: ImageFormat,
+        source: str,
+        origin: dict[str, Any] | None,
+    ) -> LoadedModel:
+        """Wrap a model of this family for the engine (a family may hook the model here first)."""
+        return LoadedModel(self, model, tokenizer, image, source, origin)
+
     def from_pretrained(self, name_or_path: str) -> LoadedModel:
         """A model of this family by hub id or local folder."""
         raise NotImplementedError

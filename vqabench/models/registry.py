@@ -10,13 +10,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vqabench.models.family import LoadedModel, ModelError, ModelFamily
+if TYPE_CHECKING:  # the registry is read by the host (preset checks), which never imports torch
+    from vqabench.models.family import LoadedModel, ModelFamily
 
 #: Family module by the config's ``model_type``.
 FAMILY_MODULES: dict[str, str] = {
     "blip": "vqabench.models.blip",
+}
+#: Built-in variants by the name a preset's ``model`` gives, and the family module that builds them.
+VARIANT_MODULES: dict[str, str] = {
+    "embedded-init": "vqabench.models.blip",
+    "blip-vqa-base-random": "vqabench.models.blip",
 }
 
 
@@ -37,6 +43,8 @@ class Variant:
     needs_texts: bool = False
     #: Sized like a released checkpoint (for timing and memory at real scale), not a tiny test model.
     real_size: bool = False
+    #: Hash of what the package ships for it (config, vocabulary): part of keys of things built from it.
+    fingerprint: Callable[[], str] | None = None
 
 
 def _family_module(module_name: str) -> Any:
@@ -49,6 +57,8 @@ def supported_model_types() -> list[str]:
 
 def family_for(model_type: str) -> ModelFamily:
     """The family serving a config's `model_type`; ModelError naming what is supported otherwise."""
+    from vqabench.models.family import ModelError
+
     module_name = FAMILY_MODULES.get(model_type)
     if module_name is None:
         raise ModelError(
@@ -61,6 +71,8 @@ def family_for(model_type: str) -> ModelFamily:
 
 def family_named(name: str) -> ModelFamily:
     """A family by its user-facing name (as saved in a checkpoint's vqabench.json)."""
+    from vqabench.models.family import ModelError
+
     for module_name in dict.fromkeys(FAMILY_MODULES.values()):
         family: ModelFamily = _family_module(module_name).FAMILY
         if family.name == name:
@@ -68,14 +80,26 @@ def family_named(name: str) -> ModelFamily:
     raise ModelError(f"no model family is named '{name}'.")
 
 
+def variant_names() -> list[str]:
+    """The built-in variants' names, without importing any model code."""
+    return list(VARIANT_MODULES)
+
+
 def variants() -> dict[str, Variant]:
     """Every built-in variant, by name, in the registry's order."""
     found: dict[str, Variant] = {}
-    for module_name in dict.fromkeys(FAMILY_MODULES.values()):
+    for module_name in dict.fromkeys(VARIANT_MODULES.values()):
         for variant in _family_module(module_name).VARIANTS:
             found[variant.name] = variant
-    return found
+    return {name: found[name] for name in VARIANT_MODULES if name in found}
 
 
 def variant(name: str) -> Variant | None:
-    return variants().get(name)
+    """A built-in variant by name (None: not one), importing only its family's module."""
+    module_name = VARIANT_MODULES.get(name)
+    if module_name is None:
+        return None
+    for found in _family_module(module_name).VARIANTS:
+        if found.name == name:
+            return found
+    return None

@@ -24,10 +24,9 @@ import PIL
 import torch
 from PIL import Image
 
-from vqabench.engine import model as blip
 from vqabench.engine.cache import ArraySpec, ArrayStore, CacheKey, Entry
-from vqabench.engine.data.records import DataSplits, PreferencePair
-from vqabench.engine.model import LoadedModel
+from vqabench.engine.data.records import DataError, DataSplits, PreferencePair
+from vqabench.models.family import LoadedModel, ModelError, ModelFamily
 
 #: Names the image preprocessing; part of every key derived from preprocessed pixels.
 IMAGE_PREPROCESSING = "rgb-bicubic-uint8-v1"
@@ -42,7 +41,7 @@ class EncodedSplit:
     image_index: torch.Tensor  # [N] rows of EncodedData.images
     question_ids: torch.Tensor  # [N, Lq]
     question_mask: torch.Tensor
-    chosen_ids: torch.Tensor  # [N, La]: BOS, answer tokens, SEP
+    chosen_ids: torch.Tensor  # [N, La]: the answer as the family frames it (BLIP: BOS, tokens, SEP)
     chosen_mask: torch.Tensor
     rejected_ids: torch.Tensor
     rejected_mask: torch.Tensor
@@ -80,14 +79,14 @@ class DeviceTokens:
 
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor | None  # None when the question encodings come from the encoder cache
+    pixel_values: torch.Tensor | None  # None when the features come from the encoder cache
     question_ids: torch.Tensor
     question_mask: torch.Tensor
     chosen: tuple[torch.Tensor, torch.Tensor]
     rejected: tuple[torch.Tensor, torch.Tensor]
     rows: torch.Tensor  # positions of these examples in their split (CPU)
     device_rows: torch.Tensor | None = None  # the same positions on the training device
-    question_embeds: torch.Tensor | None = None  # cached frozen-encoder output [B, Lq, hidden]
+    features: torch.Tensor | None = None  # the frozen part's cached output [B, ...]
 
     def rows_on(self, device: torch.device) -> torch.Tensor:
         return self.device_rows if self.device_rows is not None else self.rows.to(device)
@@ -95,16 +94,20 @@ class Batch:
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
-    def encodings(self, model: Any) -> torch.Tensor:
-        """The question encoding the decoder attends to: from the encoder cache, else computed now."""
-        if self.question_embeds is not None:
-            return self.question_embeds
+    @property
+    def prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.question_ids, self.question_mask
+
+    def features_of(self, family: ModelFamily, model: Any) -> torch.Tensor:
+        """The frozen part's output the trainable part reads: from the encoder cache, else computed now."""
+        if self.features is not None:
+            return self.features
         assert self.pixel_values is not None
-        return blip.encode_questions(model, self.pixel_values, self.question_ids, self.question_mask)
+        return family.features(model, self.pixel_values, self.question_ids, self.question_mask)
 
 
 class BatchRows(torch.utils.data.Dataset):
-    """What a DataLoader worker gathers for one batch of rows: uint8 images, or cached encodings."""
+    """What a DataLoader worker gathers for one batch of rows: uint8 images, or cached features."""
 
     def __init__(self, images: Entry, image_index: torch.Tensor, encodings: Entry | None, split: str):
         self.images, self.image_index, self.encodings, self.split = images, image_index, encodings, split
@@ -114,7 +117,7 @@ class BatchRows(torch.utils.data.Dataset):
 
     def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.encodings is not None:
-            return {"rows": rows, "question_embeds": self.encodings.rows(self.split, rows)}
+            return {"rows": rows, "features": self.encodings.rows(self.split, rows)}
         return {"rows": rows, "pixels": self.images.rows("pixels", self.image_index[rows])}
 
 
@@ -127,6 +130,7 @@ class EncodedData:
     answers_truncated: int
     num_workers: int = 0  # DataLoader worker processes (0: gather in this process)
     encodings: Entry | None = None  # the frozen-encoder cache, one array per split, when it is on
+    family: ModelFamily | None = None  # the model family whose features `encodings` holds
     # split -> row whose chosen answer KTO's KL term pairs with each row's question (reference.py)
     mismatched: dict[str, torch.Tensor] = field(default_factory=dict)
     mismatched_on_device: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)  # copied once
@@ -161,7 +165,7 @@ class EncodedData:
             pixels = item["pixels"].to(device, non_blocking=pinned).to(torch.float32)
             pixels = (pixels / 255.0 - self.mean) / self.std
         else:
-            embeds = item["question_embeds"].to(device, non_blocking=pinned).to(torch.float32)
+            embeds = item["features"].to(device, non_blocking=pinned).to(torch.float32)
 
         # Tokens live on the device (once per run); the only per-batch copy is the row indices,
         # asynchronous from pageable memory. Widths come from the CPU masks, so nothing waits.
@@ -172,13 +176,12 @@ class EncodedData:
             width = s.answer_width(cpu_mask, rows)
             return ids[at, :width], mask[at, :width]
 
-        # Questions are trimmed per batch too: the decoder honours the cross-attention mask
-        # (engine/cross_attention.py), so padding does not change any score. Cached encodings
-        # were made at the split's full width; the encoder's self-attention masks padding, so
-        # their first positions are the trimmed question's.
+        # Prompts are trimmed per batch too: every family scores an answer the same whatever its
+        # prompt's padding (tested per family). Cached features were made at the split's full
+        # width; the family trims them to the batch's (BLIP: the first positions of the question).
         q_ids, q_mask = trimmed(tokens.question_ids, tokens.question_mask, s.question_mask)
-        if embeds is not None:
-            embeds = embeds[:, : q_ids.shape[1]]
+        if embeds is not None and self.family is not None:
+            embeds = self.family.trim_features(embeds, q_ids.shape[1])
         return Batch(
             pixels,
             q_ids,
@@ -187,7 +190,7 @@ class EncodedData:
             trimmed(tokens.rejected_ids, tokens.rejected_mask, s.rejected_mask),
             rows,
             device_rows=at,
-            question_embeds=embeds,
+            features=embeds,
         )
 
 
@@ -209,10 +212,11 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class TextEncoder:
-    """Tokenizes questions and answers with the model's tokenizer, memoised per string.
+    """Tokenizes questions (as the family's prompt) and answers with the model's tokenizer, memoised per string.
 
-    An answer longer than `max_answer_tokens` is cut and gets no SEP (it did not end there),
-    and is counted in `truncated`.
+    An answer longer than `max_answer_tokens` is cut and gets no end marker (it did not end
+    there), and is counted in `truncated`. A prompt is cut only where the family allows it
+    (BLIP's question); a causal VLM's never is.
     """
 
     def __init__(self, loaded: LoadedModel, max_question_tokens: int = 0, max_answer_tokens: int = 0):
@@ -224,15 +228,15 @@ class TextEncoder:
         self.truncated = 0
 
     def question_tokens(self, text: str) -> list[int]:
-        """Question tokens with the tokenizer's [CLS]/[SEP], untruncated."""
+        """The question as the model reads it (BLIP: with [CLS]/[SEP]), untruncated."""
         if text not in self._q:
-            self._q[text] = self.loaded.tokenizer(text)["input_ids"]
+            self._q[text] = self.loaded.family.prompt_ids(self.loaded, text)
         return self._q[text]
 
     def answer_tokens(self, text: str) -> list[int]:
         """Answer content tokens, untruncated."""
         if text not in self._a:
-            self._a[text] = self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._a[text] = self.loaded.family.answer_ids(self.loaded, text)
         return self._a[text]
 
     def question_length(self, text: str) -> int:
@@ -243,16 +247,16 @@ class TextEncoder:
 
     def question(self, text: str) -> list[int]:
         ids = self.question_tokens(text)
-        if len(ids) > self.max_q:  # cut, keeping the closing [SEP] as the tokenizer's truncation does
-            ids = [*ids[: self.max_q - 1], ids[-1]]
+        if len(ids) > self.max_q:
+            ids = self.loaded.family.cut_prompt(self.loaded, ids, self.max_q)
         return ids
 
     def answer(self, text: str) -> list[int]:
         tokens = self.answer_tokens(text)
         if len(tokens) > self.max_a:
             self.truncated += 1
-            return [self.loaded.bos_token_id, *tokens[: self.max_a]]
-        return [self.loaded.bos_token_id, *tokens, self.loaded.sep_token_id]
+            return self.loaded.family.frame_answer(self.loaded, tokens[: self.max_a], complete=False)
+        return self.loaded.family.frame_answer(self.loaded, tokens, complete=True)
 
 
 def image_cache_key(data: DataSplits, used: list[str], size: int) -> CacheKey:
@@ -323,7 +327,7 @@ def encode(
     splits = {}
     for name in names:
         pairs = getattr(data, name)
-        q_ids, q_mask = _pad([text.question(p.question) for p in pairs], pad)
+        q_ids, q_mask = _pad([_prompt(text, p, name, i) for i, p in enumerate(pairs)], pad)
         c_ids, c_mask = _pad([text.answer(p.chosen) for p in pairs], pad)
         r_ids, r_mask = _pad([text.answer(p.rejected or p.chosen) for p in pairs], pad)
         splits[name] = EncodedSplit(
@@ -338,4 +342,12 @@ def encode(
         )
     mean = torch.tensor(loaded.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(loaded.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return EncodedData(images, mean, std, splits, text.truncated, num_workers)
+    return EncodedData(images, mean, std, splits, text.truncated, num_workers, family=loaded.family)
+
+
+def _prompt(text: TextEncoder, pair: PreferencePair, split: str, row: int) -> list[int]:
+    """A pair's prompt ids; a prompt the family cannot cut fails the run naming its row."""
+    try:
+        return text.question(pair.question)
+    except ModelError as exc:
+        raise DataError(f"{split} row {row} (image '{pair.image_id}'): {exc}") from exc

@@ -52,11 +52,15 @@ def resolve_token_limits(
     answer_length: Any,
     question_cap: int,
     answer_cap: int,
+    prompts_can_be_cut: bool = True,
 ) -> TokenLimits:
     """Resolve "auto" limits from the train and eval pairs; record every split's statistics in ``data.report``.
 
     `question_length` / `answer_length` map a text to its token count (the run's tokenizer);
-    raises DataError when every answer is empty after tokenisation.
+    raises DataError when every answer is empty after tokenisation. Where prompts cannot be cut
+    (a causal VLM's would lose image tokens) the prompt limit is the longest prompt of every
+    split, a prompt beyond `question_cap` raises DataError naming its row, and the answer cap
+    is what the positions leave after the longest prompt.
     """
     fitted: list[PreferencePair] = [*data.train, *data.eval]  # what "auto" may read; test is only scored
     pairs: list[PreferencePair] = [*fitted, *data.test]
@@ -69,8 +73,13 @@ def resolve_token_limits(
         )
     question_lengths = [int(question_length(p.question)) for p in pairs]
     fitted_answers = sum(1 for p in fitted for a in (p.chosen, p.rejected) if a)  # `answers` lists them first
+    if prompts_can_be_cut:
+        question = _resolve(question_setting, question_lengths[: len(fitted)], question_cap, "max_question_tokens")
+    else:
+        question = _uncut_prompt_limit(data, pairs, question_lengths, question_cap)
+        answer_cap = max(1, min(answer_cap, question_cap - question))
     limits = TokenLimits(
-        question=_resolve(question_setting, question_lengths[: len(fitted)], question_cap, "max_question_tokens"),
+        question=question,
         answer=_resolve(answer_setting, answer_lengths[:fitted_answers], answer_cap, "max_answer_tokens"),
     )
     answer_stats = length_stats(answer_lengths, limits.answer)
@@ -92,6 +101,29 @@ def resolve_token_limits(
         log.warning("%s", warning)
         data.report.warnings.append(warning)
     return limits
+
+
+def _uncut_prompt_limit(data: DataSplits, pairs: list[PreferencePair], lengths: list[int], cap: int) -> int:
+    """The longest prompt; DataError naming the first row whose prompt leaves no room for an answer."""
+    for i, (pair, length) in enumerate(zip(pairs, lengths, strict=True)):
+        if length >= cap:
+            split, row = _split_row(data, i)
+            raise DataError(
+                f"{split} row {row} (image '{pair.image_id}'): its prompt is {length} tokens, image tokens "
+                f"included, and the model has {cap} positions, so no answer fits; prompts are never cut "
+                f"(that would cut image tokens): drop the row or shorten its question."
+            )
+    return max(lengths, default=1)
+
+
+def _split_row(data: DataSplits, index: int) -> tuple[str, int]:
+    """Which split and row the `index`-th pair of train + eval + test is."""
+    for name in ("train", "eval", "test"):
+        n = len(getattr(data, name))
+        if index < n:
+            return name, index
+        index -= n
+    return "test", index
 
 
 def truncation_warning(truncated: int, total: int, limit: int, cap: int) -> str | None:
