@@ -66,3 +66,14 @@ def test_the_event_writer_lives_with_the_protocol_so_the_engine_has_no_import_ci
         "print('circle' if 'vqabench.engine.worker' in sys.modules else 'ok')"
     )
     assert last_line_of(code) == "ok"
+
+
+def test_no_module_outside_models_names_a_model_family():
+    """The engine and the host talk to models only through the seam (vqabench/models/)."""
+    package = REPO / "vqabench"
+    naming = [
+        str(path.relative_to(REPO))
+        for path in package.rglob("*.py")
+        if "models" not in path.relative_to(package).parts[:1] and "blip" in path.read_text().lower()
+    ]
+    assert naming == []

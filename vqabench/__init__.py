@@ -1,3 +1,3 @@
-"""vqabench: benchmark preference alignment of BLIP VQA models on quality and cost."""
+"""vqabench: benchmark preference alignment of vision-language (VQA) models on quality and cost."""
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vqabench",
-        description="Benchmark preference alignment (SFT, DPO, ORPO, ...) of BLIP VQA models. "
+        description="Benchmark preference alignment (SFT, DPO, ORPO, ...) of vision-language (VQA) models. "
         "Without a command: the dashboard, or with --headless the console runner.",
     )
     parser.add_argument("--version", action="version", version=f"vqabench {vqabench.__version__}")

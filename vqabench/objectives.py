@@ -57,7 +57,7 @@ def sft_loss(
 ) -> Tensor:
     """Token-mean negative log-likelihood of the chosen answer, per example.
 
-    With ``label_smoothing`` ε > 0 (HF's BLIP loss uses 0.1) each token's target puts ε on the
+    With ``label_smoothing`` ε > 0 (transformers' VQA loss uses 0.1) each token's target puts ε on the
     uniform distribution, as ``CrossEntropyLoss(label_smoothing=ε)`` does:
     (1 − ε)·(−log p(y)) + ε·(−mean over the vocabulary of log p); ``chosen_vocab_logps`` is that
     vocabulary mean summed over the answer's tokens (:func:`vqabench.engine.model.answer_logps`).

@@ -4,7 +4,7 @@ The runner still starts one subprocess per run, exactly as without it; only the 
 changes: ``python -m vqabench.preload_launcher SOCKET MODULE ARGS...`` instead of
 ``python -m MODULE ARGS...``. This launcher (stdlib only: it must start fast and never
 import torch) hands its stdin/stdout/stderr, argv, environment and cwd to the server,
-which forks a worker that already has torch, transformers and BLIP imported, saving ~6 s
+which forks a worker that already has torch, transformers and the embedded model imported, saving ~6 s
 per run. The launcher then stands for the worker: SIGTERM/SIGINT sent to it are forwarded
 to the worker's process group, and it exits with the worker's code, or dies of the same
 signal. If it is SIGKILLed, the server kills the worker. If the server cannot be reached

@@ -22,7 +22,7 @@ METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
 #: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
 REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
 REFERENCE_STRATEGIES = ("copy", "precompute", "adapter")
-#: Which weights train (each family says which it supports): BLIP's answer "decoder"; a model's
+#: Which weights train (each family says which it supports): an encoder-decoder's answer "decoder"; a model's
 #: language model ("lm"), with its vision projector ("lm+projector"), LoRA adapters on the
 #: language model ("lora"), or every weight ("all").
 TRAIN_PARTS = ("decoder", "lm", "lm+projector", "lora", "all")
@@ -124,7 +124,7 @@ class RunSpec:
     max_answer_tokens: int | str = "auto"
     disable_dropout: bool = True  # policy dropout off, as TRL does for preference methods
     orpo_logps: str = "mean"  # ORPO's odds from token-mean ("mean", Hong et al.) or summed log-probs
-    sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (HF's BLIP loss uses 0.1)
+    sft_label_smoothing: float = 0.0  # SFT NLL label smoothing (transformers' VQA loss uses 0.1)
     eval_every_epoch: int = 0  # generate and judge this many eval answers after each epoch
     base_samples: int = 2000  # embedded model: samples that make the base checkpoint (few: fine-tuning moves it)
     device: str = "auto"
@@ -250,10 +250,10 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     origin = typing.get_origin(base)
     ok = False
     if origin is list and typing.get_args(base) == (str,):
-        if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
             return [v.strip() for v in value]
         raise SpecError(
-            f"{where}: key '{key}' has value {value!r}, which must be a non-empty list of non-empty strings."
+            f"{where}: key '{key}' has value {value!r}, which must be a list of non-empty strings."
         )
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):

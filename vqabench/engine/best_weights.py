@@ -2,7 +2,7 @@
 
 Only the parameters that train are copied: the frozen ones (the encoders, and with LoRA the
 whole base decoder) cannot differ between epochs. With LoRA that is the adapters alone, not
-a second copy of the decoder per new best epoch (at blip-vqa-base size, r 16 trains 3.8M of
+a second copy of the decoder per new best epoch (at the study model's real size, r 16 trains 3.8M of
 the decoder's 137.9M values: docs/benchmarks.md §8).
 """
 

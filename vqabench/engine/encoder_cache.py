@@ -1,6 +1,6 @@
 """The frozen-encoder cache: the frozen part's output computed once per study, read by every step.
 
-Unless ``train = "all"`` a model's frozen part (BLIP: the vision and question encoders) is
+Unless ``train = "all"`` a model's frozen part (vision and question encoders, or a vision tower) is
 in eval mode and never changes, so its output for a row (the family's *features*:
 :meth:`~vqabench.models.family.ModelFamily.features`) never changes either. It is computed
 once, in one batched pass (progress phase ``encode``), into the array cache
@@ -9,8 +9,8 @@ split, read back by rows from the file. Training steps, eval, test generation, t
 precompute reference pass and KTO's mismatched pairs all read it through
 :meth:`vqabench.engine.data.batching.Batch.features_of`.
 
-The key names the frozen modules' weights only (BLIP: vision model and text encoder, not
-the decoder), so SFT and every run that starts from SFT's checkpoint share one entry; plus
+The key names the frozen modules' weights only (the encoders or the vision tower, not
+the language model), so SFT and every run that starts from SFT's checkpoint share one entry; plus
 the family, the data, the prompt token ids (tokenizer and width), the image preprocessing,
 the dtype, the device type and the torch/transformers versions.
 """
@@ -55,7 +55,7 @@ class EncoderCacheInfo:
 
 
 def encoder_fingerprint(loaded: LoadedModel, train: str) -> str:
-    """Hash of the frozen modules' weights (BLIP: vision model and question encoder), not the trained ones."""
+    """Hash of the frozen modules' weights (encoders or vision tower), not the trained ones."""
     return fingerprint_modules(loaded.family.frozen_modules(loaded.model, train))
 
 
@@ -170,7 +170,7 @@ def _encode_all(
                 blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
                 for batch in encoded.batches(name, blocks, device):
                     # The split's full prompt width, whatever width a batch is trimmed to: the
-                    # family trims what a batch reads (BLIP: the first positions; padding is masked out).
+                    # family trims what a batch reads (a question encoding: its first positions).
                     q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
                     assert batch.pixel_values is not None
                     q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask)

@@ -2,7 +2,7 @@
 
 ``python -m vqabench.engine.preload FD MODULE``, started once per session by the runner
 (vqabench/preload_launcher.py), in its own session, with FD a listening Unix socket.
-Importing torch, transformers and the BLIP model takes ~6 s per process; a worker forked
+Importing torch, transformers and the embedded model's family takes ~6 s per process; a worker forked
 from this process starts with them imported.
 The server imports them (for the real worker) and MODULE but runs no torch op, so no
 OpenMP/intra-op thread pool and no CUDA context exist when it forks: each child initialises
@@ -44,8 +44,10 @@ import sys
 import threading
 import traceback
 
+from vqabench.models import registry
+
 #: What the real worker imports before it trains; a test worker module gets only itself.
-HEAVY_MODULES = ("torch", "transformers", "vqabench.models.blip", "vqabench.engine.run")
+HEAVY_MODULES = ("torch", "transformers", "vqabench.engine.run")
 REAL_WORKER = "vqabench.engine.worker"
 #: Environment keys a run may set differently from the server's (read only when CUDA starts).
 PER_RUN_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
@@ -266,7 +268,8 @@ def main(argv: list[str]) -> int:
     listener = socket.socket(fileno=int(argv[0]))  # bound by the runner: launchers queue while we import
     module = argv[1]
     started_env = dict(os.environ)
-    for name in (*HEAVY_MODULES, module) if module == REAL_WORKER else (module,):
+    heavy = (*HEAVY_MODULES, *registry.preloaded_modules()) if module == REAL_WORKER else ()
+    for name in (*heavy, module):
         importlib.import_module(name)
     sys.stdout.flush()
     Server(listener, module, started_env).serve()

@@ -1,6 +1,6 @@
 """DPO-style reference models: a frozen copy, or log-probs precomputed once and cached.
 
-* ``copy`` keeps a frozen copy of only the trainable part (BLIP's answer decoder, a causal
+* ``copy`` keeps a frozen copy of only the trainable part (an answer decoder, a causal
   VLM's language model). The frozen part's weights and its output (the features) are
   shared with the policy, so the reference costs one extra pass of the trainable part and
   no second vision pass.

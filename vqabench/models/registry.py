@@ -103,3 +103,8 @@ def variant(name: str) -> Variant | None:
         if found.name == name:
             return found
     return None
+
+
+def preloaded_modules() -> tuple[str, ...]:
+    """What a preload server imports before it forks workers: the embedded default's family."""
+    return (FAMILY_MODULES["blip"],)

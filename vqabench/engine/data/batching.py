@@ -41,7 +41,7 @@ class EncodedSplit:
     image_index: torch.Tensor  # [N] rows of EncodedData.images
     question_ids: torch.Tensor  # [N, Lq]
     question_mask: torch.Tensor
-    chosen_ids: torch.Tensor  # [N, La]: the answer as the family frames it (BLIP: BOS, tokens, SEP)
+    chosen_ids: torch.Tensor  # [N, La]: the answer as the family frames it (e.g. BOS, tokens, SEP)
     chosen_mask: torch.Tensor
     rejected_ids: torch.Tensor
     rejected_mask: torch.Tensor
@@ -178,7 +178,7 @@ class EncodedData:
 
         # Prompts are trimmed per batch too: every family scores an answer the same whatever its
         # prompt's padding (tested per family). Cached features were made at the split's full
-        # width; the family trims them to the batch's (BLIP: the first positions of the question).
+        # width; the family trims them to the batch's (a question encoding: its first positions).
         q_ids, q_mask = trimmed(tokens.question_ids, tokens.question_mask, s.question_mask)
         if embeds is not None and self.family is not None:
             embeds = self.family.trim_features(embeds, q_ids.shape[1])
@@ -216,7 +216,7 @@ class TextEncoder:
 
     An answer longer than `max_answer_tokens` is cut and gets no end marker (it did not end
     there), and is counted in `truncated`. A prompt is cut only where the family allows it
-    (BLIP's question); a causal VLM's never is.
+    (an encoder's question); a causal VLM's never is.
     """
 
     def __init__(self, loaded: LoadedModel, max_question_tokens: int = 0, max_answer_tokens: int = 0):
@@ -228,7 +228,7 @@ class TextEncoder:
         self.truncated = 0
 
     def question_tokens(self, text: str) -> list[int]:
-        """The question as the model reads it (BLIP: with [CLS]/[SEP]), untruncated."""
+        """The question as the model reads it (with its special tokens), untruncated."""
         if text not in self._q:
             self._q[text] = self.loaded.family.prompt_ids(self.loaded, text)
         return self._q[text]
