@@ -17,6 +17,8 @@ from vqabench.models.family import LoadedModel, ModelError, ModelFamily
 #: Family module by the config's ``model_type``.
 FAMILY_MODULES: dict[str, str] = {
     "blip": "vqabench.models.blip",
+    "qwen2_vl": "vqabench.models.qwen2_vl",
+    "qwen2_5_vl": "vqabench.models.qwen2_5_vl",
 }
 
 
