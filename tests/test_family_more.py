@@ -28,6 +28,7 @@ TEXTS = [
     "two circles",
 ]
 VARIANTS = {
+    "gemma3": "gemma3-tiny-random",
     "idefics3": "idefics3-tiny-random",
 }
 
@@ -61,6 +62,8 @@ def pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -
     name = loaded.family.name
     if name == "idefics3":
         return {"pixel_values": pixels.unsqueeze(1)}
+    if name == "gemma3":
+        return {"pixel_values": pixels, "token_type_ids": (ids == loaded.facts["image_token_id"]).long()}
     raise AssertionError(name)
 
 
