@@ -30,6 +30,7 @@ TEXTS = [
 VARIANTS = {
     "gemma3": "gemma3-tiny-random",
     "idefics3": "idefics3-tiny-random",
+    "paligemma": "paligemma-tiny-random",
 }
 
 
@@ -64,6 +65,9 @@ def pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -
         return {"pixel_values": pixels.unsqueeze(1)}
     if name == "gemma3":
         return {"pixel_values": pixels, "token_type_ids": (ids == loaded.facts["image_token_id"]).long()}
+    if name == "paligemma":
+        separator = ids == loaded.family.separator_id(loaded.tokenizer)
+        return {"pixel_values": pixels, "token_type_ids": (separator.long().cumsum(-1) - separator.long()).clamp(max=1)}
     raise AssertionError(name)
 
 

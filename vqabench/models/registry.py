@@ -21,6 +21,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen2_5_vl": "vqabench.models.qwen2_5_vl",
     "gemma3": "vqabench.models.gemma3",
     "idefics3": "vqabench.models.idefics3",
+    "paligemma": "vqabench.models.paligemma",
     "smolvlm": "vqabench.models.idefics3",
 }
 
