@@ -216,6 +216,12 @@ def test_a_stated_image_token_count_that_disagrees_is_refused(loaded: LoadedMode
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_seq_length": right + 3}))
     with pytest.raises(ModelError, match=rf"states {right + 3} image tokens .* make {right}\.$"):
         loaded.family.from_pretrained(str(tmp_path))
+    # A count the folder does not write (LlavaConfig's class default of 576) is not checked.
+    (tmp_path / "processor_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("image_seq_length", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert loaded.family.from_pretrained(str(tmp_path)).facts["image_tokens"] == right
 
 
 def test_features_whose_token_count_disagrees_with_the_prompt_are_refused(loaded: LoadedModel) -> None:
