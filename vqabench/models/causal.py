@@ -208,8 +208,10 @@ class CausalVLMFamily(ModelFamily):
     def stated_image_tokens(self, config: Any, name_or_path: str, image_size: int) -> dict[str, int]:
         """Image-token counts the checkpoint states (by where), each checked against the features' count."""
         stated: dict[str, int] = {}
-        if getattr(config, "image_seq_length", None) is not None:
-            stated["config.json image_seq_length"] = int(config.image_seq_length)
+        # Read from the file, not the config object: a class default (LLaVA's 576) is no statement.
+        written = _read_json(name_or_path, "config.json").get("image_seq_length")
+        if isinstance(written, int):
+            stated["config.json image_seq_length"] = written
         for filename in PROCESSOR_FILES:
             data = _read_json(name_or_path, filename)
             for key in ("image_seq_length", "num_image_tokens"):

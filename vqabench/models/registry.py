@@ -19,6 +19,7 @@ FAMILY_MODULES: dict[str, str] = {
     "blip": "vqabench.models.blip",
     "qwen2_vl": "vqabench.models.qwen2_vl",
     "qwen2_5_vl": "vqabench.models.qwen2_5_vl",
+    "llava": "vqabench.models.llava",
     "gemma3": "vqabench.models.gemma3",
     "idefics3": "vqabench.models.idefics3",
     "paligemma": "vqabench.models.paligemma",
