@@ -18,6 +18,13 @@ if TYPE_CHECKING:  # the registry is read by the host (preset checks), which nev
 #: Family module by the config's ``model_type``.
 FAMILY_MODULES: dict[str, str] = {
     "blip": "vqabench.models.blip",
+    "qwen2_vl": "vqabench.models.qwen2_vl",
+    "qwen2_5_vl": "vqabench.models.qwen2_5_vl",
+    "llava": "vqabench.models.llava",
+    "gemma3": "vqabench.models.gemma3",
+    "idefics3": "vqabench.models.idefics3",
+    "paligemma": "vqabench.models.paligemma",
+    "smolvlm": "vqabench.models.idefics3",
 }
 #: Built-in variants by the name a preset's ``model`` gives, and the family module that builds them.
 VARIANT_MODULES: dict[str, str] = {
