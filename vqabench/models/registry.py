@@ -30,6 +30,17 @@ FAMILY_MODULES: dict[str, str] = {
 VARIANT_MODULES: dict[str, str] = {
     "embedded-init": "vqabench.models.blip",
     "blip-vqa-base-random": "vqabench.models.blip",
+    "qwen2-vl-tiny-random": "vqabench.models.qwen2_vl",
+    "qwen2-vl-2b-random": "vqabench.models.qwen2_vl",
+    "qwen2.5-vl-tiny-random": "vqabench.models.qwen2_5_vl",
+    "llava-tiny-random": "vqabench.models.llava",
+    "llava-1.5-7b-random": "vqabench.models.llava",
+    "idefics3-tiny-random": "vqabench.models.idefics3",
+    "smolvlm-256m-random": "vqabench.models.idefics3",
+    "paligemma-tiny-random": "vqabench.models.paligemma",
+    "paligemma-3b-random": "vqabench.models.paligemma",
+    "gemma3-tiny-random": "vqabench.models.gemma3",
+    "gemma3-4b-random": "vqabench.models.gemma3",
 }
 
 
