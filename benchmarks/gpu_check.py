@@ -173,7 +173,7 @@ def sync_free_step_check(methods: list[tuple[str, str | None]], steps: int = 20)
     for method, reference in methods:
         label = method + (f" ({reference})" if reference else "")
         loaded = copy.copy(start)
-        loaded.model = copy.deepcopy(start.model)
+        loaded.model = copy.deepcopy(start.model).to(device)
         ref: Any = None
         if reference == "precompute":
             ref = PrecomputedReference.build(
@@ -186,10 +186,8 @@ def sync_free_step_check(methods: list[tuple[str, str | None]], steps: int = 20)
                 data_key="gpu",
                 precision="fp32",
             )
-        loaded.model.to(device)
         if reference == "copy":
             ref = CopyReference(loaded, "decoder")
-            ref.part.to(device)
         spec = RunSpec(
             name=label,
             method=method,

@@ -16,7 +16,7 @@ python benchmarks/efficiency.py --model blip-vqa-base-random --device cuda --bat
 
 for precision in bf16 fp16; do
   VQABENCH_CACHE="$out/cache" vqabench --headless --preset lora --limit 512 --epochs 1 \
-    --set device=cuda --set precision="$precision" --results "$out/results-$precision" \
+    --set device=cuda --set precision="$precision" --set judge=exact --results "$out/results-$precision" \
     --export "$out/report-$precision.md" | tail -20
   python - "$out/results-$precision" "$precision" <<'PY'
 import sys

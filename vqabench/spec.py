@@ -252,9 +252,7 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     if origin is list and typing.get_args(base) == (str,):
         if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
             return [v.strip() for v in value]
-        raise SpecError(
-            f"{where}: key '{key}' has value {value!r}, which must be a list of non-empty strings."
-        )
+        raise SpecError(f"{where}: key '{key}' has value {value!r}, which must be a list of non-empty strings.")
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
             return list(value)
