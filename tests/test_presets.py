@@ -216,3 +216,27 @@ def test_set_is_checked_like_a_preset_file_before_anything_starts():
         load_presets("sft", Overrides(settings=("dataset.source=missing.jsonl",)))
     with pytest.raises(SpecError, match=r"dataset\.eval_size"):
         load_presets("sft", Overrides(settings=("dataset.eval_size=0",)))
+
+
+def test_a_model_folder_that_is_not_a_vlm_is_refused_before_anything_starts(tmp_path):
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert", "hidden_size": 16}')
+    path = write(tmp_path, "bad", f'method = "sft"\nmodel = "{folder}"\n')
+    message = error_of(str(path))
+    assert "model_type 'bert'" in message and "not a vision-language model" in message
+    assert "qwen2_vl" in message.split("supported model types are")[1]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = write(tmp_path, "bad", f'method = "sft"\nmodel = "{empty}"\n')
+    assert "has no config.json" in error_of(str(path))
+    (empty / "config.json").write_text("{not json")
+    assert "cannot be read" in error_of(str(path))
+
+
+def test_a_model_folder_of_a_supported_type_passes_the_check(tmp_path):
+    folder = tmp_path / "qwen"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    path = write(tmp_path, "ok", f'method = "sft"\nmodel = "{folder}"\n')
+    assert load_presets(str(path))[0].model == str(folder)

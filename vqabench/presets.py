@@ -19,6 +19,7 @@ name is a file stem.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vqabench.models.registry import variant_names
+from vqabench.models.registry import supported_model_types, variant_names
 from vqabench.spec import RunSpec, SpecError, spec_from_dict
 
 if sys.version_info >= (3, 11):
@@ -187,6 +188,8 @@ def _check_sources(spec: RunSpec, path: Path) -> None:
             f"{path}: key 'model' has value {model!r}; allowed are {', '.join(builtin)}, "
             f"a hub id like 'Qwen/Qwen2-VL-2B-Instruct' or an existing local folder."
         )
+    if model not in builtin:
+        _check_model_type(model, path)
     source = spec.dataset.source
     if source == "easyvqa":
         return
@@ -201,6 +204,49 @@ def _check_sources(spec: RunSpec, path: Path) -> None:
         raise SpecError(
             f"{path}: key 'dataset.source' has value {source!r}; allowed are 'easyvqa', "
             f"'hf:<hub dataset id>' or an existing local file or folder."
+        )
+
+
+def _model_config(model: str) -> Path | None:
+    """The config.json a local folder holds, or the hub id's config already in the local hub cache."""
+    folder = Path(model).expanduser()
+    if folder.exists():
+        return folder / "config.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return None
+    cached = try_to_load_from_cache(model, "config.json")
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _check_model_type(model: str, path: Path) -> None:
+    """Refuse, before anything starts, a model whose config names no family vqabench serves.
+
+    A local folder is read; a hub id only when its config is already in the hub cache (nothing
+    is downloaded here), otherwise the worker checks it when it loads the model.
+    """
+    folder = Path(model).expanduser()
+    if folder.is_dir() and (folder / "adapter_config.json").exists():
+        return  # a LoRA checkpoint: its base model is checked when it is loaded
+    config_path = _model_config(model)
+    if config_path is None:
+        return
+    supported = ", ".join(supported_model_types())
+    try:
+        config = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise SpecError(
+            f"{path}: model folder {model!r} has no config.json, so it is not a saved model; "
+            f"vqabench trains vision-language models of the types {supported}."
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{path}: the config of model {model!r} cannot be read ({exc}).") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in supported_model_types():
+        raise SpecError(
+            f"{path}: model {model!r} has model_type {model_type!r}, which is not a vision-language "
+            f"model vqabench can train; supported model types are {supported}."
         )
 
 
