@@ -30,6 +30,7 @@ TEXTS = [
 VARIANTS = {
     "gemma3": "gemma3-tiny-random",
     "idefics3": "idefics3-tiny-random",
+    "mllama": "mllama-tiny-random",
     "paligemma": "paligemma-tiny-random",
 }
 
@@ -68,7 +69,30 @@ def pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -
     if name == "paligemma":
         separator = ids == loaded.family.separator_id(loaded.tokenizer)
         return {"pixel_values": pixels, "token_type_ids": (separator.long().cumsum(-1) - separator.long()).clamp(max=1)}
+    if name == "mllama":
+        return mllama_pixel_inputs(loaded, pixels, ids)
     raise AssertionError(name)
+
+
+def mllama_pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -> dict:
+    """As MllamaProcessor makes them for one square image: tile 0 of max_num_tiles (the rest zeros), aspect
+    ratio 1x1 (id 1), and each token from <|image|> to the end attending to tile 0."""
+    tiles = loaded.model.config.vision_config.max_num_tiles
+    batch = pixels.shape[0]
+    tiled = torch.zeros(batch, 1, tiles, *pixels.shape[1:])
+    tiled[:, 0, 0] = pixels
+    ratio_mask = torch.zeros(batch, 1, tiles, dtype=torch.long)
+    ratio_mask[:, 0, 0] = 1
+    cross = torch.zeros(batch, ids.shape[1], 1, tiles, dtype=torch.long)
+    for row in range(batch):
+        at = ids[row].tolist().index(loaded.tokenizer.convert_tokens_to_ids("<|image|>"))
+        cross[row, at:, 0, 0] = 1
+    return {
+        "pixel_values": tiled,
+        "aspect_ratio_ids": torch.ones(batch, 1, dtype=torch.long),
+        "aspect_ratio_mask": ratio_mask,
+        "cross_attention_mask": cross,
+    }
 
 
 def scores(loaded: LoadedModel, pixels: torch.Tensor, prompt: tuple, answer: tuple) -> torch.Tensor:

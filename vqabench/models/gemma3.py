@@ -98,6 +98,7 @@ class Gemma3Family(CausalVLMFamily):
         ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The language model under masks of :func:`attention_masks`, on a cache of full (unwindowed) layers."""
         from transformers import DynamicCache

@@ -95,6 +95,7 @@ class PaliGemmaFamily(CausalVLMFamily):
         ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """PaliGemmaModel's forward on the embeddings: up to the first newline a row attends both ways."""
         multimodal = part(model, "model")
