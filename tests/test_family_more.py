@@ -189,3 +189,24 @@ def test_saved_model_loads_back_with_the_same_scores(loaded: LoadedModel, tmp_pa
     assert again.family.prompt_ids(again, TEXTS[0]) == loaded.family.prompt_ids(loaded, TEXTS[0])
     before = scores(loaded, pixels, prompt, answer)
     assert torch.allclose(scores(again, pixels, prompt, answer), before, atol=1e-5, rtol=0)
+
+
+def test_each_train_value_trains_its_parts_and_lora_stays_in_the_language_model(loaded: LoadedModel) -> None:
+    """lm: not the vision tower nor the projector; lm+projector: adds the projector; all: every weight; LoRA's
+    target modules all lie inside the language model, away from the vision tower."""
+    family, model = loaded.family, loaded.model
+
+    def ids(modules) -> set[int]:
+        return {id(p) for m in modules for p in m.parameters()}
+
+    vision = ids(m for _, m in family.frozen_modules(model, "lm"))
+    projector = ids(family.projector_parts(model))
+    lm, lm_projector = ids(family.trainable_modules(model, "lm")), ids(family.trainable_modules(model, "lm+projector"))
+    assert vision and projector and lm
+    assert not lm & (vision | projector)
+    assert lm_projector == lm | projector
+    assert ids(family.trainable_modules(model, "all")) == ids([model])
+    assert family.frozen_modules(model, "all") == []
+    scope = family.lora_scope(model)
+    targets = [m for n, m in model.named_modules() if n.startswith(scope) and n.endswith(family.lora_targets)]
+    assert targets and ids(targets) <= ids(family.trainable_modules(model, "lora")) and not ids(targets) & vision
