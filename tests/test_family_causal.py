@@ -244,7 +244,11 @@ def test_a_config_that_is_not_a_vlm_names_the_supported_types(model_type: str, t
     )
     config.save_pretrained(tmp_path)
     family = family_for("qwen2_vl")
-    with pytest.raises(ModelError, match=rf"'{model_type}' is not a vision-language model.*llava, qwen2_5_vl"):
+    with pytest.raises(
+        ModelError,
+        match=rf"'{model_type}' is not a vision-language model.*types are blip, gemma3, idefics3, llava, mllama, "
+        r"paligemma, qwen2_5_vl, qwen2_vl, smolvlm\.",
+    ):
         family.from_pretrained(str(tmp_path))
 
 

@@ -30,6 +30,7 @@ TEXTS = [
 VARIANTS = {
     "gemma3": "gemma3-tiny-random",
     "idefics3": "idefics3-tiny-random",
+    "mllama": "mllama-tiny-random",
     "paligemma": "paligemma-tiny-random",
 }
 
@@ -68,7 +69,30 @@ def pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -
     if name == "paligemma":
         separator = ids == loaded.family.separator_id(loaded.tokenizer)
         return {"pixel_values": pixels, "token_type_ids": (separator.long().cumsum(-1) - separator.long()).clamp(max=1)}
+    if name == "mllama":
+        return mllama_pixel_inputs(loaded, pixels, ids)
     raise AssertionError(name)
+
+
+def mllama_pixel_inputs(loaded: LoadedModel, pixels: torch.Tensor, ids: torch.Tensor) -> dict:
+    """As MllamaProcessor makes them for one square image: tile 0 of max_num_tiles (the rest zeros), aspect
+    ratio 1x1 (id 1), and each token from <|image|> to the end attending to tile 0."""
+    tiles = loaded.model.config.vision_config.max_num_tiles
+    batch = pixels.shape[0]
+    tiled = torch.zeros(batch, 1, tiles, *pixels.shape[1:])
+    tiled[:, 0, 0] = pixels
+    ratio_mask = torch.zeros(batch, 1, tiles, dtype=torch.long)
+    ratio_mask[:, 0, 0] = 1
+    cross = torch.zeros(batch, ids.shape[1], 1, tiles, dtype=torch.long)
+    for row in range(batch):
+        at = ids[row].tolist().index(loaded.tokenizer.convert_tokens_to_ids("<|image|>"))
+        cross[row, at:, 0, 0] = 1
+    return {
+        "pixel_values": tiled,
+        "aspect_ratio_ids": torch.ones(batch, 1, dtype=torch.long),
+        "aspect_ratio_mask": ratio_mask,
+        "cross_attention_mask": cross,
+    }
 
 
 def scores(loaded: LoadedModel, pixels: torch.Tensor, prompt: tuple, answer: tuple) -> torch.Tensor:
@@ -165,3 +189,24 @@ def test_saved_model_loads_back_with_the_same_scores(loaded: LoadedModel, tmp_pa
     assert again.family.prompt_ids(again, TEXTS[0]) == loaded.family.prompt_ids(loaded, TEXTS[0])
     before = scores(loaded, pixels, prompt, answer)
     assert torch.allclose(scores(again, pixels, prompt, answer), before, atol=1e-5, rtol=0)
+
+
+def test_each_train_value_trains_its_parts_and_lora_stays_in_the_language_model(loaded: LoadedModel) -> None:
+    """lm: not the vision tower nor the projector; lm+projector: adds the projector; all: every weight; LoRA's
+    target modules all lie inside the language model, away from the vision tower."""
+    family, model = loaded.family, loaded.model
+
+    def ids(modules) -> set[int]:
+        return {id(p) for m in modules for p in m.parameters()}
+
+    vision = ids(m for _, m in family.frozen_modules(model, "lm"))
+    projector = ids(family.projector_parts(model))
+    lm, lm_projector = ids(family.trainable_modules(model, "lm")), ids(family.trainable_modules(model, "lm+projector"))
+    assert vision and projector and lm
+    assert not lm & (vision | projector)
+    assert lm_projector == lm | projector
+    assert ids(family.trainable_modules(model, "all")) == ids([model])
+    assert family.frozen_modules(model, "all") == []
+    scope = family.lora_scope(model)
+    targets = [m for n, m in model.named_modules() if n.startswith(scope) and n.endswith(family.lora_targets)]
+    assert targets and ids(targets) <= ids(family.trainable_modules(model, "lora")) and not ids(targets) & vision

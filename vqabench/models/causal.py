@@ -192,8 +192,13 @@ class CausalVLMFamily(ModelFamily):
         ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        """The language model's last hidden states (before the LM head) and its cache; `mask` covers the cache too."""
+        """The language model's last hidden states (before the LM head) and its cache; `mask` covers the cache too.
+
+        `features` (the rows' vision features) are for a family whose language model reads the image
+        beside the embeddings (Mllama's cross-attention); the others find the image in `embeds`.
+        """
         language_model = part(model, self.language_model_path)
         kwargs = {_cache_argument(type(language_model).forward): cache} if cache is not None else {}
         out = language_model(
@@ -402,7 +407,8 @@ class CausalVLMFamily(ModelFamily):
         ids = torch.cat([prompt[0], answer[0]], dim=1)
         mask = torch.cat([prompt[1], answer[1]], dim=1)
         embeds = self.input_embeddings(model, ids, features)
-        hidden, _ = self.run_language_model(model, embeds, mask, self.position_ids(model, ids, mask), ids)
+        positions = self.position_ids(model, ids, mask)
+        hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=features)
         columns = answer_columns(prompt[1], answer[0].shape[1])
         picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         logits: torch.Tensor = part(model, self.lm_head_path)(picked)
@@ -436,7 +442,13 @@ class CausalVLMFamily(ModelFamily):
         last = mask.long().sum(-1) - 1
         positions = self.position_ids(model, ids, mask)
         hidden, cache = self.run_language_model(
-            model, self.input_embeddings(model, ids, features), mask, positions, ids, use_cache=use_cache
+            model,
+            self.input_embeddings(model, ids, features),
+            mask,
+            positions,
+            ids,
+            use_cache=use_cache,
+            features=features,
         )
         state = hidden[rows, last]
         last_position = positions[..., rows, last]
@@ -454,12 +466,13 @@ class CausalVLMFamily(ModelFamily):
                 embeds = base_model(model).get_input_embeddings()(step_ids)
                 step_positions = (last_position + step).unsqueeze(-1)
                 hidden, cache = self.run_language_model(
-                    model, embeds, mask, step_positions, step_ids, cache=cache, use_cache=True
+                    model, embeds, mask, step_positions, step_ids, cache=cache, use_cache=True, features=features
                 )
             else:
                 ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
                 embeds = self.input_embeddings(model, ids, features)
-                hidden, _ = self.run_language_model(model, embeds, mask, self.position_ids(model, ids, mask), ids)
+                positions = self.position_ids(model, ids, mask)
+                hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=features)
             state = hidden[:, -1]
         answers = []
         for row in torch.stack(tokens, dim=1).tolist():
@@ -491,3 +504,13 @@ def asset_config(filename: str) -> dict[str, Any]:
     text = resources.files("vqabench").joinpath("assets", filename).read_text(encoding="utf-8")
     config: dict[str, Any] = json.loads(text)["config"]
     return config
+
+
+def vocabulary_size(values: dict[str, Any], tokenizer: Any) -> int:
+    """The language model's vocabulary: a shipped config's (the released embedding size) or the tokenizer's, the larger.
+
+    A real-size variant keeps the released embedding and LM-head sizes, so its parameter count
+    is the released one; a trained tokenizer's ids all lie inside it.
+    """
+    stated = values.get("text_config", {}).get("vocab_size") or values.get("vocab_size") or 0
+    return max(int(stated), len(tokenizer))

@@ -24,6 +24,7 @@ from vqabench.models.causal import (
     asset_config,
     base_model,
     part,
+    vocabulary_size,
 )
 from vqabench.models.family import ImageFormat, LoadedModel, ModelError
 from vqabench.models.registry import Variant
@@ -98,6 +99,7 @@ class Gemma3Family(CausalVLMFamily):
         ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The language model under masks of :func:`attention_masks`, on a cache of full (unwindowed) layers."""
         from transformers import DynamicCache
@@ -151,14 +153,19 @@ def _with_tokens(values: dict[str, Any], tokenizer: Any) -> Any:
 
     ids = tokenizer.convert_tokens_to_ids
     values["text_config"] |= {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocabulary_size(values, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": [tokenizer.eos_token_id, ids("<end_of_turn>")],
     }
     values.pop("model_type", None)
-    tokens = {"image_token_index": ids("<image_soft_token>"), "boi_token_index": ids(START_OF_IMAGE)}
-    return Gemma3Config(**values, **tokens, eoi_token_index=ids(END_OF_IMAGE))
+    # The tokenizer's image tokens replace those a shipped config states (ids of the released vocabulary).
+    tokens = {
+        "image_token_index": ids("<image_soft_token>"),
+        "boi_token_index": ids(START_OF_IMAGE),
+        "eoi_token_index": ids(END_OF_IMAGE),
+    }
+    return Gemma3Config(**(values | tokens))
 
 
 def tiny_config(tokenizer: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqabench.models.causal import CausalVLMFamily, _read_json, asset_config, part
+from vqabench.models.causal import CausalVLMFamily, _read_json, asset_config, part, vocabulary_size
 from vqabench.models.family import ImageFormat, LoadedModel, ModelError
 from vqabench.models.registry import Variant
 from vqabench.models.tokenizers import train_byte_bpe
@@ -109,13 +109,14 @@ def _with_tokens(values: dict[str, Any], tokenizer: Any) -> Any:
     from transformers import Idefics3Config
 
     values["text_config"] |= {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocabulary_size(values, tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
     values.pop("model_type", None)
-    return Idefics3Config(**values, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    # The tokenizer's image token replaces the one a shipped config states (an id of the released vocabulary).
+    return Idefics3Config(**(values | {"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}))
 
 
 def tiny_config(tokenizer: Any) -> Any:

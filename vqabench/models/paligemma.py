@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqabench.models.causal import CausalVLMFamily, _cache_argument, _returned_cache, asset_config, part
+from vqabench.models.causal import (
+    CausalVLMFamily,
+    _cache_argument,
+    _returned_cache,
+    asset_config,
+    part,
+    vocabulary_size,
+)
 from vqabench.models.family import ImageFormat, LoadedModel, ModelError
 from vqabench.models.registry import Variant
 from vqabench.models.tokenizers import train_byte_bpe
@@ -95,6 +102,7 @@ class PaliGemmaFamily(CausalVLMFamily):
         ids: torch.Tensor,
         cache: Any = None,
         use_cache: bool = False,
+        features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """PaliGemmaModel's forward on the embeddings: up to the first newline a row attends both ways."""
         multimodal = part(model, "model")
@@ -131,16 +139,19 @@ def paligemma_tokenizer(texts: Iterable[str] | None) -> Any:
 def _with_tokens(values: dict[str, Any], tokenizer: Any) -> Any:
     from transformers import PaliGemmaConfig
 
+    vocab = vocabulary_size(values, tokenizer)
     values["text_config"] |= {
-        "vocab_size": len(tokenizer),
+        "vocab_size": vocab,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "separator_token_id": FAMILY.separator_id(tokenizer),
     }
     values.pop("model_type", None)
-    values["vocab_size"] = len(tokenizer)
-    return PaliGemmaConfig(**values, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    # The tokenizer's image token replaces the one a shipped config states (its id lies past this vocabulary).
+    return PaliGemmaConfig(
+        **(values | {"vocab_size": vocab, "image_token_index": tokenizer.convert_tokens_to_ids("<image>")})
+    )
 
 
 def tiny_config(tokenizer: Any) -> Any:

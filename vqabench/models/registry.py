@@ -25,6 +25,7 @@ FAMILY_MODULES: dict[str, str] = {
     "idefics3": "vqabench.models.idefics3",
     "paligemma": "vqabench.models.paligemma",
     "smolvlm": "vqabench.models.idefics3",
+    "mllama": "vqabench.models.mllama",
 }
 #: Built-in variants by the name a preset's ``model`` gives, and the family module that builds them.
 VARIANT_MODULES: dict[str, str] = {
@@ -41,6 +42,8 @@ VARIANT_MODULES: dict[str, str] = {
     "paligemma-3b-random": "vqabench.models.paligemma",
     "gemma3-tiny-random": "vqabench.models.gemma3",
     "gemma3-4b-random": "vqabench.models.gemma3",
+    "mllama-tiny-random": "vqabench.models.mllama",
+    "llama-3.2-11b-vision-random": "vqabench.models.mllama",
 }
 
 
