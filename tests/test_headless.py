@@ -258,7 +258,7 @@ def test_two_seeds_on_the_real_worker_report_mean_and_interval(tmp_path, vqa_cac
     quality = report.split("## Quality\n")[1].split("##")[0]
     row = next(line for line in quality.splitlines() if line.startswith("| sft (2 seeds)"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert all(" ± " in c for c in cells[1:4]), row  # EM, F1, judge: mean ± half-width
+    assert all(" ± " in c for c in cells[2:5]), row  # EM, F1, judge (after Model): mean ± half-width
     efficiency = report.split("## Efficiency\n")[1].split("##")[0]
     assert "| sft (2 seeds)" in efficiency and " ± " in efficiency
     per_seed = report.split("## Quality per seed")[1].split("##")[0]

@@ -240,3 +240,60 @@ def test_a_model_folder_of_a_supported_type_passes_the_check(tmp_path):
     (folder / "config.json").write_text('{"model_type": "qwen2_vl"}')
     path = write(tmp_path, "ok", f'method = "sft"\nmodel = "{folder}"\n')
     assert load_presets(str(path))[0].model == str(folder)
+
+
+def _tiny_variants() -> list[tuple[str, str]]:
+    """(family, variant) of every family's tiny built-in variant except BLIP's (the top-level presets')."""
+    from vqabench.models.registry import variants
+
+    found: dict[str, str] = {}
+    for name, variant in variants().items():
+        if not variant.real_size and variant.family != "blip":
+            found.setdefault(variant.family, name)
+    return sorted(found.items())
+
+
+@pytest.mark.parametrize(("family", "variant"), _tiny_variants())
+def test_every_family_has_an_sft_dpo_orpo_trio_on_its_tiny_variant(family, variant):
+    from vqabench.presets import read_preset
+
+    folder = PRESETS_DIR / "families"
+    specs = {m: read_preset(folder / f"{family}-{m}.toml").spec for m in ("sft", "dpo", "orpo")}
+    for method, spec in specs.items():
+        assert spec.name == f"{family}-{method}" and spec.method == method
+        assert (spec.model, spec.train, spec.epochs, spec.judge.name) == (variant, "lm", 1, "exact")
+        assert spec.limit is not None and 100 <= spec.limit <= 1000
+    assert specs["dpo"].after == f"{family}-sft" and specs["dpo"].reference == "copy"
+    assert specs["sft"].after is None and specs["orpo"].after is None
+
+
+def test_families_and_scale_are_groups_apart_from_all():
+    assert not any(n.startswith(("qwen2-vl", "smolvlm")) for n in top_level_presets())
+    chosen = select_presets("qwen2-vl-dpo,idefics3-orpo")
+    assert [s.name for s in chosen.specs] == ["idefics3-orpo", "qwen2-vl-sft", "qwen2-vl-dpo"]
+    assert chosen.added == ["qwen2-vl-sft"]
+
+
+def test_scale_presets_are_the_studys_eight_runs_on_two_hub_models():
+    from vqabench.presets import read_preset
+
+    paper = {p.stem: read_preset(p).spec for p in sorted((PRESETS_DIR / "paper").glob("*.toml"))}
+    files = sorted((PRESETS_DIR / "scale").glob("*.toml"))
+    specs = {p.stem: read_preset(p).spec for p in files}
+    assert len(paper) == 8 and len(specs) == 16
+    for prefix, hub, train in (
+        ("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "lora"),
+        ("smolvlm-256m", "HuggingFaceTB/SmolVLM-256M-Instruct", "lm"),
+    ):
+        for name, study in paper.items():
+            spec = specs[f"{prefix}-{name}"]
+            assert (spec.model, spec.train) == (hub, train)
+            assert (spec.method, spec.beta, spec.lam) == (study.method, study.beta, study.lam)
+            assert (spec.epochs, spec.batch_size, spec.lr_decay) == (study.epochs, study.batch_size, study.lr_decay)
+            assert spec.dataset == study.dataset
+            assert spec.after == (f"{prefix}-{study.after}" if study.after else None)
+            if spec.method == "dpo":
+                assert spec.reference == ("adapter" if train == "lora" else "copy")
+    order = [s.name for s in load_presets("scale")]
+    assert sorted(order) == sorted(specs)
+    assert all(order.index(specs[n].after) < order.index(n) for n in specs if specs[n].after)

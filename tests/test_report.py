@@ -140,9 +140,10 @@ def test_missing_values_are_na_never_zero(tmp_path):
     report = build_report(store, session_id)
     quality = {row[0]: row for row in report.tables[0].rows}
     efficiency = {row[0]: row for row in report.tables[1].rows}
-    assert quality["dpo-beta0.1"][1:] == ["n/a"] * 4
-    assert efficiency["dpo-beta0.1"][1:] == ["n/a", "–"] + ["n/a"] * 10
-    assert quality["sft"][1:4] == ["n/a"] * 3  # no test evaluation before the crash
+    assert quality["dpo-beta0.1"][1:] == ["n/a"] * 5  # never started: not even its model is known
+    assert efficiency["dpo-beta0.1"][1:] == ["n/a", "–"] + ["n/a"] * 11
+    assert quality["sft"][1] == "blip 1.50M"  # run_started said, before the crash
+    assert quality["sft"][2:5] == ["n/a"] * 3  # no test evaluation before the crash
     assert efficiency["orpo"][3] == "n/a"  # no SFT epoch to compare with
     assert report.unfinished == [
         "sft: failed (worker exited with signal 9 (killed) during epoch 1 of 3)",
@@ -165,7 +166,7 @@ def test_intervals_and_kappa_are_shown_and_explained(tmp_path):
     quality = build_report(store, session_id).tables[0]
     assert "κ judge/EM" in quality.columns
     row = next(r for r in quality.rows if r[0] == "dpo-beta0.1")
-    assert row[1:5] == ["0.640 [0.610, 0.670]", "0.690 [0.660, 0.720]", "0.740 [0.700, 0.780]", "0.52"]
+    assert row[2:6] == ["0.640 [0.610, 0.670]", "0.690 [0.660, 0.720]", "0.740 [0.700, 0.780]", "0.52"]
     assert any("Wilson score" in note and "bootstrap interval for F1" in note for note in quality.notes)
     assert any("Cohen's kappa" in note for note in quality.notes)
 
@@ -434,7 +435,7 @@ def test_the_starting_model_is_a_base_row_in_quality_and_versus_sft(tmp_path):
     runs = [orpo, sft]
     quality = quality_table(summarize_runs(runs), runs)
     assert [row[0] for row in quality.rows] == ["base", "orpo", "sft"]
-    assert quality.rows[0][1] == "0.300 [0.200, 0.400]" and quality.rows[0][-1] == "–"
+    assert quality.rows[0][2] == "0.300 [0.200, 0.400]" and quality.rows[0][-1] == "–"
     assert any(note.startswith("base: the starting model") for note in quality.notes)
     versus = versus_sft_table(runs)
     assert versus is not None and [row[0] for row in versus.rows] == ["base", "orpo"]
@@ -446,3 +447,23 @@ def test_the_starting_model_is_a_base_row_in_quality_and_versus_sft(tmp_path):
     orpo.base_eval = None
     assert [row[0] for row in quality_table(summarize_runs(runs), runs).rows] == ["orpo", "sft"]
     assert [row[0] for row in versus_sft_table(runs).rows] == ["orpo"]
+
+
+def test_the_model_column_names_each_runs_family_and_size(tmp_path):
+    from vqabench.events import RunStarted
+    from vqabench.report import model_label
+
+    store, session_id = paper_like_session(tmp_path)
+    report = build_report(store, session_id)
+    for table in report.tables[:2]:
+        column = table.columns.index("Model")
+        assert table.align[column] == "left"
+        assert {row[0]: row[column] for row in table.rows} == dict.fromkeys(
+            ["orpo", "sft", "dpo-beta0.1", "dpo-beta0.5"],
+            "blip 1.50M",  # canned total_params 1,500,000
+        )
+    family = {"model_family": "qwen2-vl"}
+    started = RunStarted("r", "sft", {}, "cpu", "2", 1, 212_480, None, 0, 1, 1, "n/a", data=family)
+    assert model_label(started) == "qwen2-vl 0.21M"
+    started.total_params, started.data = 2_208_985_600, {}  # recorded before runs named their family
+    assert model_label(started) == "2.21B" and model_label(None) is None

@@ -106,6 +106,7 @@ def test_runs_table_epochs_and_efficiency_follow_the_runs_and_a_crash(tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             runs = app.query_one(RunsTable)
             assert [cell(runs, n, "status") for n in ("sft", "orpo")] == ["planned", "planned"]
+            assert "model" not in runs.columns  # 80 columns: the note keeps the room, the detail names the model
             await pilot.press("a")
             await wait_for(pilot, lambda: app.live is not None and app.live.status != "running")
             assert not app.running
@@ -131,7 +132,7 @@ def test_runs_table_epochs_and_efficiency_follow_the_runs_and_a_crash(tmp_path):
             cost = next(t for t in report.tables if t.title == "Efficiency")
             assert [[r[0], r[1].split(" s")[0], r[3]] for r in cost.rows] == [r[:3] for r in table_rows(efficiency)]
             quality = next(t for t in report.tables if t.title == "Quality")
-            assert quality.rows[1][1] == "0.600 [0.550, 0.650]"  # the report's EM of sft ...
+            assert quality.rows[1][2] == "0.600 [0.550, 0.650]"  # the report's EM of sft ...
             assert rows["sft"][6] == "0.600"  # ... without the interval, which would not fit
             verdict = shown(app, "#efficiency-verdict")
             assert "Cheapest aligned model: orpo, 4.4 s" in verdict
@@ -149,6 +150,7 @@ def test_runs_table_epochs_and_efficiency_follow_the_runs_and_a_crash(tmp_path):
             assert [r[:3] for r in epoch_rows] == [["1", "1.1000", "1.2000"], ["2 ★", "0.6000", "0.6500"]]
             assert "EM 0.600" in shown(app, "#epoch-test")
             assert "trains decoder, fp32" in shown(app, "#epoch-caption")  # what trains and its precision
+            assert "blip 1.50M" in shown(app, "#epoch-caption")  # the fake worker's family and 1,500,000 parameters
 
         stored = {r.name: r.status for r in app.store.runs(1)}
         assert stored == statuses  # recorded through the store as headless does
@@ -337,6 +339,8 @@ def test_a_wide_terminal_shows_every_panel_and_the_peak_minus_orpo_column(tmp_pa
             assert headers[5] == "−ORPO MiB"
             rows = {r[0]: r for r in table_rows(efficiency)}
             assert rows["orpo"][5] == "0.0" and rows["sft"][5] == "0.0"  # same fake memory
+            runs = app.query_one(RunsTable)  # wide enough for the Model column
+            assert [cell(runs, n, "model") for n in ("sft", "orpo")] == ["blip 1.50M"] * 2
 
     asyncio.run(scenario())
 

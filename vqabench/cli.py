@@ -5,6 +5,7 @@
              [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
     vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--results DIR]
+    vqabench models                                 the model families and built-in variants
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
 code 2, never a traceback.
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_command(commands)
     _add_compare_command(commands)
     _add_probe_command(commands)
+    commands.add_parser(
+        "models",
+        help="list the model families and the built-in variants with their parameter counts",
+        description="The model families a preset's model may name by hub id or folder, and the built-in "
+        "random variants it may name directly, each with its parameter count (built on the meta device: "
+        "no memory, no download).",
+    )
     return parser
 
 
@@ -284,6 +292,13 @@ def _run_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_models(args: argparse.Namespace) -> int:
+    from vqabench.catalog import catalog_text
+
+    sys.stdout.write(catalog_text())
+    return 0
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from vqabench.rejudge import compare_runs
 
@@ -391,6 +406,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "judge": _run_judge,
     "compare": _run_compare,
     "probe": _run_probe,
+    "models": _run_models,
 }
 
 

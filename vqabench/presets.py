@@ -4,7 +4,9 @@ A preset is one training run in one TOML file. Its name is the file's stem unles
 sets `name`. The packaged presets live in the `vqabench/presets/` folder (package data, so
 they are found from an installed wheel as well as from a checkout): the top-level files are
 `--preset all`; `paper/` holds the paper's GPU setup and is selected as `--preset paper` or
-by name (`--preset mllm-dpo-sft,mllm-dpo-dpo-beta0.1`). A selection may also name a TOML file
+by name (`--preset mllm-dpo-sft,mllm-dpo-dpo-beta0.1`); `lora/`, `families/` (SFT, DPO and
+ORPO on each family's tiny variant) and `scale/` (the study's runs on Qwen2-VL-2B and
+SmolVLM-256M by hub id) are groups the same way. A selection may also name a TOML file
 or a folder of them.
 
 A run whose `after` names a preset that the selection lacks gets that preset added
@@ -38,7 +40,7 @@ else:  # Python 3.10: the same reader, from PyPI
 #: The packaged presets (a plain folder inside the package, shipped as package data).
 PRESETS_DIR = Path(__file__).with_name("presets")
 #: A group of packaged presets selectable by its folder name.
-PRESET_GROUPS = ("paper", "lora")
+PRESET_GROUPS = ("paper", "lora", "families", "scale")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: A hub dataset, optionally with a file (or glob) inside its repository: owner/name[/path].

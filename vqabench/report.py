@@ -96,6 +96,7 @@ class RunSummary:
     relative_interval: list[float] | None = None  # 95% bootstrap interval of relative_epoch_time
     timing_warning: str | None = None  # one sentence when the timing was disturbed
     stage_seconds: float | None = None  # this run's own share of aligned_seconds (its stage)
+    model: str | None = None  # family and size, "qwen2-vl 0.18M" (None before run_started said)
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
@@ -162,6 +163,7 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             precision=first.precision,
             trainable_params=first.trainable_params,
             optimizer_state_mib=first.optimizer_state_mib,
+            model=_merged_text([m.model for m in members]),
         )
         for key in SEED_FIELDS:
             values = [v for v in (getattr(m, key) for m in done) if _number(v) is not None]
@@ -288,6 +290,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 trains=trains_label(run.started),
                 precision=run.started.precision if run.started else None,
                 trainable_params=run.started.trainable_params if run.started else None,
+                model=model_label(run.started),
                 optimizer_state_mib=next(
                     (e.optimizer_state_bytes / MIB for e in run.epochs if e.optimizer_state_bytes is not None), None
                 ),
@@ -299,6 +302,16 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
             summary = summaries[-1]
             summary.relative_epoch_time, summary.relative_interval = relative_time(timing, timings[sft])
     return summaries
+
+
+def model_label(started: RunStarted | None) -> str | None:
+    """The run's model family and its parameter count, for the tables: "qwen2-vl 0.18M"; None before it started."""
+    from vqabench.catalog import short_count
+
+    if started is None:
+        return None
+    family = started.data.get("model_family")  # runs recorded before families had none
+    return f"{family} {short_count(started.total_params)}" if family else short_count(started.total_params)
 
 
 def trains_label(started: RunStarted | None) -> str | None:
@@ -488,6 +501,11 @@ BASE_NOTE = (
     "base: the starting model (the checkpoint the runs without `after` start from), before any training, "
     "answering the same test questions, scored by the same judge; a method's row minus it is what its "
     "training gained."
+)
+
+MODEL_NOTE = (
+    "Model: the model family and its parameter count (all parameters, shared ones once; "
+    "`vqabench models` lists the families)."
 )
 
 
@@ -681,7 +699,8 @@ def header_line(session: SessionRecord, runs: Sequence[RunData], devices_too: Se
 def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> ReportTable:
     """The paper's Table 1 shape: Method | EM | F1 | Judge | Epoch time."""
     with_kappa = any(s.kappa is not None for s in summaries)
-    columns = ["Method", "EM ↑", "F1 ↑", "Judge ↑"] + (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
+    columns = ["Method", "Model", "EM ↑", "F1 ↑", "Judge ↑"]
+    columns += (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
     rows = []
     bases = base_rows(runs)
     for name, run in bases:
@@ -694,6 +713,7 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
         }
         row = [
             name,
+            model_label(run.started) or NA,
             _score(scores.em, ci.get("em")),
             _score(scores.f1, ci.get("f1")),
             _score(scores.judge_score, ci.get("judge")),
@@ -703,10 +723,11 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
         rows.append([*row, "–"])
     for s in summaries:
         if s.seeds > 1:
-            row = [s.name, _pm(s, "em", 3), _pm(s, "f1", 3), _pm(s, "judge_score", 3)]
+            row = [s.name, s.model or NA, _pm(s, "em", 3), _pm(s, "f1", 3), _pm(s, "judge_score", 3)]
         else:
             row = [
                 s.name,
+                s.model or NA,
                 _score(s.em, s.intervals.get("em")),
                 _score(s.f1, s.intervals.get("f1")),
                 _score(s.judge_score, s.intervals.get("judge")),
@@ -749,7 +770,8 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
         "Epoch time: median wall clock of the training steps of one epoch (evaluation excluded); "
         "the efficiency table gives its spread."
     )
-    return ReportTable("Quality", columns, ["left"] + ["right"] * (len(columns) - 1), rows, notes)
+    notes.append(MODEL_NOTE)
+    return ReportTable("Quality", columns, ["left", "left"] + ["right"] * (len(columns) - 2), rows, notes)
 
 
 def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None) -> ReportTable:
@@ -772,6 +794,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         "Trainable params",
         "Trains",
         "Precision",
+        "Model",
     ]
     # Shown once any run used the encoder cache (without it every run is "off", the study's setting).
     with_cache = any(s.encoder_cache not in (None, "off") for s in summaries)
@@ -812,6 +835,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
                 f"{s.trainable_params:,}" if s.trainable_params is not None else NA,
                 s.trains or NA,
                 s.precision or NA,
+                s.model or NA,
             ]
             + ([s.encoder_cache or NA] if with_cache else [])
         )
@@ -857,12 +881,14 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         "Trains: the decoder, all of the model, or LoRA adapters of rank r on the decoder; "
         "Precision: the autocast dtype of the forward passes (log-probs and losses are fp32)."
     )
+    notes.append(MODEL_NOTE)
     if any(s.seeds > 1 for s in summaries):
         notes.append(SEEDS_NOTE)
     if noisy:
         notes.append(NOISY_NOTE)
     notes += [s.timing_warning for s in summaries if s.timing_warning]
-    align = ["left"] + ["right"] * (len(columns) - 3) + ["left", "left"]  # Trains and Precision are words
+    # Trains, Precision, Model (and Encoder cache) are words
+    align = ["left"] + ["right"] * 10 + ["left"] * (len(columns) - 11)
     return ReportTable("Efficiency", columns, align, rows, notes)
 
 

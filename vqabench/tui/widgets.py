@@ -31,6 +31,7 @@ from vqabench.report import (
     encoder_cache_text,
     epoch_table,
     markdown_table,
+    model_label,
     quality_table,
     trains_label,
 )
@@ -67,22 +68,26 @@ def _truncate(text: str, width: int) -> str:
 
 
 class RunsTable(DataTable):
-    """One row per run: preset, method, status, epoch and bar, elapsed time, ETA, and a note:
-    what it does now, its test scores, or why it ended."""
+    """One row per run: preset, method, model (family and size, once the worker said), status, epoch
+    and bar, elapsed time, ETA, and a note: what it does now, its test scores, or why it ended."""
 
     COLUMNS = (
         ("Run", "run"),
         ("Method", "method"),
+        ("Model", "model"),
         ("Status", "status"),
         ("Epoch", "epoch"),
         ("Time", "elapsed"),
         ("ETA", "eta"),
         ("Note", "note"),
     )
+    #: Narrower than this, the Model column is left out (the selected run's detail line names it).
+    MODEL_MIN_WIDTH = 100
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(cursor_type="row", zebra_stripes=False, **kwargs)  # type: ignore[arg-type]
         self._names: list[str] = []
+        self._columns: tuple[tuple[str, str], ...] = ()
         self._last: tuple[SessionView, float, str | None] | None = None
         self.user_moved = False  # the user moved the cursor: stop following the running run
 
@@ -99,18 +104,34 @@ class RunsTable(DataTable):
         await super()._on_click(event)
 
     def on_mount(self) -> None:
-        for label, key in self.COLUMNS:
+        self._set_columns()
+
+    def _shown_columns(self) -> tuple[tuple[str, str], ...]:
+        """All columns; below MODEL_MIN_WIDTH the model is left to the run's detail line, so the note keeps room."""
+        if self.size.width and self.size.width < self.MODEL_MIN_WIDTH:
+            return tuple(c for c in self.COLUMNS if c[1] != "model")
+        return self.COLUMNS
+
+    def _set_columns(self) -> None:
+        self._columns = self._shown_columns()
+        self.clear(columns=True)
+        for label, key in self._columns:
             self.add_column(label, key=key)
+        self._names = []
 
     def show(self, session: SessionView, now: float, selected: str | None) -> None:
         """Redraw every row; keep the cursor on `selected`. The note is cut to the width left."""
         self._last = (session, now, selected)
+        if self._shown_columns() != self._columns:
+            self._set_columns()
+        keys = [key for _, key in self.COLUMNS]
+        picks = [keys.index(key) for _, key in self._columns]
         names = list(session.runs)
-        rows = [self._cells(session.runs[n], now) for n in names]
+        rows = [[full[i] for i in picks] for full in (self._cells(session.runs[n], now) for n in names)]
         fixed = sum(
-            max(len(label), *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self.COLUMNS[:-1])
+            max(len(label), *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self._columns[:-1])
         )
-        note_width = max(self.size.width - fixed - 2 * self.cell_padding * len(self.COLUMNS) - 1, 12)
+        note_width = max(self.size.width - fixed - 2 * self.cell_padding * len(self._columns) - 1, 12)
         rows = [[*row[:-1], _truncate(row[-1], note_width)] for row in rows]
         if names != self._names:
             self.clear()
@@ -119,7 +140,7 @@ class RunsTable(DataTable):
             self._names = names
         else:
             for name, cells in zip(names, rows, strict=True):
-                for (_, key), value in zip(self.COLUMNS, cells, strict=True):
+                for (_, key), value in zip(self._columns, cells, strict=True):
                     self.update_cell(name, key, value, update_width=True)
         if selected in names and self.cursor_row != names.index(selected):
             self.move_cursor(row=names.index(selected))
@@ -140,6 +161,7 @@ class RunsTable(DataTable):
         return [
             run.name,
             run.method,
+            model_label(run.started) or "-",
             status_text(run.status) + (f" · {run.device}" if run.device else ""),
             f"{counter:>5} {progress_bar(run.progress_fraction(), BAR_WIDTH)}",
             format_duration(run.elapsed(now)),
@@ -202,7 +224,7 @@ class EpochPanel(Vertical):
             reference = run.started.reference_strategy
             trains = trains_label(run.started)
             head.append(
-                f" · {run.started.device} · trains {trains}, {run.started.precision}"
+                f" · {model_label(run.started)} · {run.started.device} · trains {trains}, {run.started.precision}"
                 f" · {run.started.trainable_params:,} trained params · reference: {reference or 'none'}"
             )
             cache = encoder_cache_text(run.started)
