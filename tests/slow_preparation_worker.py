@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from vqabench.engine import prepare, worker
-from vqabench.engine.prepare import Emit
+from vqabench.engine.progress import Emit
 from vqabench.spec import RunSpec
 
 

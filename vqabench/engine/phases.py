@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from vqabench.engine.data.records import DataSplits
 from vqabench.engine.devices import describe_all
 from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.prepare import Prepared
-from vqabench.engine.progress import Throttled
+from vqabench.engine.progress import Emit, Throttled
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Reference, Trainer
@@ -30,8 +29,6 @@ from vqabench.models import checkpoints, lora, parts
 from vqabench.models.family import LoadedModel
 from vqabench.scoring import ScoreSummary, judge_with_cache
 from vqabench.spec import RunSpec
-
-Emit = Callable[[ev.Event], None]
 
 
 @dataclass

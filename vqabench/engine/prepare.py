@@ -23,13 +23,11 @@ from vqabench.engine.data.records import DataSplits
 from vqabench.engine.data.token_limits import resolve_token_limits
 from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.out_of_memory import explain_out_of_memory
-from vqabench.engine.progress import Throttled
+from vqabench.engine.progress import Emit, Throttled
 from vqabench.engine.reference import assign_mismatched
 from vqabench.models import checkpoints, registry
 from vqabench.models.family import LoadedModel, ModelError
 from vqabench.spec import RunSpec
-
-Emit = Callable[[ev.Event], None]
 
 
 @dataclass

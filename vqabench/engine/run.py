@@ -8,7 +8,6 @@ through `emit`; nothing here writes to stdout.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,10 +16,8 @@ from vqabench import events as ev
 from vqabench.engine import distributed, phases, prepare
 from vqabench.engine.data.records import DataError
 from vqabench.engine.precision import check_precision
-from vqabench.engine.progress import Throttled
+from vqabench.engine.progress import Emit, Throttled
 from vqabench.spec import RunSpec, default_cache_dir
-
-Emit = Callable[[ev.Event], None]
 
 
 def execute(spec: RunSpec, emit: Emit) -> None:
