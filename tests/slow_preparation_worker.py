@@ -12,19 +12,21 @@ import sys
 import time
 from pathlib import Path
 
-from vqabench.engine import run, worker
+from vqabench.engine import prepare, worker
+from vqabench.engine.progress import Emit
+from vqabench.spec import RunSpec
 
 
 def main() -> int:
     seconds, spec_path = float(sys.argv[1]), sys.argv[2]
-    prepare = run.load_model_and_data
+    load = prepare.load_model_and_data
 
-    def slow(spec: run.RunSpec, cache_dir: Path, emit: run.Emit) -> tuple:
+    def slow(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple:
         if os.environ.get("RANK") == "0":
             time.sleep(seconds)
-        return prepare(spec, cache_dir, emit)
+        return load(spec, cache_dir, emit)
 
-    run.load_model_and_data = slow
+    prepare.load_model_and_data = slow
     return worker.main([spec_path])
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 
+class NumericsError(RuntimeError):
+    """A loss that is not finite; the message names the epoch and step."""
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """(error kind, one-sentence message) for a failure."""
     from vqabench.engine.cache import CacheError
     from vqabench.engine.data.records import DataError
     from vqabench.engine.out_of_memory import OutOfMemory, out_of_memory_sentence
-    from vqabench.engine.trainer import NumericsError
     from vqabench.judges import JudgeError
     from vqabench.models.family import ModelError
     from vqabench.spec import SpecError

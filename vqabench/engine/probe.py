@@ -30,9 +30,10 @@ import torch
 from vqabench import events as ev
 from vqabench.engine.cache import ArrayStore, Entry
 from vqabench.engine.data.batching import EncodedData
+from vqabench.engine.devices import describe
 from vqabench.engine.encoder_cache import attach_encoder_cache
+from vqabench.engine.prepare import encode_for_run, load_model_and_data
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
-from vqabench.engine.run import _describe, encode_for_run, load_model_and_data
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock, usable_cores
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
@@ -165,7 +166,7 @@ def execute_probe(plan: ProbePlan, emit: Emit) -> list[ev.ProbeMeasured]:
     emit(
         ev.ProbeStarted(
             presets=[s.name for s in plan.specs],
-            device=_describe(probe.device),
+            device=describe(probe.device),
             torch_version=torch.__version__,
             model_source=probe.start.source,
             batch_size=first.batch_size,

@@ -25,6 +25,7 @@ import torch
 from vqabench import objectives
 from vqabench.engine.data.batching import Batch, EncodedData
 from vqabench.engine.distributed import SINGLE, Ranks
+from vqabench.engine.errors import NumericsError
 from vqabench.engine.generation import greedy_answers
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
 from vqabench.engine.precision import Precision
@@ -34,10 +35,6 @@ from vqabench.engine.timing import StepClock
 from vqabench.models import parts
 from vqabench.models.family import LoadedModel
 from vqabench.spec import RunSpec
-
-
-class NumericsError(RuntimeError):
-    """A loss that is not finite; the message names the epoch and step."""
 
 
 class EpochWindow(Protocol):
