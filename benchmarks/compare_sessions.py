@@ -27,8 +27,9 @@ RUN_FIGURES += ("epochs", "steps_per_epoch", "best_epoch", "best_eval_loss")
 EPOCH_FIGURES = ("train_loss", "eval_loss", "lr", "reference_bytes", "chosen_logp", "rejected_logp")
 EPOCH_FIGURES += ("reward_margin", "pref_accuracy", "em", "f1", "judge_score", "scored_n")
 EVAL_FIGURES = ("split", "n", "em", "f1", "judge", "judge_score", "judge_n", "unparseable")
-#: Keys of run_started's `data` that hold a clock reading or a path on this machine, not a figure.
-NOT_FIGURES = ("seconds", "path")
+#: Keys of run_started's `data` that hold a clock reading or a path on this machine (the start
+#: checkpoint's folder is named by the session), not a figure.
+NOT_FIGURES = ("seconds", "path", "model_source")
 
 
 def last_session(db: sqlite3.Connection) -> int:
