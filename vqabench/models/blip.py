@@ -32,11 +32,13 @@ from transformers import (
 )
 
 from vqabench.models.family import (
+    ALL_SAVINGS,
     AnswerScores,
     ImageFormat,
     LoadedModel,
     ModelError,
     ModelFamily,
+    Savings,
     pad_right,
     sequence_scores,
 )
@@ -314,7 +316,10 @@ class BlipFamily(ModelFamily):
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
+        """The decoder reads the question once, through cross-attention, and predicts only answer tokens:
+        neither saving changes anything here."""
         return decoder_scores(_part(model, "text_decoder"), features, prompt[1], *answer, vocab_mean=vocab_mean)
 
     def generate(

@@ -33,11 +33,14 @@ import torch
 from torch import nn
 
 from vqabench.models.family import (
+    ALL_SAVINGS,
     AnswerScores,
     ImageFormat,
     LoadedModel,
     ModelError,
     ModelFamily,
+    Savings,
+    pad_right,
     sequence_scores,
 )
 
@@ -134,6 +137,9 @@ class CausalVLMFamily(ModelFamily):
     end_of_answer: ClassVar[str | None] = None
     #: Whether a prompt starts with the tokenizer's BOS when the chat template does not write it.
     prompt_bos: ClassVar[bool] = False
+    #: Whether answers scored on the prompt's key/value cache equal the full pass (the prompt's
+    #: attention does not depend on what follows it); False keeps the full pass for pairs.
+    shares_prompt: ClassVar[bool] = True
 
     # -- family hooks ------------------------------------------------------------------------
     def vision_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -402,17 +408,31 @@ class CausalVLMFamily(ModelFamily):
         features: torch.Tensor,
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
+        answer_only: bool = True,
     ) -> torch.Tensor:
-        """Logits ``[B, La, V]`` predicting each answer token; the LM head sees only those positions."""
+        """Logits ``[B, La, V]`` predicting each answer token, from one pass over prompt and answer.
+
+        `answer_only`: the LM head sees only the columns that predict answer tokens; otherwise it
+        makes logits for every column and those are picked after (what a plain forward does).
+        """
         ids = torch.cat([prompt[0], answer[0]], dim=1)
         mask = torch.cat([prompt[1], answer[1]], dim=1)
         embeds = self.input_embeddings(model, ids, features)
         positions = self.position_ids(model, ids, mask)
         hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=features)
-        columns = answer_columns(prompt[1], answer[0].shape[1])
-        picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logits: torch.Tensor = part(model, self.lm_head_path)(picked)
-        return logits
+        return self.picked_logits(model, hidden, answer_columns(prompt[1], answer[0].shape[1]), answer_only)
+
+    def picked_logits(
+        self, model: nn.Module, hidden: torch.Tensor, columns: torch.Tensor, answer_only: bool
+    ) -> torch.Tensor:
+        """The LM head's logits at `columns` ``[B, K]`` of `hidden`: on those columns alone, or on all then picked."""
+        head = part(model, self.lm_head_path)
+        if answer_only:
+            picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            logits: torch.Tensor = head(picked)
+            return logits
+        every: torch.Tensor = head(hidden)
+        return every.gather(1, columns.unsqueeze(-1).expand(-1, -1, every.shape[-1]))
 
     def answer_scores(
         self,
@@ -421,9 +441,70 @@ class CausalVLMFamily(ModelFamily):
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
-        logits = self.answer_logits(model, features, prompt, answer)
+        logits = self.answer_logits(model, features, prompt, answer, savings.answer_only_logits)
         return sequence_scores(logits, answer[0], answer[1], vocab_mean)
+
+    def pair_scores(
+        self,
+        model: nn.Module,
+        features: torch.Tensor,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        chosen: tuple[torch.Tensor, torch.Tensor],
+        rejected: tuple[torch.Tensor, torch.Tensor],
+        pad_id: int,
+        savings: Savings = ALL_SAVINGS,
+    ) -> tuple[AnswerScores, AnswerScores]:
+        """Both answers of each pair; with `savings.shared_prompt`, on ONE pass over each prompt.
+
+        The prompt pass keeps its key/value cache; the cache is repeated per row (chosen, rejected
+        interleaved) and both answers run on it in one batch, at the positions the full pass gives
+        them (the row's last prompt position + 1 + k, M-RoPE's three included), under a mask that
+        covers the prompt's padding. The first answer token is predicted by the prompt's last
+        hidden state. Gradients reach the prompt pass through the cache.
+        """
+        if not (savings.shared_prompt and self.shares_prompt):
+            return super().pair_scores(model, features, prompt, chosen, rejected, pad_id, savings)
+        width = max(chosen[0].shape[1], rejected[0].shape[1])
+        c_ids, c_mask = pad_right(*chosen, width, pad_id)
+        r_ids, r_mask = pad_right(*rejected, width, pad_id)
+        a_ids = torch.stack([c_ids, r_ids], dim=1).flatten(0, 1)
+        a_mask = torch.stack([c_mask, r_mask], dim=1).flatten(0, 1)
+        ids, mask = prompt
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        last = mask.long().sum(-1) - 1
+        positions = self.position_ids(model, ids, mask)
+        embeds = self.input_embeddings(model, ids, features)
+        hidden, cache = self.run_language_model(model, embeds, mask, positions, ids, use_cache=True, features=features)
+        cache.batch_repeat_interleave(2)
+        start = positions[..., rows, last].repeat_interleave(2, dim=-1).unsqueeze(-1) + 1
+        a_positions = start + torch.arange(width, device=ids.device)
+        a_hidden, _ = self.run_language_model(
+            model,
+            base_model(model).get_input_embeddings()(a_ids),
+            torch.cat([mask.repeat_interleave(2, dim=0), a_mask], dim=1),
+            a_positions,
+            a_ids,
+            cache=cache,
+            use_cache=True,
+            features=features.repeat_interleave(2, dim=0),
+        )
+        # The first answer token is predicted by the row's last prompt column, the others by the
+        # answer's own columns; off, the LM head runs on every column (prompt's and answers').
+        head = part(model, self.lm_head_path)
+        if savings.answer_only_logits:
+            prompt_last, answers = hidden[rows, last], a_hidden[:, :-1]
+            logits = head(torch.cat([prompt_last.repeat_interleave(2, dim=0).unsqueeze(1), answers], dim=1))
+        else:
+            prompt_logits, answer_logits = head(hidden), head(a_hidden)
+            first = prompt_logits[rows, last].repeat_interleave(2, dim=0).unsqueeze(1)
+            logits = torch.cat([first, answer_logits[:, :-1]], dim=1)
+        both = sequence_scores(logits, a_ids, a_mask)
+        return (
+            AnswerScores(both.logps[0::2], both.lengths[0::2]),
+            AnswerScores(both.logps[1::2], both.lengths[1::2]),
+        )
 
     @torch.no_grad()
     def generate(

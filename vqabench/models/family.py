@@ -49,6 +49,28 @@ class ImageFormat:
     std: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class Savings:
+    """Exact shortcuts of the scoring passes, each with its own switch so the probe can show what it saves.
+
+    * `shared_prompt`: :meth:`ModelFamily.pair_scores` runs each prompt once and scores both
+      answers from its key/value cache (a family whose attention makes that inexact keeps the
+      full pass: ``shares_prompt = False``);
+    * `answer_only_logits`: the LM head sees only the hidden states that predict answer tokens,
+      so the batch × length × vocabulary tensor is never built for the prompt.
+
+    A family for which a switch means nothing (BLIP's decoder already reads the question once,
+    through cross-attention) accepts it and ignores it.
+    """
+
+    shared_prompt: bool = True
+    answer_only_logits: bool = True
+
+
+#: Every saving on: the default.
+ALL_SAVINGS = Savings()
+
+
 @dataclass
 class LoadedModel:
     """A model of some family, with its tokenizer and image format, ready for the engine."""
@@ -63,6 +85,8 @@ class LoadedModel:
     origin: dict[str, Any] | None = None
     #: Facts a family keeps about this model (special token ids, image-token count, ...).
     facts: dict[str, Any] = field(default_factory=dict)
+    #: Which exact scoring shortcuts the engine asks of the family (the run's switches).
+    savings: Savings = ALL_SAVINGS
 
     @property
     def image_size(self) -> int:
@@ -213,6 +237,7 @@ class ModelFamily:
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
         """Each answer's summed log-prob and token count given its prompt and the features."""
         raise NotImplementedError
@@ -225,6 +250,7 @@ class ModelFamily:
         chosen: tuple[torch.Tensor, torch.Tensor],
         rejected: tuple[torch.Tensor, torch.Tensor],
         pad_id: int,
+        savings: Savings = ALL_SAVINGS,
     ) -> tuple[AnswerScores, AnswerScores]:
         """Chosen and rejected answers to the same prompts, scored in ONE pass concatenated along the batch."""
         n = features.shape[0]
@@ -236,6 +262,7 @@ class ModelFamily:
             torch.cat([features, features]),
             (torch.cat([prompt[0], prompt[0]]), torch.cat([prompt[1], prompt[1]])),
             (torch.cat([c_ids, r_ids]), torch.cat([c_mask, r_mask])),
+            savings=savings,
         )
         return (
             AnswerScores(both.logps[:n], both.lengths[:n]),

@@ -1,0 +1,112 @@
+"""The exact savings of the causal-VLM families, per family, on their tiny random variants in fp32.
+
+Shared prompt (one prompt pass, both answers on its key/value cache) against the full pass:
+log-probs within 1e-5 and every trainable parameter's gradient within 1e-5 (max abs diff).
+Answer-only logits against logits over every column: log-probs within 1e-6. The reference
+for each comparison is the other path, run on the same weights, features and rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from vqabench.models.family import LoadedModel, Savings
+
+TEXTS = [
+    "what colour is the square in the middle?",
+    "is there a triangle?",
+    "how many circles?",
+    "red",
+    "a blue one",
+    "yes",
+    "no",
+    "two circles and a square",
+]
+VARIANTS = {
+    "gemma3": "gemma3-tiny-random",
+    "idefics3": "idefics3-tiny-random",
+    "llava": "llava-tiny-random",
+    "mllama": "mllama-tiny-random",
+    "paligemma": "paligemma-tiny-random",
+    "qwen2_5_vl": "qwen2.5-vl-tiny-random",
+    "qwen2_vl": "qwen2-vl-tiny-random",
+}
+FULL = Savings(shared_prompt=False, answer_only_logits=True)
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    module = importlib.import_module(f"vqabench.models.{request.param}")
+    variant = {v.name: v for v in module.VARIANTS}[VARIANTS[request.param]]
+    built = variant.build(0, TEXTS, None)
+    built.model.eval()  # dropout off: both paths must see the same function
+    return built
+
+
+def padded(loaded: LoadedModel, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = loaded.pad_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def pair_batch(loaded: LoadedModel) -> tuple[torch.Tensor, tuple, tuple, tuple]:
+    """Three rows whose prompts and answers differ in length, so padding sits between prompt and answer."""
+    family = loaded.family
+    questions, chosen, rejected = TEXTS[:3], TEXTS[3:6], [TEXTS[7], TEXTS[6], TEXTS[4]]
+    framed = [
+        [family.frame_answer(loaded, family.answer_ids(loaded, a), True) for a in answers]
+        for answers in (chosen, rejected)
+    ]
+    prompts = padded(loaded, [family.prompt_ids(loaded, q) for q in questions])
+    assert len(set(prompts[1].sum(-1).tolist())) > 1  # the rows' prompts really differ in length
+    torch.manual_seed(1)
+    pixels = torch.randn(len(questions), 3, loaded.image_size, loaded.image_size)
+    return pixels, prompts, padded(loaded, framed[0]), padded(loaded, framed[1])
+
+
+def scored_with_grads(loaded: LoadedModel, savings: Savings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Chosen and rejected log-probs ``[2, B]`` and each trainable parameter's gradient of a fixed mix of them."""
+    family, model = loaded.family, loaded.model
+    pixels, prompt, chosen, rejected = pair_batch(loaded)
+    with torch.no_grad():
+        features = family.features(model, pixels, *prompt)
+    model.zero_grad(set_to_none=True)
+    c, r = family.pair_scores(model, features, prompt, chosen, rejected, loaded.pad_token_id, savings)
+    logps = torch.stack([c.logps, r.logps])
+    weights = torch.tensor([[1.0, -0.5, 0.25], [-1.0, 0.75, 0.5]])
+    (logps * weights).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), grads
+
+
+def test_shared_prompt_equals_the_full_pass_in_log_probs_and_gradients(loaded: LoadedModel) -> None:
+    full, full_grads = scored_with_grads(loaded, FULL)
+    shared, shared_grads = scored_with_grads(loaded, Savings())
+    assert torch.allclose(shared, full, rtol=0, atol=1e-5), (shared - full).abs().max()
+    assert set(shared_grads) == set(full_grads)
+    assert len(full_grads) > 10  # the language model's weights, at least, receive gradients
+    worst = max((shared_grads[n] - g).abs().max().item() for n, g in full_grads.items())
+    assert worst <= 1e-5, worst
+    assert any(g.abs().sum() > 0 for g in full_grads.values())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_answer_only_logits_equal_logits_over_every_column(loaded: LoadedModel, shared: bool) -> None:
+    family, model = loaded.family, loaded.model
+    pixels, prompt, chosen, rejected = pair_batch(loaded)
+    pad = loaded.pad_token_id
+    with torch.no_grad():
+        features = family.features(model, pixels, *prompt)
+        on = family.pair_scores(model, features, prompt, chosen, rejected, pad, Savings(shared, True))
+        off = family.pair_scores(model, features, prompt, chosen, rejected, pad, Savings(shared, False))
+        single_on = family.answer_scores(model, features, prompt, chosen, savings=Savings(shared, True))
+        single_off = family.answer_scores(model, features, prompt, chosen, savings=Savings(shared, False))
+    for a, b in ((on[0].logps, off[0].logps), (on[1].logps, off[1].logps), (single_on.logps, single_off.logps)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+    assert torch.equal(on[0].lengths, chosen[1].sum(-1).float())
