@@ -4,16 +4,27 @@ Shared prompt (one prompt pass, both answers on its key/value cache) against the
 log-probs within 1e-5 and every trainable parameter's gradient within 1e-5 (max abs diff).
 Answer-only logits against logits over every column: log-probs within 1e-6. The reference
 for each comparison is the other path, run on the same weights, features and rows.
+Cache on vs off (features read from the encoder cache vs computed in the step, cut above a
+frozen projector or before a trained one): log-probs within 1e-6; the cache key changes with
+the cut, the image settings and, above it, the projector's weights.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
 import torch
 
-from vqabench.models.family import LoadedModel, Savings
+from vqabench.engine.cache import ArrayStore
+from vqabench.engine.data import easyvqa
+from vqabench.engine.data.batching import encode
+from vqabench.engine.data.records import DataSplits
+from vqabench.engine.encoder_cache import attach_encoder_cache, encoder_cache_key
+from vqabench.models.causal import base_model
+from vqabench.models.family import ImageFormat, LoadedModel, Savings
+from vqabench.spec import DatasetSpec
 
 TEXTS = [
     "what colour is the square in the middle?",
@@ -35,6 +46,7 @@ VARIANTS = {
     "qwen2_vl": "qwen2-vl-tiny-random",
 }
 FULL = Savings(shared_prompt=False, answer_only_logits=True)
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -110,3 +122,97 @@ def test_answer_only_logits_equal_logits_over_every_column(loaded: LoadedModel, 
     for a, b in ((on[0].logps, off[0].logps), (on[1].logps, off[1].logps), (single_on.logps, single_off.logps)):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
     assert torch.equal(on[0].lengths, chosen[1].sum(-1).float())
+
+
+@pytest.fixture(scope="module")
+def easy() -> DataSplits:
+    return easyvqa.load_splits(DatasetSpec(eval_size=4, test_size=4), seed=0, limit=4)
+
+
+def with_cut(loaded: LoadedModel, train: str) -> LoadedModel:
+    """The loaded model as prepare leaves it for `train`: its features cut where the family says."""
+    run = copy.copy(loaded)
+    run.savings = Savings(projected_features=loaded.family.projected_features(train))
+    return run
+
+
+@pytest.mark.parametrize("train", ["lm", "lm+projector"])
+def test_cached_features_score_as_features_computed_in_the_step(
+    loaded: LoadedModel, easy: DataSplits, train: str
+) -> None:
+    run = with_cut(loaded, train)
+    assert run.savings.projected_features == (train == "lm")
+    family, model, pad = run.family, run.model, run.pad_token_id
+    encoded = encode(easy, run, run.question_token_cap, 16, store=ArrayStore(None))
+    info = attach_encoder_cache(
+        run,
+        encoded,
+        data_fingerprint=easy.fingerprint,
+        dtype="fp32",
+        batch_size=2,
+        device=CPU,
+        store=ArrayStore(None),
+        train=train,
+    )
+    assert info.built and info.bytes > 0
+    rows = [torch.arange(4)]
+    cached = next(encoded.batches("train", rows, CPU))
+    encoded.encodings = None
+    plain = next(encoded.batches("train", rows, CPU))
+    assert cached.features is not None and plain.features is None
+    below = Savings()  # the cut before the projector: the features every train value could read
+    with torch.no_grad():
+        scored = {
+            name: family.pair_scores(
+                model,
+                batch.features_of(family, model, savings),
+                batch.prompt,
+                batch.chosen,
+                batch.rejected,
+                pad,
+                savings,
+            )
+            for name, batch, savings in (
+                ("cached", cached, run.savings),
+                ("step", plain, run.savings),
+                ("below", plain, below),
+            )
+        }
+    for name in ("cached", "below"):
+        for side in (0, 1):
+            a, b = scored[name][side].logps, scored["step"][side].logps
+            assert torch.allclose(a, b, rtol=0, atol=1e-6), (name, (a - b).abs().max())
+    if run.savings.projected_features:  # the entry holds image-token embeddings: the language model's width
+        hidden = base_model(model).config.get_text_config().hidden_size
+        assert cached.features.shape[-1] == hidden
+
+
+def test_the_cache_key_names_the_cut_the_image_settings_and_the_projector_when_cut_above_it(
+    loaded: LoadedModel, easy: DataSplits
+) -> None:
+    def key(run: LoadedModel, train: str) -> str:
+        encoded = encode(easy, run, run.question_token_cap, 16, store=ArrayStore(None))
+        return encoder_cache_key(run, encoded, easy.fingerprint, "fp32", CPU, train).digest
+
+    above, below = with_cut(loaded, "lm"), with_cut(loaded, "lm+projector")
+    assert key(above, "lm") != key(below, "lm+projector")
+    assert key(above, "lm") == key(with_cut(loaded, "lora"), "lora")  # the same features: one entry
+    other_std = copy.copy(above)
+    other_std.image = ImageFormat(loaded.image.size, loaded.image.mean, (0.125, 0.25, 0.375))
+    assert key(other_std, "lm") != key(above, "lm")
+    # A grid setting that no weight records (the tiny models' patch size) changes the key too.
+    other_grid = copy.copy(above)
+    other_grid.model = copy.deepcopy(loaded.model)
+    vision = base_model(other_grid.model).config.vision_config
+    vision.patch_size = int(vision.patch_size) * 2
+    assert key(other_grid, "lm") != key(above, "lm")
+    # Above the projector its weights are in the key; below it they are not (the projector trains).
+    other_projector = copy.copy(above)
+    other_projector.model = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        for module in other_projector.family.projector_parts(other_projector.model):
+            next(module.parameters()).add_(1.0)
+    assert key(other_projector, "lm") != key(above, "lm")
+    moved_below = copy.copy(other_projector)
+    moved_below.savings = below.savings
+    assert key(moved_below, "lm+projector") == key(below, "lm+projector")

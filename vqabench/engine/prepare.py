@@ -75,7 +75,11 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[Loa
     elif loaded is None:  # a built-in variant; a tiny one trains its tokenizer on the run's own text
         loaded = checkpoints.build_variant(spec.model, spec.seed, texts=fitting_texts(data))
     loaded.family.check_train(spec.train)
-    loaded.savings = Savings(shared_prompt=spec.shared_prompt, answer_only_logits=spec.answer_only_logits)
+    loaded.savings = Savings(
+        shared_prompt=spec.shared_prompt,
+        answer_only_logits=spec.answer_only_logits,
+        projected_features=loaded.family.projected_features(spec.train),
+    )
     return loaded, data
 
 

@@ -222,7 +222,7 @@ class CopyReference:
     ) -> ReferenceLogps:
         # The frozen part is shared, so the policy's features serve the copy too; a full copy
         # ("all") has its own (and no encoder cache: every weight trains).
-        q = features.detach() if self.train != "all" else batch.features_of(self.family, self.model)
+        q = features.detach() if self.train != "all" else batch.features_of(self.family, self.model, self.savings)
         return _scored(self.family, self.model, q, encoded, split, batch, self.pad_id, with_mismatched, self.savings)
 
 
@@ -334,7 +334,7 @@ class PrecomputedReference:
                     for lo in range(shard.start, shard.stop, batch_size)
                 ]
                 for batch in encoded.batches(split, blocks, device):
-                    q = batch.features_of(loaded.family, model)
+                    q = batch.features_of(loaded.family, model, loaded.savings)
                     scored = _scored(
                         loaded.family, model, q, encoded, split, batch, loaded.pad_token_id, True, loaded.savings
                     )

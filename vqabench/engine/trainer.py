@@ -135,11 +135,11 @@ class MethodStep:
         spec, model, family = self.spec, self.loaded.model, self.loaded.family
         if spec.train != "all":  # a frozen part (everything outside the language model or its adapters)
             with torch.no_grad():
-                q = batch.features_of(family, model)
+                q = batch.features_of(family, model, self.loaded.savings)
         elif batch.features is not None:
             raise ValueError("cached features reached a run that trains every weight")
         else:
-            q = batch.features_of(family, model)
+            q = batch.features_of(family, model, self.loaded.savings)
         if not self.needs.needs_rejected:
             smoothing = spec.sft_label_smoothing
             scores = family.answer_scores(

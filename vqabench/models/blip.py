@@ -302,7 +302,12 @@ class BlipFamily(ModelFamily):
 
     # -- forward passes
     def features(
-        self, model: nn.Module, pixels: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
         return encode_questions(model, pixels, prompt_ids, prompt_mask)
 

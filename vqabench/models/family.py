@@ -65,6 +65,10 @@ class Savings:
 
     shared_prompt: bool = True
     answer_only_logits: bool = True
+    #: Where the features are cut: True above the projector (the cache holds image-token
+    #: embeddings and the projector does not run each step), False before it. Not a switch: set
+    #: from :meth:`ModelFamily.projected_features` for the run's `train` (above only when frozen).
+    projected_features: bool = False
 
 
 #: Every saving on: the default.
@@ -215,9 +219,23 @@ class ModelFamily:
         """The submodule path LoRA's targets are matched inside (the language model)."""
         raise NotImplementedError
 
+    def projected_features(self, train: str) -> bool:
+        """Whether :meth:`features` for `train` are cut above a frozen projector (BLIP has none)."""
+        return False
+
+    def image_settings(self, loaded: LoadedModel) -> dict[str, Any]:
+        """How an image becomes features beyond the weights (the encoder cache's key): size, mean, std."""
+        image = loaded.image
+        return {"size": image.size, "mean": list(image.mean), "std": list(image.std)}
+
     # -- forward passes ----------------------------------------------------------------------
     def features(
-        self, model: nn.Module, pixels: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
         """The frozen part's output for a batch: what the trainable part reads, and what the encoder cache stores."""
         raise NotImplementedError
