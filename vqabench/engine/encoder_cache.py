@@ -9,15 +9,18 @@ split, read back by rows from the file. Training steps, eval, test generation, t
 precompute reference pass and KTO's mismatched pairs all read it through
 :meth:`vqabench.engine.data.batching.Batch.features_of`.
 
-The key names the frozen modules' weights only (the encoders or the vision tower, not
-the language model), so SFT and every run that starts from SFT's checkpoint share one entry; plus
-the family, the data, the prompt token ids (tokenizer and width), the image preprocessing,
-the dtype, the device type and the torch/transformers versions.
+The key names the frozen modules' weights only (the encoders or the vision tower, and a causal
+VLM's projector when the features are cut above it; not the language model), so SFT and every
+run that starts from SFT's checkpoint share one entry; plus the family, where the features are
+cut, the data, the prompt token ids (tokenizer and width), the image preprocessing (size, mean,
+std and the family's grid settings: patch, merge, tiles, feature layer), the dtype, the device
+type and the torch/transformers versions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +36,7 @@ from vqabench.models.family import LoadedModel, fingerprint_modules
 log = logging.getLogger(__name__)
 
 #: Bump when what the cached encodings mean changes (how they are computed, not the weights).
-ENCODER_CACHE_VERSION = "1"
+ENCODER_CACHE_VERSION = "2"
 DTYPES = {"fp32": ("float32", torch.float32), "bf16": ("bfloat16", torch.bfloat16)}
 SPLITS = ("train", "eval", "test")
 
@@ -85,6 +88,9 @@ def encoder_cache_key(
             "questions": questions.hexdigest()[:24],
             "images": encoded.images.key.digest,
             "normalisation": f"{tuple(loaded.image_mean)} {tuple(loaded.image_std)}",
+            "image_settings": json.dumps(loaded.family.image_settings(loaded), sort_keys=True),
+            # Above a frozen projector the entry holds image-token embeddings, not the tower's output.
+            "cut": "projector" if loaded.savings.projected_features else "encoder",
             "dtype": dtype,
             "device": device.type,
             "torch": torch.__version__,
@@ -173,7 +179,7 @@ def _encode_all(
                     # family trims what a batch reads (a question encoding: its first positions).
                     q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
                     assert batch.pixel_values is not None
-                    q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask)
+                    q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask, loaded.savings)
                     writer.write(name, q.to(torch_dtype))
                     done += 1
                     if progress is not None:

@@ -32,6 +32,6 @@ def greedy_answers(
     if features is None:
         if pixel_values is None:
             raise ValueError("greedy_answers needs the images or the cached features")
-        features = family.features(loaded.model, pixel_values, question_ids, question_mask)
+        features = family.features(loaded.model, pixel_values, question_ids, question_mask, loaded.savings)
     rows = family.generate(loaded, features, (question_ids, question_mask), max_tokens, use_cache=use_cache)
     return [loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]

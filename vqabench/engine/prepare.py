@@ -26,7 +26,7 @@ from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.progress import Emit, Throttled
 from vqabench.engine.reference import assign_mismatched
 from vqabench.models import checkpoints, registry
-from vqabench.models.family import LoadedModel, ModelError
+from vqabench.models.family import LoadedModel, ModelError, Savings
 from vqabench.spec import RunSpec
 
 
@@ -75,6 +75,11 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[Loa
     elif loaded is None:  # a built-in variant; a tiny one trains its tokenizer on the run's own text
         loaded = checkpoints.build_variant(spec.model, spec.seed, texts=fitting_texts(data))
     loaded.family.check_train(spec.train)
+    loaded.savings = Savings(
+        shared_prompt=spec.shared_prompt,
+        answer_only_logits=spec.answer_only_logits,
+        projected_features=loaded.family.projected_features(spec.train),
+    )
     return loaded, data
 
 

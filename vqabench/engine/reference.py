@@ -38,7 +38,7 @@ from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.precision import autocast
 from vqabench.engine.telemetry import module_bytes
 from vqabench.models import parts
-from vqabench.models.family import LoadedModel, ModelFamily
+from vqabench.models.family import ALL_SAVINGS, LoadedModel, ModelFamily, Savings
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int], None]
@@ -205,6 +205,7 @@ class CopyReference:
             LoadedModel(loaded.family, self.model, loaded.tokenizer, loaded.image, loaded.source), train
         )
         self.pad_id = loaded.pad_token_id
+        self.savings = loaded.savings
 
     @property
     def resident_bytes(self) -> int:
@@ -221,8 +222,8 @@ class CopyReference:
     ) -> ReferenceLogps:
         # The frozen part is shared, so the policy's features serve the copy too; a full copy
         # ("all") has its own (and no encoder cache: every weight trains).
-        q = features.detach() if self.train != "all" else batch.features_of(self.family, self.model)
-        return _scored(self.family, self.model, q, encoded, split, batch, self.pad_id, with_mismatched)
+        q = features.detach() if self.train != "all" else batch.features_of(self.family, self.model, self.savings)
+        return _scored(self.family, self.model, q, encoded, split, batch, self.pad_id, with_mismatched, self.savings)
 
 
 def _scored(
@@ -234,12 +235,14 @@ def _scored(
     batch: Batch,
     pad_id: int,
     with_mismatched: bool,
+    savings: Savings = ALL_SAVINGS,
 ) -> ReferenceLogps:
     """A reference model's chosen and rejected log-probs (and KTO's mismatched ones) for a batch."""
-    c, r = family.pair_scores(model, q, batch.prompt, batch.chosen, batch.rejected, pad_id)
+    c, r = family.pair_scores(model, q, batch.prompt, batch.chosen, batch.rejected, pad_id, savings)
     mm = None
     if with_mismatched:
-        mm = family.answer_scores(model, q, batch.prompt, mismatched_answers(encoded, split, batch)).logps
+        mismatched = mismatched_answers(encoded, split, batch)
+        mm = family.answer_scores(model, q, batch.prompt, mismatched, savings=savings).logps
     return ReferenceLogps(c.logps, r.logps, mm)
 
 
@@ -331,8 +334,10 @@ class PrecomputedReference:
                     for lo in range(shard.start, shard.stop, batch_size)
                 ]
                 for batch in encoded.batches(split, blocks, device):
-                    q = batch.features_of(loaded.family, model)
-                    scored = _scored(loaded.family, model, q, encoded, split, batch, loaded.pad_token_id, True)
+                    q = batch.features_of(loaded.family, model, loaded.savings)
+                    scored = _scored(
+                        loaded.family, model, q, encoded, split, batch, loaded.pad_token_id, True, loaded.savings
+                    )
                     for name, value in (
                         ("chosen", scored.chosen),
                         ("rejected", scored.rejected),
@@ -376,7 +381,15 @@ class AdapterReference:
         try:
             with model.disable_adapter():
                 return _scored(
-                    self.loaded.family, model, features.detach(), encoded, split, batch, self.pad_id, with_mismatched
+                    self.loaded.family,
+                    model,
+                    features.detach(),
+                    encoded,
+                    split,
+                    batch,
+                    self.pad_id,
+                    with_mismatched,
+                    self.loaded.savings,
                 )
         finally:
             part.train(was_training)

@@ -135,20 +135,22 @@ class MethodStep:
         spec, model, family = self.spec, self.loaded.model, self.loaded.family
         if spec.train != "all":  # a frozen part (everything outside the language model or its adapters)
             with torch.no_grad():
-                q = batch.features_of(family, model)
+                q = batch.features_of(family, model, self.loaded.savings)
         elif batch.features is not None:
             raise ValueError("cached features reached a run that trains every weight")
         else:
-            q = batch.features_of(family, model)
+            q = batch.features_of(family, model, self.loaded.savings)
         if not self.needs.needs_rejected:
             smoothing = spec.sft_label_smoothing
-            scores = family.answer_scores(model, q, batch.prompt, batch.chosen, vocab_mean=smoothing > 0)
+            scores = family.answer_scores(
+                model, q, batch.prompt, batch.chosen, vocab_mean=smoothing > 0, savings=self.loaded.savings
+            )
             c = scores.logps
             return StepOutput(
                 objectives.sft_loss(c, scores.lengths, smoothing, scores.vocab_means), c.detach(), None, q
             )
         chosen, rejected = family.pair_scores(
-            model, q, batch.prompt, batch.chosen, batch.rejected, self.loaded.pad_token_id
+            model, q, batch.prompt, batch.chosen, batch.rejected, self.loaded.pad_token_id, self.loaded.savings
         )
         c, r, c_len, r_len = chosen.logps, rejected.logps, chosen.lengths, rejected.lengths
         method, beta = spec.method, spec.resolved_beta
@@ -167,8 +169,9 @@ class MethodStep:
             if ref.mismatched is None:
                 raise ValueError("KTO needs the reference's log-probs of mismatched answers for its KL estimate")
             with torch.no_grad():
+                mismatched = mismatched_answers(self.encoded, split, batch)
                 mm = family.answer_scores(
-                    model, q.detach(), batch.prompt, mismatched_answers(self.encoded, split, batch)
+                    model, q.detach(), batch.prompt, mismatched, savings=self.loaded.savings
                 ).logps
             kl = objectives.kto_kl_estimate(mm, ref.mismatched, self.total)
             losses = objectives.kto_loss(
@@ -361,7 +364,7 @@ class Trainer:
             if out.rejected_logps is None:  # SFT trains on chosen only; score rejected for the metrics
                 with self.precision.autocast():
                     scored = self.loaded.family.answer_scores(
-                        self.loaded.model, out.features, batch.prompt, batch.rejected
+                        self.loaded.model, out.features, batch.prompt, batch.rejected, savings=self.loaded.savings
                     )
                 rejected.append(scored.logps.float().cpu())
             else:

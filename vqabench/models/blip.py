@@ -32,11 +32,13 @@ from transformers import (
 )
 
 from vqabench.models.family import (
+    ALL_SAVINGS,
     AnswerScores,
     ImageFormat,
     LoadedModel,
     ModelError,
     ModelFamily,
+    Savings,
     pad_right,
     sequence_scores,
 )
@@ -300,7 +302,12 @@ class BlipFamily(ModelFamily):
 
     # -- forward passes
     def features(
-        self, model: nn.Module, pixels: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
         return encode_questions(model, pixels, prompt_ids, prompt_mask)
 
@@ -314,7 +321,10 @@ class BlipFamily(ModelFamily):
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
+        """The decoder reads the question once, through cross-attention, and predicts only answer tokens:
+        neither saving changes anything here."""
         return decoder_scores(_part(model, "text_decoder"), features, prompt[1], *answer, vocab_mean=vocab_mean)
 
     def generate(

@@ -1,11 +1,13 @@
 """What every causal vision-language model shares behind the seam; each family overrides only what differs.
 
 A causal VLM reads ``[chat-templated prompt, its image placeholder expanded to the image's
-tokens][answer][end of turn]`` left to right. The frozen part is the vision tower: its output
-for the image, before the projector, is what :meth:`features` returns and the encoder cache
-stores, so ``train = "lm+projector"`` can train the projector. :meth:`answer_scores` projects
-the features, scatters them into the image-token positions of the input embeddings (what each
-model's own forward does with ``pixel_values``) and runs the language model.
+tokens][answer][end of turn]`` left to right. The frozen part is the vision tower, and the
+projector too unless it trains: :meth:`features` (what the encoder cache stores) is cut below
+the first trained module, before the projector for ``lm+projector`` and ``all``, above it for
+``lm`` and ``lora`` (:meth:`projected_features`), so the projector then runs once per image.
+:meth:`answer_scores` projects the features where they were cut before it, scatters them into
+the image-token positions of the input embeddings (what each model's own forward does with
+``pixel_values``) and runs the language model.
 
 Layout: the right-padded prompt is followed by the right-padded answer, so a short prompt's
 padding sits between its prompt and its answer. Position ids come from the attention mask
@@ -33,11 +35,14 @@ import torch
 from torch import nn
 
 from vqabench.models.family import (
+    ALL_SAVINGS,
     AnswerScores,
     ImageFormat,
     LoadedModel,
     ModelError,
     ModelFamily,
+    Savings,
+    pad_right,
     sequence_scores,
 )
 
@@ -134,6 +139,9 @@ class CausalVLMFamily(ModelFamily):
     end_of_answer: ClassVar[str | None] = None
     #: Whether a prompt starts with the tokenizer's BOS when the chat template does not write it.
     prompt_bos: ClassVar[bool] = False
+    #: Whether answers scored on the prompt's key/value cache equal the full pass (the prompt's
+    #: attention does not depend on what follows it); False keeps the full pass for pairs.
+    shares_prompt: ClassVar[bool] = True
 
     # -- family hooks ------------------------------------------------------------------------
     def vision_features(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -168,12 +176,12 @@ class CausalVLMFamily(ModelFamily):
         """Positions counted over attended tokens only, so padding anywhere leaves them unchanged: ``[B, L]``."""
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def input_embeddings(self, model: nn.Module, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, model: nn.Module, ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """Token embeddings with each row's projected image features scattered into its image tokens."""
         base = base_model(model)
         embeds: torch.Tensor = base.get_input_embeddings()(ids)
         image = ids == self.image_token_id(base.config)
-        projected = self.project(model, features).to(embeds.dtype)
+        projected = projected.to(embeds.dtype)
         counts = image.sum(-1)
         if bool((counts != projected.shape[1]).any()):
             found = int(counts[counts != projected.shape[1]][0])
@@ -196,8 +204,9 @@ class CausalVLMFamily(ModelFamily):
     ) -> tuple[torch.Tensor, Any]:
         """The language model's last hidden states (before the LM head) and its cache; `mask` covers the cache too.
 
-        `features` (the rows' vision features) are for a family whose language model reads the image
-        beside the embeddings (Mllama's cross-attention); the others find the image in `embeds`.
+        `features` (the rows' projected image features, :meth:`image_embeddings`) are for a family
+        whose language model reads the image beside the embeddings (Mllama's cross-attention); the
+        others find the image in `embeds`.
         """
         language_model = part(model, self.language_model_path)
         kwargs = {_cache_argument(type(language_model).forward): cache} if cache is not None else {}
@@ -380,21 +389,69 @@ class CausalVLMFamily(ModelFamily):
         return [*language, head, *projector]
 
     def frozen_modules(self, model: nn.Module, train: str) -> list[tuple[str, nn.Module]]:
+        """The vision tower, and the projector too when the features are cut above it."""
         self.check_train(train)
-        return [] if train == "all" else self.vision_parts(model)
+        if train == "all":
+            return []
+        projector = [(self.projector_path, part(model, self.projector_path))] if self.projected_features(train) else []
+        return [*self.vision_parts(model), *projector]
+
+    #: Config values (the model's or its vision config's) that change the features but no weight.
+    IMAGE_CONFIG_KEYS: ClassVar[tuple[str, ...]] = (
+        "patch_size",
+        "spatial_merge_size",
+        "temporal_patch_size",
+        "max_num_tiles",
+        "scale_factor",
+        "mm_tokens_per_image",
+        "vision_feature_layer",
+        "vision_feature_select_strategy",
+        "image_seq_length",
+    )
+
+    def image_settings(self, loaded: LoadedModel) -> dict[str, Any]:
+        """The square, mean and std, and the grid values of the configs (patch, merge, tiles, feature layer)."""
+        settings = super().image_settings(loaded)
+        config = base_model(loaded.model).config
+        for where, values in (("", config), ("vision.", getattr(config, "vision_config", None))):
+            for key in self.IMAGE_CONFIG_KEYS:
+                value = getattr(values, key, None)
+                if isinstance(value, (int, float, str, list, tuple)):
+                    settings[where + key] = list(value) if isinstance(value, tuple) else value
+        return settings
+
+    def projected_features(self, train: str) -> bool:
+        """Above the projector when it is frozen (``lm``, ``lora``): the projector then runs once per image."""
+        return train in ("lm", "lora")
 
     def lora_scope(self, model: nn.Module) -> str:
         return self.language_model_path
 
     # -- forward passes ------------------------------------------------------------------------
     def features(
-        self, model: nn.Module, pixels: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
-        """The vision tower's output for each row's image (the question is not read)."""
-        return self.vision_features(model, pixels)
+        """The vision tower's output for each row's image (the question is not read), projected if cut above."""
+        vision = self.vision_features(model, pixels)
+        return self.project(model, vision) if savings.projected_features else vision
+
+    def image_embeddings(self, model: nn.Module, features: torch.Tensor, savings: Savings) -> torch.Tensor:
+        """What the language model reads for the image: `features` projected, unless they were cut above it."""
+        return features if savings.projected_features else self.project(model, features)
 
     def features_shape(self, loaded: LoadedModel, prompt_width: int) -> tuple[int, ...]:
-        return self.features_shape_for(loaded.model.config, loaded.image.size)
+        shape = self.features_shape_for(loaded.model.config, loaded.image.size)
+        if not loaded.savings.projected_features:
+            return shape
+        parameter = next(part(loaded.model, self.projector_path).parameters())
+        with torch.no_grad():  # the projector's output shape, on one zero row
+            probe = torch.zeros(1, *shape, dtype=parameter.dtype, device=parameter.device)
+            return tuple(self.project(loaded.model, probe).shape[1:])
 
     def answer_logits(
         self,
@@ -402,17 +459,33 @@ class CausalVLMFamily(ModelFamily):
         features: torch.Tensor,
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
-        """Logits ``[B, La, V]`` predicting each answer token; the LM head sees only those positions."""
+        """Logits ``[B, La, V]`` predicting each answer token, from one pass over prompt and answer.
+
+        `savings.answer_only_logits`: the LM head sees only the columns that predict answer tokens;
+        off, it makes logits for every column and those are picked after (what a plain forward does).
+        """
         ids = torch.cat([prompt[0], answer[0]], dim=1)
         mask = torch.cat([prompt[1], answer[1]], dim=1)
-        embeds = self.input_embeddings(model, ids, features)
+        image = self.image_embeddings(model, features, savings)
+        embeds = self.input_embeddings(model, ids, image)
         positions = self.position_ids(model, ids, mask)
-        hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=features)
+        hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=image)
         columns = answer_columns(prompt[1], answer[0].shape[1])
-        picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        logits: torch.Tensor = part(model, self.lm_head_path)(picked)
-        return logits
+        return self.picked_logits(model, hidden, columns, savings.answer_only_logits)
+
+    def picked_logits(
+        self, model: nn.Module, hidden: torch.Tensor, columns: torch.Tensor, answer_only: bool
+    ) -> torch.Tensor:
+        """The LM head's logits at `columns` ``[B, K]`` of `hidden`: on those columns alone, or on all then picked."""
+        head = part(model, self.lm_head_path)
+        if answer_only:
+            picked = hidden.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            logits: torch.Tensor = head(picked)
+            return logits
+        every: torch.Tensor = head(hidden)
+        return every.gather(1, columns.unsqueeze(-1).expand(-1, -1, every.shape[-1]))
 
     def answer_scores(
         self,
@@ -421,9 +494,71 @@ class CausalVLMFamily(ModelFamily):
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
-        logits = self.answer_logits(model, features, prompt, answer)
+        logits = self.answer_logits(model, features, prompt, answer, savings)
         return sequence_scores(logits, answer[0], answer[1], vocab_mean)
+
+    def pair_scores(
+        self,
+        model: nn.Module,
+        features: torch.Tensor,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        chosen: tuple[torch.Tensor, torch.Tensor],
+        rejected: tuple[torch.Tensor, torch.Tensor],
+        pad_id: int,
+        savings: Savings = ALL_SAVINGS,
+    ) -> tuple[AnswerScores, AnswerScores]:
+        """Both answers of each pair; with `savings.shared_prompt`, on ONE pass over each prompt.
+
+        The prompt pass keeps its key/value cache; the cache is repeated per row (chosen, rejected
+        interleaved) and both answers run on it in one batch, at the positions the full pass gives
+        them (the row's last prompt position + 1 + k, M-RoPE's three included), under a mask that
+        covers the prompt's padding. The first answer token is predicted by the prompt's last
+        hidden state. Gradients reach the prompt pass through the cache.
+        """
+        if not (savings.shared_prompt and self.shares_prompt):
+            return super().pair_scores(model, features, prompt, chosen, rejected, pad_id, savings)
+        width = max(chosen[0].shape[1], rejected[0].shape[1])
+        c_ids, c_mask = pad_right(*chosen, width, pad_id)
+        r_ids, r_mask = pad_right(*rejected, width, pad_id)
+        a_ids = torch.stack([c_ids, r_ids], dim=1).flatten(0, 1)
+        a_mask = torch.stack([c_mask, r_mask], dim=1).flatten(0, 1)
+        ids, mask = prompt
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        last = mask.long().sum(-1) - 1
+        positions = self.position_ids(model, ids, mask)
+        image = self.image_embeddings(model, features, savings)
+        embeds = self.input_embeddings(model, ids, image)
+        hidden, cache = self.run_language_model(model, embeds, mask, positions, ids, use_cache=True, features=image)
+        cache.batch_repeat_interleave(2)
+        start = positions[..., rows, last].repeat_interleave(2, dim=-1).unsqueeze(-1) + 1
+        a_positions = start + torch.arange(width, device=ids.device)
+        a_hidden, _ = self.run_language_model(
+            model,
+            base_model(model).get_input_embeddings()(a_ids),
+            torch.cat([mask.repeat_interleave(2, dim=0), a_mask], dim=1),
+            a_positions,
+            a_ids,
+            cache=cache,
+            use_cache=True,
+            features=image.repeat_interleave(2, dim=0),
+        )
+        # The first answer token is predicted by the row's last prompt column, the others by the
+        # answer's own columns; off, the LM head runs on every column (prompt's and answers').
+        head = part(model, self.lm_head_path)
+        if savings.answer_only_logits:
+            prompt_last, answers = hidden[rows, last], a_hidden[:, :-1]
+            logits = head(torch.cat([prompt_last.repeat_interleave(2, dim=0).unsqueeze(1), answers], dim=1))
+        else:
+            prompt_logits, answer_logits = head(hidden), head(a_hidden)
+            first = prompt_logits[rows, last].repeat_interleave(2, dim=0).unsqueeze(1)
+            logits = torch.cat([first, answer_logits[:, :-1]], dim=1)
+        both = sequence_scores(logits, a_ids, a_mask)
+        return (
+            AnswerScores(both.logps[0::2], both.lengths[0::2]),
+            AnswerScores(both.logps[1::2], both.lengths[1::2]),
+        )
 
     @torch.no_grad()
     def generate(
@@ -441,14 +576,15 @@ class CausalVLMFamily(ModelFamily):
         rows = torch.arange(ids.shape[0], device=ids.device)
         last = mask.long().sum(-1) - 1
         positions = self.position_ids(model, ids, mask)
+        image = self.image_embeddings(model, features, loaded.savings)
         hidden, cache = self.run_language_model(
             model,
-            self.input_embeddings(model, ids, features),
+            self.input_embeddings(model, ids, image),
             mask,
             positions,
             ids,
             use_cache=use_cache,
-            features=features,
+            features=image,
         )
         state = hidden[rows, last]
         last_position = positions[..., rows, last]
@@ -466,13 +602,13 @@ class CausalVLMFamily(ModelFamily):
                 embeds = base_model(model).get_input_embeddings()(step_ids)
                 step_positions = (last_position + step).unsqueeze(-1)
                 hidden, cache = self.run_language_model(
-                    model, embeds, mask, step_positions, step_ids, cache=cache, use_cache=True, features=features
+                    model, embeds, mask, step_positions, step_ids, cache=cache, use_cache=True, features=image
                 )
             else:
                 ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
-                embeds = self.input_embeddings(model, ids, features)
+                embeds = self.input_embeddings(model, ids, image)
                 positions = self.position_ids(model, ids, mask)
-                hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=features)
+                hidden, _ = self.run_language_model(model, embeds, mask, positions, ids, features=image)
             state = hidden[:, -1]
         answers = []
         for row in torch.stack(tokens, dim=1).tolist():

@@ -49,6 +49,32 @@ class ImageFormat:
     std: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class Savings:
+    """Exact shortcuts of the scoring passes, each with its own switch so the probe can show what it saves.
+
+    * `shared_prompt`: :meth:`ModelFamily.pair_scores` runs each prompt once and scores both
+      answers from its key/value cache (a family whose attention makes that inexact keeps the
+      full pass: ``shares_prompt = False``);
+    * `answer_only_logits`: the LM head sees only the hidden states that predict answer tokens,
+      so the batch × length × vocabulary tensor is never built for the prompt.
+
+    A family for which a switch means nothing (BLIP's decoder already reads the question once,
+    through cross-attention) accepts it and ignores it.
+    """
+
+    shared_prompt: bool = True
+    answer_only_logits: bool = True
+    #: Where the features are cut: True above the projector (the cache holds image-token
+    #: embeddings and the projector does not run each step), False before it. Not a switch: set
+    #: from :meth:`ModelFamily.projected_features` for the run's `train` (above only when frozen).
+    projected_features: bool = False
+
+
+#: Every saving on: the default.
+ALL_SAVINGS = Savings()
+
+
 @dataclass
 class LoadedModel:
     """A model of some family, with its tokenizer and image format, ready for the engine."""
@@ -63,6 +89,8 @@ class LoadedModel:
     origin: dict[str, Any] | None = None
     #: Facts a family keeps about this model (special token ids, image-token count, ...).
     facts: dict[str, Any] = field(default_factory=dict)
+    #: Which exact scoring shortcuts the engine asks of the family (the run's switches).
+    savings: Savings = ALL_SAVINGS
 
     @property
     def image_size(self) -> int:
@@ -191,9 +219,23 @@ class ModelFamily:
         """The submodule path LoRA's targets are matched inside (the language model)."""
         raise NotImplementedError
 
+    def projected_features(self, train: str) -> bool:
+        """Whether :meth:`features` for `train` are cut above a frozen projector (BLIP has none)."""
+        return False
+
+    def image_settings(self, loaded: LoadedModel) -> dict[str, Any]:
+        """How an image becomes features beyond the weights (the encoder cache's key): size, mean, std."""
+        image = loaded.image
+        return {"size": image.size, "mean": list(image.mean), "std": list(image.std)}
+
     # -- forward passes ----------------------------------------------------------------------
     def features(
-        self, model: nn.Module, pixels: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+        self,
+        model: nn.Module,
+        pixels: torch.Tensor,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        savings: Savings = ALL_SAVINGS,
     ) -> torch.Tensor:
         """The frozen part's output for a batch: what the trainable part reads, and what the encoder cache stores."""
         raise NotImplementedError
@@ -213,6 +255,7 @@ class ModelFamily:
         prompt: tuple[torch.Tensor, torch.Tensor],
         answer: tuple[torch.Tensor, torch.Tensor],
         vocab_mean: bool = False,
+        savings: Savings = ALL_SAVINGS,
     ) -> AnswerScores:
         """Each answer's summed log-prob and token count given its prompt and the features."""
         raise NotImplementedError
@@ -225,6 +268,7 @@ class ModelFamily:
         chosen: tuple[torch.Tensor, torch.Tensor],
         rejected: tuple[torch.Tensor, torch.Tensor],
         pad_id: int,
+        savings: Savings = ALL_SAVINGS,
     ) -> tuple[AnswerScores, AnswerScores]:
         """Chosen and rejected answers to the same prompts, scored in ONE pass concatenated along the batch."""
         n = features.shape[0]
@@ -236,6 +280,7 @@ class ModelFamily:
             torch.cat([features, features]),
             (torch.cat([prompt[0], prompt[0]]), torch.cat([prompt[1], prompt[1]])),
             (torch.cat([c_ids, r_ids]), torch.cat([c_mask, r_mask])),
+            savings=savings,
         )
         return (
             AnswerScores(both.logps[:n], both.lengths[:n]),

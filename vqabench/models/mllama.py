@@ -86,7 +86,7 @@ class MllamaFamily(CausalVLMFamily):
     def default_image_size(self, config: Any, preprocessor: dict[str, Any]) -> int:
         return int(config.vision_config.image_size)
 
-    def input_embeddings(self, model: nn.Module, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def input_embeddings(self, model: nn.Module, ids: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """The token embeddings alone (``<|image|>`` included): the features enter through cross-attention."""
         embeds: torch.Tensor = base_model(model).get_input_embeddings()(ids)
         return embeds
@@ -104,8 +104,9 @@ class MllamaFamily(CausalVLMFamily):
     ) -> tuple[torch.Tensor, Any]:
         """The text model reading the projected features by cross-attention, as MllamaModel's forward does.
 
-        A pass without a cache projects the features; the tokens from the row's ``<|image|>`` on see
-        the first tile. A step on the cache (tokens after the prompt) reads the cached vision keys.
+        A pass without a cache reads the projected features (:meth:`image_embeddings`); the tokens
+        from the row's ``<|image|>`` on see the first tile. A step on the cache (tokens after the
+        prompt) reads the cached vision keys.
         """
         from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
@@ -115,7 +116,7 @@ class MllamaFamily(CausalVLMFamily):
         if cache is None:
             if features is None:
                 raise ModelError("an Mllama prompt pass needs the image features for its cross-attention.")
-            projected = self.project(model, features).to(embeds.dtype)
+            projected = features.to(embeds.dtype)
             states = projected.reshape(projected.shape[0], -1, projected.shape[-1])
             sees = (ids == self.image_token_id(config)).long().cumsum(-1) > 0
         else:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from vqabench.engine.cache import ArraySpec, ArrayStore, CacheKey, Entry
 from vqabench.engine.data.records import DataError, DataSplits, PreferencePair
-from vqabench.models.family import LoadedModel, ModelError, ModelFamily
+from vqabench.models.family import ALL_SAVINGS, LoadedModel, ModelError, ModelFamily, Savings
 
 #: Names the image preprocessing; part of every key derived from preprocessed pixels.
 IMAGE_PREPROCESSING = "rgb-bicubic-uint8-v1"
@@ -98,12 +98,12 @@ class Batch:
     def prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.question_ids, self.question_mask
 
-    def features_of(self, family: ModelFamily, model: Any) -> torch.Tensor:
+    def features_of(self, family: ModelFamily, model: Any, savings: Savings = ALL_SAVINGS) -> torch.Tensor:
         """The frozen part's output the trainable part reads: from the encoder cache, else computed now."""
         if self.features is not None:
             return self.features
         assert self.pixel_values is not None
-        return family.features(model, self.pixel_values, self.question_ids, self.question_mask)
+        return family.features(model, self.pixel_values, self.question_ids, self.question_mask, savings)
 
 
 class BatchRows(torch.utils.data.Dataset):
