@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vqabench.engine.reference_choice import choose_reference
 from vqabench.events import (
     EpochEnded,
     Evaluated,
@@ -65,7 +66,13 @@ METHOD_QUALITY = {"sft": 0.60, "dpo": 0.64, "orpo": 0.66, "ipo": 0.63, "kto": 0.
 
 def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunStarted:
     method = spec["method"]
-    reference = spec.get("reference") if method in ("dpo", "ipo", "kto") else None
+    reference = spec.get("reference", "copy") if method in ("dpo", "ipo", "kto") else None
+    data: dict[str, Any] = {"train": 64, "eval": 16, "test": 32, "model_family": "blip"}
+    if reference is not None:  # as the real worker decides, on a roomy disk
+        train = spec.get("train", "decoder")
+        choice = choose_reference(reference, train=train, epochs=epochs, table_bytes=1, free=2**40)
+        reference = choice.chosen
+        data["reference_choice"] = choice.to_dict()
     return RunStarted(
         run=spec["name"],
         method=method,
@@ -79,7 +86,7 @@ def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunSta
         epochs=epochs,
         steps_per_epoch=4,
         telemetry="n/a: device is CPU",
-        data={"train": 64, "eval": 16, "test": 32, "model_family": "blip"},
+        data=data,
         pid=os.getpid(),
         train=spec.get("train", "decoder"),
         precision=spec.get("precision", "fp32"),

@@ -67,6 +67,12 @@ def test_headless_runs_every_preset_prints_the_comparison_and_exports(tmp_path):
     report = (tmp_path / "r.md").read_text()
     for heading in ("## Quality", "## Efficiency", "## Per epoch", "### dpo-beta0.5 (dpo, done)"):
         assert heading in report
+    # the presets leave the reference to the worker: the console line and the report say what it chose and why
+    started = {line.split("]")[0][1:]: line for line in out.splitlines() if "] started on " in line}
+    assert started["dpo-beta0.1"].endswith("reference: precompute (auto: 2 epochs, table fits)")
+    assert started["orpo"].endswith("reference: none")
+    efficiency = report.split("## Efficiency")[1].split("\n## ")[0]
+    assert "| precompute (auto: 2 epochs, table fits) |" in efficiency
     spec = json.loads(next((tmp_path / "vqabench-results" / "runs").glob("*-dpo-beta0.1/spec.json")).read_text())
     assert spec["epochs"] == 2 and spec["init_checkpoint"].endswith("-sft/best")
 

@@ -279,6 +279,8 @@ def test_lora_presets_sft_then_dpo_with_adapter_reference_run_end_to_end(vqa_cac
     assert rc == 0, err[-2000:]
     started = of_type(events, ev.RunStarted)[0]
     assert (started.train, started.reference_strategy, started.reference_bytes) == ("lora", "adapter", 0)
+    # the preset asks for auto; one epoch would not repay a precompute pass, so LoRA keeps the adapter
+    assert started.data["reference_choice"] == {"asked": "auto", "chosen": "adapter", "why": "LoRA, 1 epoch"}
     assert "LoRA adapter merged" in started.data["model_source"]  # SFT's adapter is in the start weights
     ends = of_type(events, ev.EpochEnded)
     assert all(e.reference_bytes == 0 for e in ends) and isinstance(events[-1], ev.RunFinished)

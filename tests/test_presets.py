@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from vqabench.presets import (
     PRESETS_DIR,
@@ -52,7 +53,9 @@ def test_top_level_presets_share_the_training_setup_of_the_paper():
     assert {specs[n].after for n in ("ipo", "kto")} == {"sft"}
     assert specs["simpo"].after is None and specs["simpo"].resolved_beta == 2.0
     assert specs["dpo-beta0.1"].beta == 0.1 and specs["dpo-beta0.5"].beta == 0.5
-    assert specs["dpo-beta0.1"].after == "sft" and specs["dpo-beta0.1"].reference == "copy"
+    assert specs["dpo-beta0.1"].after == "sft"
+    # every preference preset with a reference leaves its strategy to the worker (the cheapest exact one)
+    assert {specs[n].reference for n in ("dpo-beta0.1", "dpo-beta0.5", "ipo", "kto")} == {"auto"}
     assert specs["orpo"].method == "orpo" and specs["orpo"].lam == 0.5 and specs["orpo"].after is None
     assert all(s.description for s in specs.values())
 
@@ -70,6 +73,9 @@ def test_paper_presets_use_blip_vqa_base_on_both_datasets():
         )
         if spec.method == "dpo":
             assert spec.after == spec.name.rsplit("-dpo-beta", 1)[0] + "-sft"
+            # the study's frozen copy, written in the file so that no default (auto elsewhere) changes it
+            written = tomllib.loads((PRESETS_DIR / "paper" / f"{spec.name}.toml").read_text())
+            assert written["reference"] == spec.reference == "copy"
     sources = {(s.dataset.source, s.dataset.schema) for s in specs}
     assert sources == {
         ("hf:alexshengzhili/mllm-dpo/dpo_inference0104.with_logpllava-v1.5-13b_2024-02-03.json", "llava"),
@@ -78,7 +84,7 @@ def test_paper_presets_use_blip_vqa_base_on_both_datasets():
     assert {s.beta for s in specs if s.method == "dpo"} == {0.1, 0.5}
 
 
-def test_lora_presets_share_one_setup_and_dpo_uses_the_adapter_reference():
+def test_lora_presets_share_one_setup_and_dpo_leaves_its_reference_to_auto():
     chosen = select_presets("lora")
     specs = {s.name: s for s in chosen.specs}
     assert sorted(specs) == ["lora-dpo", "lora-orpo", "lora-sft"] and chosen.added == []
@@ -88,7 +94,7 @@ def test_lora_presets_share_one_setup_and_dpo_uses_the_adapter_reference():
     keys += ("epochs", "limit", "lr", "batch_size", "lr_decay", "seed")
     shared = {repr([getattr(s, k) for k in keys]) for s in specs.values()}
     assert len(shared) == 1 and specs["lora-sft"].model == "embedded" and specs["lora-sft"].train == "lora"
-    assert specs["lora-dpo"].after == "lora-sft" and specs["lora-dpo"].reference == "adapter"
+    assert specs["lora-dpo"].after == "lora-sft" and specs["lora-dpo"].reference == "auto"
     assert {s.method for s in specs.values()} == {"sft", "dpo", "orpo"}
     # The folder is a group, like paper/: `all` stays the top-level presets; names and the folder work too.
     assert not {n for n in specs} & {s.name for s in load_presets("all")}
@@ -263,7 +269,7 @@ def test_every_family_has_an_sft_dpo_orpo_trio_on_its_tiny_variant(family, varia
         assert spec.name == f"{family}-{method}" and spec.method == method
         assert (spec.model, spec.train, spec.epochs, spec.judge.name) == (variant, "lm", 1, "exact")
         assert spec.limit is not None and 100 <= spec.limit <= 1000
-    assert specs["dpo"].after == f"{family}-sft" and specs["dpo"].reference == "copy"
+    assert specs["dpo"].after == f"{family}-sft" and specs["dpo"].reference == "auto"
     assert specs["sft"].after is None and specs["orpo"].after is None
 
 
@@ -293,7 +299,7 @@ def test_scale_presets_are_the_studys_eight_runs_on_two_hub_models():
             assert spec.dataset == study.dataset
             assert spec.after == (f"{prefix}-{study.after}" if study.after else None)
             if spec.method == "dpo":
-                assert spec.reference == ("adapter" if train == "lora" else "copy")
+                assert spec.reference == "auto" and study.reference == "copy"  # the study keeps its copy
     order = [s.name for s in load_presets("scale")]
     assert sorted(order) == sorted(specs)
     assert all(order.index(specs[n].after) < order.index(n) for n in specs if specs[n].after)

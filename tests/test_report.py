@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fake_worker import canned_events
 
-from vqabench.events import Progress, encode_event
-from vqabench.report import RunData, build_report, render_markdown, summarize_runs
+from vqabench.events import EpochEnded, Progress, RunFinished, RunStarted, encode_event
+from vqabench.report import RunData, build_report, efficiency_table, reference_text, render_markdown, summarize_runs
 from vqabench.runner import RunnerFinished, RunQueued, RunStatusChanged, WorkerEvent
 from vqabench.spec import DatasetSpec, RunSpec
 from vqabench.store import ResultsStore
@@ -133,6 +133,42 @@ def test_efficiency_shows_what_trains_its_precision_optimizer_state_and_a_zero_b
     assert rows["dpo"]["Trains"] == "decoder" and rows["lora-sft"]["Reference memory [MiB] ↓"] == "none"
     assert rows["lora-sft"]["Optimizer state [MiB] ↓"] == f"{8_000_000 / 2**20:.1f}"
     assert rows["lora-sft"]["Trainable params"] == "1,000,000"
+
+
+def test_efficiency_says_which_reference_auto_chose_and_why_and_charges_its_one_off_pass():
+    def run(spec: RunSpec, strategy: str | None = None, choice: dict | None = None, seconds: float | None = None):
+        events = list(canned_events(spec.to_dict()))
+        started = next(e for e in events if isinstance(e, RunStarted))
+        if choice is not None:
+            started.reference_strategy = strategy
+            started.data.update(reference_choice=choice, reference_seconds=seconds)
+        return RunData(
+            spec.name,
+            spec.method,
+            "done",
+            after=spec.after,
+            started=started,
+            finished=next(e for e in events if isinstance(e, RunFinished)),
+            epochs=[e for e in events if isinstance(e, EpochEnded)],
+            setup="embedded on easyvqa",
+        )
+
+    sft = run(RunSpec(name="sft", method="sft"))
+    picked = {"asked": "auto", "chosen": "precompute", "why": "3 epochs, table fits"}
+    auto = run(RunSpec(name="dpo", method="dpo", after="sft", reference="auto"), "precompute", picked, 4.5)
+    named = run(RunSpec(name="ipo", method="ipo", after="sft", reference="copy"))
+    summaries = summarize_runs([sft, auto, named])
+    table = efficiency_table(summaries)
+    rows = {row[0]: dict(zip(table.columns, row, strict=True)) for row in table.rows}
+    assert rows["dpo"]["Reference"] == "precompute (auto: 3 epochs, table fits)"
+    assert rows["ipo"]["Reference"] == "copy" and rows["sft"]["Reference"] == "none"
+    assert any(note.startswith("Reference: the strategy the run kept; auto") for note in table.notes)
+    by_name = {s.name: s for s in summaries}
+    sft_seconds = sft.finished.train_seconds
+    assert by_name["dpo"].aligned_seconds == pytest.approx(sft_seconds + auto.finished.train_seconds + 4.5)
+    # Without an auto run the column stays away (the study's tables are unchanged)
+    assert "Reference" not in efficiency_table(summarize_runs([sft, named])).columns
+    assert reference_text(auto.started) == "precompute (auto: 3 epochs, table fits)"
 
 
 def test_missing_values_are_na_never_zero(tmp_path):

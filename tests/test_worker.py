@@ -70,6 +70,29 @@ def test_reference_methods_start_from_the_sft_checkpoint(method, reference, sft_
     assert all(e.reference_bytes == started.reference_bytes for e in of_type(events, ev.EpochEnded))
 
 
+def test_auto_reference_precomputes_a_two_epoch_dpo_with_the_losses_of_the_copy(sft_run, vqa_cache, tmp_path):
+    checkpoint = sft_run[-1].checkpoint
+    runs = {}
+    for reference in ("copy", "auto"):
+        spec = tiny_spec(f"dpo-{reference}", "dpo", init_checkpoint=checkpoint, reference=reference, epochs=2)
+        events, rc, err = run_worker(spec, tmp_path, vqa_cache)
+        assert rc == 0, err[-2000:]
+        runs[reference] = events
+    started = of_type(runs["auto"], ev.RunStarted)[0]
+    assert started.reference_strategy == "precompute" and started.reference_bytes == 0
+    assert started.config["reference"] == "auto"
+    assert started.data["reference_choice"] == {"asked": "auto", "chosen": "precompute", "why": "2 epochs, table fits"}
+    assert started.data["reference_seconds"] is not None  # the one-off pass, charged to time to an aligned model
+    assert of_type(runs["copy"], ev.RunStarted)[0].data["reference_choice"]["chosen"] == "copy"
+    copy_epochs, auto_epochs = (of_type(runs[r], ev.EpochEnded) for r in ("copy", "auto"))
+    assert len(copy_epochs) == len(auto_epochs) == 2
+    for c, a in zip(copy_epochs, auto_epochs, strict=True):
+        assert a.train_loss == pytest.approx(c.train_loss, abs=1e-6)
+        assert a.eval_loss == pytest.approx(c.eval_loss, abs=1e-6)
+        assert a.reward_margin == pytest.approx(c.reward_margin, abs=1e-5)  # the policies trained alike
+    assert copy_epochs[0].train_loss != copy_epochs[1].train_loss  # the policy moved: not a trivial match
+
+
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
 def test_reference_free_methods_start_from_the_base(method, vqa_cache, tmp_path):
     events, rc, err = run_worker(tiny_spec(method, method), tmp_path, vqa_cache)

@@ -32,6 +32,7 @@ from vqabench.report import (
     data_summary,
     load_disturbed,
     markdown_table,
+    reference_text,
     run_quality_report,
 )
 from vqabench.runner import (
@@ -237,7 +238,7 @@ class ConsoleView:
         if isinstance(event, RunStarted):
             self._steps[run] = event.steps_per_epoch
             self._epochs[run] = event.epochs
-            reference = event.reference_strategy or "none"
+            reference = reference_text(event)
             self.say(
                 run,
                 f"started on {event.device}, torch {event.torch_version}: {event.epochs} epochs "

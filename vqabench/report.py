@@ -97,6 +97,8 @@ class RunSummary:
     timing_warning: str | None = None  # one sentence when the timing was disturbed
     stage_seconds: float | None = None  # this run's own share of aligned_seconds (its stage)
     model: str | None = None  # family and size, "qwen2-vl 0.18M" (None before run_started said)
+    reference: str | None = None  # "precompute (auto: 3 epochs, table fits)", "copy", "none" (reference_text)
+    reference_auto: bool = False  # the preset asked for reference = "auto"
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
@@ -164,6 +166,8 @@ def aggregate_seeds(summaries: Sequence[RunSummary]) -> list[RunSummary]:
             trainable_params=first.trainable_params,
             optimizer_state_mib=first.optimizer_state_mib,
             model=_merged_text([m.model for m in members]),
+            reference=_merged_text([m.reference for m in members]),
+            reference_auto=any(m.reference_auto for m in members),
         )
         for key in SEED_FIELDS:
             values = [v for v in (getattr(m, key) for m in done) if _number(v) is not None]
@@ -291,6 +295,8 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 precision=run.started.precision if run.started else None,
                 trainable_params=run.started.trainable_params if run.started else None,
                 model=model_label(run.started),
+                reference=reference_text(run.started),
+                reference_auto=chose_reference(run.started),
                 optimizer_state_mib=next(
                     (e.optimizer_state_bytes / MIB for e in run.epochs if e.optimizer_state_bytes is not None), None
                 ),
@@ -342,6 +348,25 @@ def encoder_cache_text(started: RunStarted | None) -> str | None:
         where = "" if info.get("path") else ", in memory"
         return f"built in {_number(info.get('seconds')) or 0.0:.2f} s{where}"
     return "reused"
+
+
+def reference_text(started: RunStarted | None) -> str | None:
+    """The reference a run kept, and for ``reference = "auto"`` why: 'precompute (auto: 3 epochs,
+    table fits)', 'copy', 'none' (a method without one); None before run_started."""
+    if started is None:
+        return None
+    if started.reference_strategy is None:
+        return "none"
+    choice = started.data.get("reference_choice")
+    if isinstance(choice, dict) and choice.get("asked") == "auto":
+        return f"{started.reference_strategy} (auto: {choice.get('why', '?')})"
+    return started.reference_strategy
+
+
+def chose_reference(started: RunStarted | None) -> bool:
+    """Whether the run's preset left the reference to the worker (``reference = "auto"``)."""
+    choice = started.data.get("reference_choice") if started is not None else None
+    return isinstance(choice, dict) and choice.get("asked") == "auto"
 
 
 def encoder_cache_entry(run: RunData) -> str | None:
@@ -798,6 +823,10 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     ]
     # Shown once any run used the encoder cache (without it every run is "off", the study's setting).
     with_cache = any(s.encoder_cache not in (None, "off") for s in summaries)
+    # Shown once a run left its reference to the worker (reference = "auto"): which it chose, and why.
+    with_choice = any(s.reference_auto for s in summaries)
+    if with_choice:
+        columns.append("Reference")
     if with_cache:
         columns.append("Encoder cache")
     rows, noisy = [], False
@@ -837,6 +866,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
                 s.precision or NA,
                 s.model or NA,
             ]
+            + ([s.reference or NA] if with_choice else [])
             + ([s.encoder_cache or NA] if with_cache else [])
         )
     notes = [warning] if warning else []
@@ -876,6 +906,8 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         "Reference memory: the frozen reference model held while training (0 for `precompute`, which keeps "
         "log-probs, and for `adapter`, the LoRA model with its adapters disabled); none: the method keeps no reference."
     )
+    if with_choice:
+        notes.append(REFERENCE_CHOICE_NOTE)
     notes.append(
         "Optimizer state: the tensors AdamW keeps (two moments per trained value), measured after the first step. "
         "Trains: the decoder, all of the model, or LoRA adapters of rank r on the decoder; "
@@ -890,6 +922,14 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     # Trains, Precision, Model (and Encoder cache) are words
     align = ["left"] + ["right"] * 10 + ["left"] * (len(columns) - 11)
     return ReportTable("Efficiency", columns, align, rows, notes)
+
+
+REFERENCE_CHOICE_NOTE = (
+    'Reference: the strategy the run kept; auto (the preset\'s reference = "auto") picks the cheapest exact '
+    "one: precompute when the run has at least 2 epochs and the log-prob table fits the cache folder's free "
+    "space, else adapter under LoRA, else copy. All three give the same log-probs; precompute's one-off "
+    "pass is in Time to aligned model."
+)
 
 
 def run_quality_report(started: RunStarted | None) -> dict[str, Any] | None:

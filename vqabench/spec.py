@@ -21,7 +21,8 @@ from typing import Any
 METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
 #: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
 REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
-REFERENCE_STRATEGIES = ("copy", "precompute", "adapter")
+#: "auto": the cheapest exact one for the run (vqabench.engine.reference_choice), decided in the worker.
+REFERENCE_STRATEGIES = ("auto", "copy", "precompute", "adapter")
 #: Which weights train (each family says which it supports): an encoder-decoder's answer "decoder"; a model's
 #: language model ("lm"), with its vision projector ("lm+projector"), LoRA adapters on the
 #: language model ("lora"), or every weight ("all").

@@ -23,6 +23,7 @@ from vqabench.engine.out_of_memory import explain_out_of_memory
 from vqabench.engine.prepare import Prepared
 from vqabench.engine.progress import Emit, Throttled
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
+from vqabench.engine.reference_choice import ReferenceChoice, choose_reference, free_bytes, precomputed_table_bytes
 from vqabench.engine.telemetry import Telemetry, module_bytes
 from vqabench.engine.trainer import Reference, Trainer
 from vqabench.models import checkpoints, lora, parts
@@ -60,17 +61,40 @@ class Started:
     reference_bytes: int
 
 
-def reference(run: Context) -> tuple[Reference | None, float | None]:
-    """The reference model the objective compares against (None if it needs none), and the
-    seconds its precompute pass took. A LoRA run's adapters are attached here, after a copy or
-    precomputed reference has taken the start model (an adapter reference is the model itself)."""
+@dataclass
+class ReferenceSetup:
+    """The reference phase's outcome: the reference (None if the method needs none), the seconds
+    its precompute pass took, and which strategy was chosen and why (None without a reference)."""
+
+    ref: Reference | None
+    seconds: float | None
+    choice: ReferenceChoice | None
+
+
+def choose_run_reference(run: Context) -> ReferenceChoice:
+    """The run's strategy: the preset's, or for "auto" the cheapest exact one (decided by every rank together)."""
+    spec = run.spec
+    pairs = sum(len(run.encoded.splits[name]) for name in ("train", "eval"))
+    table_bytes = precomputed_table_bytes(pairs)
+    free = free_bytes(run.cache_dir)
+    if spec.reference == "auto" and not run.ranks.all(table_bytes <= free, run.device):
+        free = -1  # it fits on some ranks' disks only: every rank keeps the same strategy
+    return choose_reference(spec.reference, train=spec.train, epochs=spec.epochs, table_bytes=table_bytes, free=free)
+
+
+def reference(run: Context) -> ReferenceSetup:
+    """The reference model the objective compares against, built with the chosen strategy. A LoRA
+    run's adapters are attached here, after a copy or precomputed reference has taken the start
+    model (an adapter reference is the model itself)."""
     spec, loaded = run.spec, run.loaded
     ref: Reference | None = None
     seconds = None
+    choice = choose_run_reference(run) if spec.needs_reference else None
+    strategy = choice.chosen if choice is not None else None
     if spec.needs_reference:
-        if spec.reference == "copy":
+        if strategy == "copy":
             ref = CopyReference(loaded, spec.train)
-        elif spec.reference == "precompute":
+        elif strategy == "precompute":
             ckpt = spec.init_checkpoint
             start = (
                 checkpoints.checkpoint_fingerprint(Path(ckpt))
@@ -94,14 +118,16 @@ def reference(run: Context) -> tuple[Reference | None, float | None]:
             ref, seconds = precomputed, precomputed.seconds
     if spec.train == "lora":
         lora.attach(loaded, spec)
-        if spec.needs_reference and spec.reference == "adapter":
+        if strategy == "adapter":
             ref = AdapterReference(loaded)
-    return ref, seconds
+    return ReferenceSetup(ref, seconds, choice)
 
 
-def start(run: Context, prepared: Prepared, ref: Reference | None, reference_seconds: float | None) -> Started:
-    """The trainer and telemetry, announced in run_started (its data section: sizes, quality, sources)."""
+def start(run: Context, prepared: Prepared, reference_setup: ReferenceSetup) -> Started:
+    """The trainer and telemetry, announced in run_started (its data section: sizes, quality, sources,
+    the reference's choice)."""
     spec, loaded, data, device, ranks = run.spec, run.loaded, run.data, run.device, run.ranks
+    ref, reference_seconds, choice = reference_setup.ref, reference_setup.seconds, reference_setup.choice
     trainer = Trainer(spec, loaded, run.encoded, ref, device, on_progress=run.progress, ranks=ranks)
     trainable, total = parts.count_parameters(loaded.model)
     ref_bytes = ref.resident_bytes if ref is not None else 0
@@ -119,6 +145,7 @@ def start(run: Context, prepared: Prepared, ref: Reference | None, reference_sec
         else sum(p.numel() * p.element_size() for p in loaded.model.parameters() if p.requires_grad),
         "reference_seconds": reference_seconds,
         "encoder_cache": prepared.encoder_cache,
+        "reference_choice": choice.to_dict() if choice is not None and ref is not None else None,
     }
     run.emit(
         ev.RunStarted(
@@ -129,7 +156,7 @@ def start(run: Context, prepared: Prepared, ref: Reference | None, reference_sec
             torch_version=torch.__version__,
             trainable_params=trainable,
             total_params=total,
-            reference_strategy=spec.reference if ref is not None else None,
+            reference_strategy=choice.chosen if choice is not None and ref is not None else None,
             reference_bytes=ref_bytes,
             epochs=spec.epochs,
             steps_per_epoch=trainer.steps_per_epoch,

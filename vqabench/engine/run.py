@@ -61,8 +61,8 @@ def _execute(
     run = phases.Context(
         prepared.spec, loaded, data, prepared.encoded, emit, ranks, device, cache_dir, out_dir, progress
     )
-    ref, reference_seconds = phases.reference(run)
-    started = phases.start(run, prepared, ref, reference_seconds)  # run_started
+    reference = phases.reference(run)
+    started = phases.start(run, prepared, reference)  # run_started
     base = phases.base_answers(run, started)
     train_seconds = phases.train(run, started)  # epoch_ended after each epoch
     phases.test(run, started, base, train_seconds, t_start)  # test (and base) scores, run_finished

@@ -33,6 +33,7 @@ from vqabench.report import (
     markdown_table,
     model_label,
     quality_table,
+    reference_text,
     trains_label,
 )
 from vqabench.runner import CANCELLED, DONE, FAILED, QUEUED, RUNNING, SKIPPED
@@ -221,11 +222,11 @@ class EpochPanel(Vertical):
             return
         head = Text.assemble((run.name, "bold"), f" ({run.method}) ", status_text(run.status))
         if run.started is not None:
-            reference = run.started.reference_strategy
+            reference = reference_text(run.started)
             trains = trains_label(run.started)
             head.append(
                 f" · {model_label(run.started)} · {run.started.device} · trains {trains}, {run.started.precision}"
-                f" · {run.started.trainable_params:,} trained params · reference: {reference or 'none'}"
+                f" · {run.started.trainable_params:,} trained params · reference: {reference}"
             )
             cache = encoder_cache_text(run.started)
             if cache not in (None, "off"):  # the study's setting goes without saying
