@@ -207,7 +207,7 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     return MemoryEstimate(spec.name, terms, notes)
 
 
-def _vocab_size(model: nn.Module) -> int:
+def _vocab_size(model: Any) -> int:
     embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if embeddings is not None and hasattr(embeddings, "out_features"):
         return int(embeddings.out_features)
