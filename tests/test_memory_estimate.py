@@ -16,7 +16,7 @@ import torch
 
 from vqabench.engine.data import easyvqa
 from vqabench.engine.data.batching import encode
-from vqabench.engine.memory_estimate import estimate_memory, meta_model
+from vqabench.engine.memory_estimate import SAME_SIZE_VARIANTS, estimate_memory, meta_model
 from vqabench.engine.prepare import fitting_texts
 from vqabench.engine.reference import CopyReference
 from vqabench.engine.telemetry import module_bytes, optimizer_state_bytes
@@ -126,6 +126,14 @@ def _lora_tensor_count(spec: RunSpec) -> int:
     return sum(1 for n, p in loaded.model.named_parameters() if "lora_" in n)
 
 
-def test_a_hub_model_is_refused_in_one_sentence() -> None:
+def test_a_hub_model_without_a_same_sized_variant_is_refused_in_one_sentence() -> None:
     with pytest.raises(SpecError, match="built-in variants"):
-        meta_model(RunSpec(name="hub", method="sft", model="Qwen/Qwen2-VL-2B-Instruct"))
+        meta_model(RunSpec(name="hub", method="sft", model="Qwen/Qwen2-VL-7B-Instruct"))
+
+
+def test_each_released_checkpoint_maps_to_the_variant_that_states_its_architecture() -> None:
+    for hub_id, name in SAME_SIZE_VARIANTS.items():
+        variant = registry.variant(name)
+        assert variant is not None and variant.real_size
+        stated = variant.description.split("'s architecture")[0]
+        assert stated.removesuffix("-Instruct") == hub_id.removesuffix("-Instruct"), hub_id  # Instruct: same sizes

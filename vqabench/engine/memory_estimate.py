@@ -61,6 +61,18 @@ AUTO_ANSWER_TOKENS = 8
 #: Methods whose step scores chosen and rejected answers (two rows per pair, one pass).
 PAIR_METHODS = frozenset({"dpo", "ipo", "kto", "orpo", "simpo"})
 GIB = 2**30
+#: Released checkpoints by hub id, and the built-in random variant built with the same architecture and
+#: sizes: the estimate of a preset that names one (its weights are never downloaded here).
+SAME_SIZE_VARIANTS = {
+    "Salesforce/blip-vqa-base": "blip-vqa-base-random",
+    "Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b-random",
+    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-random",
+    "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m-random",
+    "google/paligemma-3b-pt-224": "paligemma-3b-random",
+    "google/gemma-3-4b-it": "gemma3-4b-random",
+    "meta-llama/Llama-3.2-11B-Vision": "llama-3.2-11b-vision-random",
+    "meta-llama/Llama-3.2-11B-Vision-Instruct": "llama-3.2-11b-vision-random",
+}
 
 
 @dataclass
@@ -83,15 +95,17 @@ class MemoryEstimate:
 def meta_model(spec: RunSpec) -> LoadedModel:
     """The spec's model built on the meta device (no storage), frozen and with adapters as a run has them.
 
-    SpecError for a model that is neither the embedded one nor a built-in variant: a hub id
-    would need its weights or config downloaded, which this estimate never does.
+    A released checkpoint of :data:`SAME_SIZE_VARIANTS` is built as its same-sized random variant
+    (at that variant's image size). SpecError for any other model: its config would have to be
+    downloaded, which this estimate never does.
     """
-    name = "embedded-init" if spec.model == "embedded" else spec.model
+    name = "embedded-init" if spec.model == "embedded" else SAME_SIZE_VARIANTS.get(spec.model, spec.model)
     variant = registry.variant(name)
     if variant is None:
         raise SpecError(
             f"preset '{spec.name}': key 'model' has value {spec.model!r}; the memory estimate builds only the "
-            f"embedded model and the built-in variants ({', '.join(registry.variant_names())})."
+            f"embedded model, the built-in variants ({', '.join(registry.variant_names())}) and the released "
+            f"checkpoints they are sized like ({', '.join(SAME_SIZE_VARIANTS)})."
         )
     with torch.device("meta"):
         loaded = variant.build(spec.seed, None, None)
@@ -193,6 +207,8 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     if spec.uses_encoder_cache and cache_rows:
         item = 2 if spec.encoder_cache_dtype == "bf16" else 4
         cache = cache_rows * math.prod(features_shape) * item
+    if spec.model in SAME_SIZE_VARIANTS:
+        notes.append(f"sized as {SAME_SIZE_VARIANTS[spec.model]}")
     notes.append(f"sequence {seq} tokens x {rows} rows; vocabulary {vocab}")
     terms = {
         "weights": weights,
