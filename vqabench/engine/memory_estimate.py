@@ -25,10 +25,10 @@ Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored d
   between them save (norms, activation functions, attention inputs). ``rows`` is the batch, doubled
   for methods that score chosen and rejected answers in one pass; ``act_bytes`` is 2 under
   bf16/fp16, else 4. ``tokens(l)``: the answer tokens for the LM head, the question tokens for a
-  cross-attention key/value (BLIP), the image's feature
-  tokens for an image cross-attention key/value (Mllama) and feature tokens outside the language model (a
-  projector), and otherwise the sequence: image + question + answer tokens for a causal VLM, the
-  answer tokens for BLIP's decoder.
+  cross-attention key/value reading the encoded question (an encoder-decoder's answer decoder), the
+  image's feature tokens for a cross-attention key/value reading the image, and outside the language
+  model (a projector), and otherwise the sequence: image + question + answer tokens for a causal
+  VLM, the answer tokens for an encoder-decoder's answer decoder.
 * ``logits``: ``rows * answer_tokens * vocab * 4 * 2``: fp32 logits at the answer positions only,
   and the log-softmax kept for backward.
 * ``encoder cache``: ``cache_rows * prod(features_shape) * dtype bytes`` when the frozen encoders'
@@ -41,8 +41,10 @@ no grad), and temporaries that live inside one operation (attention's score matr
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +55,7 @@ from vqabench.models.family import LoadedModel
 from vqabench.spec import RunSpec, SpecError
 
 #: Saved bytes per Linear input byte on the backward path; calibrated on CPU against the tensors
-#: autograd saves in one forward of the embedded BLIP and the tiny causal families (tests/test_memory_estimate.py).
+#: autograd saves in one forward of the embedded model and the tiny causal families (tests/test_memory_estimate.py).
 ACTIVATION_FACTOR = 2.0
 #: Tokens assumed where the spec says "auto" (the worker takes the data's p99, which needs the data).
 AUTO_QUESTION_TOKENS = 32
@@ -63,15 +65,10 @@ PAIR_METHODS = frozenset({"dpo", "ipo", "kto", "orpo", "simpo"})
 GIB = 2**30
 #: Released checkpoints by hub id, and the built-in random variant built with the same architecture and
 #: sizes: the estimate of a preset that names one (its weights are never downloaded here).
-SAME_SIZE_VARIANTS = {
-    "Salesforce/blip-vqa-base": "blip-vqa-base-random",
-    "Qwen/Qwen2-VL-2B-Instruct": "qwen2-vl-2b-random",
-    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-random",
-    "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m-random",
-    "google/paligemma-3b-pt-224": "paligemma-3b-random",
-    "google/gemma-3-4b-it": "gemma3-4b-random",
-    "meta-llama/Llama-3.2-11B-Vision": "llama-3.2-11b-vision-random",
-    "meta-llama/Llama-3.2-11B-Vision-Instruct": "llama-3.2-11b-vision-random",
+SAME_SIZE_VARIANTS: dict[str, str] = {
+    k: v
+    for k, v in json.loads((Path(__file__).parent.parent / "assets" / "same-size-variants.json").read_text()).items()
+    if not k.startswith("_")
 }
 
 
@@ -134,7 +131,7 @@ def _token_counts(spec: RunSpec, loaded: LoadedModel) -> tuple[int, int, int, li
     else:
         answer = AUTO_ANSWER_TOKENS
         notes.append(f"max_answer_tokens = auto: {answer} assumed")
-    answer += 1  # the end marker (BLIP: the [SEP]; a causal VLM: its end-of-turn)
+    answer += 1  # the end marker (a [SEP] or an end-of-turn)
     family = loaded.family
     # A causal VLM's prompt holds the image's tokens and its chat frame around the question.
     frame = 0 if family.features_read_question else len(family.prompt_ids(loaded, ""))
@@ -150,9 +147,9 @@ def _linear_tokens(name: str, layer: nn.Linear, *, seq: int, question: int, answ
     if layer.out_features == vocab:
         return answer
     last = name.rsplit(".", 1)[-1]
-    if "crossattention" in name and last in ("key", "value"):  # BLIP's decoder reads the encoded question
+    if "crossattention" in name and last in ("key", "value"):  # a decoder reading the encoded question
         return question
-    if "cross_attn" in name and last in ("k_proj", "v_proj"):  # Mllama's language model reads the image
+    if "cross_attn" in name and last in ("k_proj", "v_proj"):  # a language model reading the image
         return image
     if any(key in name for key in ("projector", "connector", "vision", "visual")):
         return image
