@@ -190,3 +190,16 @@ def test_probe_memory_puts_a_stored_cuda_peak_beside_the_estimate_with_the_ratio
     assert float(line.group(1)) == pytest.approx(estimated / (64 / 1024), rel=0.02)
     orpo = proc.stdout.split("orpo: ", 1)[1].split("\n\n", 1)[0]
     assert "measured peak" not in orpo  # an RSS peak holds the whole process: not set beside the estimate
+
+
+def test_a_gpu_probe_sets_each_presets_largest_cuda_round_beside_the_estimate():
+    from vqabench.events import ProbeMeasured
+    from vqabench.probe import ProbeOutcome, measured_cuda_peaks
+
+    rounds = [
+        ProbeMeasured("sft", "sft", 1, [40.0], 60.0, "CUDA", None, 0, 0.0),
+        ProbeMeasured("sft", "sft", 2, [40.0], 64.0, "CUDA", None, 0, 0.0),
+        ProbeMeasured("orpo", "orpo", 1, [40.0], 900.0, "RSS", None, 0, 0.0),
+    ]
+    peaks = measured_cuda_peaks(ProbeOutcome(7, None, None, rounds))
+    assert list(peaks) == ["sft"] and peaks["sft"].mib == 64.0 and peaks["sft"].where == "probe session 7"
