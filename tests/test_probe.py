@@ -152,3 +152,54 @@ def test_the_probe_load_flag_discounts_its_own_threads(load, threads, machine_co
     measured = [_measured("sft", "sft", 1, 40.0, load), _measured("orpo", "orpo", 1, 46.0, load)]
     notes = probe_table(_started(1, threads, machine_cores), measured).notes
     assert any("other work competed for the cores" in note for note in notes) == flagged
+
+
+def _estimated_gib(text: str, preset: str) -> float:
+    block = text.split(f"{preset}: ", 1)[1].split("\n\n", 1)[0]
+    return float(re.search(r"estimated peak +([\d.]+) GiB", block).group(1))
+
+
+def test_probe_memory_prints_each_presets_estimate_without_starting_a_worker(tmp_path):
+    failing_worker = fake(tmp_path, {"default": {"probe_fail": True}})  # a worker started would fail the command
+    proc = vqabench(tmp_path, *failing_worker, "probe", "--memory", "--preset", "sft,orpo")
+    assert proc.returncode == 0, proc.stderr
+    for preset in ("sft", "orpo"):
+        block = proc.stdout.split(f"{preset}: embedded, train decoder", 1)[1].split("\n\n", 1)[0]
+        terms = {m[0]: float(m[1]) for m in re.findall(r"^  (\w[\w ]*?) +([\d.]+) GiB", block, re.M)}
+        assert {"weights", "gradients", "optimizer", "activations"} <= set(terms)
+        total = terms.pop("estimated peak")
+        assert sum(terms.values()) == pytest.approx(total, abs=0.002)  # each printed to 1 MiB
+        assert "measured peak" not in block
+    assert not (tmp_path / "vqabench-results" / "results.db").exists()  # nothing ran, nothing was stored
+
+
+def test_probe_memory_puts_a_stored_cuda_peak_beside_the_estimate_with_the_ratio(tmp_path):
+    from vqabench.events import ProbeMeasured, ProbeStarted
+
+    with ResultsStore(tmp_path / "vqabench-results") as store:
+        session = store.begin_session("sft,orpo", "vqabench probe")
+        store.add_probe(session.id, ProbeStarted(["sft", "orpo"], "cuda", "2.9", "m", 16, 20, 3, 1, 1, 1, 16))
+        store.add_probe_round(session.id, ProbeMeasured("sft", "sft", 1, [40.0], 64.0, "CUDA", None, 0, 0.0))
+        store.add_probe_round(session.id, ProbeMeasured("orpo", "orpo", 1, [40.0], 512.0, "RSS", None, 0, 0.0))
+        store.finish_session(session.id, "done")
+    proc = vqabench(tmp_path, "probe", "--memory", "--preset", "sft,orpo")
+    assert proc.returncode == 0, proc.stderr
+    estimated = _estimated_gib(proc.stdout, "sft")
+    line = re.search(r"measured peak +0\.062 GiB \(CUDA, probe session 1\); estimate/measured ([\d.]+)", proc.stdout)
+    assert line is not None, proc.stdout
+    assert float(line.group(1)) == pytest.approx(estimated / (64 / 1024), rel=0.02)
+    orpo = proc.stdout.split("orpo: ", 1)[1].split("\n\n", 1)[0]
+    assert "measured peak" not in orpo  # an RSS peak holds the whole process: not set beside the estimate
+
+
+def test_a_gpu_probe_sets_each_presets_largest_cuda_round_beside_the_estimate():
+    from vqabench.events import ProbeMeasured
+    from vqabench.probe import ProbeOutcome, measured_cuda_peaks
+
+    rounds = [
+        ProbeMeasured("sft", "sft", 1, [40.0], 60.0, "CUDA", None, 0, 0.0),
+        ProbeMeasured("sft", "sft", 2, [40.0], 64.0, "CUDA", None, 0, 0.0),
+        ProbeMeasured("orpo", "orpo", 1, [40.0], 900.0, "RSS", None, 0, 0.0),
+    ]
+    peaks = measured_cuda_peaks(ProbeOutcome(7, None, None, rounds))
+    assert list(peaks) == ["sft"] and peaks["sft"].mib == 64.0 and peaks["sft"].where == "probe session 7"

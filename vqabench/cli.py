@@ -4,7 +4,7 @@
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
              [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
     vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
-    vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--results DIR]
+    vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
     vqabench models                                 the model families and built-in variants
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
@@ -259,13 +259,24 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
     probe.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="interleaved rounds")
     probe.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per preset per round")
     probe.add_argument("--cache", type=Path, metavar="DIR", default=argparse.SUPPRESS, help="as for --headless")
+    probe.add_argument(
+        "--memory",
+        action="store_true",
+        help="print each preset's estimated peak memory by term (meta device: seconds, no GPU, no step run), "
+        "beside the newest stored CUDA peak of the same preset and settings",
+    )
     _add_results_option(probe)
 
 
 def _run_probe(args: argparse.Namespace) -> int:
-    from vqabench.probe import run_probe
+    from vqabench.probe import measured_cuda_peaks, memory_estimate_text, probe_memory, run_probe
     from vqabench.report import markdown_table
 
+    if args.memory:
+        sys.stdout.write(
+            probe_memory(args.preset or "all", _overrides(args), args.results, steps=args.steps, warmup=args.warmup)
+        )
+        return 0
     outcome = run_probe(
         args.preset or "all",
         _overrides(args),
@@ -283,6 +294,11 @@ def _run_probe(args: argparse.Namespace) -> int:
         print("\n".join(markdown_table(outcome.table)))
         print()
         print("\n".join(outcome.table.notes))
+    peaks = measured_cuda_peaks(outcome)
+    if peaks:  # the estimate beside the measured peak, so that the next GPU can be picked from the estimate
+        print("\nPeak memory, estimated from the model's sizes (vqabench probe --memory) and measured:\n")
+        cache_rows = outcome.specs[0].batch_size * (args.steps + args.warmup)
+        sys.stdout.write(memory_estimate_text(outcome.specs, cache_rows=cache_rows, measured=peaks))
     if outcome.error:
         print(f"vqabench: the probe failed: {outcome.error}", file=sys.stderr)
         return 1

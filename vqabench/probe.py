@@ -3,7 +3,8 @@
 The host side of :mod:`vqabench.engine.probe`: it selects presets as ``--headless`` does
 (``--preset``, ``--set``), starts one worker with the probe plan, records its events in the
 results store as a session of its own (``vqabench export`` prints its table again), and
-returns the table of :func:`vqabench.report.probe_table`. No torch here.
+returns the table of :func:`vqabench.report.probe_table`. No torch here, but for
+:func:`probe_memory` (`--memory`), which builds the models on torch's meta device in this process.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from vqabench.events import EventError, ProbeMeasured, ProbeStarted, Progress, R
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import ReportTable, probe_table
 from vqabench.runner import DONE, FAILED, _worker_env, default_worker_cmd
-from vqabench.spec import ProbePlan, default_cache_dir
-from vqabench.store import ResultsStore
+from vqabench.spec import ProbePlan, RunSpec, default_cache_dir
+from vqabench.store import DB_NAME, ResultsStore
 
 #: Called with one line of news for the user (a round's result, a failure).
 Say = Callable[[str], None]
@@ -34,6 +35,7 @@ class ProbeOutcome:
     table: ReportTable | None
     error: str | None = None
     measured: list[ProbeMeasured] = field(default_factory=list)
+    specs: list[RunSpec] = field(default_factory=list)  # the presets probed, at the probe's batch size
 
 
 def run_probe(
@@ -111,4 +113,124 @@ def run_probe(
             failure = f"the probe worker exited with code {code}; its last log line was: {tail[0]}"
         store.finish_session(session.id, FAILED if failure else DONE)
         table = probe_table(started, measured) if started is not None and measured else None
-        return ProbeOutcome(session.id, table, failure, measured)
+        specs = [spec.replace(batch_size=plan.specs[0].batch_size) for spec in plan.specs]
+        return ProbeOutcome(session.id, table, failure, measured, specs)
+
+
+#: The spec keys a stored run must share with a preset for its peak to stand beside the preset's estimate.
+_SAME_SETTINGS = ("model", "method", "train", "precision", "batch_size", "reference", "lora_r", "lora_targets")
+
+
+@dataclass(frozen=True)
+class MeasuredPeak:
+    """A CUDA peak a session measured for a preset, and where it comes from."""
+
+    mib: float
+    where: str  # "probe session 3", "run 12 of session 4"
+
+
+def stored_cuda_peaks(results_dir: Path | str, specs: Sequence[RunSpec]) -> dict[str, MeasuredPeak]:
+    """The newest stored CUDA peak of each preset (by name) measured with its model, method and batch settings.
+
+    A probe round qualifies with the same preset name and batch size; a run with the same name
+    and the same :data:`_SAME_SETTINGS`. RSS peaks (CPU sessions) are left out: they hold the
+    whole process, not the step's tensors. An absent store gives no peaks (nothing is created).
+    """
+    if not (Path(results_dir) / DB_NAME).exists():
+        return {}
+    wanted = {spec.name: spec for spec in specs}
+    found: dict[str, MeasuredPeak] = {}
+    with ResultsStore(results_dir, create=False) as store:
+        for session in store.list_sessions():  # newest first
+            probed = store.probe(session.id)
+            if probed is not None:
+                started, rounds = probed
+                for event in rounds:
+                    spec = wanted.get(event.preset)
+                    if (
+                        spec is not None
+                        and event.preset not in found
+                        and event.memory_source == "CUDA"
+                        and event.peak_memory_mib is not None
+                        and started.batch_size == spec.batch_size
+                    ):
+                        peak = max(e.peak_memory_mib or 0.0 for e in rounds if e.preset == event.preset)
+                        found[event.preset] = MeasuredPeak(peak, f"probe session {session.id}")
+            for run in store.runs(session.id):
+                spec = wanted.get(run.name)
+                if spec is None or run.name in found:
+                    continue
+                if any(run.spec.get(key) != getattr(spec, key) for key in _SAME_SETTINGS):
+                    continue
+                peaks = [e.cuda_max_allocated_mib for e in store.epochs(run.id) if e.cuda_max_allocated_mib]
+                if peaks:
+                    found[run.name] = MeasuredPeak(float(max(peaks)), f"run {run.id} of session {session.id}")
+    return found
+
+
+def memory_estimate_text(
+    specs: Sequence[RunSpec],
+    *,
+    cache_rows: int = 0,
+    measured: dict[str, MeasuredPeak] | None = None,
+) -> str:
+    """Each preset's estimated training-step peak (GiB) by term, beside its measured CUDA peak where one exists.
+
+    Builds every model on torch's meta device (no memory, no step run); `cache_rows` are the rows of
+    the in-memory encoder cache and precomputed table the probe holds (its batches' pairs).
+    """
+    from vqabench.engine.memory_estimate import estimate_memory
+
+    lines = []
+    for spec in specs:
+        estimate = estimate_memory(spec, cache_rows=cache_rows)
+        lines.append(
+            f"{spec.name}: {spec.model}, train {spec.train}, {spec.method}, {spec.precision}, batch {spec.batch_size}"
+        )
+        for name, value in estimate.terms.items():
+            if value:
+                lines.append(f"  {name:<16} {value / 2**30:9.3f} GiB")
+        total = estimate.gib()
+        lines.append(f"  {'estimated peak':<16} {total:9.3f} GiB")
+        peak = (measured or {}).get(spec.name)
+        if peak is not None:
+            gib = peak.mib / 1024
+            where = f"CUDA, {peak.where}"
+            lines.append(f"  {'measured peak':<16} {gib:9.3f} GiB ({where}); estimate/measured {total / gib:.2f}")
+        lines.append(f"  assumed: {'; '.join(estimate.assumptions)}")
+        lines.append("")
+    lines.append(
+        "Counted: weights, gradients, AdamW state, reference, autocast weight copies, saved activations, "
+        "answer logits, in-memory encoder cache. Left out: CUDA context and allocator overhead, eval passes "
+        "(docs/telemetry.md, 'Memory estimate')."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def measured_cuda_peaks(outcome: ProbeOutcome) -> dict[str, MeasuredPeak]:
+    """The probe's own CUDA peaks, each preset's largest round; empty for a CPU probe (RSS)."""
+    peaks: dict[str, MeasuredPeak] = {}
+    for event in outcome.measured:
+        if event.memory_source == "CUDA" and event.peak_memory_mib is not None:
+            mib = max(event.peak_memory_mib, peaks[event.preset].mib if event.preset in peaks else 0.0)
+            peaks[event.preset] = MeasuredPeak(mib, f"probe session {outcome.session_id}")
+    return peaks
+
+
+def probe_memory(
+    selection: str,
+    overrides: Overrides,
+    results_dir: Path | str,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+) -> str:
+    """`vqabench probe --memory`: the selected presets' estimates as the probe would run them, no step run.
+
+    Raises SpecError for a bad preset or option, or a model the estimate cannot build.
+    """
+    chosen = select_presets(selection, overrides)
+    batch = chosen.specs[0].batch_size  # the probe runs every preset at the first one's batch
+    specs = [spec.replace(batch_size=batch) for spec in chosen.specs]
+    measured = stored_cuda_peaks(results_dir, specs)
+    return memory_estimate_text(specs, cache_rows=batch * (steps + warmup), measured=measured)

@@ -1,0 +1,139 @@
+"""The peak-memory estimate against what one real training step holds, on the CPU.
+
+Weights, gradients, AdamW state and a copy reference are counted exactly, so the estimate must
+equal what the trained model, its gradients after backward and the optimizer after its first
+step hold. The activation terms are an estimate: they must lie within 2x of the bytes autograd
+actually saves during one training forward (every saved tensor's storage once, parameters
+excluded), measured with ``torch.autograd.graph.saved_tensors_hooks``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vqabench.engine.data import easyvqa
+from vqabench.engine.data.batching import encode
+from vqabench.engine.memory_estimate import SAME_SIZE_VARIANTS, estimate_memory, meta_model
+from vqabench.engine.prepare import fitting_texts
+from vqabench.engine.reference import CopyReference
+from vqabench.engine.telemetry import module_bytes, optimizer_state_bytes
+from vqabench.engine.trainer import Trainer
+from vqabench.models import lora, parts, registry
+from vqabench.spec import DatasetSpec, RunSpec, SpecError
+
+CASES = [
+    ("embedded", "decoder", "sft", "fp32"),
+    ("embedded", "decoder", "dpo", "fp32"),
+    ("embedded", "lora", "dpo", "bf16"),
+    ("qwen2-vl-tiny-random", "lm", "dpo", "fp32"),
+    ("qwen2-vl-tiny-random", "lora", "sft", "bf16"),
+    ("idefics3-tiny-random", "lm+projector", "orpo", "fp32"),
+]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return easyvqa.load_splits(DatasetSpec(eval_size=8, test_size=8), seed=0, limit=16)
+
+
+def _build(name: str, texts: list[str], device: str = "cpu"):
+    variant = registry.variant("embedded-init" if name == "embedded" else name)
+    assert variant is not None
+    with torch.device(device):
+        return variant.build(0, texts if variant.needs_texts else None, None)
+
+
+def _saved_bytes(run, params: list[torch.Tensor]) -> int:
+    """Bytes of every distinct storage autograd saves while `run` runs, parameters' own storages excluded."""
+    own = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize(("model", "train", "method", "precision"), CASES)
+def test_estimate_matches_one_real_training_step(data, model, train, method, precision) -> None:
+    torch.manual_seed(0)
+    texts = fitting_texts(data)
+    spec = RunSpec(name="p", method=method, model=model, train=train, precision=precision, batch_size=4)
+    spec = spec.replace(reference="copy", encoder_cache="off", lora_dropout=0.0)
+    loaded = _build(model, texts)
+    question_limit = 16 if loaded.family.prompts_can_be_cut else loaded.question_token_cap
+    encoded = encode(data, loaded, question_limit, 4)
+    batch = encoded.batch("train", torch.arange(4), torch.device("cpu"))
+    prompt_width = batch.question_ids.shape[1]
+    answer_width = max(batch.chosen[0].shape[1], batch.rejected[0].shape[1])
+    family = loaded.family
+    frame = 0 if family.features_read_question else len(family.prompt_ids(loaded, ""))
+    # The estimate gets the batch's own token counts (the worker measures them from the data too).
+    spec = spec.replace(max_question_tokens=prompt_width - frame, max_answer_tokens=answer_width - 1)
+    predicted = estimate_memory(spec, _build(model, texts, "meta"))
+
+    parts.freeze_for_training(loaded, train)
+    reference = CopyReference(loaded, train) if spec.needs_reference else None
+    if train == "lora":
+        lora.attach(loaded, spec)
+    trainer = Trainer(spec, loaded, encoded, reference, torch.device("cpu"))
+    parts.set_train_mode(loaded, train)
+    params = list({id(p): p for p in loaded.model.parameters()}.values())
+    with trainer.precision.autocast():
+        saved, out = _saved_bytes(lambda: trainer.step_fn("train", batch), params)
+    out.losses.mean().backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    trainer.optimizer.step()
+
+    terms = predicted.terms
+    assert terms["weights"] == module_bytes(loaded.model)
+    assert terms["gradients"] == grads
+    assert terms["optimizer"] == optimizer_state_bytes(trainer.optimizer)
+    assert terms["reference"] == (reference.resident_bytes if reference is not None else 0)
+    activations = terms["activations"] + terms["logits"] + terms["autocast copies"]
+    ratio = activations / saved
+    print(f"{model} {train} {method} {precision}: estimated {activations} B, saved {saved} B, ratio {ratio:.2f}")
+    assert 0.5 <= ratio <= 2.0
+
+
+def test_real_size_lora_bf16_estimate_takes_seconds_and_no_memory() -> None:
+    spec = RunSpec(name="big", method="dpo", model="qwen2-vl-2b-random", train="lora", precision="bf16", batch_size=8)
+    started = time.perf_counter()
+    predicted = estimate_memory(spec, meta_model(spec))
+    seconds = time.perf_counter() - started
+    assert seconds < 60
+    # Qwen2-VL-2B holds 2.21B parameters (its released count, tied embeddings once): 4 bytes each.
+    assert 8.0e9 < predicted.terms["weights"] < 9.5e9
+    assert 0 < predicted.terms["gradients"] < 0.02 * predicted.terms["weights"]  # adapters only
+    assert predicted.terms["optimizer"] == 2 * predicted.terms["gradients"] + 4 * _lora_tensor_count(spec)
+    assert predicted.terms["autocast copies"] > 0
+    assert 10 < predicted.gib() < 200
+
+
+def _lora_tensor_count(spec: RunSpec) -> int:
+    loaded = meta_model(spec)
+    parts.freeze_for_training(loaded, spec.train)
+    with torch.device("meta"):
+        lora.attach(loaded, spec)
+    return sum(1 for n, p in loaded.model.named_parameters() if "lora_" in n)
+
+
+def test_a_hub_model_without_a_same_sized_variant_is_refused_in_one_sentence() -> None:
+    with pytest.raises(SpecError, match="built-in variants"):
+        meta_model(RunSpec(name="hub", method="sft", model="Qwen/Qwen2-VL-7B-Instruct"))
+
+
+def test_each_released_checkpoint_maps_to_the_variant_that_states_its_architecture() -> None:
+    for hub_id, name in SAME_SIZE_VARIANTS.items():
+        variant = registry.variant(name)
+        assert variant is not None and variant.real_size
+        stated = variant.description.split("'s architecture")[0]
+        assert stated.removesuffix("-Instruct") == hub_id.removesuffix("-Instruct"), hub_id  # Instruct: same sizes

@@ -1,0 +1,229 @@
+"""A training step's peak memory, estimated from the model's sizes and the settings, without a GPU.
+
+`vqabench probe --memory` prints it so that a user can pick a GPU before renting one. The model
+is built on torch's meta device (shapes, no storage: a 11B variant takes seconds and no memory),
+frozen and given its LoRA adapters as a run does, and every term below is counted from it.
+UI-free: :func:`estimate_memory` returns a :class:`MemoryEstimate`, a breakdown in bytes.
+
+Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored dtype):
+
+* ``weights``: ``b(every parameter and buffer)``, tied weights once. Weights stay at their stored
+  dtype (fp32) under every precision: :mod:`vqabench.engine.precision` autocasts the forward
+  passes and keeps no separate master copy, so there is no master-weights term.
+* ``gradients``: ``b(trainable parameters)`` (a gradient has its parameter's dtype).
+* ``optimizer``: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter at its dtype,
+  ``2 * b(trainable)``, plus its 4-byte ``step`` per trainable tensor; exactly what
+  :func:`vqabench.engine.telemetry.optimizer_state_bytes` measures after the first step.
+* ``reference``: ``copy``: ``b(trainable part)``, the part taken before LoRA's adapters
+  (:class:`~vqabench.engine.reference.CopyReference` shares every frozen tensor); ``precompute``:
+  its table, ``rows * 3 * 4`` (chosen, rejected, mismatched fp32 log-probs); ``adapter``: 0.
+* ``autocast copies`` (bf16/fp16 only): ``2 * N(Linear weights on the backward path)``: autocast
+  casts each weight once per forward and backward keeps the cast (to compute its input's gradient).
+* ``activations``: ``ACTIVATION_FACTOR * rows * act_bytes * sum(tokens(l) * in_features(l))`` over
+  the Linear layers ``l`` on the backward path (the trainable part; with LoRA, the part the adapters
+  sit in): each Linear's input is saved for backward, and the factor covers what the layers
+  between them save (norms, activation functions, attention inputs). ``rows`` is the batch, doubled
+  for methods that score chosen and rejected answers in one pass; ``act_bytes`` is 2 under
+  bf16/fp16, else 4. ``tokens(l)``: the answer tokens for the LM head, the question tokens for a
+  cross-attention key/value reading the encoded question (an encoder-decoder's answer decoder), the
+  image's feature tokens for a cross-attention key/value reading the image, and outside the language
+  model (a projector), and otherwise the sequence: image + question + answer tokens for a causal
+  VLM, the answer tokens for an encoder-decoder's answer decoder.
+* ``logits``: ``rows * answer_tokens * vocab * 4 * 2``: fp32 logits at the answer positions only,
+  and the log-softmax kept for backward.
+* ``encoder cache``: ``cache_rows * prod(features_shape) * dtype bytes`` when the frozen encoders'
+  outputs are held in memory (the probe's cache); 0 when no rows are given (a run's file is mapped).
+
+Left out: the framework's own overhead (CUDA context, cuBLAS workspace, allocator fragmentation),
+the eval and generation passes, the frozen encoders' forward when no cache is used (transient,
+no grad), and temporaries that live inside one operation (attention's score matrix under SDPA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqabench.models import lora, parts, registry
+from vqabench.models.family import LoadedModel
+from vqabench.spec import RunSpec, SpecError
+
+#: Saved bytes per Linear input byte on the backward path; calibrated on CPU against the tensors
+#: autograd saves in one forward of the embedded model and the tiny causal families (tests/test_memory_estimate.py).
+ACTIVATION_FACTOR = 2.0
+#: Tokens assumed where the spec says "auto" (the worker takes the data's p99, which needs the data).
+AUTO_QUESTION_TOKENS = 32
+AUTO_ANSWER_TOKENS = 8
+#: Methods whose step scores chosen and rejected answers (two rows per pair, one pass).
+PAIR_METHODS = frozenset({"dpo", "ipo", "kto", "orpo", "simpo"})
+GIB = 2**30
+#: Released checkpoints by hub id, and the built-in random variant built with the same architecture and
+#: sizes: the estimate of a preset that names one (its weights are never downloaded here).
+SAME_SIZE_VARIANTS: dict[str, str] = {
+    k: v
+    for k, v in json.loads((Path(__file__).parent.parent / "assets" / "same-size-variants.json").read_text()).items()
+    if not k.startswith("_")
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """One preset's estimated training-step memory: named terms in bytes, and what was assumed."""
+
+    preset: str
+    terms: dict[str, int]
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    def gib(self, name: str | None = None) -> float:
+        """A term (or, with no name, the total) in GiB."""
+        return (self.total if name is None else self.terms[name]) / GIB
+
+
+def meta_model(spec: RunSpec) -> LoadedModel:
+    """The spec's model built on the meta device (no storage), frozen and with adapters as a run has them.
+
+    A released checkpoint of :data:`SAME_SIZE_VARIANTS` is built as its same-sized random variant
+    (at that variant's image size). SpecError for any other model: its config would have to be
+    downloaded, which this estimate never does.
+    """
+    name = "embedded-init" if spec.model == "embedded" else SAME_SIZE_VARIANTS.get(spec.model, spec.model)
+    variant = registry.variant(name)
+    if variant is None:
+        raise SpecError(
+            f"preset '{spec.name}': key 'model' has value {spec.model!r}; the memory estimate builds only the "
+            f"embedded model, the built-in variants ({', '.join(registry.variant_names())}) and the released "
+            f"checkpoints they are sized like ({', '.join(SAME_SIZE_VARIANTS)})."
+        )
+    with torch.device("meta"):
+        loaded = variant.build(spec.seed, None, None)
+    loaded.family.check_train(spec.train)
+    return loaded
+
+
+def _unique(tensors: Any) -> list[torch.Tensor]:
+    return list({id(t): t for t in tensors}.values())
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _unique(tensors))
+
+
+def _token_counts(spec: RunSpec, loaded: LoadedModel) -> tuple[int, int, int, list[str]]:
+    """(question tokens, answer tokens as scored, prompt tokens), and what was assumed."""
+    notes = []
+    if isinstance(spec.max_question_tokens, int):
+        question = spec.max_question_tokens
+    else:
+        question = AUTO_QUESTION_TOKENS
+        notes.append(f"max_question_tokens = auto: {question} assumed")
+    if isinstance(spec.max_answer_tokens, int):
+        answer = spec.max_answer_tokens
+    else:
+        answer = AUTO_ANSWER_TOKENS
+        notes.append(f"max_answer_tokens = auto: {answer} assumed")
+    answer += 1  # the end marker (a [SEP] or an end-of-turn)
+    family = loaded.family
+    # A causal VLM's prompt holds the image's tokens and its chat frame around the question.
+    frame = 0 if family.features_read_question else len(family.prompt_ids(loaded, ""))
+    return question, answer, frame + question, notes
+
+
+def _backward_linears(loaded: LoadedModel, train: str) -> list[tuple[str, nn.Linear]]:
+    part = parts.trainable_part(loaded, train)
+    return [(n, m) for n, m in part.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _linear_tokens(name: str, layer: nn.Linear, *, seq: int, question: int, answer: int, image: int, vocab: int) -> int:
+    if layer.out_features == vocab:
+        return answer
+    last = name.rsplit(".", 1)[-1]
+    if "crossattention" in name and last in ("key", "value"):  # a decoder reading the encoded question
+        return question
+    if "cross_attn" in name and last in ("k_proj", "v_proj"):  # a language model reading the image
+        return image
+    if any(key in name for key in ("projector", "connector", "vision", "visual")):
+        return image
+    return seq
+
+
+def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_rows: int = 0) -> MemoryEstimate:
+    """The breakdown of one training step's peak for `spec` (see the module docstring for each term).
+
+    `loaded` is the spec's model before freezing and LoRA (built on the meta device when None); it
+    is frozen and given adapters here, as a run does. `cache_rows`: rows of an in-memory encoder cache
+    and precomputed-reference table (the probe's pairs); 0 leaves both out.
+    """
+    loaded = loaded if loaded is not None else meta_model(spec)
+    family = loaded.family
+    question, answer, prompt, notes = _token_counts(spec, loaded)
+    parts.freeze_for_training(loaded, spec.train)
+    reference = 0
+    if spec.needs_reference and spec.reference == "copy":  # taken before the adapters, as a run does
+        part = parts.trainable_part(loaded, spec.train)
+        reference = _bytes([*part.parameters(), *part.buffers()])
+    elif spec.needs_reference and spec.reference == "precompute":
+        reference = cache_rows * 3 * 4
+    if spec.train == "lora":
+        with torch.device(next(loaded.model.parameters()).device):
+            lora.attach(loaded, spec)
+        parts.freeze_for_training(loaded, spec.train)
+    model = loaded.model
+    params = _unique(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    weights = _bytes([*params, *model.buffers()])
+    gradients = _bytes(trainable)
+    optimizer = 2 * gradients + 4 * len(trainable)
+
+    low = spec.precision != "fp32"
+    act_bytes = 2 if low else 4
+    rows = spec.batch_size * (2 if spec.method in PAIR_METHODS else 1)
+    vocab = _vocab_size(model)
+    prompt_width = question if family.features_read_question else prompt
+    features_shape = family.features_shape(loaded, prompt_width)
+    image = int(features_shape[0]) if len(features_shape) > 1 else 1
+    seq = answer if family.features_read_question else prompt + answer
+    linears = _backward_linears(loaded, spec.train)
+    weighted = sum(
+        _linear_tokens(n, m, seq=seq, question=question, answer=answer, image=image, vocab=vocab) * m.in_features
+        for n, m in linears
+    )
+    activations = int(ACTIVATION_FACTOR * rows * act_bytes * weighted)
+    copies = 2 * sum(m.weight.numel() for _, m in linears) if low else 0
+    logits = rows * answer * vocab * 4 * 2
+    cache = 0
+    if spec.uses_encoder_cache and cache_rows:
+        item = 2 if spec.encoder_cache_dtype == "bf16" else 4
+        cache = cache_rows * math.prod(features_shape) * item
+    if spec.model in SAME_SIZE_VARIANTS:
+        notes.append(f"sized as {SAME_SIZE_VARIANTS[spec.model]}")
+    notes.append(f"sequence {seq} tokens x {rows} rows; vocabulary {vocab}")
+    terms = {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "reference": reference,
+        "autocast copies": copies,
+        "activations": activations,
+        "logits": logits,
+        "encoder cache": cache,
+    }
+    return MemoryEstimate(spec.name, terms, notes)
+
+
+def _vocab_size(model: Any) -> int:
+    embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embeddings is not None and hasattr(embeddings, "out_features"):
+        return int(embeddings.out_features)
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return int(text.vocab_size)
