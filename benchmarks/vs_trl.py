@@ -411,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="tiny", choices=("tiny", "real", "all"),
                    help=f"tiny: {', '.join(TINY)}; real: {', '.join(REAL)}; all: both")  # fmt: skip
-    p.add_argument("--qwen2-vl-2b", action="store_true", help=f"also {HEAVY} (heavy: minutes a step on 2 CPU cores)")
+    p.add_argument("--qwen2-vl-2b", action="store_true", help=f"also {HEAVY} (heavy on a small CPU)")
     p.add_argument("--models", default="", help="comma list of built-in qwen2-vl/idefics3 variants (overrides --size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per step, both sides")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (an interval needs 2 or more)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the random model's weights (and TRL's seed)")
     args = p.parse_args(argv)
     try:
         import trl
