@@ -201,13 +201,19 @@ def trl_rows(probe: Probe, data: DataSplits) -> list[dict[str, Any]]:
 
 
 def check_prompts(probe: Probe, processor: Any, rows: list[dict[str, Any]], data: DataSplits) -> None:
-    """The processor writes vqabench's prompt ids (image tokens expanded), or the comparison is off."""
+    """The processor writes vqabench's prompt and answer ids (image tokens expanded), or the comparison is off."""
     first = int(probe.batches[0][0])
     row = rows[0]
     ids = processor(images=[row["images"]], text=[row["prompt"]], add_special_tokens=False)["input_ids"][0]
     expected = probe.start.family.prompt_ids(probe.start, data.train[first].question)
     if list(ids) != expected:
         raise SystemExit(f"TRL's processor writes other prompt ids than vqabench: {list(ids)} != {expected}")
+    loaded, pair = probe.start, data.train[first]
+    for key, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        ids = processor(text=[row[key]], add_special_tokens=False)["input_ids"][0]  # as TRL's collator calls it
+        expected = loaded.family.frame_answer(loaded, loaded.family.answer_ids(loaded, answer), complete=True)
+        if list(ids) != expected:
+            raise SystemExit(f"TRL's {key} ids differ from vqabench's: {list(ids)} != {expected}")
 
 
 class _StepTimer:
