@@ -1,0 +1,52 @@
+"""benchmarks/vs_trl.py at its smallest: both engines' DPO steps on one tiny model, one round of one step."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="TRL is the optional 'compare' extra (pip install 'vqabench[compare]'); CI lacks it")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import vs_trl
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_one_round_of_one_step_gives_finite_figures_for_both_sides(capsys):
+    argv = ["--models", "idefics3-tiny-random", "--steps", "1", "--warmup", "0", "--rounds", "1", "--batch-size", "2"]
+    assert vs_trl.main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| idefics3-tiny-random")]
+    rows = {cells[1]: cells for cells in map(_cells, lines)}
+    timed = [
+        "TRL, tower frozen",
+        "vqabench, tower frozen",
+        "TRL, LoRA",
+        "vqabench, LoRA",
+        "TRL defaults: all trained, grad. ckpt",
+    ]
+    assert list(rows) == [*timed, "TRL, precomputed reference"]
+    medians = {}
+    for name in timed:
+        timing = re.fullmatch(r"([\d.]+) \(([\d.]+) … ([\d.]+)\)", rows[name][4])
+        assert timing is not None, rows[name]
+        low, median, high = (float(x) for x in (timing[2], timing[1], timing[3]))
+        assert 0 < low <= median <= high and math.isfinite(high)  # one step: all three the same
+        assert median == pytest.approx(low, abs=0.06) and median == pytest.approx(high, abs=0.06)
+        reference, peak, above = (float(x) for x in rows[name][6:9])
+        assert 0 <= reference < 10 and 100 < peak < 64 * 1024 and math.isfinite(above) and above < peak
+        medians[name] = median
+    assert rows["vqabench, LoRA"][6] == "0.0"  # the adapter reference holds no weights of its own
+    # One round, so no interval: the ratio alone, the two medians' quotient (each printed to 0.1 ms).
+    for vq, trl in (("vqabench, tower frozen", "TRL, tower frozen"), ("vqabench, LoRA", "TRL, LoRA")):
+        assert float(rows[vq][5]) == pytest.approx(medians[vq] / medians[trl], rel=0.02, abs=0.006)
+    assert rows["TRL, precomputed reference"][4] == "cannot: refused for vision data"
+    assert "`precompute_ref_log_probs=True` is not supported for vision datasets" in out
