@@ -79,7 +79,8 @@ def test_the_real_probe_worker_times_every_preset_from_one_start_model(tmp_path,
     specs = [
         RunSpec(name="sft", method="sft", batch_size=8, base_samples=512),
         RunSpec(name="dpo", method="dpo", after="sft", batch_size=8, base_samples=512),
-        RunSpec(name="dpo-pre", method="dpo", after="sft", reference="precompute", batch_size=8, base_samples=512),
+        # "auto" resolves as a run's does: two epochs and a table that fits, so precompute
+        RunSpec(name="dpo-pre", method="dpo", after="sft", reference="auto", epochs=2, batch_size=8, base_samples=512),
     ]
     path = tmp_path / "probe.json"
     path.write_text(json.dumps(ProbePlan(specs, steps=3, rounds=2, warmup=1, cache_dir=str(vqa_cache)).to_dict()))

@@ -34,11 +34,12 @@ from vqabench.engine.devices import describe
 from vqabench.engine.encoder_cache import attach_encoder_cache
 from vqabench.engine.prepare import encode_for_run, load_model_and_data
 from vqabench.engine.reference import AdapterReference, CopyReference, PrecomputedReference
+from vqabench.engine.reference_choice import choose_reference, free_bytes, precomputed_table_bytes
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock, usable_cores
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
 from vqabench.models import lora, parts
-from vqabench.models.family import LoadedModel
+from vqabench.models.family import LoadedModel, Savings
 from vqabench.spec import ProbePlan, RunSpec, default_cache_dir
 
 Emit = Callable[[ev.Event], None]
@@ -93,8 +94,23 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
     """One preset's steps in one round: a fresh copy of the start model, its reference, the steps."""
     device, encoded = probe.device, probe.encoded
     spec = spec.replace(batch_size=probe.plan.specs[0].batch_size)
-    encoded.encodings = probe.encodings if spec.uses_encoder_cache else None
+    if spec.needs_reference:  # "auto" resolves as a run's does, so the probe times the step a run would take
+        pairs = sum(len(split.pairs) for split in encoded.splits.values())
+        choice = choose_reference(
+            spec.reference,
+            train=spec.train,
+            epochs=spec.epochs,
+            table_bytes=precomputed_table_bytes(pairs),
+            free=free_bytes(probe.cache_dir),
+        )
+        spec = spec.replace(reference=choice.chosen)
     loaded = copy.copy(probe.start)
+    # This preset's switches; the features are cut where its `train` needs them, and the one
+    # shared encoding pass serves it only when that is where the pass cut them.
+    cut = loaded.family.projected_features(spec.train)
+    loaded.savings = Savings(spec.shared_prompt, spec.answer_only_logits, projected_features=cut)
+    same_cut = cut == probe.start.savings.projected_features
+    encoded.encodings = probe.encodings if spec.uses_encoder_cache and same_cut else None
     loaded.model = copy.deepcopy(probe.start.model).to(device)
     parts.freeze_for_training(loaded, spec.train)
     started = time.perf_counter()
