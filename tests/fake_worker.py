@@ -222,6 +222,9 @@ def canned_probe(plan: dict[str, Any], fail_after_round: int | None = None) -> I
         for spec in specs if r % 2 else reversed(specs):
             cost = METHOD_COST.get(spec["method"], 1.0)
             reference = spec.get("reference") if spec["method"] in ("dpo", "ipo", "kto") else None
+            if reference is not None:  # as the real probe resolves "auto", on a roomy disk
+                train, epochs = spec.get("train", "decoder"), spec.get("epochs", 3)
+                reference = choose_reference(reference, train=train, epochs=epochs, table_bytes=1, free=2**40).chosen
             yield ProbeMeasured(
                 preset=spec["name"],
                 method=spec["method"],

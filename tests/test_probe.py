@@ -48,7 +48,8 @@ def test_probe_command_prints_the_table_and_stores_it_for_export(tmp_path):
     proc = vqabench(tmp_path, *fake(tmp_path, {}), "probe", "--preset", "sft,dpo-beta0.1,dpo-beta0.5", "--rounds", "2")
     assert proc.returncode == 0, proc.stderr
     assert "round 2/2 sft: 40.0 ms/step" in proc.stderr
-    assert re.search(r"^\| dpo-beta0\.1 +\| dpo \(copy\) +\| +64\.0 \(", proc.stdout, re.M)
+    # the shipped DPO presets ask for reference = "auto": 3 epochs and a roomy disk give precompute
+    assert re.search(r"^\| dpo-beta0\.1 +\| dpo \(precompute\) +\| +64\.0 \(", proc.stdout, re.M)
     assert "Stored as session 1" in proc.stdout
     plan = json.loads(next((tmp_path / "vqabench-results" / "runs").glob("*-probe/probe.json")).read_text())
     assert [s["name"] for s in plan["probe"]["specs"]] == ["sft", "dpo-beta0.1", "dpo-beta0.5"]
