@@ -144,7 +144,8 @@ class RunSpec:
     num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
     encoder_cache: str = "auto"  # frozen-encoder outputs computed once; auto = on iff train = "decoder"
     encoder_cache_dtype: str = "fp32"  # fp32 is exact; bf16 halves the file
-    # Exact savings of causal VLMs, each switchable so the probe can show what it saves (a family where one means nothing ignores it).
+    # Exact savings of causal VLMs, each switchable so the probe can show what it saves
+    # (a family where one means nothing ignores it).
     shared_prompt: bool = True  # one prompt pass for both answers of a pair, on its key/value cache
     answer_only_logits: bool = True  # the LM head runs only where an answer token is predicted
 
