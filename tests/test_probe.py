@@ -205,3 +205,27 @@ def test_a_gpu_probe_sets_each_presets_largest_cuda_round_beside_the_estimate():
     ]
     peaks = measured_cuda_peaks(ProbeOutcome(7, None, None, rounds))
     assert list(peaks) == ["sft"] and peaks["sft"].mib == 64.0 and peaks["sft"].where == "probe session 7"
+
+
+def test_savings_variants_turn_each_saving_off_once_and_skip_what_is_already_off():
+    from vqabench.probe import savings_variants
+
+    spec = RunSpec(name="dpo", method="dpo", after="sft", model="qwen2-vl-tiny-random", train="lm")
+    variants = savings_variants(spec)
+    assert [v.name for v in variants] == ["dpo", "dpo-no-shared-prompt", "dpo-full-logits", "dpo-no-feature-cache"]
+    assert [(v.shared_prompt, v.answer_only_logits, v.uses_encoder_cache) for v in variants] == [
+        (True, True, True), (False, True, True), (True, False, True), (True, True, False)]  # fmt: skip
+    already_off = spec.replace(shared_prompt=False, encoder_cache="off")
+    assert [v.name for v in savings_variants(already_off)] == ["dpo", "dpo-full-logits"]
+
+
+def test_probe_savings_times_each_preset_with_each_saving_off(tmp_path):
+    proc = vqabench(tmp_path, *fake(tmp_path, {}), "probe", "--preset", "sft", "--rounds", "1", "--savings")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(next((tmp_path / "vqabench-results" / "runs").glob("*-probe/probe.json")).read_text())
+    specs = plan["probe"]["specs"]
+    assert [s["name"] for s in specs] == ["sft", "sft-no-shared-prompt", "sft-full-logits", "sft-no-feature-cache"]
+    assert [(s["shared_prompt"], s["answer_only_logits"], s["encoder_cache"]) for s in specs] == [
+        (True, True, "auto"), (False, True, "auto"), (True, False, "auto"), (True, True, "off")]  # fmt: skip
+    for name in ("sft-no-shared-prompt", "sft-full-logits", "sft-no-feature-cache"):
+        assert re.search(rf"^\| {name} +\| sft ", proc.stdout, re.M), name

@@ -265,6 +265,12 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
         help="print each preset's estimated peak memory by term (meta device: seconds, no GPU, no step run), "
         "beside the newest stored CUDA peak of the same preset and settings",
     )
+    probe.add_argument(
+        "--savings",
+        action="store_true",
+        help="time each preset also with each exact saving off (shared prompt, answer-only logits, feature "
+        "cache), as NAME-no-shared-prompt, NAME-full-logits and NAME-no-feature-cache",
+    )
     _add_results_option(probe)
 
 
@@ -288,6 +294,7 @@ def _run_probe(args: argparse.Namespace) -> int:
         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
         command=shlex.join(["vqabench", *sys.argv[1:]]),
         say=lambda line: print(line, file=sys.stderr, flush=True),
+        savings=args.savings,
     )
     if outcome.table is not None:
         print()

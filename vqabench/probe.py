@@ -38,6 +38,30 @@ class ProbeOutcome:
     specs: list[RunSpec] = field(default_factory=list)  # the presets probed, at the probe's batch size
 
 
+#: Each exact saving a run takes by default, and the preset change that turns it off.
+SAVINGS_OFF: tuple[tuple[str, dict[str, object]], ...] = (
+    ("no-shared-prompt", {"shared_prompt": False}),
+    ("full-logits", {"answer_only_logits": False}),
+    ("no-feature-cache", {"encoder_cache": "off"}),
+)
+
+
+def savings_variants(spec: RunSpec) -> list[RunSpec]:
+    """`spec` as it is, then once with each saving it takes turned off, named NAME-<saving off>.
+
+    A saving the preset already has off, or one its family ignores, gives a row that times the
+    same step (the table shows it: two presets that do the same work overlap).
+    """
+    variants = [spec]
+    for suffix, off in SAVINGS_OFF:
+        if all(getattr(spec, key) == value for key, value in off.items()):
+            continue  # already off in the preset
+        if "encoder_cache" in off and not spec.uses_encoder_cache:
+            continue
+        variants.append(spec.replace(name=f"{spec.name}-{suffix}", **off))
+    return variants
+
+
 def run_probe(
     selection: str,
     overrides: Overrides,
@@ -51,15 +75,18 @@ def run_probe(
     command: str = "",
     say: Say = print,
     on_start: Callable[[subprocess.Popen], None] | None = None,
+    savings: bool = False,
 ) -> ProbeOutcome:
     """Probe the selected presets' step cost in one worker; store and return the result.
 
     Raises SpecError (a bad preset or option) before anything starts, StoreError for an unusable store.
     `on_start` gets the worker process (the dashboard terminates it when the user quits).
+    `savings`: probe each preset also with each exact saving off (:func:`savings_variants`).
     """
     chosen = select_presets(selection, overrides)
+    specs = [variant for spec in chosen.specs for variant in savings_variants(spec)] if savings else chosen.specs
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    plan = ProbePlan(chosen.specs, steps=steps, rounds=rounds, warmup=warmup, cache_dir=str(cache.resolve()))
+    plan = ProbePlan(specs, steps=steps, rounds=rounds, warmup=warmup, cache_dir=str(cache.resolve()))
     plan.validate("vqabench probe")
     with ResultsStore(results_dir) as store:
         session = store.begin_session(selection, command)
