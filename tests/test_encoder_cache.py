@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,3 +206,23 @@ def test_a_run_that_trains_all_reads_no_cache_and_says_so(tmp_path, vqa_cache):
     started = of_type(events, ev.RunStarted)[0]
     assert started.data["encoder_cache"] == {"on": False}
     assert not any(p.phase == "encode" for p in of_type(events, ev.Progress))
+
+
+@pytest.mark.parametrize(
+    ("model", "train"),
+    [("qwen2-vl-tiny-random", "lm"), ("llava-tiny-random", "lm+projector")],  # cut above / before the projector
+)
+def test_a_causal_familys_epoch_is_the_same_with_the_feature_cache_on_and_off(tmp_path, vqa_cache, model, train):
+    epochs, answers = {}, {}
+    for cache in ("auto", "off"):
+        spec = tiny_spec(f"{cache}", "sft", model=model, train=train, limit=32, lr=1e-3, encoder_cache=cache)
+        events, rc, err = run_worker(spec, tmp_path, vqa_cache)
+        assert rc == 0, err[-2000:]
+        assert bool(of_type(events, ev.EncoderCached)) == (cache == "auto")
+        [epochs[cache]] = of_type(events, ev.EpochEnded)
+        [test] = [e for e in of_type(events, ev.Evaluated) if e.split == "test"]
+        answers[cache] = Path(test.predictions).read_text()
+    on, off = epochs["auto"], epochs["off"]
+    assert on.train_loss == pytest.approx(off.train_loss, abs=1e-6)
+    assert on.eval_loss == pytest.approx(off.eval_loss, abs=1e-6)
+    assert answers["auto"] == answers["off"]
