@@ -192,6 +192,8 @@ def test_the_real_worker_through_the_server_trains_as_a_started_one(vqa_cache, t
         asyncio.run(runner.run())
         state = runner.states["sft"]
         assert state.status == "done", state.reason
+        # runpy's "found in sys.modules" warning about the warm worker module is not shown in any log
+        assert not any("RuntimeWarning" in line for line in state.stderr_tail), list(state.stderr_tail)
         runs[preload] = (state.pid, [n.event for n in notes if isinstance(n, WorkerEvent)])
     for preload, (pid, events) in runs.items():
         assert (of_type(events, ev.RunStarted)[0].pid != pid) == (preload == "1")

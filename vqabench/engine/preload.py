@@ -43,6 +43,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 
 from vqabench.models import registry
 
@@ -210,6 +211,12 @@ class Server:
             argv = request["argv"]
             assert isinstance(argv, list)
             sys.argv = [self.module, *map(str, argv)]
+            # The server imported the worker module to warm its imports; runpy then warns that it is
+            # already in sys.modules, a line every run's log would show. Running it as __main__ from
+            # that warm state is what the server is for, so the warning says nothing here.
+            warnings.filterwarnings(
+                "ignore", message=r".*found in sys\.modules after import of package", category=RuntimeWarning
+            )
             try:
                 runpy.run_module(self.module, run_name="__main__", alter_sys=True)
                 code = 0
