@@ -64,6 +64,27 @@ def data_figures(data: str | None) -> dict:
     return flat
 
 
+def compare_rows(
+    before: list[dict],
+    after: list[dict],
+    keys: tuple[str, ...],
+    prefix: str,
+    column: str,
+    tolerance: float,
+    differences: list[str],
+) -> int:
+    """Row by row, each of `keys`, a row named "<prefix> <its column>"; returns how many figures were compared."""
+    if len(before) != len(after):
+        differences.append(f"{prefix}: {len(before)} {column} rows before, {len(after)} after")
+    compared = 0
+    for x, y in zip(before, after, strict=False):
+        for key in keys:
+            compared += 1
+            if differ(x[key], y[key], tolerance):
+                differences.append(f"{prefix} {x[column]}: {key} {x[key]!r} before, {y[key]!r} after")
+    return compared
+
+
 def compare(before: Path, after: Path, tolerance: float) -> list[str]:
     differences: list[str] = []
     compared = 0
@@ -86,24 +107,13 @@ def compare(before: Path, after: Path, tolerance: float) -> list[str]:
             compared += 1
             if da.get(key) != db.get(key):
                 differences.append(f"{name}: data.{key} {da.get(key)!r} before, {db.get(key)!r} after")
-        epochs_sql = "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch"
-        ea, eb = rows(old, epochs_sql, a["id"]), rows(new, epochs_sql, b["id"])
-        if len(ea) != len(eb):
-            differences.append(f"{name}: {len(ea)} epochs before, {len(eb)} after")
-        for x, y in zip(ea, eb, strict=False):
-            for key in EPOCH_FIGURES:
-                compared += 1
-                if differ(x[key], y[key], tolerance):
-                    differences.append(f"{name} epoch {x['epoch']}: {key} {x[key]!r} before, {y[key]!r} after")
-        evals_sql = "SELECT * FROM evals WHERE run_id = ? ORDER BY id"
-        va, vb = rows(old, evals_sql, a["id"]), rows(new, evals_sql, b["id"])
-        if len(va) != len(vb):
-            differences.append(f"{name}: {len(va)} evaluations before, {len(vb)} after")
+        ea = rows(old, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", a["id"])
+        eb = rows(new, "SELECT * FROM epochs WHERE run_id = ? ORDER BY epoch", b["id"])
+        compared += compare_rows(ea, eb, EPOCH_FIGURES, f"{name} epoch", "epoch", tolerance, differences)
+        va = rows(old, "SELECT * FROM evals WHERE run_id = ? ORDER BY id", a["id"])
+        vb = rows(new, "SELECT * FROM evals WHERE run_id = ? ORDER BY id", b["id"])
+        compared += compare_rows(va, vb, EVAL_FIGURES, name, "split", tolerance, differences)
         for x, y in zip(va, vb, strict=False):
-            for key in EVAL_FIGURES:
-                compared += 1
-                if differ(x[key], y[key], tolerance):
-                    differences.append(f"{name} {x['split']}: {key} {x[key]!r} before, {y[key]!r} after")
             answers = [
                 Path(p).read_text() if p and Path(p).exists() else None for p in (x["predictions"], y["predictions"])
             ]
