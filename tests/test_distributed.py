@@ -25,6 +25,7 @@ from vqabench.engine.distributed import (
     NodePreparation,
     PreparationFailed,
     Ranks,
+    arrive,
     collective_timeout,
 )
 from vqabench.launch import (
@@ -211,7 +212,9 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(dropout
     second, more = run_session(runs("2", nproc_per_node=2), tmp_path / "2", tmp_path / "c2")
     notes += more
     for runner in (first, second):
-        assert all(s.status == DONE for s in runner.states.values()), [s.reason for s in runner.states.values()]
+        assert all(s.status == DONE for s in runner.states.values()), [
+            (s.reason, "\n".join(s.stderr_tail)) for s in runner.states.values()
+        ]
     assert len(list((tmp_path / "c2" / "reference").glob("*.pt"))) == 1  # written once, by rank 0
     for name in ("dpo1", "dpo2", "kto1", "kto2"):
         assert len(events_of(notes, name, ev.RunStarted)) == 1
@@ -253,7 +256,9 @@ def test_a_causal_family_on_two_processes_gives_the_losses_of_one(tmp_path):
     second, more = run_session(runs("2", nproc_per_node=2), tmp_path / "2", tmp_path / "c2")
     notes += more
     for runner in (first, second):
-        assert all(s.status == DONE for s in runner.states.values()), [s.reason for s in runner.states.values()]
+        assert all(s.status == DONE for s in runner.states.values()), [
+            (s.reason, "\n".join(s.stderr_tail)) for s in runner.states.values()
+        ]
     [started] = events_of(notes, "dpo2", ev.RunStarted)
     assert (started.world_size, started.global_batch, started.per_device_batch) == (2, 8, 4)
     assert started.data["model_family"] == "qwen2-vl"
@@ -321,6 +326,27 @@ def test_a_process_waiting_for_preparation_stops_with_the_reason_of_the_one_that
         other.begin()
     assert str(info.value) == "rank 0 failed while preparing the run: the file 'train.jsonl' has no rows."
     assert info.value.error_kind == "data"
+
+
+def test_at_the_end_of_a_run_no_process_leaves_before_every_process_has_arrived():
+    import threading
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()  # stands in for the rendezvous store the ranks share
+    left: list[int] = []
+
+    def finish(rank: int) -> None:
+        arrive(Ranks(rank=rank, world_size=2, local_rank=rank, local_world_size=2, store=store), poll_seconds=0.01)
+        left.append(rank)
+
+    other = threading.Thread(target=finish, args=(1,))
+    other.start()  # rank 1 is done at the test answers' gather; rank 0 is still judging
+    time.sleep(0.3)
+    assert left == [] and other.is_alive()
+    finish(0)
+    other.join(timeout=5)
+    assert sorted(left) == [0, 1]
 
 
 def test_the_collective_timeout_is_ten_minutes_unless_the_environment_shortens_it():

@@ -297,10 +297,33 @@ def collective_timeout(env: Mapping[str, str]) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def finish(ranks: Ranks) -> None:
-    """Leave the process group (a no-op for one process)."""
-    if ranks.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def finish(ranks: Ranks, completed: bool) -> None:
+    """Leave the process group (a no-op for one process).
+
+    After a run that completed, every process first waits for all the others (:func:`arrive`), so
+    they leave together, as torch asks of ``destroy_process_group``: the other ranks are done at
+    the test answers' gather while rank 0 still judges and reports, and one that tore down its
+    gloo connections that early was once killed by SIGABRT (CI, 2026-12-06). After a failure
+    nothing waits: torchrun stops the others.
+    """
+    if not (ranks.distributed and dist.is_initialized()):
+        return
+    if completed:
+        arrive(ranks)
+    dist.destroy_process_group()
+
+
+def arrive(ranks: Ranks, poll_seconds: float = PREPARATION_POLL_SECONDS) -> None:
+    """Count this process in at the run's end and return once every process has.
+
+    It waits on the rendezvous store, not in a collective, because rank 0's judging has no time
+    limit and a collective has one (``COLLECTIVE_TIMEOUT``).
+    """
+    if ranks.store is None:
+        return
+    ranks.store.add("finished", 1)
+    while ranks.store.add("finished", 0) < ranks.world_size:
+        time.sleep(poll_seconds)
 
 
 def rank_memory(fields: dict[str, Any], ranks: Ranks) -> dict[str, Any]:

@@ -25,12 +25,14 @@ def execute(spec: RunSpec, emit: Emit) -> None:
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     ranks, device = distributed.start(spec.device)
+    completed = False
     try:
         check_precision(spec.precision, device)
         with distributed.NodePreparation(ranks) as preparation:
             _execute(spec, emit if ranks.is_main else _silent, ranks, device, t_start, preparation)
+        completed = True
     finally:
-        distributed.finish(ranks)
+        distributed.finish(ranks, completed)
 
 
 def _silent(event: ev.Event) -> None:
