@@ -219,6 +219,8 @@ def _add_rate_option(parser: argparse.ArgumentParser) -> None:
 
 def _judge_spec(args: argparse.Namespace) -> JudgeSpec:
     spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    if args.model:
+        spec.model = args.model
     if getattr(args, "api_key_env", None):
         spec.api_key_env = args.api_key_env
     if args.requests_per_minute is not None:
@@ -239,6 +241,7 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     compare.add_argument(
         "--base-url", help="the LLM judge's server: Together-compatible, or for openai e.g. http://localhost:8000/v1"
     )
+    compare.add_argument("--model", help="the judge model (together, openai)")
     compare.add_argument("--limit", type=_positive_int, metavar="N", help="compare only the first N questions")
     _add_rate_option(compare)
     compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
@@ -344,8 +347,6 @@ def _run_judge(args: argparse.Namespace) -> int:
     from vqabench.rejudge import judge_answers_file, rejudge_run
 
     spec = _judge_spec(args)
-    if args.model:
-        spec.model = args.model
     if args.threshold is not None:
         spec.threshold = args.threshold
     if args.file is not None:
