@@ -175,9 +175,11 @@ def test_openai_without_a_server_and_bad_settings_are_one_sentence():
         make_judge(JudgeSpec(name="openai", base_url="localhost:8000"))
     base = {"name": "r", "method": "sft"}
     assert spec_from_dict({**base, "judge": {"name": "openai", "base_url": "http://h:1/v1"}}).judge.name == "openai"
+    with pytest.raises(SpecError, match=r"^p\.toml: judge 'openai' needs its server: set key 'judge\.base_url'"):
+        spec_from_dict({**base, "judge": "openai"}, "p.toml")
     with pytest.raises(SpecError, match=r"key 'judge.base_url' has value 'localhost:11434'"):
         spec_from_dict({**base, "judge": {"name": "openai", "base_url": "localhost:11434"}}, "p.toml")
     with pytest.raises(SpecError, match=r"key 'judge.api_key_env' has value 'MY KEY'"):
-        spec_from_dict({**base, "judge": {"name": "openai", "api_key_env": "MY KEY"}}, "p.toml")
+        spec_from_dict({**base, "judge": {"name": "auto", "api_key_env": "MY KEY"}}, "p.toml")
     with pytest.raises(SpecError, match="only the openai judge reads its key from it"):
         spec_from_dict({**base, "judge": {"name": "together", "api_key_env": "K"}}, "p.toml")

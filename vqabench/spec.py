@@ -379,6 +379,11 @@ def _check_judge(judge: JudgeSpec, where: str) -> None:
             f"{where}: key 'judge.base_url' has value {judge.base_url!r}; it must be an http:// or https:// URL, "
             f"such as http://localhost:8000/v1."
         )
+    if judge.name == "openai" and not judge.base_url and not os.environ.get("VQABENCH_JUDGE_URL"):
+        raise SpecError(
+            f"{where}: judge 'openai' needs its server: set key 'judge.base_url' (e.g. http://localhost:8000/v1) "
+            f"or the environment variable VQABENCH_JUDGE_URL."
+        )
     if judge.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge.api_key_env):
         raise SpecError(
             f"{where}: key 'judge.api_key_env' has value {judge.api_key_env!r}; it must be the name of an "
