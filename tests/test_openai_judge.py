@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -183,3 +184,21 @@ def test_openai_without_a_server_and_bad_settings_are_one_sentence():
         spec_from_dict({**base, "judge": {"name": "auto", "api_key_env": "MY KEY"}}, "p.toml")
     with pytest.raises(SpecError, match="only the openai judge reads its key from it"):
         spec_from_dict({**base, "judge": {"name": "together", "api_key_env": "K"}}, "p.toml")
+
+
+def test_an_unreachable_judge_after_training_keeps_em_f1_and_the_answers(tmp_path):
+    from types import SimpleNamespace
+
+    from vqabench.engine.answers import score_answers
+    from vqabench.engine.progress import Throttled
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    spec = spec_from_dict(
+        {"name": "r", "method": "sft", "judge": {"name": "openai", "base_url": url, "max_attempts": 1}}
+    )
+    pairs = [SimpleNamespace(image_id=i, question="What color?", chosen="red") for i in range(2)]
+    predictions = tmp_path / "predictions.jsonl"
+    summary = score_answers(spec, pairs, ["red", "blue"], tmp_path, predictions, Throttled(lambda _event: None))
+    assert (summary.n, summary.em, summary.judge_score) == (2, 0.5, None)
+    assert summary.extra["judge_error"].startswith(f"The openai judge could not reach {url} in 1 attempt (")
+    assert [json.loads(line)["prediction"] for line in predictions.read_text().splitlines()] == ["red", "blue"]
