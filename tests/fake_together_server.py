@@ -1,9 +1,11 @@
-"""A real HTTP server on 127.0.0.1 that speaks Together's chat completions API, for tests.
+"""A real HTTP server on 127.0.0.1 that speaks the chat completions API of Together and OpenAI, for tests.
 
 It answers ``POST /v1/chat/completions`` (the path the `together` client uses when its
-base_url is overridden). Scripted replies (status, headers, body, delay) are served in
-order, then a default responder grades by comparing the student's answer with the true
-answer, as a perfect judge would. Every request is recorded, with the most in flight.
+base_url is overridden, and the `openai` client's with base_url ending in /v1) and, like
+vLLM, ``GET /v1/models``; given `models`, a request for any other model gets vLLM's 404.
+Scripted replies (status, headers, body, delay) are served in order, then a default
+responder grades by comparing the student's answer with the true answer, as a perfect judge
+would. Every request is recorded, with the most in flight.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 CHAT_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
 
 
 @dataclass
@@ -81,8 +84,10 @@ class FakeTogetherServer:
         script: list[Reply] | None = None,
         responder: Callable[[dict[str, Any]], Reply] = perfect_judge,
         delay_s: float = 0.0,
+        models: list[str] | None = None,
     ) -> None:
         self.script = list(script or [])
+        self.models = models
         self.responder = responder
         self.delay_s = delay_s
         self.requests: list[RecordedRequest] = []
@@ -112,6 +117,10 @@ class FakeTogetherServer:
         self._thread.join(timeout=5)
 
     def _next_reply(self, body: Any) -> Reply:
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.models is not None and model not in self.models:
+            message = f"The model `{model}` does not exist."  # vLLM's words
+            return Reply(404, {"object": "error", "message": message, "type": "NotFoundError", "code": 404})
         with self._lock:
             if self.script:
                 return self.script.pop(0)
@@ -125,6 +134,13 @@ class FakeTogetherServer:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                if self.path == MODELS_PATH:
+                    listed = [{"id": m, "object": "model"} for m in server.models or ["fake-model"]]
+                    self._send(Reply(body={"object": "list", "data": listed}))
+                else:
+                    self._send(Reply(404, error_body(f"no route {self.path}")))
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)

@@ -19,7 +19,8 @@ def vqabench(
     tmp_path: Path, *args: str, cache: Path, key: str | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "VQABENCH_CACHE": str(cache)}
-    env.pop("TOGETHER_API_KEY", None)
+    for name in ("TOGETHER_API_KEY", "OPENAI_API_KEY", "VQABENCH_JUDGE_URL", "VQABENCH_JUDGE_MODEL"):
+        env.pop(name, None)
     if key:
         env["TOGETHER_API_KEY"] = key
     return subprocess.run(
@@ -100,6 +101,24 @@ def test_a_stored_run_is_rejudged_by_the_api_judge_without_retraining(trained, t
     # the verdicts go next to the predictions in this (copied) results folder, not the original
     assert len(list((folder / "vqabench-results" / "runs").glob("*/predictions.together.jsonl"))) == 1
     assert not list((trained / "vqabench-results" / "runs").glob("*/predictions.together.jsonl"))
+
+
+def test_a_stored_run_is_rejudged_by_a_model_on_an_openai_compatible_server(trained, tmp_path, vqa_cache):
+    folder = copy_of(trained, tmp_path)
+    served = "Qwen/Qwen2.5-0.5B-Instruct"
+    with FakeTogetherServer(models=[served]) as server:
+        url = server.base_url + "/v1"
+        args = ("judge", "--run", "1", "--judge", "openai", "--base-url", url, "--requests-per-minute", "6000")
+        wrong = vqabench(folder, *args, "--model", "llama3:8b", cache=vqa_cache)
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+        assert len(wrong.stderr.strip().splitlines()) == 1 and "'llama3:8b'" in wrong.stderr and url in wrong.stderr
+        asked_wrong = len(server.chat_requests)
+        right = vqabench(folder, *args, "--model", served, cache=vqa_cache)
+        assert right.returncode == 0, right.stderr
+        assert "Run 1: openai judge" in right.stdout and "on 24 answers" in right.stdout
+        bodies = [r.body for r in server.chat_requests[asked_wrong:]]
+    assert asked_wrong == 1 and 0 < len(bodies) <= 24 and {b["model"] for b in bodies} == {served}
+    assert len(list((folder / "vqabench-results" / "runs").glob("*/predictions.openai.jsonl"))) == 1
 
 
 def test_compare_two_stored_runs_asks_both_orders(trained, tmp_path, vqa_cache):

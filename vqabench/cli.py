@@ -190,9 +190,14 @@ def _add_judge_command(commands: argparse._SubParsersAction) -> None:
     which = judge.add_mutually_exclusive_group(required=True)
     which.add_argument("file", nargs="?", type=Path, help="a JSONL file of answers")
     which.add_argument("--run", type=int, metavar="ID", help="a stored run's id")
-    judge.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
-    judge.add_argument("--base-url", help="the Together-compatible API's base URL")
-    judge.add_argument("--model", help="the judge model (together)")
+    judge.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together", "openai"))
+    judge.add_argument(
+        "--base-url", help="the LLM judge's server: Together-compatible, or for openai e.g. http://localhost:8000/v1"
+    )
+    judge.add_argument("--model", help="the judge model (together, openai)")
+    judge.add_argument(
+        "--api-key-env", metavar="VAR", help="openai judge: the variable holding the key (OPENAI_API_KEY)"
+    )
     judge.add_argument("--threshold", type=float, help="semantic judge: cosine counted as correct")
     judge.add_argument("--limit", type=_positive_int, metavar="N", help="judge only the first N answers")
     _add_rate_option(judge)
@@ -208,12 +213,16 @@ def _add_rate_option(parser: argparse.ArgumentParser) -> None:
         "--requests-per-minute",
         type=_positive_int,
         metavar="N",
-        help="together judge: most request starts per minute (default 60; raise it to your account's limit)",
+        help="LLM judges: most request starts per minute (default 60; raise it to your account's limit)",
     )
 
 
 def _judge_spec(args: argparse.Namespace) -> JudgeSpec:
     spec = JudgeSpec(name=args.judge, limit=args.limit, base_url=args.base_url)
+    if args.model:
+        spec.model = args.model
+    if getattr(args, "api_key_env", None):
+        spec.api_key_env = args.api_key_env
     if args.requests_per_minute is not None:
         spec.requests_per_minute = args.requests_per_minute
     return spec
@@ -228,8 +237,11 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     )
     compare.add_argument("run_a", type=int, metavar="RUN_A")
     compare.add_argument("run_b", type=int, metavar="RUN_B")
-    compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together"))
-    compare.add_argument("--base-url", help="the Together-compatible API's base URL")
+    compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together", "openai"))
+    compare.add_argument(
+        "--base-url", help="the LLM judge's server: Together-compatible, or for openai e.g. http://localhost:8000/v1"
+    )
+    compare.add_argument("--model", help="the judge model (together, openai)")
     compare.add_argument("--limit", type=_positive_int, metavar="N", help="compare only the first N questions")
     _add_rate_option(compare)
     compare.add_argument("--cache", type=Path, metavar="DIR", help="judgment cache folder")
@@ -335,8 +347,6 @@ def _run_judge(args: argparse.Namespace) -> int:
     from vqabench.rejudge import judge_answers_file, rejudge_run
 
     spec = _judge_spec(args)
-    if args.model:
-        spec.model = args.model
     if args.threshold is not None:
         spec.threshold = args.threshold
     if args.file is not None:

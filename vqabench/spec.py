@@ -12,11 +12,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 METHODS = ("sft", "dpo", "orpo", "ipo", "kto", "simpo")
 #: Methods that compare the policy with a frozen reference model (an SFT checkpoint).
@@ -29,7 +31,7 @@ REFERENCE_STRATEGIES = ("auto", "copy", "precompute", "adapter")
 TRAIN_PARTS = ("decoder", "lm", "lm+projector", "lora", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-JUDGES = ("auto", "exact", "semantic", "together")
+JUDGES = ("auto", "exact", "semantic", "together", "openai")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
 ENCODER_CACHE = ("auto", "on", "off")
 ENCODER_CACHE_DTYPES = ("fp32", "bf16")
@@ -80,8 +82,9 @@ class JudgeSpec:
     name: str = "auto"
     limit: int | None = None  # cap on judged test answers; None = all
     threshold: float = 0.8  # semantic judge: cosine similarity counted as correct
-    model: str = "meta-llama/Llama-3-8b-chat-hf"  # together judge model
-    base_url: str | None = None
+    model: str = "meta-llama/Llama-3-8b-chat-hf"  # the LLM judge's model (together, openai)
+    base_url: str | None = None  # together: optional; openai: the server, e.g. http://localhost:8000/v1
+    api_key_env: str | None = None  # openai: the variable holding the key (default OPENAI_API_KEY)
     concurrency: int = 4
     requests_per_minute: int = 60
     max_attempts: int = 6
@@ -348,6 +351,7 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
         )
     if spec.beta is not None and spec.beta <= 0:
         raise SpecError(f"{where}: key 'beta' has value {spec.beta!r}; it must be greater than 0.")
+    _check_judge(spec.judge, where)
     if not 0 <= spec.dataset.max_skip_share <= 1:
         raise SpecError(
             f"{where}: key 'dataset.max_skip_share' has value {spec.dataset.max_skip_share!r}; "
@@ -366,6 +370,30 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
             f"set 'after' to an SFT preset's name or 'init_checkpoint' to a checkpoint folder."
         )
     return spec
+
+
+def _check_judge(judge: JudgeSpec, where: str) -> None:
+    """The LLM judges' server address and key variable, where a preset gives them."""
+    if judge.base_url is not None and urlsplit(judge.base_url).scheme not in ("http", "https"):
+        raise SpecError(
+            f"{where}: key 'judge.base_url' has value {judge.base_url!r}; it must be an http:// or https:// URL, "
+            f"such as http://localhost:8000/v1."
+        )
+    if judge.name == "openai" and not judge.base_url and not os.environ.get("VQABENCH_JUDGE_URL"):
+        raise SpecError(
+            f"{where}: judge 'openai' needs its server: set key 'judge.base_url' (e.g. http://localhost:8000/v1) "
+            f"or the environment variable VQABENCH_JUDGE_URL."
+        )
+    if judge.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", judge.api_key_env):
+        raise SpecError(
+            f"{where}: key 'judge.api_key_env' has value {judge.api_key_env!r}; it must be the name of an "
+            f"environment variable, such as OPENAI_API_KEY."
+        )
+    if judge.api_key_env is not None and judge.name not in ("openai", "auto"):
+        raise SpecError(
+            f"{where}: key 'judge.api_key_env' is set but judge.name is {judge.name!r}; only the openai judge "
+            f"reads its key from it (the together judge reads TOGETHER_API_KEY)."
+        )
 
 
 def _check_processes(spec: RunSpec, where: str) -> None:

@@ -1,8 +1,9 @@
-"""Judges grade predicted answers against references: `exact`, `semantic`, `together`, `auto`.
+"""Judges grade predicted answers against references: `exact`, `semantic`, `together`, `openai`, `auto`.
 
 `make_judge` builds one from a JudgeSpec. `auto` is `together` when TOGETHER_API_KEY is
-set, else the offline `semantic` judge. Heavy imports (torch, the together client) happen
-only when such a judge is built. See docs/judges.md.
+set, else `openai` when VQABENCH_JUDGE_URL names an OpenAI-compatible server, else the
+offline `semantic` judge. Heavy imports (torch, the API clients) happen only when such a
+judge is built. See docs/judges.md.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ __all__ = [
 
 
 def resolve_judge_name(name: str) -> str:
-    """The judge `name` stands for: `auto` becomes `together` with an API key, else `semantic`."""
+    """The judge `name` stands for: `auto` is `together` with its API key, else `openai` with
+    VQABENCH_JUDGE_URL set, else `semantic`."""
     if name == "auto":
-        return "together" if os.environ.get("TOGETHER_API_KEY") else "semantic"
+        if os.environ.get("TOGETHER_API_KEY"):
+            return "together"
+        return "openai" if os.environ.get("VQABENCH_JUDGE_URL") else "semantic"
     return name
 
 
@@ -77,8 +81,12 @@ def make_judge(spec: JudgeSpec, cache_path: Path | str | None = None) -> Judge:
         from vqabench.judges.together import TogetherJudge
 
         judge = TogetherJudge.from_spec(spec)
+    elif name == "openai":
+        from vqabench.judges.openai_compatible import OpenAICompatibleJudge
+
+        judge = OpenAICompatibleJudge.from_spec(spec, from_environment=spec.name == "auto")
     else:
-        raise JudgeError(f"judge.name is {spec.name!r}; allowed values are auto, exact, semantic, together.")
+        raise JudgeError(f"judge.name is {spec.name!r}; allowed values are auto, exact, semantic, together, openai.")
     if cache_path is not None and judge.uses_cache:
         return CachedJudge(judge, JudgmentCache(cache_path))
     return judge
