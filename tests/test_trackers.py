@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import struct
 from pathlib import Path
@@ -258,3 +259,42 @@ def test_a_run_without_report_to_starts_no_tracker(tmp_path, monkeypatch):
     spec, events = recorded_run()
     feed([SessionTrackers(LABEL, tmp_path, lambda run, text: pytest.fail(text))], spec, events)
     assert not any(isinstance(e, RunStarted) and e.config.get("report_to") for e in events)
+
+
+def test_a_real_tiny_run_reports_to_tensorboard_what_the_store_holds(tmp_path, vqa_cache):
+    """End to end: the real worker, one epoch on 16 pairs, --report-to tensorboard; the event files
+    agree with the results store."""
+    from rich.console import Console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vqabench.headless import run_headless
+
+    (vqa_cache / "base").mkdir(exist_ok=True)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "base").symlink_to(vqa_cache / "base")  # the session's shared base checkpoint
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(
+        'name = "tiny"\nmethod = "sft"\nepochs = 1\nlimit = 16\nbatch_size = 8\nbase_samples = 512\n'
+        '[dataset]\neval_size = 16\ntest_size = 16\n[judge]\nname = "exact"\n'
+    )
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    code = run_headless(
+        str(preset), Overrides(report_to=("tensorboard",)), tmp_path / "results", cache_dir=cache, console=console
+    )
+    assert code == 0, out.getvalue()[-3000:]
+    assert "warning" not in out.getvalue()
+    with ResultsStore(tmp_path / "results") as store:
+        session = store.last_session()
+        (run,) = store.runs(session.id)
+        (epoch,) = store.epochs(run.id)
+        test = next(e for e in store.evals(run.id) if e.split == "test")
+        steps = run.started.steps_per_epoch
+    (folder,) = (tmp_path / "results" / "tensorboard").iterdir()
+    assert folder.name == session.label
+    acc = EventAccumulator(str(folder / "tiny"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/eval_loss")] == [(steps, pytest.approx(epoch.eval_loss))]
+    assert [e.step for e in acc.Scalars("train/step_ms")] == list(range(1, steps + 1))
+    assert acc.Scalars("test/em")[0].value == pytest.approx(test.em)
