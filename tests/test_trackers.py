@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from fake_worker import canned_events
+from fake_worker import canned_events, worker_cmd
 
 from vqabench.events import EpochEnded, Evaluated, Progress, RunStarted, encode_event
 from vqabench.presets import Overrides, check_trackers_installed
@@ -298,3 +298,37 @@ def test_a_real_tiny_run_reports_to_tensorboard_what_the_store_holds(tmp_path, v
     assert [(e.step, e.value) for e in acc.Scalars("epoch/eval_loss")] == [(steps, pytest.approx(epoch.eval_loss))]
     assert [e.step for e in acc.Scalars("train/step_ms")] == list(range(1, steps + 1))
     assert acc.Scalars("test/em")[0].value == pytest.approx(test.em)
+
+
+def test_headless_report_to_warns_on_the_console_for_a_failing_tracker_and_exits_0(tmp_path):
+    from rich.console import Console
+
+    from vqabench.headless import run_headless
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tensorboard").write_text("a file where the event folder should go")
+    out = io.StringIO()
+    code = run_headless(
+        "sft",
+        Overrides(report_to=("tensorboard",)),
+        tmp_path / "results",
+        worker_cmd=worker_cmd(tmp_path, {}),
+        console=Console(file=out, width=300),
+    )
+    assert code == 0, out.getvalue()[-2000:]
+    warnings = [line for line in out.getvalue().splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("[sft] warning: the tensorboard tracker could not start (")
+    assert "1 of 1 run(s) done." in out.getvalue()
+
+
+def test_report_to_on_the_command_line():
+    from vqabench.cli import _overrides, build_parser
+
+    def overrides(*args: str) -> Overrides:
+        return _overrides(build_parser().parse_args(["--headless", *args]))
+
+    assert overrides("--report-to", "tensorboard, wandb").report_to == ("tensorboard", "wandb")
+    assert overrides("--report-to", "none").report_to == ()
+    assert overrides().report_to is None  # the presets' own lists
+    with pytest.raises(SpecError, match=r"^--report-to names 'neptune'; allowed trackers are .* or none\.$"):
+        overrides("--report-to", "neptune").validate()

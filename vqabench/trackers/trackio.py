@@ -41,5 +41,11 @@ class TrackioTracker:
             if summary:
                 self.run.log(summary, step=self.step)
         finally:
+            import trackio
+            from trackio import context_vars
+
             with contextlib.redirect_stdout(io.StringIO()):
-                self.run.finish()
+                if context_vars.current_run.get() is self.run:
+                    trackio.finish()  # also clears trackio's current run, which it would finish again at exit
+                else:
+                    self.run.finish()
