@@ -3,6 +3,7 @@
     vqabench                                        the dashboard (vqabench.tui.app)
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
              [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
+             [--report-to tensorboard,trackio,mlflow,wandb]
     vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
     vqabench models                                 the model families and built-in variants
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="let N runs without GPUs train at the same time (on a CPU they slow each other down; "
         "the report then says their epoch times were measured concurrently)",
+    )
+    parser.add_argument(
+        "--report-to",
+        type=_tracker_list,
+        metavar="tensorboard,wandb",
+        help="log every run to these experiment trackers (tensorboard, trackio, mlflow, wandb; each an extra: "
+        "pip install 'vqabench[wandb]'), or none; replaces the presets' report_to",
     )
     _add_results_option(parser, top_level=True)
     parser.add_argument(
@@ -167,6 +175,12 @@ def _seed_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of integers like 0,1,2") from None
+
+
+def _tracker_list(text: str) -> tuple[str, ...]:
+    """``--report-to a,b``; ``none`` (or an empty value) turns the presets' trackers off."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    return () if names in ((), ("none",)) else names
 
 
 def _gpu_list(text: str) -> tuple[int, ...]:
@@ -367,7 +381,14 @@ def _overrides(args: argparse.Namespace) -> Overrides:
     settings = tuple(args.settings)
     if args.gpus:
         settings += (f"gpus=[{','.join(map(str, args.gpus))}]",)
-    return Overrides(epochs=args.epochs, limit=args.limit, seed=args.seed, settings=settings, seeds=args.seeds)
+    return Overrides(
+        epochs=args.epochs,
+        limit=args.limit,
+        seed=args.seed,
+        settings=settings,
+        seeds=args.seeds,
+        report_to=args.report_to,
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from vqabench.runner import (
     status_line,
 )
 from vqabench.store import ResultsStore
+from vqabench.trackers.session import SessionTrackers
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 #: In plain mode a progress line is printed when the phase changes or after this long.
@@ -97,6 +98,8 @@ def run_headless(
             f"{', '.join(s.name for s in chosen.specs)}; results in {store.path}"
         )
         view = ConsoleView(console)
+        if any(spec.report_to for spec in chosen.specs):
+            runner.subscribe(SessionTrackers(session.label, store.results_dir, view.say_warning))
         runner.subscribe(view)
         with view:
             interrupted = asyncio.run(_run_until_done(runner, console))
@@ -192,6 +195,9 @@ class ConsoleView:
 
     def say(self, run: str, text: str) -> None:
         self.console.print(f"[{run}] {text}", markup=False, highlight=False)
+
+    def say_warning(self, run: str, text: str) -> None:
+        self.say(run, f"warning: {text}")
 
     def __call__(self, note: Notification) -> None:
         if isinstance(note, RunQueued):

@@ -21,6 +21,7 @@ name is a file stem.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import sys
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vqabench.models.registry import supported_model_types, variant_names
-from vqabench.spec import RunSpec, SpecError, spec_from_dict
+from vqabench.spec import TRACKER_MODULES, TRACKERS, RunSpec, SpecError, spec_from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +54,8 @@ class Overrides:
 
     `settings` are ``KEY=VALUE`` strings from ``--set`` (a dotted key such as
     ``dataset.test_size`` reaches into a table; VALUE is read as TOML, else as a string);
-    `seeds` repeats every run once per seed (``--seeds 0,1,2``).
+    `seeds` repeats every run once per seed (``--seeds 0,1,2``); `report_to` replaces every
+    run's experiment trackers (``--report-to tensorboard,wandb``; ``()`` = none).
     """
 
     epochs: int | None = None
@@ -61,6 +63,7 @@ class Overrides:
     seed: int | None = None
     settings: tuple[str, ...] = ()
     seeds: tuple[int, ...] | None = None
+    report_to: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         """Raise SpecError for a value no run could use."""
@@ -71,6 +74,9 @@ class Overrides:
             raise SpecError(
                 f"--seeds has value {','.join(map(str, self.seeds))}; give seeds of at least 0, like 0,1,2."
             )
+        unknown = [name for name in self.report_to or () if name not in TRACKERS]
+        if unknown:
+            raise SpecError(f"--report-to names {unknown[0]!r}; allowed trackers are {', '.join(TRACKERS)} or none.")
         self.parsed_settings()
 
     def parsed_settings(self) -> list[tuple[list[str], Any]]:
@@ -87,9 +93,11 @@ class Overrides:
         return out
 
     def apply(self, spec: RunSpec) -> RunSpec:
-        changes = {
+        changes: dict[str, Any] = {
             k: v for k, v in (("epochs", self.epochs), ("limit", self.limit), ("seed", self.seed)) if v is not None
         }
+        if self.report_to is not None:
+            changes["report_to"] = list(self.report_to)
         spec = spec.replace(**changes) if changes else spec
         settings = self.parsed_settings()
         if not settings:
@@ -319,7 +327,20 @@ def select_presets(selection: str, overrides: Overrides | None = None) -> Preset
         pending.append(dependency)
     ordered = order_runs([p.spec for p in presets.values()], where={name: str(p.path) for name, p in presets.items()})
     specs = expand_seeds([overrides.apply(s) for s in ordered], overrides.seeds)
+    for spec in specs:
+        check_trackers_installed(spec)
     return PresetSelection(specs, sorted(added))
+
+
+def check_trackers_installed(spec: RunSpec) -> None:
+    """Raise SpecError (naming the extra to install) when a tracker in `report_to` lacks its package."""
+    for name in spec.report_to:
+        module = TRACKER_MODULES[name]
+        if importlib.util.find_spec(module) is None:
+            raise SpecError(
+                f"run {spec.name}: report_to names {name!r}, but {module} is not installed; "
+                f"install it with pip install 'vqabench[{name}]'."
+            )
 
 
 def load_presets(selection: str, overrides: Overrides | None = None) -> list[RunSpec]:

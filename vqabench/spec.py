@@ -34,6 +34,10 @@ DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together", "openai")
 SCHEMAS = ("auto", "preference", "vlfeedback", "llava")
 ENCODER_CACHE = ("auto", "on", "off")
+#: Experiment trackers a run may report to (`report_to`), as TRL names them; vqabench.trackers logs to them.
+TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
+#: The module each tracker imports; the pip extra that installs it has the tracker's name (vqabench[wandb]).
+TRACKER_MODULES = {"tensorboard": "tensorboardX", "trackio": "trackio", "mlflow": "mlflow", "wandb": "wandb"}
 ENCODER_CACHE_DTYPES = ("fp32", "bf16")
 
 #: Method-specific defaults from each method's paper (used when the preset leaves them out).
@@ -151,6 +155,7 @@ class RunSpec:
     # (a family where one means nothing ignores it).
     shared_prompt: bool = True  # one prompt pass for both answers of a pair, on its key/value cache
     answer_only_logits: bool = True  # the LM head runs only where an answer token is predicted
+    report_to: list[str] = field(default_factory=list)  # experiment trackers (TRACKERS); [] = none
 
     @property
     def resolved_beta(self) -> float:
@@ -363,6 +368,9 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
             f"training, so their outputs cannot be cached; use 'auto' or 'off', or a train value that "
             f"freezes the vision part ('decoder', 'lm', 'lm+projector' or 'lora')."
         )
+    unknown = [name for name in spec.report_to if name not in TRACKERS]
+    if unknown:
+        raise SpecError(f"{where}: key 'report_to' names {unknown[0]!r}; allowed trackers are {', '.join(TRACKERS)}.")
     _check_processes(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
         raise SpecError(

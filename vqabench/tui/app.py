@@ -46,6 +46,7 @@ from vqabench.runner import (
 )
 from vqabench.spec import SpecError
 from vqabench.store import ResultsStore, StoreError
+from vqabench.trackers.session import SessionTrackers
 from vqabench.tui.charts import LossPanel
 from vqabench.tui.messages import ProgressNotice, RunnerNotice, notice_for
 from vqabench.tui.state import Clock, RunView, SessionView
@@ -204,6 +205,8 @@ class Dashboard(App[int]):
             gpus=gpus,
         )
         runner.subscribe(self.store.recorder(session))
+        if any(spec.report_to for spec in specs):
+            runner.subscribe(SessionTrackers(session.label, self.store.results_dir, self._tracker_warning))
         runner.subscribe(self._on_runner_note)
         self.runner = runner
         self.live = SessionView.planned(runner.specs)
@@ -219,6 +222,10 @@ class Dashboard(App[int]):
         )
         self.notify(f"Session {session.id}: {len(specs)} run(s) started; results in {self.store.path}.{added}")
         return True
+
+    def _tracker_warning(self, run: str, text: str) -> None:
+        """A failed experiment tracker: one warning; the run goes on."""
+        self.notify(f"{run}: {text}", title="Tracker", severity="warning", timeout=15)
 
     def _on_runner_note(self, note: Notification) -> None:
         """Runner subscriber: hand the notification to the app's message queue."""
