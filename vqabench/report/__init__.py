@@ -1,0 +1,140 @@
+"""The comparison report: its data, one module per table, and its renderers.
+
+The report's data: :mod:`~vqabench.report.runs` (what a run measured, :func:`summarize_runs`), one module
+per table (:mod:`~vqabench.report.quality`, ``efficiency``, ``versus_sft``, ``data``, ``epochs``,
+``probe``), each building a :class:`ReportTable` of typed cells (:mod:`~vqabench.report.model`), and
+:func:`build_report`, which assembles a session's tables (:mod:`~vqabench.report.session`). Its
+renderers: :mod:`~vqabench.report.markdown` (``vqabench export``, ``--export``, the dashboard's
+export); the headless console and the dashboard draw the same tables. A value that was not measured is
+"n/a", never 0.
+"""
+
+from __future__ import annotations
+
+from vqabench.report.data import DATA_COLUMNS, data_cells, data_summary, data_table, run_quality_report
+from vqabench.report.efficiency import REFERENCE_CHOICE_NOTE, efficiency_table, epoch_time_text, placement_notes
+from vqabench.report.epochs import EPOCH_NOTE, epoch_table
+from vqabench.report.markdown import markdown_table, render_markdown, report_markdown
+from vqabench.report.model import (
+    BASE,
+    BASE_NOTE,
+    LOAD_SLACK,
+    MIB,
+    MODEL_NOTE,
+    MORE_WORK_THAN_SFT,
+    NA,
+    NOISY,
+    NOISY_CV,
+    NOISY_NOTE,
+    SEEDS_NOTE,
+    TOO_FEW,
+    ReportTable,
+    as_number,
+    fmt,
+    fmt_int,
+    is_interval,
+    p_text,
+)
+from vqabench.report.probe import probe_table
+from vqabench.report.quality import quality_table
+from vqabench.report.runs import (
+    SEED_FIELDS,
+    RunData,
+    RunSummary,
+    RunTiming,
+    aggregate_seeds,
+    base_rows,
+    chose_reference,
+    encoder_cache_entry,
+    encoder_cache_info,
+    encoder_cache_text,
+    encoding_seconds,
+    load_disturbed,
+    mixed_encoder_cache_warning,
+    model_label,
+    noisy_ratio,
+    pm,
+    read_predictions,
+    reference_text,
+    relative_time,
+    run_setup,
+    run_timing,
+    score_text,
+    seed_group,
+    seed_suffix,
+    session_run_data,
+    status_text,
+    summarize_runs,
+    trains_label,
+)
+from vqabench.report.session import SessionReport, build_report, header_line
+from vqabench.report.versus_sft import versus_sft_table
+
+__all__ = [
+    "BASE",
+    "BASE_NOTE",
+    "DATA_COLUMNS",
+    "EPOCH_NOTE",
+    "LOAD_SLACK",
+    "MIB",
+    "MODEL_NOTE",
+    "MORE_WORK_THAN_SFT",
+    "NA",
+    "NOISY",
+    "NOISY_CV",
+    "NOISY_NOTE",
+    "REFERENCE_CHOICE_NOTE",
+    "SEEDS_NOTE",
+    "SEED_FIELDS",
+    "TOO_FEW",
+    "ReportTable",
+    "RunData",
+    "RunSummary",
+    "RunTiming",
+    "SessionReport",
+    "aggregate_seeds",
+    "as_number",
+    "base_rows",
+    "build_report",
+    "chose_reference",
+    "data_cells",
+    "data_summary",
+    "data_table",
+    "efficiency_table",
+    "encoder_cache_entry",
+    "encoder_cache_info",
+    "encoder_cache_text",
+    "encoding_seconds",
+    "epoch_table",
+    "epoch_time_text",
+    "fmt",
+    "fmt_int",
+    "header_line",
+    "is_interval",
+    "load_disturbed",
+    "markdown_table",
+    "mixed_encoder_cache_warning",
+    "model_label",
+    "noisy_ratio",
+    "p_text",
+    "placement_notes",
+    "pm",
+    "probe_table",
+    "quality_table",
+    "read_predictions",
+    "reference_text",
+    "relative_time",
+    "render_markdown",
+    "report_markdown",
+    "run_quality_report",
+    "run_setup",
+    "run_timing",
+    "score_text",
+    "seed_group",
+    "seed_suffix",
+    "session_run_data",
+    "status_text",
+    "summarize_runs",
+    "trains_label",
+    "versus_sft_table",
+]
