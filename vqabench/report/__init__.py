@@ -5,15 +5,32 @@ per table (:mod:`~vqabench.report.quality`, ``efficiency``, ``versus_sft``, ``da
 ``probe``), each building a :class:`ReportTable` of typed cells (:mod:`~vqabench.report.model`), and
 :func:`build_report`, which assembles a session's tables (:mod:`~vqabench.report.session`). Its
 renderers: :mod:`~vqabench.report.markdown` (``vqabench export``, ``--export``, the dashboard's
-export); the headless console and the dashboard draw the same tables. A value that was not measured is
-"n/a", never 0.
+export) and :mod:`~vqabench.report.json` (``--format json``, ``--json``: every figure with its unit and
+interval, versioned); the headless console and the dashboard draw the same tables. A value that was
+not measured is "n/a", never 0.
 """
 
 from __future__ import annotations
 
 from vqabench.report.data import DATA_COLUMNS, data_cells, data_summary, data_table, run_quality_report
-from vqabench.report.efficiency import REFERENCE_CHOICE_NOTE, efficiency_table, epoch_time_text, placement_notes
+from vqabench.report.efficiency import (
+    REFERENCE_CHOICE_NOTE,
+    efficiency_table,
+    epoch_time_cell,
+    epoch_time_text,
+    placement_notes,
+)
 from vqabench.report.epochs import EPOCH_NOTE, epoch_table
+from vqabench.report.json import (
+    SCHEMA_FILE,
+    SCHEMA_VERSION,
+    ReportFileError,
+    cell_json,
+    load_report_json,
+    render_json,
+    report_json,
+    table_json,
+)
 from vqabench.report.markdown import markdown_table, render_markdown, report_markdown
 from vqabench.report.model import (
     BASE,
@@ -28,12 +45,16 @@ from vqabench.report.model import (
     NOISY_NOTE,
     SEEDS_NOTE,
     TOO_FEW,
+    Cell,
+    Detail,
     ReportTable,
     as_number,
-    fmt,
-    fmt_int,
+    figure,
     is_interval,
+    missing,
+    p_cell,
     p_text,
+    word,
 )
 from vqabench.report.probe import probe_table
 from vqabench.report.quality import quality_table
@@ -59,7 +80,7 @@ from vqabench.report.runs import (
     relative_time,
     run_setup,
     run_timing,
-    score_text,
+    score_cell,
     seed_group,
     seed_suffix,
     session_run_data,
@@ -84,9 +105,14 @@ __all__ = [
     "NOISY_CV",
     "NOISY_NOTE",
     "REFERENCE_CHOICE_NOTE",
+    "SCHEMA_FILE",
+    "SCHEMA_VERSION",
     "SEEDS_NOTE",
     "SEED_FIELDS",
     "TOO_FEW",
+    "Cell",
+    "Detail",
+    "ReportFileError",
     "ReportTable",
     "RunData",
     "RunSummary",
@@ -96,6 +122,7 @@ __all__ = [
     "as_number",
     "base_rows",
     "build_report",
+    "cell_json",
     "chose_reference",
     "data_cells",
     "data_summary",
@@ -106,16 +133,19 @@ __all__ = [
     "encoder_cache_text",
     "encoding_seconds",
     "epoch_table",
+    "epoch_time_cell",
     "epoch_time_text",
-    "fmt",
-    "fmt_int",
+    "figure",
     "header_line",
     "is_interval",
     "load_disturbed",
+    "load_report_json",
     "markdown_table",
+    "missing",
     "mixed_encoder_cache_warning",
     "model_label",
     "noisy_ratio",
+    "p_cell",
     "p_text",
     "placement_notes",
     "pm",
@@ -124,17 +154,21 @@ __all__ = [
     "read_predictions",
     "reference_text",
     "relative_time",
+    "render_json",
     "render_markdown",
+    "report_json",
     "report_markdown",
     "run_quality_report",
     "run_setup",
     "run_timing",
-    "score_text",
+    "score_cell",
     "seed_group",
     "seed_suffix",
     "session_run_data",
     "status_text",
     "summarize_runs",
+    "table_json",
     "trains_label",
     "versus_sft_table",
+    "word",
 ]

@@ -7,9 +7,10 @@ from typing import Any
 
 from vqabench.events import RunStarted
 from vqabench.report.model import (
-    NA,
+    Cell,
     ReportTable,
-    fmt_int,
+    figure,
+    word,
 )
 from vqabench.report.runs import (
     RunData,
@@ -23,25 +24,26 @@ def run_quality_report(started: RunStarted | None) -> dict[str, Any] | None:
     return quality if isinstance(quality, dict) else None
 
 
-def data_cells(quality: dict[str, Any]) -> list[str]:
+def data_cells(quality: dict[str, Any]) -> list[Cell]:
     """Rows read, pairs, skipped (by reason), answer tokens p50/p99/max, limit, truncated."""
     stats = quality.get("token_stats") or {}
     skipped = quality.get("skipped") or {}
-    skipped_text = str(sum(v for v in skipped.values() if isinstance(v, int)))
+    skipped_cell = figure(sum(v for v in skipped.values() if isinstance(v, int)), 0, "rows", details=dict(skipped))
     if skipped:
-        skipped_text += " (" + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items())) + ")"
-    limit = fmt_int(stats.get("max_answer_tokens"))
-    if limit != NA and stats.get("max_answer_tokens_setting") == "auto":
-        limit += " (auto)"
+        skipped_cell.text += " (" + ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items())) + ")"
+    limit = figure(stats.get("max_answer_tokens"), 0, "tokens", thousands=True)
+    if limit.value is not None and stats.get("max_answer_tokens_setting") == "auto":
+        limit.text += " (auto)"
+        limit.details["setting"] = "auto"
     return [
-        fmt_int(quality.get("rows_read")),
-        fmt_int(quality.get("pairs_built")),
-        skipped_text,
-        fmt_int(stats.get("p50")),
-        fmt_int(stats.get("p99")),
-        fmt_int(stats.get("max")),
+        figure(quality.get("rows_read"), 0, "rows", thousands=True),
+        figure(quality.get("pairs_built"), 0, "pairs", thousands=True),
+        skipped_cell,
+        figure(stats.get("p50"), 0, "tokens", thousands=True),
+        figure(stats.get("p99"), 0, "tokens", thousands=True),
+        figure(stats.get("max"), 0, "tokens", thousands=True),
         limit,
-        fmt_int(stats.get("truncated")),
+        figure(stats.get("truncated"), 0, "answers", thousands=True),
     ]
 
 
@@ -62,7 +64,7 @@ def data_summary(started: RunStarted | None) -> str:
     quality = run_quality_report(started)
     if quality is None:
         return ""
-    rows, pairs, skipped, p50, p99, most, limit, truncated = data_cells(quality)
+    rows, pairs, skipped, p50, p99, most, limit, truncated = (c.text for c in data_cells(quality))
     return (
         f"data: {rows} rows read, {pairs} pairs, {skipped} skipped; answer tokens p50 {p50}, p99 {p99}, "
         f"max {most}; answer limit {limit}; {truncated} answers truncated"
@@ -71,14 +73,16 @@ def data_summary(started: RunStarted | None) -> str:
 
 def data_table(runs: Sequence[RunData]) -> ReportTable | None:
     """Per run (one row per preset repeated over seeds): what loading the data did, and what was cut."""
-    rows, notes, seen = [], [], set()
+    rows: list[list[Cell]] = []
+    notes: list[str] = []
+    seen: set[str] = set()
     for run in runs:
         quality = run_quality_report(run.started)
         group = seed_group(run.name)
         if quality is None or group in seen:
             continue
         seen.add(group)
-        rows.append([group, *data_cells(quality)])
+        rows.append([word(group), *data_cells(quality)])
         notes += [f"{group}: {warning}" for warning in quality.get("warnings") or [] if isinstance(warning, str)]
     if not rows:
         return None
@@ -90,4 +94,4 @@ def data_table(runs: Sequence[RunData]) -> ReportTable | None:
         "Truncated: answers longer than the limit, cut without their end token.",
     )
     columns = ["Run", *DATA_COLUMNS]
-    return ReportTable("Data", columns, ["left", "right", "right", "left"] + ["right"] * 5, rows, notes)
+    return ReportTable("Data", columns, ["left", "right", "right", "left"] + ["right"] * 5, rows, notes, "data")

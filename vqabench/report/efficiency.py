@@ -11,8 +11,12 @@ from vqabench.report.model import (
     NOISY,
     NOISY_NOTE,
     SEEDS_NOTE,
+    Cell,
+    Detail,
     ReportTable,
-    fmt,
+    figure,
+    missing,
+    word,
 )
 from vqabench.report.runs import (
     RunData,
@@ -55,45 +59,48 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
         columns.append("Reference")
     if with_cache:
         columns.append("Encoder cache")
-    rows, noisy = [], False
+    rows: list[list[Cell]] = []
+    noisy = False
     for s in summaries:
-        memory = fmt(s.peak_memory_mib, 1)
+        memory = figure(s.peak_memory_mib, 1, "MiB", details={"source": s.memory_source} if s.memory_source else None)
         if len(sources) > 1 and s.memory_source:
-            memory += f" ({s.memory_source})"
-        reference = {True: fmt(s.reference_mib, 1), False: "none", None: NA}[s.uses_reference]
+            memory.text += f" ({s.memory_source})"
+        reference = {True: figure(s.reference_mib, 1, "MiB"), False: word("none"), None: word(None)}[s.uses_reference]
         if s.seeds > 1:
-            memory = pm(s, "peak_memory_mib", 1)
+            memory = pm(s, "peak_memory_mib", 1, "MiB")
             if s.uses_reference:
-                reference = pm(s, "reference_mib", 1)
-        relative = pm(s, "relative_epoch_time", 2)
+                reference = pm(s, "reference_mib", 1, "MiB")
         low = None
-        if s.relative_interval and s.seeds == 1 and relative != NA:
-            relative += f" [{s.relative_interval[0]:.2f}, {s.relative_interval[1]:.2f}]"
+        if s.relative_interval and s.seeds == 1 and s.relative_epoch_time is not None:
+            relative = figure(s.relative_epoch_time, 2, "×", interval=s.relative_interval)
             low = s.relative_interval[0]
-        elif s.seeds > 1 and s.relative_epoch_time is not None and "relative_epoch_time" in s.spread:
-            low = s.relative_epoch_time - s.spread["relative_epoch_time"]
+        else:
+            relative = pm(s, "relative_epoch_time", 2, "×")
+            if s.seeds > 1 and s.relative_epoch_time is not None and "relative_epoch_time" in s.spread:
+                low = s.relative_epoch_time - s.spread["relative_epoch_time"]
         if noisy_ratio(s.method, low):
-            relative += f" {NOISY}"
+            relative.text += f" {NOISY}"
+            relative.details[NOISY] = True
             noisy = True
         rows.append(
             [
-                s.name,
-                pm(s, "epoch_seconds", 2) if s.seeds > 1 else epoch_time_text(s.epoch_spread),
-                fmt(s.warmup_seconds, 2) if s.warmup_seconds is not None else "–",
+                word(s.name),
+                pm(s, "epoch_seconds", 2, "s") if s.seeds > 1 else epoch_time_cell(s.epoch_spread),
+                figure(s.warmup_seconds, 2, "s") if s.warmup_seconds is not None else missing(unit="s"),
                 relative,
-                pm(s, "aligned_seconds", 2),
-                pm(s, "samples_per_s", 1),
+                pm(s, "aligned_seconds", 2, "s"),
+                pm(s, "samples_per_s", 1, "samples/s"),
                 memory,
-                pm(s, "peak_vs_orpo_mib", 1),
+                pm(s, "peak_vs_orpo_mib", 1, "MiB"),
                 reference,
-                fmt(s.optimizer_state_mib, 1),
-                f"{s.trainable_params:,}" if s.trainable_params is not None else NA,
-                s.trains or NA,
-                s.precision or NA,
-                s.model or NA,
+                figure(s.optimizer_state_mib, 1, "MiB"),
+                figure(s.trainable_params, 0, "parameters", thousands=True),
+                word(s.trains),
+                word(s.precision),
+                word(s.model),
             ]
-            + ([s.reference or NA] if with_choice else [])
-            + ([s.encoder_cache or NA] if with_cache else [])
+            + ([word(s.reference)] if with_choice else [])
+            + ([word(s.encoder_cache)] if with_cache else [])
         )
     notes = [warning] if warning else []
     notes += [
@@ -147,7 +154,7 @@ def efficiency_table(summaries: Sequence[RunSummary], warning: str | None = None
     notes += [s.timing_warning for s in summaries if s.timing_warning]
     # Trains, Precision, Model (and Encoder cache) are words
     align = ["left"] + ["right"] * 10 + ["left"] * (len(columns) - 11)
-    return ReportTable("Efficiency", columns, align, rows, notes)
+    return ReportTable("Efficiency", columns, align, rows, notes, "efficiency")
 
 
 REFERENCE_CHOICE_NOTE = (
@@ -194,3 +201,13 @@ def epoch_time_text(times: Spread | None) -> str:
     if times.n < 2:
         return f"{times.median:.2f} s"
     return f"{times.median:.2f} s ± {times.std:.2f} ({times.low:.2f} … {times.high:.2f})"
+
+
+def epoch_time_cell(times: Spread | None) -> Cell:
+    """The median epoch time with its spread as details (std, min, max), printed as :func:`epoch_time_text`."""
+    if times is None:
+        return figure(None, 2, "s")
+    details: dict[str, Detail] = {"epochs": times.n}
+    if times.n >= 2:
+        details.update(std=times.std, min=times.low, max=times.high)
+    return Cell(epoch_time_text(times), times.median, "s", details=details)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from vqabench.report.model import (
     NA,
+    Cell,
     ReportTable,
-    fmt,
+    figure,
 )
 from vqabench.report.runs import (
     RunData,
@@ -33,28 +34,34 @@ def epoch_table(run: RunData) -> ReportTable:
         "Reward margin ↑",
     ] + (["EM ↑", "F1 ↑", "Judge ↑"] if scored else [])
     columns += (["Step [ms] median (p10 … p90)"] if steps else []) + (["Load avg / cores"] if loads else [])
-    rows = []
+    rows: list[list[Cell]] = []
     for e in run.epochs:
         memory = e.cuda_max_allocated_mib if cuda else e.peak_rss_mib
+        epoch = figure(e.epoch, 0, "epoch", details={"best": e.is_best})
+        if e.is_best:
+            epoch.text += " ★"
         row = [
-            f"{e.epoch}{' ★' if e.is_best else ''}",
-            fmt(e.train_loss, 4),
-            fmt(e.eval_loss, 4),
-            fmt(e.epoch_seconds, 2),
-            fmt(memory, 1),
-            fmt(e.pref_accuracy, 3),
-            fmt(e.reward_margin, 3),
+            epoch,
+            figure(e.train_loss, 4, "loss"),
+            figure(e.eval_loss, 4, "loss"),
+            figure(e.epoch_seconds, 2, "s"),
+            figure(memory, 1, "MiB"),
+            figure(e.pref_accuracy, 3, "fraction"),
+            figure(e.reward_margin, 3, "reward"),
         ]
         if scored:
-            row += [fmt(e.em, 3), fmt(e.f1, 3), fmt(e.judge_score, 3)]
+            row += [figure(e.em, 3, "fraction"), figure(e.f1, 3, "fraction"), figure(e.judge_score, 3, "fraction")]
         if steps:
-            row.append(
-                f"{e.step_ms_median:.1f} ({e.step_ms_p10:.1f} … {e.step_ms_p90:.1f})"
-                if e.step_ms_median is not None and e.step_ms_p10 is not None and e.step_ms_p90 is not None
-                else NA
-            )
+            if e.step_ms_median is not None and e.step_ms_p10 is not None and e.step_ms_p90 is not None:
+                step = figure(e.step_ms_median, 1, "ms", details={"p10": e.step_ms_p10, "p90": e.step_ms_p90})
+                step.text += f" ({e.step_ms_p10:.1f} … {e.step_ms_p90:.1f})"
+            else:
+                step = figure(None, 1, "ms")
+            row.append(step)
         if loads:
-            row.append(f"{fmt(e.load_avg_max, 1)} / {e.cores or NA}")
+            load = figure(e.load_avg_max, 1, "load average", details={"cores": e.cores})
+            load.text += f" / {e.cores or NA}"
+            row.append(load)
         rows.append(row)
     notes = ["EM, F1, Judge per epoch: scored on a sample of eval-split answers."] if scored else []
     if loads:
@@ -62,4 +69,6 @@ def epoch_table(run: RunData) -> ReportTable:
             "Load avg / cores: the highest 1-minute load average during the epoch's steps against the "
             "CPU threads the run used; above them, other work competed for the cores."
         )
-    return ReportTable(f"{run.name} ({run.method}, {run.status})", columns, ["right"] * len(columns), rows, notes)
+    return ReportTable(
+        f"{run.name} ({run.method}, {run.status})", columns, ["right"] * len(columns), rows, notes, f"epochs:{run.name}"
+    )

@@ -4,6 +4,7 @@ and number formats every table shares."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,15 +65,90 @@ SEEDS_NOTE = (
 )
 
 
+#: What a figure may carry beside its value: "std", "min", "max", "p10", "p90", "half_width" (across
+#: seeds), "cores", "source" (of a memory peak), "noisy", "best" (epoch), counts by reason.
+Detail = float | str | bool | None
+
+
+@dataclass
+class Cell:
+    """One cell of a table: the figure (`value`: a number, a word, or None when not measured), its 95%
+    interval (`low`, `high`) where it has one, its `unit`, other figures it shows (`details`), and
+    `text`, what the Markdown and the console print. Build cells with :func:`figure` and :func:`word`,
+    which write `text` from the figures, so a rendering cannot disagree with the data."""
+
+    text: str
+    value: float | str | None = None
+    unit: str | None = None
+    low: float | None = None
+    high: float | None = None
+    details: dict[str, Detail] = field(default_factory=dict)
+
+
 @dataclass
 class ReportTable:
-    """A table as text cells; `align` is "left" or "right" per column."""
+    """A table of typed cells, found by its `name` ("quality", "efficiency", ...); `align` is "left" or
+    "right" per column; `notes` define its columns."""
 
     title: str
     columns: list[str]
     align: list[str]
-    rows: list[list[str]]
+    cells: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def rows(self) -> list[list[str]]:
+        """The cells as the text they print."""
+        return [[cell.text for cell in row] for row in self.cells]
+
+
+def word(text: str | None, *, unit: str | None = None) -> Cell:
+    """A cell that is a word ("decoder", "built in 1.20 s", a run's name); None prints "n/a"."""
+    return Cell(NA if text is None else text, text, unit)
+
+
+def figure(
+    value: Any,
+    digits: int,
+    unit: str | None = None,
+    *,
+    interval: Sequence[float] | None = None,
+    half_width: float | None = None,
+    signed: bool = False,
+    thousands: bool = False,
+    details: dict[str, Detail] | None = None,
+) -> Cell:
+    """A number printed with `digits` decimals ("n/a" when not measured), with its 95% interval as
+    "[low, high]" or its across-seed half-width as "± h"; `signed` prints "+" on positive numbers."""
+    number = as_number(value)
+    sign = "+" if signed else ""
+    if number is None:
+        text = NA
+    elif math.isinf(number):
+        text = "inf" if number > 0 else "-inf"
+    else:
+        text = f"{number:{sign}{',' if thousands else ''}.{digits}f}"
+    cell = Cell(text, number, unit, details=dict(details or {}))
+    if number is not None and interval:
+        cell.low, cell.high = float(interval[0]), float(interval[1])
+        cell.text += f" [{cell.low:{sign}.{digits}f}, {cell.high:{sign}.{digits}f}]"
+    if number is not None and half_width is not None:
+        cell.details["half_width"] = half_width
+        cell.text += f" ± {half_width:.{digits}f}"
+    return cell
+
+
+def missing(text: str = "–", unit: str | None = None) -> Cell:
+    """A cell with no figure on purpose ("–": the column does not apply to this row)."""
+    return Cell(text, None, unit)
+
+
+def p_cell(p: float | None) -> Cell:
+    """A p-value: "< 0.001" below it, else three decimals; too few items for a test: the words."""
+    if p is None:
+        return word(TOO_FEW)
+    return Cell(p_text(p), p, "probability")
 
 
 def as_number(value: Any) -> float | None:
@@ -83,20 +159,6 @@ def as_number(value: Any) -> float | None:
 
 def is_interval(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(as_number(v) is not None for v in value)
-
-
-def fmt_int(value: Any) -> str:
-    number = as_number(value)
-    return NA if number is None else f"{number:,.0f}"
-
-
-def fmt(value: Any, digits: int) -> str:
-    number = as_number(value)
-    if number is None:
-        return NA
-    if math.isinf(number):
-        return "inf" if number > 0 else "-inf"
-    return f"{number:.{digits}f}"
 
 
 def p_text(p: float | None) -> str:

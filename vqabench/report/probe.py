@@ -7,12 +7,14 @@ from collections.abc import Sequence
 from vqabench.events import ProbeMeasured, ProbeStarted
 from vqabench.report.model import (
     MIB,
-    NA,
     NOISY,
     NOISY_NOTE,
+    Cell,
     ReportTable,
     as_number,
-    fmt,
+    figure,
+    missing,
+    word,
 )
 from vqabench.report.runs import (
     load_disturbed,
@@ -38,38 +40,41 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         if sources == {"RSS"}
         else "Peak memory [MiB] ↓"
     )
-    rows, noisy = [], False
+    rows: list[list[Cell]] = []
+    noisy = False
     for name, rounds in by_preset.items():
         times = steps[name]
         if not times:
-            rows.append([name, rounds[0].method] + [NA] * 6)
+            rows.append([word(name), word(rounds[0].method)] + [word(None) for _ in range(6)])
             continue
         p10, median, p90 = quantiles(times, (0.1, 0.5, 0.9))
-        relative = NA
+        relative = figure(None, 2, "×")
         paired = [(m.step_ms, base_rounds[m.round]) for m in rounds if m.step_ms and m.round in base_rounds]
         if name == base:
-            relative = "1.00"
+            relative = figure(1.0, 2, "×")
         elif paired:
             ratio = ratio_ci([a for a, _ in paired], [b for _, b in paired], "median", paired=True)
-            relative = f"{ratio.mean:.2f}"
-            if ratio.low is not None and ratio.high is not None:
-                relative += f" [{ratio.low:.2f}, {ratio.high:.2f}]"
+            interval = [ratio.low, ratio.high] if ratio.low is not None and ratio.high is not None else None
+            relative = figure(ratio.mean, 2, "×", interval=interval)
             if noisy_ratio(rounds[0].method, ratio.low):
-                relative += f" {NOISY}"
+                relative.text += f" {NOISY}"
+                relative.details[NOISY] = True
                 noisy = True
         peaks = [v for v in (as_number(m.peak_memory_mib) for m in rounds) if v is not None]
         uses_reference = rounds[0].reference_strategy is not None
         setup = sorted(m.setup_seconds for m in rounds)[len(rounds) // 2]
+        step = figure(median, 1, "ms", details={"p10": p10, "p90": p90})
+        step.text += f" ({p10:.1f} … {p90:.1f})"
         rows.append(
             [
-                name,
-                rounds[0].method + (f" ({rounds[0].reference_strategy})" if uses_reference else ""),
-                f"{median:.1f} ({p10:.1f} … {p90:.1f})",
+                word(name),
+                word(rounds[0].method + (f" ({rounds[0].reference_strategy})" if uses_reference else "")),
+                step,
                 relative,
-                f"{started.batch_size * 1000.0 / median:.1f}",
-                fmt(max(peaks), 1) if peaks else NA,
-                fmt(rounds[0].reference_bytes / MIB, 1) if uses_reference else "none",
-                fmt(setup, 2) if uses_reference else "–",
+                figure(started.batch_size * 1000.0 / median, 1, "samples/s"),
+                figure(max(peaks) if peaks else None, 1, "MiB"),
+                figure(rounds[0].reference_bytes / MIB, 1, "MiB") if uses_reference else word("none"),
+                figure(setup, 2, "s") if uses_reference else missing(unit="s"),
             ]
         )
     loads = [v for v in (as_number(m.load_avg_max) for m in measured) if v is not None]
@@ -109,4 +114,5 @@ def probe_table(started: ProbeStarted, measured: Sequence[ProbeMeasured]) -> Rep
         ["left", "left"] + ["right"] * 6,
         rows,
         notes,
+        "probe",
     )

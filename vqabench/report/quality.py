@@ -9,9 +9,12 @@ from vqabench.report.model import (
     MODEL_NOTE,
     NA,
     SEEDS_NOTE,
+    Cell,
     ReportTable,
-    fmt,
+    figure,
     is_interval,
+    missing,
+    word,
 )
 from vqabench.report.runs import (
     RunData,
@@ -19,7 +22,7 @@ from vqabench.report.runs import (
     base_rows,
     model_label,
     pm,
-    score_text,
+    score_cell,
 )
 
 
@@ -28,7 +31,7 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
     with_kappa = any(s.kappa is not None for s in summaries)
     columns = ["Method", "Model", "EM ↑", "F1 ↑", "Judge ↑"]
     columns += (["κ judge/EM"] if with_kappa else []) + ["Epoch time [s] ↓"]
-    rows = []
+    rows: list[list[Cell]] = []
     bases = base_rows(runs)
     for name, run in bases:
         scores = run.base_eval
@@ -39,29 +42,29 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
             if is_interval(scores.extra.get(f"{key}_ci"))
         }
         row = [
-            name,
-            model_label(run.started) or NA,
-            score_text(scores.em, ci.get("em")),
-            score_text(scores.f1, ci.get("f1")),
-            score_text(scores.judge_score, ci.get("judge")),
+            word(name),
+            word(model_label(run.started)),
+            score_cell(scores.em, ci.get("em")),
+            score_cell(scores.f1, ci.get("f1")),
+            score_cell(scores.judge_score, ci.get("judge")),
         ]
         if with_kappa:
-            row.append(fmt(scores.extra.get("judge_kappa"), 2))
-        rows.append([*row, "–"])
+            row.append(figure(scores.extra.get("judge_kappa"), 2, "kappa"))
+        rows.append([*row, missing(unit="s")])
     for s in summaries:
         if s.seeds > 1:
-            row = [s.name, s.model or NA, pm(s, "em", 3), pm(s, "f1", 3), pm(s, "judge_score", 3)]
+            row = [word(s.name), word(s.model), *(pm(s, key, 3, "fraction") for key in ("em", "f1", "judge_score"))]
         else:
             row = [
-                s.name,
-                s.model or NA,
-                score_text(s.em, s.intervals.get("em")),
-                score_text(s.f1, s.intervals.get("f1")),
-                score_text(s.judge_score, s.intervals.get("judge")),
+                word(s.name),
+                word(s.model),
+                score_cell(s.em, s.intervals.get("em")),
+                score_cell(s.f1, s.intervals.get("f1")),
+                score_cell(s.judge_score, s.intervals.get("judge")),
             ]
         if with_kappa:
-            row.append(pm(s, "kappa", 2))
-        rows.append([*row, pm(s, "epoch_seconds", 2)])
+            row.append(pm(s, "kappa", 2, "kappa"))
+        rows.append([*row, pm(s, "epoch_seconds", 2, "s")])
     evals = [r.final_eval for r in runs if r.final_eval]
     notes = []
     if evals:
@@ -98,4 +101,4 @@ def quality_table(summaries: Sequence[RunSummary], runs: Sequence[RunData]) -> R
         "the efficiency table gives its spread."
     )
     notes.append(MODEL_NOTE)
-    return ReportTable("Quality", columns, ["left", "left"] + ["right"] * (len(columns) - 2), rows, notes)
+    return ReportTable("Quality", columns, ["left", "left"] + ["right"] * (len(columns) - 2), rows, notes, "quality")

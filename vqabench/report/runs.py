@@ -15,10 +15,10 @@ from vqabench.report.model import (
     LOAD_SLACK,
     MIB,
     MORE_WORK_THAN_SFT,
-    NA,
     NOISY_CV,
+    Cell,
     as_number,
-    fmt,
+    figure,
     is_interval,
 )
 from vqabench.store import ResultsStore
@@ -42,6 +42,7 @@ class RunData:
     final_eval: Evaluated | None = None  # the last eval on the test split
     setup: str = ""  # model, data, trained part, precision; a run's SFT baseline is an SFT run of the same setup
     base_eval: Evaluated | None = None  # the starting model's test scores, where this run made them
+    spec: dict[str, Any] = field(default_factory=dict)  # the run's config as stored (the JSON export has it)
 
 
 @dataclass
@@ -182,6 +183,7 @@ def session_run_data(store: ResultsStore, session_id: int) -> list[RunData]:
                 tests[-1] if tests else None,
                 run_setup(run.spec),
                 bases[-1] if bases else None,
+                run.spec,
             )
         )
     return data
@@ -539,17 +541,12 @@ def _mean(values: Sequence[Any]) -> float | None:
     return mean(numbers) if numbers else None
 
 
-def pm(summary: RunSummary, key: str, digits: int) -> str:
+def pm(summary: RunSummary, key: str, digits: int, unit: str | None = None) -> Cell:
     """A value, with ± its across-seed half-width when the row averages seeds."""
-    text = fmt(getattr(summary, key), digits)
-    spread = summary.spread.get(key)
-    if spread is not None and text != NA:
-        text += f" ± {spread:.{digits}f}"
-    return text
+    value = as_number(getattr(summary, key))
+    return figure(value, digits, unit, half_width=summary.spread.get(key) if value is not None else None)
 
 
-def score_text(value: float | None, interval: list[float] | None) -> str:
-    text = fmt(value, 3)
-    if interval and text != NA:
-        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
-    return text
+def score_cell(value: float | None, interval: list[float] | None) -> Cell:
+    """A score (EM, F1, judge: a fraction of the questions) with its 95% interval."""
+    return figure(value, 3, "fraction", interval=interval)

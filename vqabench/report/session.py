@@ -38,6 +38,11 @@ class SessionReport:
     epoch_tables: list[ReportTable] = field(default_factory=list)  # one per run with epochs
     runs: list[RunData] = field(default_factory=list)  # what the tables were built from (figures draw it)
     summaries: list[RunSummary] = field(default_factory=list)  # one per preset, as in the tables
+    session: SessionRecord | None = None  # the machine and versions it ran with (the JSON export has them)
+
+    def table(self, name: str) -> ReportTable | None:
+        """The table called `name` ("quality", "efficiency", "versus_sft", "data", "probe", "epochs:RUN", ...)."""
+        return next((t for t in [*self.tables, *self.epoch_tables] if t.name == name), None)
 
 
 def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -> SessionReport:
@@ -61,6 +66,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     if per_seed and len(merged) < len(summaries):
         for table in (quality_table(summaries, runs), efficiency_table(summaries, mixed_encoder_cache_warning(runs))):
             table.title += " per seed"
+            table.name += "_per_seed"
             tables.append(table)
     extra_devices = [probe[0].device] if probe is not None else []
     return SessionReport(
@@ -70,6 +76,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
         [epoch_table(run) for run in runs if run.epochs],
         runs,
         merged,
+        session,
     )
 
 

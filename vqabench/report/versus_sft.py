@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 from vqabench.report.model import (
     BASE,
-    NA,
     TOO_FEW,
+    Cell,
     ReportTable,
-    p_text,
+    figure,
+    p_cell,
+    word,
 )
 from vqabench.report.runs import (
     RunData,
@@ -29,7 +31,7 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         if r.method == "sft":
             baselines.setdefault((r.setup, seed_suffix(r.name)), r)
             baselines.setdefault((r.setup, ""), r)
-    rows = []
+    rows: list[list[Cell]] = []
     candidates = [(name, run, "base") for name, run in base_rows(runs)] + [(r.name, r, "test") for r in done]
     for name, run, split in candidates:
         suffix = "" if split == "base" else seed_suffix(run.name)
@@ -47,17 +49,17 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
             )
         ):
             continue
-        row = [name, base.name]
+        row = [word(name), word(base.name)]
         for key in ("em", "f1"):
             a, b = [x[key] for x in ours], [x[key] for x in theirs]
             d = paired_bootstrap(a, b)
             if len(a) < MIN_PAIRED_ITEMS:
-                p = TOO_FEW
+                p = word(TOO_FEW)
             elif key == "em":  # a binary score: the exact McNemar test
-                p = p_text(mcnemar_exact(a, b).p_value)
+                p = p_cell(mcnemar_exact(a, b).p_value)
             else:
-                p = p_text(d.p_value)
-            row += [f"{d.mean_diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]", p]
+                p = p_cell(d.p_value)
+            row += [figure(d.mean_diff, 3, "fraction", interval=[d.low, d.high], signed=True), p]
         graded = [
             (x["verdict"] == "correct", y["verdict"] == "correct")
             for x, y in zip(ours, theirs, strict=True)
@@ -66,10 +68,10 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         if graded:
             test = mcnemar_exact([int(x) for x, _ in graded], [int(y) for _, y in graded])
             diff = (test.a_only - test.b_only) / test.n
-            row += [f"{diff:+.3f}", TOO_FEW if test.too_few else p_text(test.p_value)]
+            row += [figure(diff, 3, "fraction", signed=True), word(TOO_FEW) if test.too_few else p_cell(test.p_value)]
         else:
-            row += [NA, NA]
-        rows.append([*row, str(len(ours))])
+            row += [word(None), word(None)]
+        rows.append([*row, figure(len(ours), 0, "questions")])
     if not rows:
         return None
     notes = [
@@ -81,7 +83,7 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         f"Fewer than {MIN_PAIRED_ITEMS} paired questions: '{TOO_FEW}' instead of a p-value. "
         "An interval that contains 0 means no measurable difference."
     ]
-    if any(row[0].startswith(BASE) for row in rows):
+    if any(row[0].text.startswith(BASE) for row in rows):
         notes.append(
             "base: the starting model, before any training, against SFT: negative is what SFT gained over it "
             "(a method's own gain over the starting model is its difference minus the base row's)."
@@ -92,4 +94,5 @@ def versus_sft_table(runs: Sequence[RunData]) -> ReportTable | None:
         ["left", "left"] + ["right"] * 7,
         rows,
         notes,
+        "versus_sft",
     )
