@@ -62,7 +62,7 @@ from vqabench.engine.telemetry import (
 from vqabench.models import lora, parts
 from vqabench.models.causal import CausalVLMFamily
 from vqabench.models.family import LoadedModel
-from vqabench.report import ReportTable, markdown_table
+from vqabench.report import ReportTable, markdown_table, word
 from vqabench.spec import ProbePlan, RunSpec
 from vqabench.stats import quantiles, ratio_ci
 
@@ -403,7 +403,8 @@ def table(model: str, results: dict[str, Measured], refusal: str) -> ReportTable
     rows.append([model, "TRL, precomputed reference", "LM, tower + projector frozen", "precompute",
                  "cannot: refused for vision data" if refusal else "accepted", NA, NA, NA, NA])  # fmt: skip
     align = ["left"] * 4 + ["right"] * 5
-    return ReportTable(title=f"vqabench vs TRL: {model}", columns=columns, align=align, rows=rows)
+    cells = [[word(text) for text in row] for row in rows]
+    return ReportTable(title=f"vqabench vs TRL: {model}", columns=columns, align=align, cells=cells)
 
 
 def models_for(args: argparse.Namespace) -> list[str]:
@@ -436,12 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     for model in models_for(args):
         result, refusal = compare(model, args)
         tables.append(result)
-    rows = [row for t in tables for row in t.rows]
+    cells = [row for t in tables for row in t.cells]
     print(
         f"vqabench {__version__} vs TRL {trl.__version__}; CPU, {torch.get_num_threads()} threads, fp32; "
         f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup} warmup, {args.rounds} rounds\n"
     )
-    print("\n".join(markdown_table(dataclasses.replace(tables[0], title="vqabench vs TRL", rows=rows))))
+    print("\n".join(markdown_table(dataclasses.replace(tables[0], title="vqabench vs TRL", cells=cells))))
     print()
     print(
         "vqabench ÷ TRL: the ratio of median ms/step, paired by round, with a 95% t-interval over rounds; "

@@ -2,9 +2,9 @@
 
     vqabench                                        the dashboard (vqabench.tui.app)
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
-             [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--cache DIR]
-             [--report-to tensorboard,trackio,mlflow,wandb]
-    vqabench export [--session ID | --last] [-o FILE.md] [--results DIR]
+             [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--json FILE.json]
+             [--cache DIR] [--report-to tensorboard,trackio,mlflow,wandb]
+    vqabench export [--session ID | --last] [--format markdown|json] [-o FILE] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
     vqabench models                                 the model families and built-in variants
 
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.md",
         help="write the Markdown report when the runs end, with SVG figures in FILE_files/",
     )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        metavar="FILE.json",
+        help="write the JSON report (every figure with its interval, unit and note) when the runs end",
+    )
     _add_figures_option(parser)
     parser.add_argument(
         "--cache",
@@ -141,8 +147,8 @@ def _positive_int(text: str) -> int:
 def _add_export_command(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
-        help="write the Markdown report of a stored session",
-        description="Write the quality, efficiency and per-epoch tables of a stored session as Markdown.",
+        help="write the Markdown or JSON report of a stored session",
+        description="Write the quality, efficiency and per-epoch tables of a stored session as Markdown or JSON.",
     )
     which = export.add_mutually_exclusive_group()
     which.add_argument("--session", type=int, metavar="ID", help="the session's id")
@@ -151,11 +157,17 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
         "--per-seed", action="store_true", help="with runs repeated per seed (--seeds), add every seed's own rows"
     )
     export.add_argument(
+        "--format",
+        choices=("markdown", "json"),
+        default="markdown",
+        help="markdown (the default) or json: every figure with its interval, unit and the note that defines it",
+    )
+    export.add_argument(
         "-o",
         "--output",
         default="-",
-        metavar="FILE.md",
-        help="where to write the report ('-' = standard output, the default; figures need a file)",
+        metavar="FILE",
+        help="where to write the report ('-' = standard output, the default; figures need a Markdown file)",
     )
     _add_figures_option(export)
     _add_results_option(export)
@@ -392,9 +404,9 @@ def _overrides(args: argparse.Namespace) -> Overrides:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from vqabench.export import export_report
+    from vqabench.export import export_json, export_report
     from vqabench.figures import FigureError, figures_dir
-    from vqabench.report import build_report, report_markdown
+    from vqabench.report import build_report, render_json, report_markdown
 
     with ResultsStore(args.results, create=False) as store:
         session = store.session(args.session) if args.session is not None else store.last_session()
@@ -402,10 +414,14 @@ def _run_export(args: argparse.Namespace) -> int:
             raise StoreError(f"the results store {store.path} holds no session yet; run 'vqabench --headless' first.")
         report = build_report(store, session.id, per_seed=args.per_seed)
     if args.output == "-":
-        sys.stdout.write(report_markdown(report))
+        sys.stdout.write(render_json(report) if args.format == "json" else report_markdown(report))
         return 0
     path = Path(args.output)
     try:
+        if args.format == "json":
+            export_json(report, path)
+            print(f"Wrote the JSON report of session {session.id} to {args.output}.")
+            return 0
         written = export_report(report, path, figures=args.figures)
     except OSError as exc:
         raise StoreError(f"cannot write {exc.filename or path} ({exc.strerror}).") from None
@@ -421,11 +437,14 @@ def _run_headless(args: argparse.Namespace) -> int:
 
     if args.export is not None and not args.export.parent.is_dir():
         raise StoreError(f"--export names {args.export}, but the folder {args.export.parent} does not exist.")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise StoreError(f"--json names {args.json}, but the folder {args.json.parent} does not exist.")
     return run_headless(
         args.preset or "all",
         _overrides(args),
         args.results,
         export=args.export,
+        json_path=args.json,
         worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
         cache_dir=args.cache,
         command=shlex.join(["vqabench", *sys.argv[1:]]),

@@ -1,12 +1,13 @@
 """Writing the report to a file, with its SVG figures: one export for `vqabench export`,
-``--export`` and the dashboard's export key. No textual import here."""
+``--export`` and the dashboard's export key; the JSON report for ``--format json`` and ``--json``.
+No textual import here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vqabench.report import SessionReport, report_markdown
+from vqabench.report import SessionReport, render_json, report_markdown
 
 
 @dataclass
@@ -30,3 +31,10 @@ def export_report(report: SessionReport, path: Path | str, *, figures: bool = Tr
         links = figure_links(written, path)
     path.write_text(report_markdown(report, links), encoding="utf-8")
     return Export(path, [f.path for f in written])
+
+
+def export_json(report: SessionReport, path: Path | str) -> Path:
+    """Write `report` as JSON (vqabench/assets/report.schema.json) to `path`. Raises OSError."""
+    path = Path(path)
+    path.write_text(render_json(report), encoding="utf-8")
+    return path

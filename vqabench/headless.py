@@ -22,7 +22,7 @@ from rich.text import Text
 
 from vqabench.events import EncoderCached, EpochEnded, Evaluated, RunFailed, RunFinished, RunStarted
 from vqabench.events import Progress as ProgressEvent
-from vqabench.export import export_report
+from vqabench.export import export_json, export_report
 from vqabench.figures import FigureError, figures_dir
 from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
@@ -62,6 +62,7 @@ def run_headless(
     results_dir: Path | str,
     *,
     export: Path | str | None = None,
+    json_path: Path | str | None = None,
     worker_cmd: Sequence[str] | None = None,
     cache_dir: Path | str | None = None,
     console: Console | None = None,
@@ -123,6 +124,13 @@ def run_headless(
             except FigureError as exc:
                 export_failed = True
                 console.print(f"Could not write the report's figures: {exc}")
+        if json_path:
+            try:
+                export_json(report, json_path)
+                console.print(f"Wrote the JSON report to {json_path}.")
+            except OSError as exc:
+                export_failed = True
+                console.print(f"Could not write the JSON report to {json_path} ({exc.strerror}).")
         console.print(
             f"Export it again with: vqabench export --session {session.id} --results {store.results_dir} -o results.md"
         )
