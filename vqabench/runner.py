@@ -190,6 +190,7 @@ class RunState:
     invalid_lines: int = 0
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled"  # what the final status line says (Runner.cancel's reason)
     device: str = ""  # where it trains, once started (launch.Placement.label)
 
     @property
@@ -328,8 +329,13 @@ class Runner:
         finally:
             pool.release(placement)
 
-    def cancel(self, run_name: str | None = None) -> None:
-        """Cancel one run (queued or running) or, with no name, everything; thread-safe."""
+    def cancel(self, run_name: str | None = None, reason: str | None = None) -> None:
+        """Cancel one run (queued or running) or, with no name, everything; thread-safe.
+
+        `reason` (e.g. "pruned by the tuner") replaces "cancelled" in the run's final status line.
+        """
+        if reason is not None and run_name is not None and run_name in self.states:
+            self.states[run_name].cancel_reason = reason
         if run_name is not None and run_name not in self.states:
             raise KeyError(f"no run named {run_name!r}; runs are {', '.join(self.states)}")
         loop = self._loop
@@ -380,7 +386,7 @@ class Runner:
         if spec.after in self.states:
             changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
         start = spec.starting_model_key()
-        if start is not None and start not in self._base_scored and start not in self._base_scoring:
+        if spec.score_test and start is not None and start not in self._base_scored and start not in self._base_scoring:
             self._base_scoring[start] = spec.name  # the starting model is scored once per session
             changes["score_base"] = True
         state.spec = spec.replace(**changes)
@@ -474,7 +480,7 @@ class Runner:
             reason = f"done on node {state.spec.node_rank} of {state.spec.nnodes}; node 0 records the results"
             self._set_status(state, DONE, reason, exit_code=code)
         elif state.cancel_requested:
-            self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
+            self._set_status(state, CANCELLED, f"{state.cancel_reason} {self._where(state)}", exit_code=code)
         elif state.failed is not None and state.failed.error_kind != "distributed":
             self._set_status(state, FAILED, state.failed.message, exit_code=code)
         elif is_distributed(state.spec) and (rank_failure := _rank_failure(state.stderr_tail)) is not None:
