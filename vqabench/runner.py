@@ -217,7 +217,10 @@ class Runner:
         env: dict[str, str] | None = None,
         parallel: int = 1,
         gpus: Sequence[int] | None = None,
+        preload: PreloadServer | None = None,
     ) -> None:
+        """`preload`: a preload server shared by runners that follow one another (``vqabench tune``'s
+        trials), closed by whoever made it (:func:`shared_preload_server`); None = this runner's own."""
         self.specs = order_runs(specs)
         self.runs_dir = Path(runs_dir).resolve()
         self.session = session
@@ -240,8 +243,8 @@ class Runner:
         self._base_scored: set[str] = set()
         self._base_scoring: dict[str, str] = {}
         self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
-        module = preload_module(self.worker_cmd, self._env)
-        self._preload = PreloadServer(module, self._env) if module else None
+        self._owns_preload = preload is None
+        self._preload = shared_preload_server(self.worker_cmd, env) if preload is None else preload
 
     # -- public API -------------------------------------------------------------------------
 
@@ -290,7 +293,7 @@ class Runner:
                 for name in [n for n, task in running.items() if task in done]:
                     running.pop(name).result()
         finally:
-            if self._preload is not None:
+            if self._preload is not None and self._owns_preload:
                 self._preload.close()
             for state in self.states.values():
                 if state.status not in FINAL_STATUSES:
@@ -656,6 +659,13 @@ def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
     if not failures:
         return None
     return min(failures, key=lambda f: (f[1] == -signal.SIGTERM, f[1] >= 0, f[0]))
+
+
+def shared_preload_server(worker_cmd: Sequence[str] | None, env: dict[str, str] | None = None) -> PreloadServer | None:
+    """A preload server for `worker_cmd` (None where it cannot be preloaded); it starts on first use."""
+    full_env = _worker_env(env)
+    module = preload_module(list(worker_cmd) if worker_cmd else default_worker_cmd(), full_env)
+    return PreloadServer(module, full_env) if module else None
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:

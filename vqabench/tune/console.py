@@ -85,7 +85,7 @@ def run_tune(
 def tuned_table(rows: Sequence[TunedRow]) -> Table:
     """The Tuned rows as a rich table (the best setting was retrained and scored on test once)."""
     table = Table(title="Tuned (selected on eval; the best setting retrained, then scored on test once)")
-    for header in ("preset", "best setting", "trials run/pruned/failed", "best eval objective"):
+    for header in ("preset", "best setting", "trials run/pruned/failed", "best eval objective (preset's)"):
         table.add_column(header)
     for header in ("test EM ↑", "test F1 ↑", "judge ↑", "tuning", "to a tuned model"):
         table.add_column(header, justify="right")
@@ -96,7 +96,7 @@ def tuned_table(rows: Sequence[TunedRow]) -> Table:
             row.preset,
             ", ".join(f"{k} {_value(v)}" for k, v in row.best_params.items()) or "–",
             f"{row.trials} / {row.pruned} / {row.failed} (of {row.budget})",
-            f"{row.objective} {row.best_value:.4f} (trial {row.best_trial})" if row.best_value is not None else "–",
+            _objective(row),
             _score(scores.em if scores else None, extra.get("em_ci")),
             _score(scores.f1 if scores else None, extra.get("f1_ci")),
             _score(scores.judge_score if scores else None, extra.get("judge_ci")),
@@ -104,6 +104,13 @@ def tuned_table(rows: Sequence[TunedRow]) -> Table:
             _seconds(row.to_tuned_seconds) + (f" (with {row.after})" if row.after else ""),
         )
     return table
+
+
+def _objective(row: TunedRow) -> str:
+    if row.best_value is None:
+        return "–"
+    own = f" ({row.preset_value:.4f})" if row.preset_value is not None else ""
+    return f"{row.objective} {row.best_value:.4f}{own}, trial {row.best_trial}"
 
 
 def _value(value: Any) -> str:

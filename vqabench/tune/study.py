@@ -6,7 +6,9 @@ process enqueues `trials` WAITING trials and every process (on this machine or a
 pointed at the same storage) pops them one at a time, so two processes share the budget, no
 trial runs twice and none is added. TPE samples each popped trial's setting, seeded by the
 study's seed and the trial's number (two processes never draw the same random start), and
-MedianPruner stops a trial whose per-epoch objective lags (the runner cancels its run).
+MedianPruner stops a trial whose per-epoch objective lags (the runner cancels its run). Trial 0
+runs the preset's own setting (when it lies inside the space), so the summary can show what
+tuning gained over it, on eval.
 
 Selection is on the eval split only: trials run with ``score_test`` false, so their worker
 never holds a test pair. When every trial of a study has finished, its best setting is
@@ -33,7 +35,17 @@ import optuna
 from optuna.trial import TrialState
 
 from vqabench.events import EpochEnded
-from vqabench.runner import CANCELLED, DONE, Notification, Runner, RunnerFinished, RunState, WorkerEvent
+from vqabench.preload_launcher import PreloadServer
+from vqabench.runner import (
+    CANCELLED,
+    DONE,
+    Notification,
+    Runner,
+    RunnerFinished,
+    RunState,
+    WorkerEvent,
+    shared_preload_server,
+)
 from vqabench.spec import RunSpec, SpecError, TuneParam, TuneSpace, tune_space
 from vqabench.store import ResultsStore, SessionRecord
 
@@ -101,14 +113,45 @@ def default_study_name(specs: Sequence[RunSpec], settings: TuneSettings) -> str:
     return "vqabench-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The study storage; an SQLite file waits for another process's write instead of failing."""
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """The study storage; an SQLite file waits for another process's write instead of failing.
+
+    Two processes that find a new storage both create its tables, and one of them fails; it tries
+    again and finds them made. Raises SpecError (the URL without its password) when it cannot be opened.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except SQLAlchemyError as exc:
+            if attempt == attempts - 1:
+                reason = type(getattr(exc, "orig", None) or exc).__name__
+                raise SpecError(f"the study storage {shown_url(url)} cannot be opened ({reason}).") from None
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
-def open_study(storage: optuna.storages.BaseStorage, name: str, trials: int) -> optuna.Study:
-    """Load the study, or create it with `trials` waiting trials (its budget); exactly one process creates it."""
+def preset_setting(spec: RunSpec, space: TuneSpace) -> dict[str, Any] | None:
+    """The preset's own values of the searched keys, when every one lies inside the space (else None)."""
+    setting = {p.key: spec.resolved_beta if p.key == "beta" else getattr(spec, p.key) for p in space.params}
+    for param in space.params:
+        value = setting[param.key]
+        inside = value in param.choices if param.choices is not None else param.low <= value <= param.high  # type: ignore[operator]
+        if not inside:
+            return None
+    return setting
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage, name: str, trials: int, first: dict[str, Any] | None = None
+) -> optuna.Study:
+    """Load the study, or create it with `trials` waiting trials (its budget); exactly one process creates it.
+
+    `first`: the setting of trial 0 (the preset's own, so the study measures it and tuning can only
+    improve on it on eval); the others are sampled.
+    """
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
     except optuna.exceptions.DuplicatedStudyError:
@@ -119,8 +162,11 @@ def open_study(storage: optuna.storages.BaseStorage, name: str, trials: int) -> 
                 raise SpecError(f"study {name} has no trial budget; it was not made by vqabench tune.") from None
             time.sleep(0.2)
         return study
-    for _ in range(trials):
-        study.enqueue_trial({}, skip_if_exists=False)
+    for number in range(trials):
+        if number == 0 and first is not None:
+            study.enqueue_trial(first, user_attrs={"preset_setting": True}, skip_if_exists=False)
+        else:
+            study.enqueue_trial({}, skip_if_exists=False)
     study.set_user_attr("budget", trials)
     return study
 
@@ -144,6 +190,7 @@ def pop_trial(storage: optuna.storages.BaseStorage, name: str, space: TuneSpace,
             else optuna.pruners.NopPruner()
         )
         seeded = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+        seeded.get_trials(deepcopy=False)  # the study's own view of the storage learns the claimed trial
         trial = optuna.Trial(seeded, frozen._trial_id)
         for param in space.params:
             suggest(trial, param)
@@ -208,6 +255,7 @@ class Tuner:
         self.outcomes: dict[str, Tuned] = {}
         self.interrupted = False
         self._runner: Runner | None = None
+        self._preload: PreloadServer | None = None
         self._recorder = store.recorder(session)
 
     def study_name(self, preset: str) -> str:
@@ -216,10 +264,15 @@ class Tuner:
     def run(self) -> dict[str, Tuned]:
         """Tune every preset (its `after` target first); returns what each came to."""
         storage = open_storage(self.url)
-        for spec in self.specs:
-            if self.interrupted:
-                break
-            self.outcomes[spec.name] = self._tune_one(storage, spec)
+        self._preload = shared_preload_server(self.worker_cmd)  # torch imported once for every trial
+        try:
+            for spec in self.specs:
+                if self.interrupted:
+                    break
+                self.outcomes[spec.name] = self._tune_one(storage, spec)
+        finally:
+            if self._preload is not None:
+                self._preload.close()
         return self.outcomes
 
     def cancel(self) -> None:
@@ -239,7 +292,7 @@ class Tuner:
                 outcome.reason = f"skipped: {spec.after} has no tuned checkpoint to start from"
                 return outcome
             spec = spec.replace(after=None, init_checkpoint=checkpoint)
-        study = open_study(storage, name, self.settings.trials)
+        study = open_study(storage, name, self.settings.trials, preset_setting(spec, space))
         for key, value in (("objective", space.objective), ("method", spec.method), ("after", outcome.after)):
             study.set_user_attr(key, value)  # what the summary reads back, whichever process asks
         while not self.interrupted:
@@ -308,6 +361,7 @@ class Tuner:
             session=self.session.label,
             worker_cmd=self.worker_cmd,
             cache_dir=self.cache_dir,
+            preload=self._preload,
         )
         runner.subscribe(self._record)
         if observer is not None:

@@ -33,6 +33,7 @@ class TunedRow:
     best_params: dict[str, Any] = field(default_factory=dict)
     best_value: float | None = None
     best_trial: int | None = None
+    preset_value: float | None = None  # the objective of the preset's own setting (trial 0), when it finished
     tuned_run: str | None = None
     status: str = ""  # the tuned run's status; "" when there is none
     test: Evaluated | None = None  # its test scores (intervals in test.extra["em_ci"], ...)
@@ -69,6 +70,8 @@ def tuned_rows(
             failed=count[TrialState.FAIL],
             tuning_seconds=sum(float(t.user_attrs.get("seconds") or 0.0) for t in trials),
         )
+        own = [t for t in trials if t.user_attrs.get("preset_setting") and t.state == TrialState.COMPLETE]
+        row.preset_value = own[0].value if own else None
         if row.complete:
             best = study.best_trial
             row.best_params, row.best_value, row.best_trial = dict(best.params), best.value, best.number
