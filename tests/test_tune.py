@@ -135,3 +135,27 @@ def test_the_default_study_name_follows_the_presets_and_a_password_is_never_show
     assert default_study_name(specs, settings) != default_study_name(specs, TuneSettings(trials=2, seed=1))
     shown = shown_url("postgresql://alice:s3cret@db.example:5432/tune")
     assert "s3cret" not in shown and "alice" in shown and "db.example:5432/tune" in shown
+
+
+def test_a_two_stage_method_is_tuned_after_sft_and_its_trials_start_from_the_tuned_sft(tmp_path):
+    specs = load_presets("dpo-beta0.1", Overrides(epochs=1))
+    assert [s.name for s in specs] == ["sft", "dpo-beta0.1"]
+    with ResultsStore(tmp_path / "results") as store:
+        session = store.begin_session("dpo-beta0.1", "test")
+        tuner = Tuner(specs, TuneSettings(trials=2), store, session, worker_cmd=worker_cmd(tmp_path, {}), say=lambda _: None)
+        outcomes = tuner.run()
+        sft_checkpoint = outcomes["sft"].final_state.checkpoint  # type: ignore[union-attr]
+        assert sft_checkpoint and "sft.tuned" in sft_checkpoint
+        runs = {r.name: r for r in store.runs(session.id)}
+        trials = [f"{preset}.trial{n}" for preset in ("sft", "dpo-beta0.1") for n in (0, 1)]
+        assert list(runs) == [*trials[:2], "sft.tuned", *trials[2:], "dpo-beta0.1.tuned"]
+        for name in ("dpo-beta0.1.trial0", "dpo-beta0.1.trial1", "dpo-beta0.1.tuned"):
+            assert runs[name].spec["init_checkpoint"] == sft_checkpoint
+        assert runs["dpo-beta0.1.trial1"].spec["beta"] != 0.1  # sampled; trial 0 keeps the preset's
+        assert runs["dpo-beta0.1.trial0"].spec["beta"] == 0.1
+        studies = [(name, tuner.study_name(name)) for name in ("sft", "dpo-beta0.1")]
+        sft, dpo = tuned_rows(store, session.id, open_storage(tuner.url), studies)
+        assert dpo.after == "sft" and dpo.objective == "chosen_nll" and sft.objective == "eval_loss"
+        own = dpo.tuning_seconds + dpo.retrain_seconds
+        assert dpo.to_tuned_seconds > own > 0
+        assert abs(dpo.to_tuned_seconds - own - sft.to_tuned_seconds) < 1e-9
