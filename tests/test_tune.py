@@ -142,7 +142,8 @@ def test_a_two_stage_method_is_tuned_after_sft_and_its_trials_start_from_the_tun
     assert [s.name for s in specs] == ["sft", "dpo-beta0.1"]
     with ResultsStore(tmp_path / "results") as store:
         session = store.begin_session("dpo-beta0.1", "test")
-        tuner = Tuner(specs, TuneSettings(trials=2), store, session, worker_cmd=worker_cmd(tmp_path, {}), say=lambda _: None)
+        fake = worker_cmd(tmp_path, {})
+        tuner = Tuner(specs, TuneSettings(trials=2), store, session, worker_cmd=fake, say=lambda _: None)
         outcomes = tuner.run()
         sft_checkpoint = outcomes["sft"].final_state.checkpoint  # type: ignore[union-attr]
         assert sft_checkpoint and "sft.tuned" in sft_checkpoint
