@@ -160,3 +160,18 @@ def test_a_two_stage_method_is_tuned_after_sft_and_its_trials_start_from_the_tun
         own = dpo.tuning_seconds + dpo.retrain_seconds
         assert dpo.to_tuned_seconds > own > 0
         assert abs(dpo.to_tuned_seconds - own - sft.to_tuned_seconds) < 1e-9
+
+
+def test_a_storage_that_cannot_be_opened_is_one_sentence_and_exit_2(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'missing-folder' / 'tune.db'}"
+    proc = subprocess.run(
+        [*CLI, "tune", "--trials", "2", "--preset", "sft", "--storage", storage, "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"vqabench: the study storage {storage} cannot be opened (OperationalError)."
+    with ResultsStore(tmp_path / "r", create=False) as store:
+        assert store.list_sessions() == []  # refused before a session was recorded

@@ -19,7 +19,7 @@ from vqabench.presets import Overrides, select_presets
 from vqabench.runner import FINAL_STATUSES, Notification, RunStatusChanged
 from vqabench.spec import SpecError
 from vqabench.store import ResultsStore
-from vqabench.tune.study import Tuner, TuneSettings, open_storage, shown_url
+from vqabench.tune.study import Tuner, TuneSettings, open_storage, shown_url, storage_url
 from vqabench.tune.summary import TunedRow, tuned_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -43,6 +43,7 @@ def run_tune(
         raise SpecError("--seeds cannot be combined with tune; each trial runs one seed (set it with --seed).")
     console = console or Console(highlight=False, soft_wrap=True)
     with ResultsStore(results_dir) as store:
+        open_storage(storage_url(settings.storage, store.results_dir))  # one sentence before a session is recorded
         session = store.begin_session(selection, command)
 
         def show(note: Notification) -> None:

@@ -119,14 +119,20 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
     Two processes that find a new storage both create its tables, and one of them fails; it tries
     again and finds them made. Raises SpecError (the URL without its password) when it cannot be opened.
     """
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except ImportError:
+            raise SpecError(
+                f"the study storage {shown_url(url)} needs a database driver that is not installed "
+                f"(psycopg2 for postgresql://, pymysql for mysql+pymysql://)."
+            ) from None
         except SQLAlchemyError as exc:
-            if attempt == attempts - 1:
+            racing = isinstance(exc, IntegrityError) or any(w in str(exc) for w in ("already exists", "locked"))
+            if not racing or attempt == attempts - 1:
                 reason = type(getattr(exc, "orig", None) or exc).__name__
                 raise SpecError(f"the study storage {shown_url(url)} cannot be opened ({reason}).") from None
             time.sleep(0.5 * (attempt + 1))
