@@ -55,7 +55,7 @@ def test_two_processes_share_one_study_and_beat_the_presets_setting_without_read
                 "--storage",
                 storage,
                 "--results",
-                str(tmp_path / f"results-{i}"),
+                str(tmp_path / f"r{i}"),
                 *TINY_TUNE,
             ],
             cwd=tmp_path,
