@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -37,8 +38,8 @@ class TunedRow:
     tuned_run: str | None = None
     status: str = ""  # the tuned run's status; "" when there is none
     test: Evaluated | None = None  # its test scores (intervals in test.extra["em_ci"], ...)
-    tuning_seconds: float = 0.0  # every trial's run time, whichever process ran it
-    retrain_seconds: float = 0.0  # the tuned run's
+    tuning_seconds: float = 0.0  # every trial's wall time (worker start to end), whichever process ran it
+    retrain_seconds: float = 0.0  # the tuned run's wall time, from the store (whole seconds)
     to_tuned_seconds: float = 0.0  # tuning and retraining this preset and the one it starts from
 
     @property
@@ -77,9 +78,15 @@ def tuned_rows(
             row.best_params, row.best_value, row.best_trial = dict(best.params), best.value, best.number
         if tuned is not None:
             row.tuned_run, row.status = tuned.name, tuned.status
-            row.retrain_seconds = tuned.finished.total_seconds if tuned.finished else 0.0
+            row.retrain_seconds = _wall_seconds(tuned.started_at, tuned.finished_at)
             row.test = next((e for e in store.evals(tuned.id) if e.split == "test"), None)
         start = rows.get(row.after) if row.after else None
         row.to_tuned_seconds = row.tuning_seconds + row.retrain_seconds + (start.to_tuned_seconds if start else 0.0)
         rows[preset] = row
     return list(rows.values())
+
+
+def _wall_seconds(started_at: str | None, finished_at: str | None) -> float:
+    if not started_at or not finished_at:
+        return 0.0
+    return (datetime.fromisoformat(finished_at) - datetime.fromisoformat(started_at)).total_seconds()
