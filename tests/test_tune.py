@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 from fake_worker import worker_cmd
 from optuna.trial import TrialState
 
@@ -125,6 +126,23 @@ def test_a_failed_trial_is_recorded_failed_with_its_reason_and_the_others_go_on(
         assert (row.complete, row.failed, row.trials) == (2, 1, 3)
         names = [r.name for r in store.runs(session.id)]
         assert names == ["sft.trial0", "sft.trial1", "sft.trial2", "sft.tuned"]
+
+
+def test_a_trial_that_lags_the_median_is_pruned_and_its_run_stopped(tmp_path):
+    specs = load_presets("sft", Overrides(epochs=2, settings=("tune={lr={low=1e-5,high=1e-3,log=true}}",)))
+    plan = {"runs": {"sft.trial2": {"eval_loss_offset": 1.0, "epoch_sleep": 1.0}}}
+    with ResultsStore(tmp_path / "results") as store:
+        session = store.begin_session("sft", "test")
+        tuner = Tuner(specs, TuneSettings(trials=3), store, session, worker_cmd=worker_cmd(tmp_path, plan), say=print)
+        tuner.run()
+        study = optuna.load_study(storage=open_storage(tuner.url), study_name=tuner.study_name("sft"))
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+        # the fake's eval loss after epoch 1 (1.1 / epoch + 0.1 for SFT) plus its offset; epoch 2 never came
+        assert study.trials[2].intermediate_values == {1: pytest.approx(2.2)}
+        runs = {r.name: r for r in store.runs(session.id)}
+        assert runs["sft.trial2"].status == "cancelled"
+        assert runs["sft.trial2"].reason == "pruned by the tuner (MedianPruner) after epoch 1 of 2"
+        assert len(store.epochs(runs["sft.trial2"].id)) == 1
 
 
 def test_the_default_study_name_follows_the_presets_and_a_password_is_never_shown():
