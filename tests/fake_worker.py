@@ -10,6 +10,7 @@ with these keys (all optional):
     crash_signal    ... by this signal (default 9) ...
     crash_code      ... or with this exit code instead, both without a run_failed event
     fail_in_epoch   emit run_failed (error_kind "numerics") in this epoch and exit 1
+    eval_loss_offset  add this to every epoch_end's eval loss (a worse setting, for the tuner's pruner)
     hang_in_epoch   start a grandchild in the same process group, write both pids to
                     <output_dir>/pids.json (pids-rank<RANK>.json when torchrun started it),
                     and sleep until killed
@@ -281,6 +282,8 @@ def main(script_path: str, spec_path: str) -> int:
                 _emit(RunFailed(error_kind="numerics", message=f"the loss became NaN in epoch {epoch}."))
                 return 1
             continue
+        if isinstance(event, EpochEnded) and plan.get("eval_loss_offset"):
+            event = dataclasses.replace(event, eval_loss=event.eval_loss + plan["eval_loss_offset"])
         if isinstance(event, Evaluated) and plan.get("base_event") and spec.get("score_base"):
             _emit(dataclasses.replace(event, split="base", em=0.3, f1=0.35, judge_score=0.3))
         _emit(event)

@@ -20,6 +20,9 @@ HOST_MODULES = [
     "vqabench.export",
     "vqabench.figures",
     "vqabench.preload_launcher",
+    "vqabench.tune.study",
+    "vqabench.tune.summary",
+    "vqabench.tune.console",
 ]
 
 

@@ -6,6 +6,7 @@
              [--cache DIR] [--report-to tensorboard,trackio,mlflow,wandb]
     vqabench export [--session ID | --last] [--format markdown|json] [-o FILE] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
+    vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--no-pruning] [--results DIR]
     vqabench models                                 the model families and built-in variants
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_command(commands)
     _add_compare_command(commands)
     _add_probe_command(commands)
+    _add_tune_command(commands)
     commands.add_parser(
         "models",
         help="list the model families and the built-in variants with their parameter counts",
@@ -312,6 +314,65 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
     _add_results_option(probe)
 
 
+def _add_tune_command(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser(
+        "tune",
+        help="tune every selected preset with Optuna on an equal budget of trials, then score each best on test once",
+        description="Each selected preset gets its own Optuna study (TPE, seeded; MedianPruner on the per-epoch "
+        "eval objective) with the same number of trials over its [tune] search space. Trials are ordinary runs "
+        "scored on the eval split only; each preset's best setting is retrained once and only that run answers "
+        "the test split. A preset that starts from another (DPO after SFT) starts from its tuned run.",
+    )
+    tune.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
+    tune.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="as for --headless",
+    )
+    tune.add_argument("--trials", type=_positive_int, required=True, metavar="N", help="trials per preset")
+    tune.add_argument(
+        "--storage",
+        metavar="URL",
+        help="the Optuna storage (e.g. postgresql://user@host/db); default: sqlite:///RESULTS/tune.db",
+    )
+    tune.add_argument(
+        "--study",
+        metavar="NAME",
+        help="the studies' name (one per preset: NAME.<preset>); default: derived from the presets and settings, "
+        "so the same command elsewhere joins the same studies",
+    )
+    tune.add_argument("--tune-seed", type=int, default=0, metavar="N", help="the samplers' seed (default 0)")
+    tune.add_argument("--no-pruning", action="store_true", help="let every trial run all its epochs")
+    tune.add_argument("--cache", type=Path, metavar="DIR", default=argparse.SUPPRESS, help="as for --headless")
+    _add_results_option(tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from vqabench.tune.console import run_tune
+    from vqabench.tune.study import TuneSettings
+
+    settings = TuneSettings(
+        trials=args.trials, storage=args.storage, study=args.study, seed=args.tune_seed, prune=not args.no_pruning
+    )
+    command = shlex.join(["vqabench", *sys.argv[1:]])
+    if args.storage:  # never store a password: the session's command names the storage without it
+        from vqabench.tune.study import shown_url
+
+        command = command.replace(args.storage, shown_url(args.storage))
+    return run_tune(
+        args.preset or "all",
+        _overrides(args),
+        args.results,
+        settings,
+        worker_cmd=shlex.split(args.worker_cmd) if args.worker_cmd else None,
+        cache_dir=args.cache,
+        command=command,
+    )
+
+
 def _run_probe(args: argparse.Namespace) -> int:
     from vqabench.probe import measured_cuda_peaks, memory_estimate_text, probe_memory, run_probe
     from vqabench.report import markdown_table
@@ -479,6 +540,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "judge": _run_judge,
     "compare": _run_compare,
     "probe": _run_probe,
+    "tune": _run_tune,
     "models": _run_models,
 }
 

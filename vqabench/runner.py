@@ -190,6 +190,7 @@ class RunState:
     invalid_lines: int = 0
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL))
     cancel_requested: bool = False
+    cancel_reason: str = "cancelled"  # what the final status line says (Runner.cancel's reason)
     device: str = ""  # where it trains, once started (launch.Placement.label)
 
     @property
@@ -216,7 +217,10 @@ class Runner:
         env: dict[str, str] | None = None,
         parallel: int = 1,
         gpus: Sequence[int] | None = None,
+        preload: PreloadServer | None = None,
     ) -> None:
+        """`preload`: a preload server shared by runners that follow one another (``vqabench tune``'s
+        trials), closed by whoever made it (:func:`shared_preload_server`); None = this runner's own."""
         self.specs = order_runs(specs)
         self.runs_dir = Path(runs_dir).resolve()
         self.session = session
@@ -239,8 +243,8 @@ class Runner:
         self._base_scored: set[str] = set()
         self._base_scoring: dict[str, str] = {}
         self.fatal: str | None = None  # why the runs were stopped (a subscriber that cannot go on)
-        module = preload_module(self.worker_cmd, self._env)
-        self._preload = PreloadServer(module, self._env) if module else None
+        self._owns_preload = preload is None
+        self._preload = shared_preload_server(self.worker_cmd, env) if preload is None else preload
 
     # -- public API -------------------------------------------------------------------------
 
@@ -289,7 +293,7 @@ class Runner:
                 for name in [n for n, task in running.items() if task in done]:
                     running.pop(name).result()
         finally:
-            if self._preload is not None:
+            if self._preload is not None and self._owns_preload:
                 self._preload.close()
             for state in self.states.values():
                 if state.status not in FINAL_STATUSES:
@@ -328,8 +332,13 @@ class Runner:
         finally:
             pool.release(placement)
 
-    def cancel(self, run_name: str | None = None) -> None:
-        """Cancel one run (queued or running) or, with no name, everything; thread-safe."""
+    def cancel(self, run_name: str | None = None, reason: str | None = None) -> None:
+        """Cancel one run (queued or running) or, with no name, everything; thread-safe.
+
+        `reason` (e.g. "pruned by the tuner") replaces "cancelled" in the run's final status line.
+        """
+        if reason is not None and run_name is not None and run_name in self.states:
+            self.states[run_name].cancel_reason = reason
         if run_name is not None and run_name not in self.states:
             raise KeyError(f"no run named {run_name!r}; runs are {', '.join(self.states)}")
         loop = self._loop
@@ -380,7 +389,7 @@ class Runner:
         if spec.after in self.states:
             changes["init_checkpoint"] = self.states[spec.after].checkpoint or ""
         start = spec.starting_model_key()
-        if start is not None and start not in self._base_scored and start not in self._base_scoring:
+        if spec.score_test and start is not None and start not in self._base_scored and start not in self._base_scoring:
             self._base_scoring[start] = spec.name  # the starting model is scored once per session
             changes["score_base"] = True
         state.spec = spec.replace(**changes)
@@ -474,7 +483,7 @@ class Runner:
             reason = f"done on node {state.spec.node_rank} of {state.spec.nnodes}; node 0 records the results"
             self._set_status(state, DONE, reason, exit_code=code)
         elif state.cancel_requested:
-            self._set_status(state, CANCELLED, f"cancelled {self._where(state)}", exit_code=code)
+            self._set_status(state, CANCELLED, f"{state.cancel_reason} {self._where(state)}", exit_code=code)
         elif state.failed is not None and state.failed.error_kind != "distributed":
             self._set_status(state, FAILED, state.failed.message, exit_code=code)
         elif is_distributed(state.spec) and (rank_failure := _rank_failure(state.stderr_tail)) is not None:
@@ -650,6 +659,13 @@ def _rank_failure(lines: Sequence[str]) -> tuple[int, int] | None:
     if not failures:
         return None
     return min(failures, key=lambda f: (f[1] == -signal.SIGTERM, f[1] >= 0, f[0]))
+
+
+def shared_preload_server(worker_cmd: Sequence[str] | None, env: dict[str, str] | None = None) -> PreloadServer | None:
+    """A preload server for `worker_cmd` (None where it cannot be preloaded); it starts on first use."""
+    full_env = _worker_env(env)
+    module = preload_module(list(worker_cmd) if worker_cmd else default_worker_cmd(), full_env)
+    return PreloadServer(module, full_env) if module else None
 
 
 def _worker_env(extra: dict[str, str] | None) -> dict[str, str]:

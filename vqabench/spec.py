@@ -156,6 +156,11 @@ class RunSpec:
     shared_prompt: bool = True  # one prompt pass for both answers of a pair, on its key/value cache
     answer_only_logits: bool = True  # the LM head runs only where an answer token is predicted
     report_to: list[str] = field(default_factory=list)  # experiment trackers (TRACKERS); [] = none
+    # False for a tuning trial (`vqabench tune`): the worker never sees the test split (emptied when the data
+    # is loaded), answers no test or base questions, and ends after its epochs; selection is on eval only.
+    score_test: bool = True
+    # The preset's [tune] table: the search space of `vqabench tune` ({} = the method's defaults, see tune_space).
+    tune: dict[str, Any] = field(default_factory=dict)
 
     @property
     def resolved_beta(self) -> float:
@@ -311,6 +316,11 @@ def _build(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
             allowed = ", ".join(sorted(known))
             raise SpecError(f"{where}: unknown key '{full}'; allowed keys are {allowed}.")
         tp = hints[key]
+        if key == "tune":
+            if not isinstance(value, dict):
+                raise SpecError(f"{where}: key 'tune' must be a table (a [tune] section), not {value!r}.")
+            kwargs[key] = dict(value)
+            continue
         if tp in (DatasetSpec, JudgeSpec):
             if isinstance(value, str) and tp is DatasetSpec:
                 value = {"source": value}
@@ -372,6 +382,8 @@ def spec_from_dict(data: dict[str, Any], where: str = "spec") -> RunSpec:
     if unknown:
         raise SpecError(f"{where}: key 'report_to' names {unknown[0]!r}; allowed trackers are {', '.join(TRACKERS)}.")
     _check_processes(spec, where)
+    if spec.tune:
+        tune_space(spec, where)
     if spec.needs_reference and spec.after is None and spec.init_checkpoint is None:
         raise SpecError(
             f"{where}: method '{spec.method}' needs an SFT checkpoint as its start and reference; "
@@ -423,6 +435,145 @@ def _check_processes(spec: RunSpec, where: str) -> None:
             f"{where}: key 'nnodes' has value {spec.nnodes}, which needs 'rdzv_endpoint' (host:port of node 0, "
             f"the same on every node)."
         )
+
+
+#: What `vqabench tune` minimises: the run's own eval loss, or the eval NLL of the chosen answers (minus their
+#: mean summed log-prob), which, unlike a preference loss, does not change scale with beta, lambda or gamma.
+TUNE_OBJECTIVES = ("eval_loss", "chosen_nll")
+#: Keys whose value changes what the eval loss measures, so settings cannot be compared by it.
+LOSS_SCALE_KEYS = frozenset({"beta", "lam", "simpo_gamma", "kto_desirable_weight", "kto_undesirable_weight"})
+#: Keys a [tune] table may search, as a range (numbers) or as choices (any of them).
+TUNABLE_RANGES = (
+    "lr",
+    "epochs",
+    "batch_size",
+    "lr_decay",
+    "weight_decay",
+    "beta",
+    "lam",
+    "simpo_gamma",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "sft_label_smoothing",
+)
+TUNABLE_CHOICES = (*TUNABLE_RANGES, "reference", "train", "precision", "orpo_logps", "disable_dropout")
+_RANGE_KEYS = {"low", "high", "log"}
+
+
+@dataclass(frozen=True)
+class TuneParam:
+    """One searched run setting: a number range (`log` for a log scale) or a list of `choices`."""
+
+    key: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int)
+
+
+@dataclass(frozen=True)
+class TuneSpace:
+    """A preset's search space for `vqabench tune` and the objective its trials minimise."""
+
+    params: tuple[TuneParam, ...]
+    objective: str
+
+    def keys(self) -> list[str]:
+        return [p.key for p in self.params]
+
+
+def default_tune_table(spec: RunSpec) -> dict[str, Any]:
+    """The search space of a preset without a [tune] table: lr on a log scale around the preset's
+    (a tenth to ten times), the method's own knobs, and epochs from 1 up to the preset's."""
+    table: dict[str, Any] = {"lr": {"low": spec.lr / 10, "high": spec.lr * 10, "log": True}}
+    per_method: dict[str, dict[str, Any]] = {
+        "dpo": {"beta": {"low": 0.01, "high": 1.0, "log": True}},
+        "ipo": {"beta": {"low": 0.01, "high": 1.0, "log": True}},  # IPO's tau
+        "orpo": {"lam": {"low": 0.05, "high": 2.0, "log": True}},
+        "simpo": {"beta": {"low": 1.0, "high": 10.0, "log": True}, "simpo_gamma": {"low": 0.0, "high": 2.0}},
+        "kto": {
+            "beta": {"low": 0.01, "high": 1.0, "log": True},
+            "kto_desirable_weight": {"low": 0.5, "high": 2.0},
+            "kto_undesirable_weight": {"low": 0.5, "high": 2.0},
+        },
+    }
+    table.update(per_method.get(spec.method, {}))
+    if spec.epochs > 1:
+        table["epochs"] = {"low": 1, "high": spec.epochs}
+    return table
+
+
+def tune_space(spec: RunSpec, where: str = "spec") -> TuneSpace:
+    """The validated search space of `spec` (its [tune] table's keys, else :func:`default_tune_table`), and the
+    objective (the table's, else chosen_nll where a searched key changes the loss's scale); SpecError."""
+    table = dict(spec.tune)
+    place = f"{where}: [tune]"
+    objective = table.pop("objective", None)
+    table = table or default_tune_table(spec)  # a table that names only the objective keeps the defaults
+    params = tuple(_tune_param(spec, key, entry, place) for key, entry in table.items())
+    if objective is None:
+        objective = "chosen_nll" if LOSS_SCALE_KEYS & {p.key for p in params} else "eval_loss"
+    if objective not in TUNE_OBJECTIVES:
+        raise SpecError(
+            f"{place} key 'objective' has value {objective!r}; allowed values are {', '.join(TUNE_OBJECTIVES)}."
+        )
+    return TuneSpace(params, objective)
+
+
+def _tune_param(spec: RunSpec, key: str, entry: Any, place: str) -> TuneParam:
+    if key not in TUNABLE_CHOICES:
+        raise SpecError(
+            f"{place} key '{key}' is not a setting tuning may search; allowed keys are "
+            f"objective, {', '.join(TUNABLE_CHOICES)}."
+        )
+    shape = "a table like {low = 1e-6, high = 1e-3, log = true} or {choices = [...]}"
+    if not isinstance(entry, dict):
+        raise SpecError(f"{place} key '{key}' has value {entry!r}, which must be {shape}.")
+    if "choices" in entry:
+        choices = entry["choices"]
+        if set(entry) != {"choices"} or not isinstance(choices, list) or not choices:
+            raise SpecError(f"{place} key '{key}' must hold only a non-empty list 'choices', not {entry!r}.")
+        for choice in choices:
+            _check_value(spec, key, choice, place)
+        return TuneParam(key, choices=tuple(choices))
+    if key not in TUNABLE_RANGES:
+        raise SpecError(f"{place} key '{key}' is not a number; search it as {{choices = [...]}}, not {entry!r}.")
+    if not set(entry) <= _RANGE_KEYS or not {"low", "high"} <= set(entry):
+        raise SpecError(f"{place} key '{key}' has value {entry!r}, which must be {shape}.")
+    low, high, log = entry["low"], entry["high"], entry.get("log", False)
+    wants_int = _is_int_setting(key)
+    for bound in (low, high):
+        number = isinstance(bound, (int, float)) and not isinstance(bound, bool)
+        if not number or (wants_int and not isinstance(bound, int)):
+            kind = "an integer" if wants_int else "a number"
+            raise SpecError(f"{place} key '{key}' has bound {bound!r}, which must be {kind}.")
+    if not isinstance(log, bool):
+        raise SpecError(f"{place} key '{key}.log' has value {log!r}, which must be true or false.")
+    if not low < high:
+        raise SpecError(f"{place} key '{key}' has low {low!r} and high {high!r}; low must be below high.")
+    if log and low <= 0:
+        raise SpecError(f"{place} key '{key}' is on a log scale, so low must be greater than 0, not {low!r}.")
+    for bound in (low, high):
+        _check_value(spec, key, bound, place)
+    return TuneParam(key, low if wants_int else float(low), high if wants_int else float(high), log)
+
+
+def _is_int_setting(key: str) -> bool:
+    hint = typing.get_type_hints(RunSpec)[key]
+    return hint is int
+
+
+def _check_value(spec: RunSpec, key: str, value: Any, place: str) -> None:
+    """A searched value must make a valid run on its own (the run's own checks, named by the [tune] key)."""
+    data = {**spec.to_dict(), key: value, "tune": {}}
+    spec_from_dict(data, where=place)
 
 
 @dataclass

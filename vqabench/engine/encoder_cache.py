@@ -57,6 +57,11 @@ class EncoderCacheInfo:
         return asdict(self)
 
 
+def present_splits(encoded: EncodedData) -> list[str]:
+    """The splits a run holds, in order: a tuning trial holds no test split (RunSpec.score_test)."""
+    return [name for name in SPLITS if name in encoded.splits]
+
+
 def encoder_fingerprint(loaded: LoadedModel, train: str) -> str:
     """Hash of the frozen modules' weights (encoders or vision tower), not the trained ones."""
     return fingerprint_modules(loaded.family.frozen_modules(loaded.model, train))
@@ -73,7 +78,7 @@ def encoder_cache_key(
     import transformers
 
     questions = hashlib.sha256()
-    for name in SPLITS:
+    for name in present_splits(encoded):
         s = encoded.splits[name]
         questions.update(name.encode())
         for tensor in (s.image_index, s.question_ids, s.question_mask):
@@ -120,7 +125,7 @@ def attach_encoder_cache(
     encoded.encodings = None  # the pass below reads images
     key = encoder_cache_key(loaded, encoded, data_fingerprint, dtype, device, train)
     stored, torch_dtype = DTYPES[dtype]
-    pairs = sum(len(encoded.splits[n]) for n in SPLITS)
+    pairs = sum(len(encoded.splits[n]) for n in present_splits(encoded))
     entry = store.open(key)
     if entry is not None:
         log.info("question encodings read from %s", entry.path)
@@ -133,7 +138,7 @@ def attach_encoder_cache(
             (len(encoded.splits[n]), *family.features_shape(loaded, int(encoded.splits[n].question_ids.shape[1]))),
             stored,
         )
-        for n in SPLITS
+        for n in present_splits(encoded)
     ]
     start = time.perf_counter()
     warning = None
@@ -166,11 +171,11 @@ def _encode_all(
     model = loaded.model
     was_training = model.training
     model.eval()
-    total = sum(-(-len(encoded.splits[n]) // batch_size) for n in SPLITS)
+    total = sum(-(-len(encoded.splits[n]) // batch_size) for n in present_splits(encoded))
     done = 0
     try:
         with torch.no_grad():
-            for name in SPLITS:
+            for name in present_splits(encoded):
                 s = encoded.splits[name]
                 n = len(s)
                 blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]

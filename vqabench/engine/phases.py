@@ -179,7 +179,7 @@ def base_answers(run: Context, started: Started) -> list[str] | None:
 
     Judged after training with the run's own answers, so no judge model is resident during the epochs.
     """
-    if not (run.spec.score_base and run.spec.init_checkpoint is None):
+    if not (run.spec.score_base and run.spec.score_test and run.spec.init_checkpoint is None):
         return None
     with explain_out_of_memory("generating the starting model's test answers", run.spec.batch_size):
         return started.trainer.answers("test")
@@ -248,20 +248,25 @@ def train(run: Context, started: Started) -> float:
 
 
 def test(run: Context, started: Started, base: list[str] | None, train_seconds: float, t_start: float) -> None:
-    """The best weights' test answers, judged and written (with the base row's), then run_finished."""
+    """The best weights' test answers, judged and written (with the base row's), then run_finished.
+
+    A tuning trial (``score_test`` false) has no test split: it reports run_finished only.
+    """
     spec, trainer = run.spec, started.trainer
-    with explain_out_of_memory("generating the test answers", spec.batch_size):
-        answers = trainer.answers("test")
+    if spec.score_test:
+        with explain_out_of_memory("generating the test answers", spec.batch_size):
+            answers = trainer.answers("test")
     if not run.ranks.is_main:  # rank 0 judges, writes the predictions and reports
         return
-    pairs = run.encoded.splits["test"].pairs
-    if base is not None:
-        base_predictions = run.out_dir / "base-predictions.jsonl"
-        base_summary = score_answers(spec, pairs, base, run.cache_dir, base_predictions, run.progress)
-        run.emit(base_summary.to_event("base", str(base_predictions)))
-    predictions = run.out_dir / "predictions.jsonl"
-    summary = score_answers(spec, pairs, answers, run.cache_dir, predictions, run.progress)
-    run.emit(summary.to_event("test", str(predictions)))
+    if spec.score_test:
+        pairs = run.encoded.splits["test"].pairs
+        if base is not None:
+            base_predictions = run.out_dir / "base-predictions.jsonl"
+            base_summary = score_answers(spec, pairs, base, run.cache_dir, base_predictions, run.progress)
+            run.emit(base_summary.to_event("base", str(base_predictions)))
+        predictions = run.out_dir / "predictions.jsonl"
+        summary = score_answers(spec, pairs, answers, run.cache_dir, predictions, run.progress)
+        run.emit(summary.to_event("test", str(predictions)))
     run.emit(
         ev.RunFinished(
             best_epoch=trainer.best_epoch,

@@ -7,6 +7,7 @@ and batches through the same functions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +42,16 @@ class Prepared:
 
 
 def load_data(spec: RunSpec, cache_dir: Path) -> DataSplits:
+    """The run's splits; a tuning trial's (``score_test`` false) hold no test pairs at all."""
     if spec.dataset.source == "easyvqa":
-        return easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
-    from vqabench.engine.data.hub import load_splits
+        data = easyvqa.load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit)
+    else:
+        from vqabench.engine.data.hub import load_splits
 
-    return load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, cache_dir=cache_dir / "datasets")
+        data = load_splits(spec.dataset, seed=spec.dataset.seed, limit=spec.limit, cache_dir=cache_dir / "datasets")
+    # The test split is still carved (so train and eval are the same pairs as the final run's), then
+    # dropped before anything reads it: a trial cannot score, tokenise or cache a test question.
+    return data if spec.score_test else dataclasses.replace(data, test=[])
 
 
 def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[LoadedModel, DataSplits]:
