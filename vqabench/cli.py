@@ -399,7 +399,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _run_gate(args: argparse.Namespace) -> int:
     """vqabench compare --baseline: a stored session against a baseline; exit 1 on a real regression."""
-    from vqabench.gate import append_step_summary, apply_gate, prepare_gate, verdict_line
+    from vqabench.gate import append_step_summary, apply_gate, prepare_gate, verdict_lines
     from vqabench.report import build_report, markdown_table, report_markdown
 
     if args.run_a is not None:
@@ -413,7 +413,7 @@ def _run_gate(args: argparse.Namespace) -> int:
     result = apply_gate(gate, report)
     print(f"{result.table.title} (session {session.id} against {gate.source}):")
     print("\n".join(markdown_table(result.table)))
-    print("\n".join(["", *result.table.notes, "", verdict_line(result)]))
+    print("\n".join(["", *result.table.notes[2:], "", *verdict_lines(result)]))
     try:
         append_step_summary(report_markdown(report))
     except OSError as exc:

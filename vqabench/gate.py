@@ -78,6 +78,11 @@ def apply_gate(gate: Gate, report: SessionReport) -> GateResult:
     return result
 
 
+def verdict_lines(result: GateResult) -> list[str]:
+    """For the console: the baseline, the runs compared (and those only one side has), and the verdict."""
+    return [*result.table.notes[:2], verdict_line(result)]
+
+
 def verdict_line(result: GateResult) -> str:
     """One line for the console: whether the gate passed, and which figures regressed."""
     if not result.failed:

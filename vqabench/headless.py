@@ -25,7 +25,7 @@ from vqabench.events import EncoderCached, EpochEnded, Evaluated, RunFailed, Run
 from vqabench.events import Progress as ProgressEvent
 from vqabench.export import export_json, export_report
 from vqabench.figures import FigureError, figures_dir
-from vqabench.gate import Gate, append_step_summary, apply_gate, verdict_line
+from vqabench.gate import Gate, append_step_summary, apply_gate, verdict_lines
 from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import (
@@ -119,13 +119,14 @@ def run_headless(
         _print_summary(console, report, runner)
         export_failed = False
         if result is not None:
-            console.print(verdict_line(result), markup=False, highlight=False)
-        try:
-            if append_step_summary(report_markdown(report)) is not None:
-                console.print("Appended the Markdown report to $GITHUB_STEP_SUMMARY.")
-        except OSError as exc:
-            export_failed = True
-            console.print(f"Could not append the report to $GITHUB_STEP_SUMMARY ({exc.strerror}).")
+            for line in verdict_lines(result):
+                console.print(line, markup=False, highlight=False)
+            try:
+                if append_step_summary(report_markdown(report)) is not None:
+                    console.print("Appended the Markdown report to $GITHUB_STEP_SUMMARY.")
+            except OSError as exc:
+                export_failed = True
+                console.print(f"Could not append the report to $GITHUB_STEP_SUMMARY ({exc.strerror}).")
         if export:
             try:
                 written = export_report(report, Path(export), figures=figures)
