@@ -13,6 +13,7 @@ from test_report import INTERVALS, paper_like_session
 
 from vqabench.report import (
     SCHEMA_FILE,
+    SCHEMA_VERSION,
     ReportFileError,
     build_report,
     load_report_json,
@@ -87,7 +88,7 @@ def test_the_json_export_follows_the_shipped_schema_and_holds_every_markdown_fig
 
     assert Path(vqabench.__file__).parent / "assets" == SCHEMA_FILE.parent  # shipped in the wheel with the package
     assert schema_errors(document) == []
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == SCHEMA_VERSION == 2
     assert document["session"]["machine"] == "testbox" and document["session"]["devices"] == ["cpu"]
     assert [r["config"]["name"] for r in document["runs"]] == ["orpo", "sft", "dpo-beta0.1", "dpo-beta0.5"]
     assert document["runs"][2]["config"]["beta"] == 0.1
@@ -110,12 +111,12 @@ def test_a_report_of_another_schema_version_is_refused_in_one_sentence(tmp_path)
     path = tmp_path / "baseline.json"
     path.write_text(json.dumps(document))
     assert load_report_json(path)["session"]["id"] == session_id
-    path.write_text(json.dumps({**document, "schema_version": 2}))
+    path.write_text(json.dumps({**document, "schema_version": 1}))
     with pytest.raises(ReportFileError) as caught:
         load_report_json(path)
     message = str(caught.value)
     assert "\n" not in message and message.count(". ") == 0 and message.endswith(".")
-    assert str(path) in message and "schema_version 2" in message and "schema_version 1" in message
+    assert str(path) in message and "schema_version 1" in message and "schema_version 2" in message
     path.write_text("{not json")
     with pytest.raises(ReportFileError, match="is not a JSON report"):
         load_report_json(path)
@@ -127,7 +128,7 @@ def test_headless_json_writes_the_report_and_export_format_json_writes_the_same(
     assert "Wrote the JSON report to r.json." in proc.stdout
     written = json.loads((tmp_path / "r.json").read_text())
     assert schema_errors(written) == []
-    assert written["schema_version"] == 1 and [r["name"] for r in written["runs"]] == ["sft"]
+    assert written["schema_version"] == SCHEMA_VERSION and [r["name"] for r in written["runs"]] == ["sft"]
     assert written["runs"][0]["config"]["epochs"] == 1
     again = vqabench(tmp_path, "export", "--last", "--format", "json")
     assert again.returncode == 0, again.stderr

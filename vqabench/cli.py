@@ -4,6 +4,8 @@
     vqabench --headless --preset all [--epochs N] [--limit N] [--seed N]
              [--gpus 0,1,2,3] [--parallel N] [--results DIR] [--export FILE.md] [--json FILE.json]
              [--cache DIR] [--report-to tensorboard,trackio,mlflow,wandb]
+             [--baseline FILE.json|store:ID] [--fail-on "em:-0.02, epoch_time:+10%"]
+    vqabench compare --baseline FILE.json|store:ID [--session ID | --last] [--fail-on LIMITS] [--results DIR]
     vqabench export [--session ID | --last] [--format markdown|json] [-o FILE] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
     vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--no-pruning] [--results DIR]
@@ -22,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import vqabench
+from vqabench.gate import GateError
 from vqabench.judges import JudgeError, JudgeInputError
 from vqabench.presets import Overrides
 from vqabench.spec import JudgeSpec, SpecError
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the JSON report (every figure with its interval, unit and note) when the runs end",
     )
     _add_figures_option(parser)
+    _add_gate_options(parser)
     parser.add_argument(
         "--cache",
         type=Path,
@@ -173,6 +177,22 @@ def _add_export_command(commands: argparse._SubParsersAction) -> None:
     )
     _add_figures_option(export)
     _add_results_option(export)
+
+
+def _add_gate_options(parser: argparse.ArgumentParser) -> None:
+    from vqabench.report import DEFAULT_FAIL_ON
+
+    parser.add_argument(
+        "--baseline",
+        metavar="FILE.json|store:ID",
+        help="compare the session with a baseline: a JSON report (vqabench export --format json) or store:ID, "
+        "a session of the results store; exit 1 on a statistically real regression (docs/ci.md)",
+    )
+    parser.add_argument(
+        "--fail-on",
+        metavar="LIMITS",
+        help=f'with --baseline: the regressions that fail, e.g. "{DEFAULT_FAIL_ON}" (the default)'.replace("%", "%%"),
+    )
 
 
 def _add_figures_option(parser: argparse.ArgumentParser) -> None:
@@ -263,8 +283,12 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
         description="Ask the judge which of two runs' answers to each test question is better, in "
         "both orders (a tie when the orders disagree, which cancels position bias).",
     )
-    compare.add_argument("run_a", type=int, metavar="RUN_A")
-    compare.add_argument("run_b", type=int, metavar="RUN_B")
+    compare.add_argument("run_a", type=int, nargs="?", metavar="RUN_A")
+    compare.add_argument("run_b", type=int, nargs="?", metavar="RUN_B")
+    which = compare.add_mutually_exclusive_group()
+    which.add_argument("--session", type=int, metavar="ID", help="with --baseline: the session to gate")
+    which.add_argument("--last", action="store_true", help="with --baseline: the latest session (the default)")
+    _add_gate_options(compare)
     compare.add_argument("--judge", default="auto", choices=("auto", "exact", "semantic", "together", "openai"))
     compare.add_argument(
         "--base-url", help="the LLM judge's server: Together-compatible, or for openai e.g. http://localhost:8000/v1"
@@ -424,10 +448,38 @@ def _run_models(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from vqabench.rejudge import compare_runs
 
+    if args.baseline is not None:
+        return _run_gate(args)
+    if args.run_a is None or args.run_b is None:
+        raise StoreError("compare needs two run ids (RUN_A RUN_B), or --baseline to gate a session.")
     spec = _judge_spec(args)
     with ResultsStore(args.results, create=False) as store:
         print(compare_runs(store, args.run_a, args.run_b, spec, args.cache))
     return 0
+
+
+def _run_gate(args: argparse.Namespace) -> int:
+    """vqabench compare --baseline: a stored session against a baseline; exit 1 on a real regression."""
+    from vqabench.gate import append_step_summary, apply_gate, prepare_gate, verdict_lines
+    from vqabench.report import build_report, markdown_table, report_markdown
+
+    if args.run_a is not None:
+        raise StoreError("compare --baseline gates a session (--session ID or --last), not two runs.")
+    gate = prepare_gate(args.baseline, args.fail_on, args.results)
+    with ResultsStore(args.results, create=False) as store:
+        session = store.session(args.session) if args.session is not None else store.last_session()
+        if session is None:
+            raise StoreError(f"the results store {store.path} holds no session yet; run 'vqabench --headless' first.")
+        report = build_report(store, session.id)
+    result = apply_gate(gate, report)
+    print(f"{result.table.title} (session {session.id} against {gate.source}):")
+    print("\n".join(markdown_table(result.table)))
+    print("\n".join(["", *result.table.notes[2:], "", *verdict_lines(result)]))
+    try:
+        append_step_summary(report_markdown(report))
+    except OSError as exc:
+        raise StoreError(f"cannot append to $GITHUB_STEP_SUMMARY ({exc.strerror}).") from None
+    return 1 if result.failed else 0
 
 
 def _run_judge(args: argparse.Namespace) -> int:
@@ -500,6 +552,13 @@ def _run_headless(args: argparse.Namespace) -> int:
         raise StoreError(f"--export names {args.export}, but the folder {args.export.parent} does not exist.")
     if args.json is not None and not args.json.parent.is_dir():
         raise StoreError(f"--json names {args.json}, but the folder {args.json.parent} does not exist.")
+    gate = None
+    if args.baseline is not None:
+        from vqabench.gate import prepare_gate
+
+        gate = prepare_gate(args.baseline, args.fail_on, args.results)  # before a run starts: bad input, exit 2
+    elif args.fail_on is not None:
+        raise StoreError("--fail-on sets the limits of --baseline; name the baseline with --baseline FILE.json.")
     return run_headless(
         args.preset or "all",
         _overrides(args),
@@ -511,6 +570,7 @@ def _run_headless(args: argparse.Namespace) -> int:
         command=shlex.join(["vqabench", *sys.argv[1:]]),
         parallel=args.parallel,
         figures=args.figures,
+        gate=gate,
     )
 
 
@@ -554,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.headless:
             return _run_headless(args)
         return _run_dashboard(args)
-    except (SpecError, StoreError, JudgeError, JudgeInputError) as exc:
+    except (SpecError, StoreError, JudgeError, JudgeInputError, GateError) as exc:
         print(f"vqabench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

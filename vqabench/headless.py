@@ -3,8 +3,9 @@
 On a terminal, rich progress bars (one per run: epoch, ETA, running loss) with a line per
 finished epoch above them; otherwise one plain line per event, for CI logs. At the end the
 quality and efficiency tables of :mod:`vqabench.report` (the same ones ``vqabench export``
-writes). Exit code 0 only if every run is done, 1 if one failed or was skipped, 130 after
-Ctrl-C (or SIGTERM), which cancels the runs cleanly first.
+writes). Exit code 0 only if every run is done (and, with ``--baseline``, nothing regressed), 1 if one
+failed or was skipped (or a figure regressed), 130 after Ctrl-C (or SIGTERM), which cancels the runs
+cleanly first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vqabench.events import EncoderCached, EpochEnded, Evaluated, RunFailed, Run
 from vqabench.events import Progress as ProgressEvent
 from vqabench.export import export_json, export_report
 from vqabench.figures import FigureError, figures_dir
+from vqabench.gate import Gate, append_step_summary, apply_gate, verdict_lines
 from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, select_presets
 from vqabench.report import (
@@ -33,6 +35,7 @@ from vqabench.report import (
     load_disturbed,
     markdown_table,
     reference_text,
+    report_markdown,
     run_quality_report,
 )
 from vqabench.runner import (
@@ -69,8 +72,13 @@ def run_headless(
     command: str = "",
     parallel: int = 1,
     figures: bool = True,
+    gate: Gate | None = None,
 ) -> int:
     """Validate, run and store the selected presets; print the comparison; return the exit code.
+
+    With `gate` (a baseline, :func:`vqabench.gate.prepare_gate`), the report gets the Regressions table
+    and the exit code is 1 on a statistically real regression too; with $GITHUB_STEP_SUMMARY set, the
+    Markdown report is appended to that file.
 
     Raises SpecError (a bad preset) before anything starts, StoreError for an unusable store.
     """
@@ -107,8 +115,18 @@ def run_headless(
         if runner.fatal:
             console.print(f"vqabench: the runs were stopped: {runner.fatal}", markup=False, highlight=False)
         report = build_report(store, session.id)  # once: it reads every run's predictions
+        result = apply_gate(gate, report) if gate is not None else None
         _print_summary(console, report, runner)
         export_failed = False
+        if result is not None:
+            for line in verdict_lines(result):
+                console.print(line, markup=False, highlight=False)
+            try:
+                if append_step_summary(report_markdown(report)) is not None:
+                    console.print("Appended the Markdown report to $GITHUB_STEP_SUMMARY.")
+            except OSError as exc:
+                export_failed = True
+                console.print(f"Could not append the report to $GITHUB_STEP_SUMMARY ({exc.strerror}).")
         if export:
             try:
                 written = export_report(report, Path(export), figures=figures)
@@ -136,7 +154,8 @@ def run_headless(
         )
     if interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK if runner.all_done and not export_failed else EXIT_RUN_FAILED
+    regressed = result is not None and result.failed
+    return EXIT_OK if runner.all_done and not export_failed and not regressed else EXIT_RUN_FAILED
 
 
 async def _run_until_done(runner: Runner, console: Console) -> bool:

@@ -2,12 +2,13 @@
 
 The report's data: :mod:`~vqabench.report.runs` (what a run measured, :func:`summarize_runs`), one module
 per table (:mod:`~vqabench.report.quality`, ``efficiency``, ``versus_sft``, ``data``, ``epochs``,
-``probe``), each building a :class:`ReportTable` of typed cells (:mod:`~vqabench.report.model`), and
-:func:`build_report`, which assembles a session's tables (:mod:`~vqabench.report.session`). Its
-renderers: :mod:`~vqabench.report.markdown` (``vqabench export``, ``--export``, the dashboard's
-export) and :mod:`~vqabench.report.json` (``--format json``, ``--json``: every figure with its unit and
-interval, versioned); the headless console and the dashboard draw the same tables. A value that was
-not measured is "n/a", never 0.
+``probe``; ``regressions``: this session against a baseline, for the CI gate), each building a
+:class:`ReportTable` of typed cells (:mod:`~vqabench.report.model`), and :func:`build_report`, which
+assembles a session's tables (:mod:`~vqabench.report.session`). Its renderers:
+:mod:`~vqabench.report.markdown` (``vqabench export``, ``--export``, the dashboard's export) and
+:mod:`~vqabench.report.json` (``--format json``, ``--json``: every figure with its unit and interval,
+versioned); the headless console and the dashboard draw the same tables. A value that was not measured
+is "n/a", never 0.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ from vqabench.report.model import (
 )
 from vqabench.report.probe import probe_table
 from vqabench.report.quality import quality_table
+from vqabench.report.regressions import (
+    DEFAULT_FAIL_ON,
+    FAIL_ON_GRAMMAR,
+    FIGURES,
+    Comparison,
+    FailOnError,
+    GateResult,
+    compare_reports,
+    parse_fail_on,
+    regressions_table,
+    run_measurements,
+)
 from vqabench.report.runs import (
     SEED_FIELDS,
     RunData,
@@ -95,7 +108,10 @@ __all__ = [
     "BASE",
     "BASE_NOTE",
     "DATA_COLUMNS",
+    "DEFAULT_FAIL_ON",
     "EPOCH_NOTE",
+    "FAIL_ON_GRAMMAR",
+    "FIGURES",
     "LOAD_SLACK",
     "MIB",
     "MODEL_NOTE",
@@ -111,7 +127,10 @@ __all__ = [
     "SEED_FIELDS",
     "TOO_FEW",
     "Cell",
+    "Comparison",
     "Detail",
+    "FailOnError",
+    "GateResult",
     "ReportFileError",
     "ReportTable",
     "RunData",
@@ -124,6 +143,7 @@ __all__ = [
     "build_report",
     "cell_json",
     "chose_reference",
+    "compare_reports",
     "data_cells",
     "data_summary",
     "data_table",
@@ -147,17 +167,20 @@ __all__ = [
     "noisy_ratio",
     "p_cell",
     "p_text",
+    "parse_fail_on",
     "placement_notes",
     "pm",
     "probe_table",
     "quality_table",
     "read_predictions",
     "reference_text",
+    "regressions_table",
     "relative_time",
     "render_json",
     "render_markdown",
     "report_json",
     "report_markdown",
+    "run_measurements",
     "run_quality_report",
     "run_setup",
     "run_timing",

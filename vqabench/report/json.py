@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from vqabench.report.model import Cell, ReportTable
+from vqabench.report.regressions import run_measurements
 from vqabench.report.session import SessionReport
 
 #: The version of the JSON layout; a change that breaks a reader of the old layout raises it.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: each run's measurements (per-question scores, epoch and step times, memory)
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "assets" / "report.schema.json"
 
 
@@ -58,6 +59,7 @@ def report_json(report: SessionReport) -> dict[str, Any]:
                 "setup": run.setup,
                 "device": run.started.device if run.started else None,
                 "config": run.spec,
+                "measurements": run_measurements(run),
             }
             for run in report.runs
         ],

@@ -209,7 +209,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     baselines: dict[tuple[str, str], str] = {}  # -> the SFT run with a measured epoch
     orpo_peaks: dict[tuple[str, str], float] = {}  # -> peak memory of the ORPO run
     for r in runs:
-        peak_r = _peak_memory(r.epochs)[0]
+        peak_r = peak_memory(r.epochs)[0]
         for key in ((r.setup, seed_suffix(r.name)), (r.setup, "")):
             if r.method == "sft" and means[r.name]:
                 baselines.setdefault(key, r.name)
@@ -222,7 +222,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
         own = (run.setup, seed_suffix(run.name))
         sft = baselines.get(own) or baselines.get((run.setup, ""))
         orpo_peak = orpo_peaks.get(own, orpo_peaks.get((run.setup, "")))
-        peak, source = _peak_memory(run.epochs)
+        peak, source = peak_memory(run.epochs)
         evaluation = run.final_eval
         extra: dict[str, Any] = evaluation.extra if evaluation else {}
         intervals = {key: extra[f"{key}_ci"] for key in ("em", "f1", "judge") if is_interval(extra.get(f"{key}_ci"))}
@@ -379,6 +379,7 @@ class RunTiming:
     step_ms: list[list[float]]  # per steady epoch its step times, where every one of them carries them
     load_max: float | None
     cores: int | None
+    steady_seconds: list[float] = field(default_factory=list)  # the seconds of the epochs in `spread`
 
     def warning(self, name: str) -> str | None:
         """One sentence when the run's timing was disturbed (epoch-time CV or machine load), else None."""
@@ -436,6 +437,7 @@ def run_timing(run: RunData) -> RunTiming:
         step_ms,
         max(loads) if loads else None,
         min(cores) if cores else None,
+        [float(e.epoch_seconds) for e in steady],
     )
 
 
@@ -523,7 +525,9 @@ def _stage_seconds(run: RunData, before: Sequence[RunData], encodings: dict[str,
     return run.finished.train_seconds + (reference or 0.0) + encoding
 
 
-def _peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:
+def peak_memory(epochs: Sequence[EpochEnded]) -> tuple[float | None, str | None]:
+    """The largest epoch's peak memory in MiB and its source: CUDA (torch's max allocated) where any
+    epoch measured it, else RSS; (None, None) when none did."""
     cuda = [v for v in (as_number(e.cuda_max_allocated_mib) for e in epochs) if v is not None]
     if cuda:
         return max(cuda), "CUDA"
