@@ -1,26 +1,28 @@
 """`vqabench tune`'s console front end: tune the selected presets, then print the Tuned table.
 
-One line per trial and run as they end; at the end one row per preset (the rows of
-:func:`vqabench.tune.summary.tuned_rows`). Exit code 0 when every preset has a tuned run that is
-done, 1 otherwise, 130 after Ctrl-C.
+One line per trial and run as they end; at the end one row per preset: the rows of
+:func:`vqabench.tune.summary.tuned_rows`, recorded in the results store and drawn as the report's
+Tuned table read back from it, so the console, the export and the dashboard cannot disagree.
+Exit code 0 when every preset has a tuned run that is done, 1 otherwise, 130 after Ctrl-C.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vqabench.presets import Overrides, select_presets
+from vqabench.report import ReportTable
+from vqabench.report import tuned_table as report_tuned_table
 from vqabench.runner import FINAL_STATUSES, Notification, RunStatusChanged
 from vqabench.spec import SpecError
 from vqabench.store import ResultsStore
 from vqabench.tune.study import Tuner, TuneSettings, open_storage, shown_url, storage_url
-from vqabench.tune.summary import TunedRow, tuned_rows
+from vqabench.tune.summary import tuned_rows
 
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 
@@ -72,8 +74,13 @@ def run_tune(
             outcomes = tuner.outcomes
         studies = [(name, tuner.study_name(name)) for name in outcomes if outcomes[name].reason != "interrupted"]
         rows = tuned_rows(store, session.id, open_storage(tuner.url), studies)
+        store.add_tuned(session.id, [row.record(shown_url(tuner.url)) for row in rows])
         store.finish_session(session.id, "cancelled" if tuner.interrupted else "done")
-        console.print(tuned_table(rows))
+        table = report_tuned_table(store, session.id)
+        if table is not None:  # the rows the export and the dashboard show, read back from the store
+            console.print(tuned_table(table))
+            for note in table.notes[1:]:
+                console.print(note, markup=False)
         for outcome in outcomes.values():
             if outcome.reason:
                 console.print(f"{outcome.preset}: {outcome.reason}", markup=False)
@@ -83,48 +90,11 @@ def run_tune(
     return EXIT_OK if done and len(outcomes) == len(chosen.specs) else EXIT_FAILED
 
 
-def tuned_table(rows: Sequence[TunedRow]) -> Table:
-    """The Tuned rows as a rich table (the best setting was retrained and scored on test once)."""
-    table = Table(title="Tuned (selected on eval; the best setting retrained, then scored on test once)")
-    for header in ("preset", "best setting", "trials run/pruned/failed", "best eval objective (preset's)"):
-        table.add_column(header)
-    for header in ("test EM ↑", "test F1 ↑", "judge ↑", "tuning", "to a tuned model"):
-        table.add_column(header, justify="right")
-    for row in rows:
-        scores = row.test
-        extra: dict[str, Any] = scores.extra if scores else {}
-        table.add_row(
-            row.preset,
-            ", ".join(f"{k} {_value(v)}" for k, v in row.best_params.items()) or "–",
-            f"{row.trials} / {row.pruned} / {row.failed} (of {row.budget})",
-            _objective(row),
-            _score(scores.em if scores else None, extra.get("em_ci")),
-            _score(scores.f1 if scores else None, extra.get("f1_ci")),
-            _score(scores.judge_score if scores else None, extra.get("judge_ci")),
-            _seconds(row.tuning_seconds),
-            _seconds(row.to_tuned_seconds) + (f" (with {row.after})" if row.after else ""),
-        )
-    return table
-
-
-def _objective(row: TunedRow) -> str:
-    if row.best_value is None:
-        return "–"
-    own = f" ({row.preset_value:.4f})" if row.preset_value is not None else ""
-    return f"{row.objective} {row.best_value:.4f}{own}, trial {row.best_trial}"
-
-
-def _value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _score(value: float | None, interval: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(interval, (list, tuple)) and len(interval) == 2:
-        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-    return f"{value:.3f}"
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+def tuned_table(table: ReportTable) -> Table:
+    """The report's Tuned table (read back from the store) as a rich table."""
+    rich_table = Table(title=table.title, title_justify="left")
+    for column, align in zip(table.columns, table.align, strict=True):  # Text: "[s]" is no markup
+        rich_table.add_column(Text(column), justify="right" if align == "right" else "left")
+    for row in table.rows:
+        rich_table.add_row(*map(Text, row))
+    return rich_table
