@@ -61,7 +61,8 @@ def series_id(*parts: str) -> str:
 
 
 def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
-    """Write loss.svg, cost.svg and quality-vs-cost.svg (those with data) into `folder`."""
+    """Write loss.svg, cost.svg and quality-vs-cost.svg (those with data) into `folder`; for a tune
+    session also tune-convergence.svg and tune-importance.svg."""
     import matplotlib
     from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend, no display
 
@@ -73,7 +74,7 @@ def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
     colours.update({s.name: i for i, s in enumerate(report.summaries) if s.name not in colours})
     written = []
     with matplotlib.rc_context({"svg.hashsalt": "vqabench", "font.size": 9}):
-        for name, caption, draw in FIGURES:
+        for name, caption, draw in (*FIGURES, *TUNE_FIGURES):
             figure = MplFigure(layout="constrained")
             if not draw(figure, report, colours):
                 continue
@@ -343,5 +344,9 @@ FIGURES: tuple[tuple[str, str, Callable[[Any, SessionReport, dict[str, int]], bo
     ("loss.svg", "Train and eval loss per epoch, all runs", _loss),
     ("cost.svg", "What each method costs (whiskers: 95% interval where there is one)", _cost),
     ("quality-vs-cost.svg", "Quality against cost: EM (95% interval) vs time to an aligned model", _quality),
+)
+#: The figures of a tune session beside them (drawn only where the session has tuned presets); the
+#: parameter importance figure follows, its caption naming the methods it could not rank.
+TUNE_FIGURES: tuple[tuple[str, str, Callable[[Any, SessionReport, dict[str, int]], bool]], ...] = (
     ("tune-convergence.svg", "Tuning: best eval objective against trials spent, per method", _convergence),
 )

@@ -15,16 +15,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from vqabench.presets import Overrides, select_presets
+from vqabench.presets import Overrides
 from vqabench.report import ReportTable
-from vqabench.report import tuned_table as report_tuned_table
 from vqabench.runner import FINAL_STATUSES, Notification, RunStatusChanged
-from vqabench.spec import SpecError
-from vqabench.store import ResultsStore
-from vqabench.tune.study import Tuner, TuneSettings, open_storage, shown_url, storage_url
-from vqabench.tune.summary import tuned_rows
+from vqabench.tune.session import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, tune_session
+from vqabench.tune.study import TuneSettings
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "run_tune", "tuned_table"]
 
 
 def run_tune(
@@ -39,55 +36,31 @@ def run_tune(
     command: str = "",
 ) -> int:
     """Tune the selected presets, store every run, print the Tuned table; return the exit code."""
-    settings.validate()
-    chosen = select_presets(selection, overrides)
-    if any("@s" in s.name for s in chosen.specs):
-        raise SpecError("--seeds cannot be combined with tune; each trial runs one seed (set it with --seed).")
     console = console or Console(highlight=False, soft_wrap=True)
-    with ResultsStore(results_dir) as store:
-        open_storage(storage_url(settings.storage, store.results_dir))  # one sentence before a session is recorded
-        session = store.begin_session(selection, command)
 
-        def show(note: Notification) -> None:
-            if isinstance(note, RunStatusChanged) and note.status in FINAL_STATUSES:
-                console.print(f"[{note.run}] {note.status}" + (f": {note.reason}" if note.reason else ""), markup=False)
+    def show(note: Notification) -> None:
+        if isinstance(note, RunStatusChanged) and note.status in FINAL_STATUSES:
+            console.print(f"[{note.run}] {note.status}" + (f": {note.reason}" if note.reason else ""), markup=False)
 
-        tuner = Tuner(
-            chosen.specs,
-            settings,
-            store,
-            session,
-            worker_cmd=worker_cmd,
-            cache_dir=cache_dir,
-            subscribers=[show],
-            say=lambda text: console.print(text, markup=False),
-        )
-        console.print(
-            f"Session {session.id}: tuning {', '.join(s.name for s in chosen.specs)} with {settings.trials} "
-            f"trial(s) each; studies {tuner.study_base}.<preset> in {shown_url(tuner.url)}",
-            markup=False,
-        )
-        try:
-            outcomes = tuner.run()
-        except KeyboardInterrupt:
-            tuner.interrupted = True
-            outcomes = tuner.outcomes
-        studies = [(name, tuner.study_name(name)) for name in outcomes if outcomes[name].reason != "interrupted"]
-        rows = tuned_rows(store, session.id, open_storage(tuner.url), studies)
-        store.add_tuned(session.id, [row.record(shown_url(tuner.url)) for row in rows])
-        store.finish_session(session.id, "cancelled" if tuner.interrupted else "done")
-        table = report_tuned_table(store, session.id)
-        if table is not None:  # the rows the export and the dashboard show, read back from the store
-            console.print(tuned_table(table))
-            for note in table.notes[1:]:
-                console.print(note, markup=False)
-        for outcome in outcomes.values():
-            if outcome.reason:
-                console.print(f"{outcome.preset}: {outcome.reason}", markup=False)
-    if tuner.interrupted:
-        return EXIT_INTERRUPTED
-    done = all(o.final_state is not None and o.final_state.status == "done" for o in outcomes.values())
-    return EXIT_OK if done and len(outcomes) == len(chosen.specs) else EXIT_FAILED
+    result = tune_session(
+        selection,
+        overrides,
+        results_dir,
+        settings,
+        worker_cmd=worker_cmd,
+        cache_dir=cache_dir,
+        command=command,
+        subscribers=[show],
+        say=lambda text: console.print(text, markup=False),
+    )
+    if result.table is not None:  # the rows the export and the dashboard show, read back from the store
+        console.print(tuned_table(result.table))
+        for note in result.table.notes[1:]:
+            console.print(note, markup=False)
+    for outcome in result.outcomes.values():
+        if outcome.reason:
+            console.print(f"{outcome.preset}: {outcome.reason}", markup=False)
+    return result.exit_code
 
 
 def tuned_table(table: ReportTable) -> Table:
