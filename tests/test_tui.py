@@ -786,6 +786,13 @@ def test_key_u_tunes_the_selection_and_shows_the_tuned_table(tmp_path):
             (record,) = app.store.tuned(1)
             assert (record.complete, record.best_trial, record.tuned_run) == (2, 1, "sft.tuned")
             assert app.store.session(1).command.endswith("(dashboard: tune)")
+            # a stored tune session opened later shows its Tuned table, read from the store
+            app.query_one(EfficiencyPanel).show_tuned(None)
+            app._show_view(SessionView.from_store(app.store, app.store.session(1)))
+            await pilot.pause(0.1)
+            assert (
+                next(line for line in shown(app, "#efficiency-tuned").splitlines() if line.startswith("| sft ")) == row
+            )
 
     asyncio.run(scenario())
 
