@@ -147,7 +147,7 @@ def open_storage(
         except ImportError:
             raise SpecError(
                 f"the study storage {shown_url(url)} needs a database driver that is not installed "
-                f"(pip install 'vqabench[tune-postgres]' for postgresql://, pymysql for mysql+pymysql://)."
+                f"(psycopg, from pip install 'vqabench[tune-postgres]', for postgresql://; pymysql for mysql+pymysql://)."
             ) from None
         except SQLAlchemyError as exc:
             racing = isinstance(exc, IntegrityError) or any(w in str(exc) for w in ("already exists", "locked"))
