@@ -493,16 +493,19 @@ class Tuner:
         with Heartbeat(storage, trial._trial_id):
             state = self._run(trial_spec, report)
         seconds = (state.finished_at or 0.0) - (state.started_at or state.finished_at or 0.0)
-        trial.set_user_attr("seconds", seconds)
-        if state.status == DONE and 0 in reported:
-            trial.study.tell(trial, reported[0])
-        elif state.status == CANCELLED and pruned:
-            trial.study.tell(trial, state=TrialState.PRUNED)
-        else:
-            reason = state.reason or f"the run ended {state.status} without a finished epoch"
-            trial.set_user_attr("reason", reason)
-            trial.study.tell(trial, state=TrialState.FAIL)
-            self.say(f"[{run_name}] failed: {reason}")
+        try:
+            trial.set_user_attr("seconds", seconds)
+            if state.status == DONE and 0 in reported:
+                trial.study.tell(trial, reported[0])
+            elif state.status == CANCELLED and pruned:
+                trial.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                reason = state.reason or f"the run ended {state.status} without a finished epoch"
+                trial.set_user_attr("reason", reason)
+                trial.study.tell(trial, state=TrialState.FAIL)
+                self.say(f"[{run_name}] failed: {reason}")
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it (no heartbeat)
+            self.say(f"[{run_name}] was marked failed by another process meanwhile; its result is not counted")
 
     def _run(self, spec: RunSpec, observer: Callable[[Notification], None] | None = None) -> RunState:
         runner = Runner(
