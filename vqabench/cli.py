@@ -8,7 +8,8 @@
     vqabench compare --baseline FILE.json|store:ID [--session ID | --last] [--fail-on LIMITS] [--results DIR]
     vqabench export [--session ID | --last] [--format markdown|json] [-o FILE] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
-    vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--no-pruning] [--results DIR]
+    vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--gpus 0,1] [--no-pruning]
+                  [--results DIR]
     vqabench models                                 the model families and built-in variants
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
@@ -355,6 +356,13 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
         default=argparse.SUPPRESS,
         metavar="KEY=VALUE",
         help="as for --headless",
+    )
+    tune.add_argument(
+        "--gpus",
+        type=_gpu_list,
+        default=argparse.SUPPRESS,
+        metavar="0,1",
+        help="run trials on these GPUs at once, one trial per GPU (each sees only its own)",
     )
     tune.add_argument("--trials", type=_positive_int, required=True, metavar="N", help="trials per preset")
     tune.add_argument(

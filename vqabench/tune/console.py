@@ -2,13 +2,17 @@
 
 One line per trial and run as they end; at the end one row per preset (the rows of
 :func:`vqabench.tune.summary.tuned_rows`). Exit code 0 when every preset has a tuned run that is
-done, 1 otherwise, 130 after Ctrl-C.
+done, 1 otherwise, 130 after Ctrl-C or SIGTERM (the running trial is recorded failed, "interrupted";
+the same command again continues the study).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,8 @@ def run_tune(
             markup=False,
         )
         try:
-            outcomes = tuner.run()
+            with _stop_on_signals(tuner):
+                outcomes = tuner.run()
         except KeyboardInterrupt:
             tuner.interrupted = True
             outcomes = tuner.outcomes
@@ -81,6 +86,27 @@ def run_tune(
         return EXIT_INTERRUPTED
     done = all(o.final_state is not None and o.final_state.status == "done" for o in outcomes.values())
     return EXIT_OK if done and len(outcomes) == len(chosen.specs) else EXIT_FAILED
+
+
+@contextmanager
+def _stop_on_signals(tuner: Tuner) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the running trial's worker (the trial is recorded FAIL, "interrupted")
+    and start nothing else; a second signal is a KeyboardInterrupt. Only the main thread can listen."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if tuner.interrupted:
+            raise KeyboardInterrupt
+        tuner.cancel()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def tuned_table(rows: Sequence[TunedRow]) -> Table:
