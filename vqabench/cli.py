@@ -301,6 +301,20 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     _add_results_option(compare)
 
 
+def _add_selection_options(command: argparse.ArgumentParser) -> None:
+    """--preset and --set on a command, as for --headless; defaults suppressed, so that
+    `vqabench --preset X probe` keeps X, as --results does."""
+    command.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
+    command.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="as for --headless",
+    )
+
+
 def _add_probe_command(commands: argparse._SubParsersAction) -> None:
     probe = commands.add_parser(
         "probe",
@@ -310,16 +324,7 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
         "a 95%% interval, peak memory, reference memory and setup cost. Every preset starts from the same "
         "base model; nothing is trained to the end. The result is stored as a session of its own.",
     )
-    # Defaults suppressed: `vqabench --preset X probe` keeps X, as --results does.
-    probe.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
-    probe.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="KEY=VALUE",
-        help="as for --headless",
-    )
+    _add_selection_options(probe)
     probe.add_argument("--steps", type=_positive_int, default=20, metavar="N", help="timed steps per preset per round")
     probe.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="interleaved rounds")
     probe.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per preset per round")
@@ -348,15 +353,7 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
         "scored on the eval split only; each preset's best setting is retrained once and only that run answers "
         "the test split. A preset that starts from another (DPO after SFT) starts from its tuned run.",
     )
-    tune.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
-    tune.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="KEY=VALUE",
-        help="as for --headless",
-    )
+    _add_selection_options(tune)
     tune.add_argument(
         "--gpus",
         type=_gpu_list,
