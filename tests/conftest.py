@@ -1,9 +1,17 @@
 """Shared fixtures: one cache for the whole session (the embedded base checkpoint is built
-once, small), and a helper that runs the real worker in a subprocess."""
+once, small), and a helper that runs the real worker in a subprocess.
+
+That helper starts each worker as headless sessions do, through a preload server (one for the
+whole test session): a worker forks with torch and transformers already imported instead of
+spending ~5 s importing them. ``VQABENCH_PRELOAD=0`` starts every worker fresh instead; the
+preload server's own tests (test_preload.py) check that both ways train alike.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vqabench import events as ev
+from vqabench.preload_launcher import PreloadServer, preload_module
 
 #: Small enough that the embedded base checkpoint builds in a few seconds.
 TINY = {
@@ -46,11 +55,24 @@ def run_worker(spec: dict, tmp_path: Path, cache: Path, timeout: float = 240) ->
     spec.setdefault("output_dir", str(tmp_path / "out" / spec["name"]))
     path = tmp_path / f"{spec['name']}.json"
     path.write_text(json.dumps(spec))
-    proc = subprocess.run(
-        [sys.executable, "-m", "vqabench.engine.worker", str(path)], capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run(worker_command(str(path)), capture_output=True, text=True, timeout=timeout)
     events = [ev.parse_event(line) for line in proc.stdout.splitlines()]  # every line must parse
     return events, proc.returncode, proc.stderr
+
+
+_preload: list[PreloadServer] = []
+
+
+def worker_command(*args: str) -> list[str]:
+    """``python -m vqabench.engine.worker ARGS``, launched through the session's preload server when it may be."""
+    command = [sys.executable, "-m", "vqabench.engine.worker", *args]
+    module = preload_module(command, os.environ)
+    if module is None:
+        return command
+    if not _preload:
+        _preload.append(PreloadServer(module, dict(os.environ)))
+        atexit.register(_preload[0].close)
+    return _preload[0].command(command)
 
 
 def of_type(events: list, cls: type) -> list:

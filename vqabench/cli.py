@@ -8,7 +8,8 @@
     vqabench compare --baseline FILE.json|store:ID [--session ID | --last] [--fail-on LIMITS] [--results DIR]
     vqabench export [--session ID | --last] [--format markdown|json] [-o FILE] [--results DIR]
     vqabench probe [--preset SELECTION] [--set KEY=VALUE] [--steps N] [--rounds N] [--memory] [--results DIR]
-    vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--no-pruning] [--results DIR]
+    vqabench tune --trials N [--preset SELECTION] [--storage URL] [--study NAME] [--gpus 0,1] [--no-pruning]
+                  [--results DIR]
     vqabench models                                 the model families and built-in variants
 
 A user error (bad preset, missing file, unusable store) is one sentence on stderr and exit
@@ -300,6 +301,20 @@ def _add_compare_command(commands: argparse._SubParsersAction) -> None:
     _add_results_option(compare)
 
 
+def _add_selection_options(command: argparse.ArgumentParser) -> None:
+    """--preset and --set on a command, as for --headless; defaults suppressed, so that
+    `vqabench --preset X probe` keeps X, as --results does."""
+    command.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
+    command.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="as for --headless",
+    )
+
+
 def _add_probe_command(commands: argparse._SubParsersAction) -> None:
     probe = commands.add_parser(
         "probe",
@@ -309,16 +324,7 @@ def _add_probe_command(commands: argparse._SubParsersAction) -> None:
         "a 95%% interval, peak memory, reference memory and setup cost. Every preset starts from the same "
         "base model; nothing is trained to the end. The result is stored as a session of its own.",
     )
-    # Defaults suppressed: `vqabench --preset X probe` keeps X, as --results does.
-    probe.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
-    probe.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=argparse.SUPPRESS,
-        metavar="KEY=VALUE",
-        help="as for --headless",
-    )
+    _add_selection_options(probe)
     probe.add_argument("--steps", type=_positive_int, default=20, metavar="N", help="timed steps per preset per round")
     probe.add_argument("--rounds", type=_positive_int, default=3, metavar="N", help="interleaved rounds")
     probe.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per preset per round")
@@ -347,14 +353,13 @@ def _add_tune_command(commands: argparse._SubParsersAction) -> None:
         "scored on the eval split only; each preset's best setting is retrained once and only that run answers "
         "the test split. A preset that starts from another (DPO after SFT) starts from its tuned run.",
     )
-    tune.add_argument("--preset", metavar="SELECTION", default=argparse.SUPPRESS, help="as for --headless")
+    _add_selection_options(tune)
     tune.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
+        "--gpus",
+        type=_gpu_list,
         default=argparse.SUPPRESS,
-        metavar="KEY=VALUE",
-        help="as for --headless",
+        metavar="0,1",
+        help="run trials on these GPUs at once, one trial per GPU (each sees only its own)",
     )
     tune.add_argument("--trials", type=_positive_int, required=True, metavar="N", help="trials per preset")
     tune.add_argument(

@@ -198,15 +198,18 @@ class ChatTransport(ABC):
 
     judge_name: str  # the judge's name in logs and error sentences
     where: str  # the server, for error sentences
+    _client: Any  # the client, its own retries off: both clients have the same chat.completions.create
 
     @property
     @abstractmethod
     def errors(self) -> Any:
         """The client module whose APIStatusError, APIConnectionError and APITimeoutError it raises."""
 
-    @abstractmethod
     def send(self, model: str, messages: list[ChatMessage], max_tokens: int) -> Any:
         """One chat completion request at temperature 0; the client's response object."""
+        return self._client.chat.completions.create(
+            model=model, messages=messages, temperature=0.0, max_tokens=max_tokens
+        )
 
     @abstractmethod
     def auth_error(self, model: str, what: str) -> JudgeError:

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vqabench.judges.base import JudgeAuthError, JudgeError, JudgeRequestError, JudgeUnavailableError
-from vqabench.judges.llm import ChatMessage, ChatTransport, LLMJudge, error_detail
+from vqabench.judges.llm import ChatTransport, LLMJudge, error_detail
 from vqabench.spec import JudgeSpec
 
 API_KEY_VARIABLE = "OPENAI_API_KEY"
@@ -51,14 +51,6 @@ class OpenAICompatibleTransport(ChatTransport):
         import openai
 
         return openai
-
-    def send(self, model: str, messages: list[ChatMessage], max_tokens: int) -> Any:
-        return self._client.chat.completions.create(
-            model=model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=0.0,
-            max_tokens=max_tokens,
-        )
 
     def auth_error(self, model: str, what: str) -> JudgeError:
         return JudgeAuthError(

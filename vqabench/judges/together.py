@@ -20,7 +20,6 @@ from vqabench.judges.llm import (
     GRADE_SYSTEM_PROMPT,
     MAX_RETRY_AFTER_S,
     PROMPT_VERSION,
-    ChatMessage,
     ChatTransport,
     LLMJudge,
     RequestRateLimiter,
@@ -74,14 +73,6 @@ class TogetherTransport(ChatTransport):
         import together
 
         return together
-
-    def send(self, model: str, messages: list[ChatMessage], max_tokens: int) -> Any:
-        return self._client.chat.completions.create(
-            model=model,
-            messages=messages,  # type: ignore[arg-type]
-            temperature=0.0,
-            max_tokens=max_tokens,
-        )
 
     def auth_error(self, model: str, what: str) -> JudgeError:
         return JudgeAuthError(

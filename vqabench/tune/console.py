@@ -3,7 +3,8 @@
 One line per trial and run as they end; at the end one row per preset: the rows of
 :func:`vqabench.tune.summary.tuned_rows`, recorded in the results store and drawn as the report's
 Tuned table read back from it, so the console, the export and the dashboard cannot disagree.
-Exit code 0 when every preset has a tuned run that is done, 1 otherwise, 130 after Ctrl-C.
+Exit code 0 when every preset has a tuned run that is done, 1 otherwise, 130 after Ctrl-C or SIGTERM
+(the running trial is recorded failed, "interrupted"; the same command again continues the study).
 """
 
 from __future__ import annotations

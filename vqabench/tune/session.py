@@ -7,7 +7,10 @@ and reads the report's Tuned table back from it, so every front end shows the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +81,8 @@ def tune_session(
         if on_start is not None:
             on_start(session, tuner)
         try:
-            outcomes = tuner.run()
+            with _stop_on_signals(tuner):
+                outcomes = tuner.run()
         except KeyboardInterrupt:
             tuner.interrupted = True
             outcomes = tuner.outcomes
@@ -93,3 +97,25 @@ def tune_session(
     else:
         code = EXIT_OK if done and len(outcomes) == len(chosen.specs) else EXIT_FAILED
     return TuneResult(session.id, outcomes, table, tuner.interrupted, code)
+
+
+@contextmanager
+def _stop_on_signals(tuner: Tuner) -> Iterator[None]:
+    """SIGTERM and SIGINT stop the running trial's worker (the trial is recorded FAIL, "interrupted")
+    and start nothing else; a second signal is a KeyboardInterrupt. Only the main thread can listen
+    (the dashboard tunes in a thread and stops the tuner itself)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        if tuner.interrupted:
+            raise KeyboardInterrupt
+        tuner.cancel()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

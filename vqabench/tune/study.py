@@ -24,8 +24,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +57,12 @@ STUDY_DB = "tune.db"
 #: Seconds between looks at a study whose last trials other processes are still running.
 POLL_SECONDS = 1.0
 PRUNED_REASON = "pruned by the tuner (MedianPruner)"
+INTERRUPTED_REASON = "interrupted"
+#: A running trial writes a heartbeat to the storage this often (seconds); one whose heartbeat is
+#: older than GRACE_SECONDS (its process killed, its machine gone) is marked failed by the next
+#: process that looks. A trial of this machine whose process is gone is failed at once.
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -113,22 +122,32 @@ def default_study_name(specs: Sequence[RunSpec], settings: TuneSettings) -> str:
     return "vqabench-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+def open_storage(
+    url: str, attempts: int = 5, heartbeat: int = HEARTBEAT_SECONDS, grace: int = GRACE_SECONDS
+) -> optuna.storages.RDBStorage:
     """The study storage; an SQLite file waits for another process's write instead of failing.
 
     Two processes that find a new storage both create its tables, and one of them fails; it tries
-    again and finds them made. Raises SpecError (the URL without its password) when it cannot be opened.
+    again and finds them made. Trials get a heartbeat every `heartbeat` seconds, and one silent for
+    `grace` seconds is failed with its reason (see :func:`fail_orphaned_trials`). Raises SpecError
+    (the URL without its password) when it cannot be opened.
     """
     from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if url.startswith("postgresql"):
+        kwargs = {"connect_args": {"connect_timeout": 10}}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():  # the heartbeat is an experimental argument
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=kwargs, heartbeat_interval=heartbeat, grace_period=grace
+                )
         except ImportError:
             raise SpecError(
                 f"the study storage {shown_url(url)} needs a database driver that is not installed "
-                f"(psycopg2 for postgresql://, pymysql for mysql+pymysql://)."
+                f"(psycopg, from pip install 'vqabench[tune-postgres]', for postgresql://; pymysql for mysql+pymysql://)."
             ) from None
         except SQLAlchemyError as exc:
             racing = isinstance(exc, IntegrityError) or any(w in str(exc) for w in ("already exists", "locked"))
@@ -137,6 +156,74 @@ def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
                 raise SpecError(f"the study storage {shown_url(url)} cannot be opened ({reason}).") from None
             time.sleep(0.5 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def fail_orphaned_trials(storage: optuna.storages.RDBStorage, name: str) -> list[int]:
+    """Mark failed, with the reason, the running trials nobody runs any more; returns their numbers.
+
+    A trial claimed on this machine whose process is gone (killed, even by SIGKILL) fails at once;
+    one from anywhere whose heartbeat is older than the storage's grace period fails too, so the
+    other processes do not wait for it forever.
+    """
+    study = optuna.load_study(storage=storage, study_name=name)
+    here = socket.gethostname()
+    grace = storage.grace_period or 2 * (storage.heartbeat_interval or HEARTBEAT_SECONDS)
+    stale = set(storage._get_stale_trial_ids(study._study_id))  # Optuna's own heartbeat test
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, pid = trial.user_attrs.get("host"), trial.user_attrs.get("pid")
+        if host == here and isinstance(pid, int) and not _alive(pid):
+            reason = f"its tune process (pid {pid} on {host}) ended while it ran (killed?)"
+        elif trial._trial_id in stale:
+            reason = f"no heartbeat from its tune process (pid {pid} on {host}) for over {grace} s (killed?)"
+        else:
+            continue
+        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial.number)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process failed it first
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Heartbeat:
+    """Records a running trial's heartbeat in the storage every interval, on a thread of its own."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{trial_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.storage.record_heartbeat(self.trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.storage.heartbeat_interval or HEARTBEAT_SECONDS):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception:  # a storage hiccup: the next beat tries again, within the grace period
+                continue
 
 
 def preset_setting(spec: RunSpec, space: TuneSpace) -> dict[str, Any] | None:
@@ -187,6 +274,8 @@ def pop_trial(storage: optuna.storages.BaseStorage, name: str, space: TuneSpace,
             continue
         if not claimed:
             continue  # another process took it first
+        storage.set_trial_user_attr(frozen._trial_id, "host", socket.gethostname())
+        storage.set_trial_user_attr(frozen._trial_id, "pid", os.getpid())
         sampler = optuna.samplers.TPESampler(
             seed=settings.seed + frozen.number, n_startup_trials=max(2, min(10, settings.trials // 3))
         )
@@ -217,10 +306,17 @@ def objective_value(objective: str, epoch: EpochEnded) -> float:
     return epoch.eval_loss if objective == "eval_loss" else -epoch.chosen_logp
 
 
-def wait_for_others(storage: optuna.storages.BaseStorage, name: str, say: Callable[[str], None]) -> optuna.Study:
-    """The study once no trial is waiting or running (other processes' trials included)."""
+def wait_for_others(
+    storage: optuna.storages.RDBStorage, name: str, say: Callable[[str], None], stop: threading.Event
+) -> optuna.Study | None:
+    """The study once no trial is waiting or running (other processes' trials included); None if stopped.
+
+    A trial whose process died is failed on the way (:func:`fail_orphaned_trials`), so it is not waited for.
+    """
     told = False
-    while True:
+    while not stop.is_set():
+        for number in fail_orphaned_trials(storage, name):
+            say(f"[{name}] trial {number} failed: its process is gone")
         study = optuna.load_study(storage=storage, study_name=name)
         busy = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
         if not busy:
@@ -228,11 +324,16 @@ def wait_for_others(storage: optuna.storages.BaseStorage, name: str, say: Callab
         if not told:
             say(f"waiting for {len(busy)} trial(s) of study {name} that other processes are running")
             told = True
-        time.sleep(POLL_SECONDS)
+        stop.wait(POLL_SECONDS)
+    return None
 
 
 class Tuner:
-    """Tunes presets in order, each through its study; every trial and tuned run is recorded in one session."""
+    """Tunes presets in order, each through its study; every trial and tuned run is recorded in one session.
+
+    With several GPUs (``gpus = [0, 1]``, one process per run) a preset's trials run one per GPU at
+    once, each placed by the runner's DevicePool on its own GPU; the tuned run takes a free one.
+    """
 
     def __init__(
         self,
@@ -259,10 +360,23 @@ class Tuner:
         self.subscribers = list(subscribers)
         self.say = say
         self.outcomes: dict[str, Tuned] = {}
-        self.interrupted = False
-        self._runner: Runner | None = None
+        self._stop = threading.Event()
+        self._active: dict[str, Runner] = {}  # run name -> the runner running it (one per GPU lane)
+        self._lock = threading.Lock()
+        self._record_lock = threading.Lock()
         self._preload: PreloadServer | None = None
         self._recorder = store.recorder(session)
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stop.is_set()
+
+    @interrupted.setter
+    def interrupted(self, value: bool) -> None:
+        if value:
+            self._stop.set()
+        else:
+            self._stop.clear()
 
     def study_name(self, preset: str) -> str:
         return f"{self.study_base}.{preset}"
@@ -281,13 +395,24 @@ class Tuner:
                 self._preload.close()
         return self.outcomes
 
-    def cancel(self) -> None:
-        """Stop: the running trial is cancelled (recorded FAIL) and nothing else starts."""
-        self.interrupted = True
-        if self._runner is not None:
-            self._runner.cancel()
+    def cancel(self, reason: str = INTERRUPTED_REASON) -> None:
+        """Stop: each running trial's worker is stopped (the trial recorded FAIL with `reason`), nothing
+        else starts. Safe from any thread and from a signal handler."""
+        self._stop.set()
+        with self._lock:
+            active = list(self._active.items())
+        for run_name, runner in active:
+            # From another thread the runner hands the cancel to its loop and wakes it (a signal
+            # handler runs on the loop's own thread, where a direct call would not wake it).
+            threading.Thread(target=runner.cancel, args=(run_name, reason), daemon=True).start()
 
-    def _tune_one(self, storage: optuna.storages.BaseStorage, spec: RunSpec) -> Tuned:
+    def lanes(self, spec: RunSpec) -> list[RunSpec]:
+        """The specs trials run on at once: one per GPU of `gpus` for single-process runs, else `spec`."""
+        if len(spec.gpus) > 1 and spec.nproc_per_node == 1 and spec.nnodes == 1:
+            return [spec.replace(gpus=[gpu]) for gpu in spec.gpus]
+        return [spec]
+
+    def _tune_one(self, storage: optuna.storages.RDBStorage, spec: RunSpec) -> Tuned:
         space = self.spaces[spec.name]
         name = self.study_name(spec.name)
         outcome = Tuned(spec.name, spec.method, name, space.objective, after=spec.after)
@@ -301,30 +426,50 @@ class Tuner:
         study = open_study(storage, name, self.settings.trials, preset_setting(spec, space))
         for key, value in (("objective", space.objective), ("method", spec.method), ("after", outcome.after)):
             study.set_user_attr(key, value)  # what the summary reads back, whichever process asks
-        while not self.interrupted:
-            trial = pop_trial(storage, name, space, self.settings)
-            if trial is None:
-                break
-            self._run_trial(spec, space, trial)
-        if self.interrupted:
-            outcome.reason = "interrupted"
+        for number in fail_orphaned_trials(storage, name):  # a killed earlier run of this command
+            self.say(f"[{spec.name}.trial{number}] failed: its process is gone")
+        lanes = self.lanes(spec)
+        if len(lanes) == 1:
+            self._run_trials(storage, name, space, lanes[0])
+        else:
+            threads = [
+                threading.Thread(target=self._run_trials, args=(storage, name, space, lane), name=f"lane-{lane.gpus}")
+                for lane in lanes
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        done = None if self.interrupted else wait_for_others(storage, name, self.say, self._stop)
+        if done is None:
+            outcome.reason = INTERRUPTED_REASON
             return outcome
-        study = wait_for_others(storage, name, self.say)
-        finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        finished = [t for t in done.trials if t.state == TrialState.COMPLETE]
         if not finished:
             outcome.reason = "no trial finished"
             return outcome
-        best = study.best_trial
+        best = done.best_trial
         outcome.best_params, outcome.best_value, outcome.best_trial = dict(best.params), best.value, best.number
         final = spec.replace(name=f"{spec.name}.tuned", **best.params, score_test=True, seeds=[])
-        self.say(f"[{spec.name}] best of {len(study.trials)} trial(s): trial {best.number} {best.params}")
+        self.say(f"[{spec.name}] best of {len(done.trials)} trial(s): trial {best.number} {best.params}")
         state = self._run(final)
         outcome.final_run, outcome.final_state = final.name, state
         if state.status != DONE:
             outcome.reason = f"the tuned run {state.status}: {state.reason}"
         return outcome
 
-    def _run_trial(self, spec: RunSpec, space: TuneSpace, trial: optuna.Trial) -> None:
+    def _run_trials(self, storage: optuna.storages.RDBStorage, name: str, space: TuneSpace, spec: RunSpec) -> None:
+        """Pop and run the study's waiting trials, one after another, until none is left or tune stops."""
+        while not self.interrupted:
+            with self._lock:  # TPE samples from the trials told so far; one lane samples at a time
+                trial = pop_trial(storage, name, space, self.settings)
+            if trial is None:
+                return
+            self._run_trial(storage, spec, space, trial)
+
+    def _run_trial(
+        self, storage: optuna.storages.RDBStorage, spec: RunSpec, space: TuneSpace, trial: optuna.Trial
+    ) -> None:
         run_name = f"{spec.name}.trial{trial.number}"
         trial_spec = spec.replace(name=run_name, score_test=False, seeds=[], **trial.params)
         reported: dict[int, float] = {}
@@ -341,24 +486,26 @@ class Tuner:
                 reported[0] = value  # the value at the checkpoint a retrain would keep
             if note.event.epoch < trial_spec.epochs and trial.should_prune():
                 pruned = True
-                assert self._runner is not None
-                self._runner.cancel(run_name, reason=PRUNED_REASON)
+                self._active[run_name].cancel(run_name, reason=PRUNED_REASON)
 
         trial.set_user_attr("run", run_name)
         trial.set_user_attr("session", self.session.id)
-        trial.set_user_attr("host", socket.gethostname())
-        state = self._run(trial_spec, report)
+        with Heartbeat(storage, trial._trial_id):
+            state = self._run(trial_spec, report)
         seconds = (state.finished_at or 0.0) - (state.started_at or state.finished_at or 0.0)
-        trial.set_user_attr("seconds", seconds)
-        if state.status == DONE and 0 in reported:
-            trial.study.tell(trial, reported[0])
-        elif state.status == CANCELLED and pruned:
-            trial.study.tell(trial, state=TrialState.PRUNED)
-        else:
-            reason = state.reason or f"the run ended {state.status} without a finished epoch"
-            trial.set_user_attr("reason", reason)
-            trial.study.tell(trial, state=TrialState.FAIL)
-            self.say(f"[{run_name}] failed: {reason}")
+        try:
+            trial.set_user_attr("seconds", seconds)
+            if state.status == DONE and 0 in reported:
+                trial.study.tell(trial, reported[0])
+            elif state.status == CANCELLED and pruned:
+                trial.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                reason = state.reason or f"the run ended {state.status} without a finished epoch"
+                trial.set_user_attr("reason", reason)
+                trial.study.tell(trial, state=TrialState.FAIL)
+                self.say(f"[{run_name}] failed: {reason}")
+        except optuna.exceptions.UpdateFinishedTrialError:  # another process failed it (no heartbeat)
+            self.say(f"[{run_name}] was marked failed by another process meanwhile; its result is not counted")
 
     def _run(self, spec: RunSpec, observer: Callable[[Notification], None] | None = None) -> RunState:
         runner = Runner(
@@ -374,20 +521,25 @@ class Tuner:
             runner.subscribe(observer)
         for subscriber in self.subscribers:
             runner.subscribe(subscriber)
-        self._runner = runner
+        with self._lock:
+            if self.interrupted:  # stopped between the pop and here
+                runner.cancel(spec.name, reason=INTERRUPTED_REASON)
+            self._active[spec.name] = runner
         try:
             asyncio.run(runner.run())
-        except KeyboardInterrupt:  # Ctrl-C: the runner has stopped the worker; the trial is recorded failed
-            self.interrupted = True
+        except KeyboardInterrupt:  # Ctrl-C without tune's handler: the runner has stopped the worker
+            self._stop.set()
         finally:
-            self._runner = None
+            with self._lock:
+                self._active.pop(spec.name, None)
         if runner.fatal:
-            self.interrupted = True
+            self._stop.set()
         return runner.states[spec.name]
 
     def _record(self, note: Notification) -> None:
         if not isinstance(note, RunnerFinished):  # one session spans many runners; tune finishes it
-            self._recorder(note)
+            with self._record_lock:  # trials on several GPUs report from their own threads
+                self._recorder(note)
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -412,6 +564,7 @@ __all__ = [
     "Tuned",
     "Tuner",
     "default_study_name",
+    "fail_orphaned_trials",
     "open_storage",
     "shown_url",
     "storage_url",
