@@ -763,6 +763,40 @@ def test_key_t_probes_the_step_cost_and_shows_it_under_efficiency(tmp_path):
             assert started.presets == ["sft", "dpo-beta0.1", "dpo-beta0.5"] and len(measured) == 9
 
 
+def test_key_u_tunes_the_selection_and_shows_the_tuned_table(tmp_path):
+    from vqabench.tui.app import TUNE_TRIALS
+    from vqabench.tune.session import DEFAULT_TRIALS
+
+    assert TUNE_TRIALS == DEFAULT_TRIALS  # the dashboard's default is the tune core's
+    # the fake's eval loss does not follow the setting: trial 0 (the preset's own) is made worse by 0.3
+    app = make_app(tmp_path, {"runs": {"sft.trial0": {"eval_loss_offset": 0.3}}}, epochs=1, tune_trials=2)
+
+    async def scenario() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("u")
+            await wait_for(pilot, lambda: app.tune_worker is not None and app.tune_worker.is_finished, 60)
+            text = shown(app, "#efficiency-tuned")
+            assert "Tuning session 1 ended." in text
+            row = next(line for line in text.splitlines() if line.startswith("| sft "))
+            # 2 trials of 2; the fake's SFT eval loss after one epoch is 1.1 + 0.1; trial 0 carries +0.3
+            assert "2 of 2" in row and "1.2000 (trial 1)" in row and "1.5000" in row
+            assert app.live is not None and app.view is app.live and app.live.status == "done"
+            assert list(app.live.runs) == ["sft.trial0", "sft.trial1", "sft.tuned"]
+            assert app.query_one("#panel-efficiency").has_class("-active")
+            (record,) = app.store.tuned(1)
+            assert (record.complete, record.best_trial, record.tuned_run) == (2, 1, "sft.tuned")
+            assert app.store.session(1).command.endswith("(dashboard: tune)")
+            # a stored tune session opened later shows its Tuned table, read from the store
+            app.query_one(EfficiencyPanel).show_tuned(None)
+            app._show_view(SessionView.from_store(app.store, app.store.session(1)))
+            await pilot.pause(0.1)
+            assert (
+                next(line for line in shown(app, "#efficiency-tuned").splitlines() if line.startswith("| sft ")) == row
+            )
+
+    asyncio.run(scenario())
+
+
 def test_concurrent_runs_show_their_gpus_in_the_runs_table(tmp_path, monkeypatch):
     monkeypatch.setenv("VQABENCH_VISIBLE_GPUS", "0,1")  # two fake devices: the runner only hands out ids
     app = Dashboard(

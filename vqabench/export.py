@@ -24,7 +24,7 @@ def export_report(report: SessionReport, path: Path | str, *, figures: bool = Tr
     path = Path(path)
     written = []
     links: list[tuple[str, str]] = []
-    if figures and report.runs:
+    if figures and (report.runs or report.tuned):
         from vqabench.figures import figure_links, figures_dir, write_figures  # matplotlib: only now
 
         written = write_figures(report, figures_dir(path))

@@ -1,4 +1,7 @@
-"""SVG figures for the exported report: loss curves, cost bars, quality against cost.
+"""SVG figures for the exported report: loss curves, cost bars, quality against cost; for a tune
+session, the best eval objective against trials spent and each method's parameter importance
+(read from the study storage the results store names; left out, with one sentence, where it
+cannot be opened).
 
 Drawn with matplotlib's SVG canvas (no display, no pyplot state), from the data of
 :mod:`vqabench.charts`, which takes every number from the report's own summaries. Each run's
@@ -58,7 +61,8 @@ def series_id(*parts: str) -> str:
 
 
 def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
-    """Write loss.svg, cost.svg and quality-vs-cost.svg (those with data) into `folder`."""
+    """Write loss.svg, cost.svg and quality-vs-cost.svg (those with data) into `folder`; for a tune
+    session also tune-convergence.svg and tune-importance.svg."""
     import matplotlib
     from matplotlib.figure import Figure as MplFigure  # no pyplot: no backend, no display
 
@@ -70,7 +74,7 @@ def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
     colours.update({s.name: i for i, s in enumerate(report.summaries) if s.name not in colours})
     written = []
     with matplotlib.rc_context({"svg.hashsalt": "vqabench", "font.size": 9}):
-        for name, caption, draw in FIGURES:
+        for name, caption, draw in (*FIGURES, *TUNE_FIGURES):
             figure = MplFigure(layout="constrained")
             if not draw(figure, report, colours):
                 continue
@@ -80,7 +84,120 @@ def write_figures(report: SessionReport, folder: Path) -> list[Figure]:
             except OSError as exc:
                 raise FigureError(f"cannot write {path} ({exc.strerror}).") from None
             written.append(Figure(caption, path))
+        if report.tuned:
+            importance = _importance(report)
+            if importance is not None:
+                figure, caption = importance
+                path = folder / "tune-importance.svg"
+                try:
+                    figure.savefig(path, format="svg", metadata={"Date": None})
+                except OSError as exc:
+                    raise FigureError(f"cannot write {path} ({exc.strerror}).") from None
+                written.append(Figure(caption, path))
     return written
+
+
+def best_so_far(trials: Sequence[Sequence[Any]]) -> list[float | None]:
+    """The best (lowest) eval objective after each trial spent, in trial order; None before one completes."""
+    best: float | None = None
+    curve: list[float | None] = []
+    for _number, state, value in trials:
+        if state == "COMPLETE" and value is not None and (best is None or value < best):
+            best = float(value)
+        curve.append(best)
+    return curve
+
+
+def _convergence(figure: Any, report: SessionReport, colours: dict[str, int]) -> bool:
+    """Best eval objective against trials spent, one line per tuned preset (who converges with less)."""
+    curves = [(r.preset, r.objective, best_so_far(r.trials)) for r in report.tuned]
+    curves = [c for c in curves if any(v is not None for v in c[2])]
+    if not curves:
+        return False
+    ax = figure.subplots()
+    for preset, objective, curve in curves:
+        xs = [i + 1 for i, v in enumerate(curve) if v is not None]
+        ys = [v for v in curve if v is not None]
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            label=f"{preset} ({objective})",
+            gid=series_id("tune", preset),
+            **_style(colours, preset),
+        )
+    ax.set_xlabel("trials spent")
+    ax.set_ylabel("best eval objective (lower is better)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7, loc="best")
+    return True
+
+
+def open_tuned_study(storage: str, name: str) -> Any:
+    """The study `name` in the recorded storage, or None when it cannot be opened here (another
+    machine's file, a server out of reach, a password that was not recorded)."""
+    import optuna
+
+    if "***" in storage:
+        return None
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        return None  # sqlite would create an empty file
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception:
+        return None
+
+
+def _importance(report: SessionReport) -> tuple[Any, str] | None:
+    """Optuna's parameter importance per tuned preset, with a caption that says where there is none;
+    None (and one sentence in the Tuned table's notes) when no study can be opened."""
+    import optuna
+    from matplotlib.figure import Figure as MplFigure
+
+    studies = [(r, open_tuned_study(r.storage, r.study)) for r in report.tuned]
+    if all(study is None for _, study in studies):
+        table = report.table("tuned")
+        storages = ", ".join(sorted({r.storage for r in report.tuned}))
+        if table is not None:
+            table.notes.append(
+                f"The study storage {storages} cannot be opened here, so the parameter importance figure is left out."
+            )
+        return None
+    figure = MplFigure(layout="constrained", figsize=(6.4, 1.2 + 1.1 * len(studies)))
+    axes = figure.subplots(len(studies), 1, squeeze=False)[:, 0]
+    said: list[str] = []
+    for ax, (record, study) in zip(axes, studies, strict=True):
+        ax.set_title(record.preset, fontsize=8, loc="left")
+        reason = None
+        if study is None:
+            reason = "its study cannot be opened here"
+        else:
+            complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            searched = {k for t in complete for k in t.params}
+            if len(complete) < 2:
+                reason = f"{len(complete)} complete trial(s), too few to rank parameters"
+            elif len(searched) < 2:
+                reason = f"one parameter searched ({', '.join(sorted(searched)) or 'none'}), nothing to rank"
+            else:
+                try:
+                    importances = optuna.importance.get_param_importances(study)
+                except (ValueError, RuntimeError) as exc:
+                    reason = f"Optuna could not rank its parameters ({exc})"
+                else:
+                    names = list(importances)[::-1]
+                    ax.barh(names, [importances[n] for n in names], gid=series_id("importance", record.preset))
+                    ax.set_xlim(0, 1)
+        if reason is not None:
+            said.append(f"{record.preset}: {reason}")
+            ax.text(0.5, 0.5, reason, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[-1].set_xlabel("importance (Optuna's get_param_importances; sums to 1 per method)")
+    caption = "Parameter importance per method (Optuna's get_param_importances over its complete trials)"
+    if said:
+        caption += "; no ranking for " + "; ".join(said)
+    return figure, caption
 
 
 def _style(colours: dict[str, int], run: str) -> dict[str, Any]:
@@ -227,4 +344,9 @@ FIGURES: tuple[tuple[str, str, Callable[[Any, SessionReport, dict[str, int]], bo
     ("loss.svg", "Train and eval loss per epoch, all runs", _loss),
     ("cost.svg", "What each method costs (whiskers: 95% interval where there is one)", _cost),
     ("quality-vs-cost.svg", "Quality against cost: EM (95% interval) vs time to an aligned model", _quality),
+)
+#: The figures of a tune session beside them (drawn only where the session has tuned presets); the
+#: parameter importance figure follows, its caption naming the methods it could not rank.
+TUNE_FIGURES: tuple[tuple[str, str, Callable[[Any, SessionReport, dict[str, int]], bool]], ...] = (
+    ("tune-convergence.svg", "Tuning: best eval objective against trials spent, per method", _convergence),
 )

@@ -229,6 +229,34 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE probes ADD COLUMN machine_cores INTEGER;
     """,
+    # 6: what `vqabench tune` came to per preset (the report's Tuned table; its figures' study).
+    """
+    CREATE TABLE tuned (
+        session_id       INTEGER NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        position         INTEGER NOT NULL,
+        preset           TEXT NOT NULL,
+        method           TEXT NOT NULL,
+        after            TEXT,
+        storage          TEXT NOT NULL,   -- the study storage's URL, its password replaced by ***
+        study            TEXT NOT NULL,
+        objective        TEXT NOT NULL,
+        budget           INTEGER NOT NULL,
+        complete         INTEGER NOT NULL,
+        pruned           INTEGER NOT NULL,
+        failed           INTEGER NOT NULL,
+        best_params      JSON NOT NULL,
+        best_value       REAL,
+        best_trial       INTEGER,
+        preset_value     REAL,
+        tuned_run        TEXT,
+        tuning_seconds   REAL NOT NULL,
+        retrain_seconds  REAL NOT NULL,
+        to_tuned_seconds REAL NOT NULL,
+        trials           JSON NOT NULL,   -- [[number, state, value or null], ...] in trial order
+        recorded_at      TEXT NOT NULL,
+        PRIMARY KEY (session_id, preset)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -320,6 +348,37 @@ class RunRecord:
     started: RunStarted | None
     finished: RunFinished | None
     failed: RunFailed | None
+
+
+@dataclass
+class TunedRecord:
+    """What tuning one preset came to in a `vqabench tune` session (one row of the Tuned table).
+
+    `trials`: each trial as [number, state, value] (state COMPLETE, PRUNED, FAIL, ...; value the
+    eval objective of a complete trial, else None); `storage` never holds a password."""
+
+    preset: str
+    method: str
+    after: str | None
+    storage: str
+    study: str
+    objective: str
+    budget: int
+    complete: int
+    pruned: int
+    failed: int
+    best_params: dict[str, Any]
+    best_value: float | None
+    best_trial: int | None
+    preset_value: float | None
+    tuned_run: str | None
+    tuning_seconds: float
+    retrain_seconds: float
+    to_tuned_seconds: float
+    trials: list[list[Any]]
+
+
+_TUNED_FIELDS = [f.name for f in dataclasses.fields(TunedRecord)]
 
 
 def now_iso() -> str:
@@ -575,6 +634,29 @@ class ResultsStore:
             )
         ]
         return started, measured
+
+    def add_tuned(self, session_id: int, records: list[TunedRecord]) -> None:
+        """Record what tuning each preset came to (replacing this session's earlier records)."""
+        names = ["session_id", "position", *_TUNED_FIELDS, "recorded_at"]
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM tuned WHERE session_id = ?", (session_id,))
+            for position, record in enumerate(records):
+                values = [
+                    _json(getattr(record, f)) if f in ("best_params", "trials") else getattr(record, f)
+                    for f in _TUNED_FIELDS
+                ]
+                conn.execute(
+                    f"INSERT INTO tuned ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                    (session_id, position, *values, now_iso()),
+                )
+
+    def tuned(self, session_id: int) -> list[TunedRecord]:
+        """A tune session's records in tuning order; [] for any other session."""
+        rows = self._query("SELECT * FROM tuned WHERE session_id = ? ORDER BY position", (session_id,))
+        return [
+            TunedRecord(**{f: json.loads(r[f]) if f in ("best_params", "trials") else r[f] for f in _TUNED_FIELDS})
+            for r in rows
+        ]
 
     def recorder(self, session: SessionRecord) -> SessionRecorder:
         """A runner subscriber that writes the session's notifications here."""

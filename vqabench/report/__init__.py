@@ -2,7 +2,8 @@
 
 The report's data: :mod:`~vqabench.report.runs` (what a run measured, :func:`summarize_runs`), one module
 per table (:mod:`~vqabench.report.quality`, ``efficiency``, ``versus_sft``, ``data``, ``epochs``,
-``probe``; ``regressions``: this session against a baseline, for the CI gate), each building a
+``probe``; ``tuned``: a tune session's studies; ``regressions``: this session against a baseline, for the CI
+gate), each building a
 :class:`ReportTable` of typed cells (:mod:`~vqabench.report.model`), and :func:`build_report`, which
 assembles a session's tables (:mod:`~vqabench.report.session`). Its renderers:
 :mod:`~vqabench.report.markdown` (``vqabench export``, ``--export``, the dashboard's export) and
@@ -102,6 +103,7 @@ from vqabench.report.runs import (
     trains_label,
 )
 from vqabench.report.session import SessionReport, build_report, header_line
+from vqabench.report.tuned import TUNED_COLUMNS, TUNED_NOTE, setting_text, tuned_report_table, tuned_table
 from vqabench.report.versus_sft import versus_sft_table
 
 __all__ = [
@@ -126,6 +128,8 @@ __all__ = [
     "SEEDS_NOTE",
     "SEED_FIELDS",
     "TOO_FEW",
+    "TUNED_COLUMNS",
+    "TUNED_NOTE",
     "Cell",
     "Comparison",
     "Detail",
@@ -188,10 +192,13 @@ __all__ = [
     "seed_group",
     "seed_suffix",
     "session_run_data",
+    "setting_text",
     "status_text",
     "summarize_runs",
     "table_json",
     "trains_label",
+    "tuned_report_table",
+    "tuned_table",
     "versus_sft_table",
     "word",
 ]

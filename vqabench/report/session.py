@@ -24,8 +24,9 @@ from vqabench.report.runs import (
     status_text,
     summarize_runs,
 )
+from vqabench.report.tuned import tuned_table
 from vqabench.report.versus_sft import versus_sft_table
-from vqabench.store import ResultsStore, SessionRecord
+from vqabench.store import ResultsStore, SessionRecord, TunedRecord
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SessionReport:
     runs: list[RunData] = field(default_factory=list)  # what the tables were built from (figures draw it)
     summaries: list[RunSummary] = field(default_factory=list)  # one per preset, as in the tables
     session: SessionRecord | None = None  # the machine and versions it ran with (the JSON export has them)
+    tuned: list[TunedRecord] = field(default_factory=list)  # a tune session's studies (its figures read them)
 
     def table(self, name: str) -> ReportTable | None:
         """The table called `name` ("quality", "efficiency", "versus_sft", "data", "probe", "epochs:RUN", ...)."""
@@ -60,6 +62,9 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
     data = data_table(runs)
     if data is not None:
         tables.append(data)
+    tuned = tuned_table(store, session_id)
+    if tuned is not None:  # a tune session: the Tuned table first; the other tables show every trial
+        tables.insert(0, tuned)
     probe = store.probe(session_id)
     if probe is not None:
         tables = [t for t in tables if t.rows] + [probe_table(*probe)]
@@ -77,6 +82,7 @@ def build_report(store: ResultsStore, session_id: int, per_seed: bool = False) -
         runs,
         merged,
         session,
+        store.tuned(session_id),
     )
 
 

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
 from textual import work
@@ -33,7 +33,7 @@ from vqabench.export import Export, export_report
 from vqabench.figures import FigureError
 from vqabench.launch import check_launch, visible_gpus
 from vqabench.presets import Overrides, packaged_presets, read_preset, select_presets
-from vqabench.report import SessionReport, build_report, seed_group
+from vqabench.report import SessionReport, build_report, seed_group, tuned_table
 from vqabench.runner import (
     DONE,
     FINAL_STATUSES,
@@ -45,7 +45,7 @@ from vqabench.runner import (
     status_line,
 )
 from vqabench.spec import SpecError
-from vqabench.store import ResultsStore, StoreError
+from vqabench.store import ResultsStore, SessionRecord, StoreError
 from vqabench.trackers.session import SessionTrackers
 from vqabench.tui.charts import LossPanel
 from vqabench.tui.messages import ProgressNotice, RunnerNotice, notice_for
@@ -58,6 +58,14 @@ from vqabench.tui.widgets import (
     RunsTable,
     SessionPicker,
 )
+
+if TYPE_CHECKING:  # tuning imports Optuna: only when `u` is pressed
+    from vqabench.tune.session import TuneResult
+    from vqabench.tune.study import Tuner
+
+#: The trials per preset that `u` spends (vqabench.tune.session.DEFAULT_TRIALS; kept here so that
+#: opening the dashboard does not import Optuna).
+TUNE_TRIALS = 20
 
 #: Redraws wait this long so that a burst of notifications costs one.
 REDRAW_DELAY = 0.05
@@ -89,6 +97,7 @@ class Dashboard(App[int]):
         Binding("e", "export", "Export"),
         Binding("o", "open_session", "Sessions"),
         Binding("t", "probe_cost", "Probe cost"),
+        Binding("u", "tune", "Tune"),
         Binding("q", "quit", "Quit"),
         Binding("s", "loss_scope", "Loss: all runs / selected", show=False),
         Binding("l", "loss_kind", "Loss: train / eval", show=False),
@@ -108,6 +117,7 @@ class Dashboard(App[int]):
         clock: Clock = time.monotonic,
         command: str = "vqabench",
         parallel: int = 1,
+        tune_trials: int = TUNE_TRIALS,
     ) -> None:
         super().__init__()
         self.store = store
@@ -133,6 +143,9 @@ class Dashboard(App[int]):
         self._terminal_lost = False
         self.probe_worker: Worker | None = None
         self._probe_proc: subprocess.Popen | None = None
+        self.tune_trials = tune_trials
+        self.tune_worker: Worker | None = None
+        self._tuner: Tuner | None = None
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -174,8 +187,15 @@ class Dashboard(App[int]):
     def running(self) -> bool:
         return self.runner_worker is not None and not self.runner_worker.is_finished
 
+    @property
+    def tuning(self) -> bool:
+        return self.tune_worker is not None and not self.tune_worker.is_finished
+
     def start(self, selection: str) -> bool:
         """Validate, record a new session and start its runs; False (with a message) if not."""
+        if self.tuning:
+            self.notify("Tuning is going: wait for it or quit (q) first.", severity="warning")
+            return False
         if self.running:
             self.notify("Runs are going: wait for them or cancel them (c) first.", severity="warning")
             return False
@@ -407,6 +427,75 @@ class Dashboard(App[int]):
             return
         self.call_from_thread(self._probe_done, outcome)
 
+    def action_tune(self) -> None:
+        """`u`: tune the selection (`vqabench tune`'s core) with this session's settings and the default
+        number of trials; its runs show live, and the Tuned table under Efficiency when it ends."""
+        if self.running or self.tuning:
+            self.notify("Runs are going: tune when they end.", severity="warning")
+            return
+        if self.probe_worker is not None and not self.probe_worker.is_finished:
+            self.notify("The cost probe is running: tune when it ends.", severity="warning")
+            return
+        self.query_one(EfficiencyPanel).show_tuned(
+            None, f"Tuning '{self.selection}', {self.tune_trials} trial(s) each…"
+        )
+        self.action_show_panel("tab-efficiency", chosen=False)
+        self.tune_worker = self._tune()
+
+    @work(thread=True, group="tune", exit_on_error=False)
+    def _tune(self) -> None:
+        from vqabench.tune.session import tune_session
+        from vqabench.tune.study import TuneSettings
+
+        def news(line: str) -> None:
+            self.call_from_thread(self.query_one(EfficiencyPanel).show_tuned, None, line)
+
+        def started(session: SessionRecord, tuner: Tuner) -> None:
+            self._tuner = tuner
+            self.call_from_thread(self._tune_started, session)
+
+        def relay(note: Notification) -> None:
+            if not isinstance(note, RunnerFinished):  # one per trial; the session ends with _tune_done
+                self.post_message(notice_for(note))
+
+        try:
+            result = tune_session(
+                self.selection,
+                self.overrides,
+                self.store.results_dir,
+                TuneSettings(trials=self.tune_trials),
+                worker_cmd=self.worker_cmd,
+                cache_dir=self.cache_dir,
+                command=f"{self.command} (dashboard: tune)",
+                subscribers=[relay],
+                say=news,
+                on_start=started,
+            )
+        except (SpecError, StoreError) as exc:
+            self.call_from_thread(self.query_one(EfficiencyPanel).show_tuned, None, "")
+            self.call_from_thread(self.notify, str(exc), title="Cannot tune", severity="error", timeout=15)
+            return
+        self.call_from_thread(self._tune_done, result)
+
+    def _tune_started(self, session: SessionRecord) -> None:
+        self.live = SessionView.planned([])  # trials arrive as the tuner queues them
+        self.live.session_id, self.live.label, self.live.live = session.id, session.label, True
+        self.live.status = RUNNING
+        self._show_view(self.live)
+        self.query_one(RunsTable).user_moved = False
+
+    def _tune_done(self, result: TuneResult) -> None:
+        self._tuner = None
+        if self.live is not None and self.live.session_id == result.session_id:
+            self.live.live = False
+            self.live.status = "cancelled" if result.interrupted else ("done" if result.exit_code == 0 else "failed")
+        news = f"Tuning session {result.session_id} ended" + (" (stopped)." if result.interrupted else ".")
+        self.query_one(EfficiencyPanel).show_tuned(result.table, news)
+        self.notify(
+            f"{news} Export with e.", title="Tune", severity="information" if result.exit_code == 0 else "warning"
+        )
+        self._schedule_redraw()
+
     def _probe_done(self, outcome: object) -> None:
         from vqabench.probe import ProbeOutcome
 
@@ -475,7 +564,10 @@ class Dashboard(App[int]):
         self._stopping = True
         if self._probe_proc is not None and self._probe_proc.poll() is None:
             self._probe_proc.terminate()
-        if self.running:
+        if self.tuning:
+            self.notify("Stopping the tuning (its running trial is recorded failed)…", timeout=30)
+            self._stop_tuning_then_exit()
+        elif self.running:
             self.notify(f"Stopping the runs (SIGTERM, then SIGKILL after {self.grace_seconds:g} s)…", timeout=30)
             self._stop_then_exit()
         else:
@@ -489,6 +581,15 @@ class Dashboard(App[int]):
             await self.runner_worker.wait()
         self._leave()
 
+    @work(group="quit")
+    async def _stop_tuning_then_exit(self) -> None:
+        assert self.tune_worker is not None
+        if self._tuner is not None:
+            self._tuner.cancel()
+        with contextlib.suppress(WorkerCancelled, WorkerFailed):
+            await self.tune_worker.wait()
+        self._leave()
+
     # -- drawing ----------------------------------------------------------------------------
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
@@ -500,6 +601,8 @@ class Dashboard(App[int]):
 
     def _show_view(self, view: SessionView) -> None:
         self.view = view
+        if view is not self.live and view.session_id is not None:  # a stored tune session: its Tuned table
+            self.query_one(EfficiencyPanel).show_tuned(tuned_table(self.store, view.session_id))
         running = next((n for n, r in view.runs.items() if r.status == RUNNING), None)
         self.selected = running or next(iter(view.runs), None)
         self._schedule_redraw()

@@ -130,7 +130,7 @@ class RunsTable(DataTable):
         names = list(session.runs)
         rows = [[full[i] for i in picks] for full in (self._cells(session.runs[n], now) for n in names)]
         fixed = sum(
-            max(len(label), *(len(str(row[i])) for row in rows)) for i, (label, _) in enumerate(self._columns[:-1])
+            max([len(label), *(len(str(row[i])) for row in rows)]) for i, (label, _) in enumerate(self._columns[:-1])
         )
         note_width = max(self.size.width - fixed - 2 * self.cell_padding * len(self._columns) - 1, 12)
         rows = [[*row[:-1], _truncate(row[-1], note_width)] for row in rows]
@@ -308,6 +308,9 @@ class EfficiencyPanel(Horizontal):
             yield Static(id="efficiency-verdict")
             yield Static(id="efficiency-timing")
             yield Static(id="efficiency-probe")
+            tuned = Static(id="efficiency-tuned")
+            tuned.display = False  # only for a tune session (key u, or one opened from the store)
+            yield tuned
             yield Static(LEGEND, id="efficiency-legend")
         yield CostCharts(id="efficiency-charts")
 
@@ -399,6 +402,17 @@ class EfficiencyPanel(Horizontal):
             text.append("\n".join(markdown_table(table)) + "\n")
             text.append("\n".join(table.notes[:2]), "dim")
         self.query_one("#efficiency-probe", Static).update(text)
+
+    def show_tuned(self, table: ReportTable | None, news: str = "") -> None:
+        """A tune session's Tuned table (key u, or a stored tune session), or a line about tuning under way."""
+        text = Text(news + ("\n" if news and table else ""))
+        if table is not None:
+            text.append("Tuned (selected on eval; the best setting retrained, then scored on test once)\n", "bold")
+            text.append("\n".join(markdown_table(table)) + "\n")
+            text.append("\n".join(table.notes[1:]), "dim")
+        widget = self.query_one("#efficiency-tuned", Static)
+        widget.update(text)
+        widget.display = bool(text.plain)
 
     def on_resize(self) -> None:
         if self._session is not None:

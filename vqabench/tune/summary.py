@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from vqabench.events import Evaluated
-from vqabench.store import ResultsStore
+from vqabench.store import ResultsStore, TunedRecord
 
 
 @dataclass
@@ -41,6 +41,32 @@ class TunedRow:
     tuning_seconds: float = 0.0  # every trial's wall time (worker start to end), whichever process ran it
     retrain_seconds: float = 0.0  # the tuned run's wall time, from the store (whole seconds)
     to_tuned_seconds: float = 0.0  # tuning and retraining this preset and the one it starts from
+    trial_values: list[list[Any]] = field(default_factory=list)  # [number, state, value] per trial
+
+    def record(self, storage: str) -> TunedRecord:
+        """The row as the results store keeps it (the report's Tuned table reads it back); `storage`
+        is the study's URL without its password."""
+        return TunedRecord(
+            preset=self.preset,
+            method=self.method,
+            after=self.after,
+            storage=storage,
+            study=self.study,
+            objective=self.objective,
+            budget=self.budget,
+            complete=self.complete,
+            pruned=self.pruned,
+            failed=self.failed,
+            best_params=dict(self.best_params),
+            best_value=self.best_value,
+            best_trial=self.best_trial,
+            preset_value=self.preset_value,
+            tuned_run=self.tuned_run,
+            tuning_seconds=self.tuning_seconds,
+            retrain_seconds=self.retrain_seconds,
+            to_tuned_seconds=self.to_tuned_seconds,
+            trials=[list(t) for t in self.trial_values],
+        )
 
     @property
     def trials(self) -> int:
@@ -70,6 +96,7 @@ def tuned_rows(
             pruned=count[TrialState.PRUNED],
             failed=count[TrialState.FAIL],
             tuning_seconds=sum(float(t.user_attrs.get("seconds") or 0.0) for t in trials),
+            trial_values=[[t.number, t.state.name, t.value] for t in sorted(trials, key=lambda t: t.number)],
         )
         own = [t for t in trials if t.user_attrs.get("preset_setting") and t.state == TrialState.COMPLETE]
         row.preset_value = own[0].value if own else None
