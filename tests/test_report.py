@@ -503,3 +503,26 @@ def test_the_model_column_names_each_runs_family_and_size(tmp_path):
     assert model_label(started) == "qwen2-vl 0.21M"
     started.total_params, started.data = 2_208_985_600, {}  # recorded before runs named their family
     assert model_label(started) == "2.21B" and model_label(None) is None
+
+
+def test_in_a_tune_session_the_tuned_sft_is_the_baseline_and_no_trial_is_an_aligned_model():
+    from vqabench.events import RunFinished
+    from vqabench.report import RunData, summarize_runs
+    from vqabench.tui.state import cheapest_alignment
+
+    def run(name: str, method: str, seconds: float, trial: bool) -> RunData:
+        epochs = [_timed_epoch(1, seconds, [seconds * 100.0] * 10)]
+        spec = {"score_test": False} if trial else {}
+        finished = RunFinished(
+            best_epoch=1, best_eval_loss=1.0, checkpoint="c", total_seconds=seconds, train_seconds=seconds
+        )
+        return RunData(name, method, "done", setup="s", epochs=epochs, spec=spec, finished=finished)
+
+    # the first SFT in the store is a trial, twice as fast as the tuned SFT the aligned runs are judged against
+    runs = [run("sft.trial0", "sft", 5.0, True), run("orpo.trial0", "orpo", 1.0, True)]
+    runs += [run("sft.tuned", "sft", 10.0, False), run("orpo.tuned", "orpo", 12.0, False)]
+    rows = {s.name: s for s in summarize_runs(runs)}
+    assert rows["orpo.tuned"].relative_epoch_time == pytest.approx(1.2)
+    assert rows["sft.tuned"].relative_epoch_time == pytest.approx(1.0)
+    assert rows["orpo.trial0"].trial and not rows["orpo.tuned"].trial
+    assert cheapest_alignment(list(rows.values())).startswith("Cheapest aligned model: orpo.tuned,")

@@ -81,6 +81,7 @@ class RunSummary:
     model: str | None = None  # family and size, "qwen2-vl 0.18M" (None before run_started said)
     reference: str | None = None  # "precompute (auto: 3 epochs, table fits)", "copy", "none" (reference_text)
     reference_auto: bool = False  # the preset asked for reference = "auto"
+    trial: bool = False  # a `vqabench tune` trial: scored on eval only, never an aligned model to pick
 
 
 #: RunSummary fields averaged across seeds (each shown as mean ± 95% half-width).
@@ -198,6 +199,11 @@ def run_setup(spec: dict[str, Any]) -> str:
     return f"{spec.get('model', '')} on {source}, train {train}, {precision}"
 
 
+def is_trial(run: RunData) -> bool:
+    """A `vqabench tune` trial: its spec kept the test split away (score_test = false)."""
+    return run.spec.get("score_test") is False
+
+
 def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     """Headline numbers per run; ratios against the SFT run of the same setup, chains along `after`."""
     by_name = {r.name: r for r in runs}
@@ -208,7 +214,8 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
     # ORPO) run of its own seed, else with the first one of its setup ("" = any seed).
     baselines: dict[tuple[str, str], str] = {}  # -> the SFT run with a measured epoch
     orpo_peaks: dict[tuple[str, str], float] = {}  # -> peak memory of the ORPO run
-    for r in runs:
+    # A tune session's SFT baseline is its tuned SFT run, not a trial: trials come last.
+    for r in sorted(runs, key=is_trial):
         peak_r = peak_memory(r.epochs)[0]
         for key in ((r.setup, seed_suffix(r.name)), (r.setup, "")):
             if r.method == "sft" and means[r.name]:
@@ -257,6 +264,7 @@ def summarize_runs(runs: Sequence[RunData]) -> list[RunSummary]:
                 model=model_label(run.started),
                 reference=reference_text(run.started),
                 reference_auto=chose_reference(run.started),
+                trial=is_trial(run),
                 optimizer_state_mib=next(
                     (e.optimizer_state_bytes / MIB for e in run.epochs if e.optimizer_state_bytes is not None), None
                 ),

@@ -356,7 +356,11 @@ def progress_bar(fraction: float, width: int) -> str:
 def cheapest_alignment(summaries: Sequence[RunSummary]) -> str:
     """One sentence: which aligned run was cheapest to reach, and how much the others cost more."""
     aligned = sorted(
-        ((s.aligned_seconds, s) for s in summaries if s.method != "sft" and s.aligned_seconds is not None),
+        (
+            (s.aligned_seconds, s)
+            for s in summaries
+            if s.method != "sft" and not s.trial and s.aligned_seconds is not None
+        ),
         key=lambda pair: pair[0],
     )
     if not aligned:
