@@ -15,20 +15,8 @@ device=${DEVICE:-cuda}  # DEVICE=cpu PRECISION=fp32 PROBE=0 smoke-tests the scri
 precision=${PRECISION:-bf16}
 status=0
 
-preset() {  # preset FILE METHOD MODEL TRAIN EXTRA...
-  local file=$1 method=$2 model=$3 train=$4
-  shift 4
-  {
-    echo "method = \"$method\""
-    echo "model = \"$model\""
-    echo "train = \"$train\""
-    echo 'dataset = { source = "easyvqa", eval_size = 64, test_size = 200 }'
-    echo 'judge = "exact"'
-    echo "device = \"$device\""
-    echo "precision = \"$precision\""
-    for line in "$@"; do echo "$line"; done
-  } >"$file"
-}
+# preset FILE METHOD MODEL TRAIN EXTRA... and probe NAME MODEL TRAIN BATCH SPEC...
+source "$(dirname "$0")/gpu_probe.sh"
 
 # ---- 1. tiny families end to end on CUDA ----
 tiny="$out/tiny"
@@ -67,27 +55,6 @@ with ResultsStore(sys.argv[1], create=False) as store:
 PY
 
 # ---- 2. real size, random weights: the interleaved probe on CUDA ----
-probe() {  # probe NAME MODEL TRAIN BATCH METHODS...
-  local name=$1 model=$2 train=$3 batch=$4
-  shift 4
-  local dir="$out/presets-$name" files=()
-  mkdir -p "$dir"
-  for spec in "$@"; do  # method[:reference]
-    local method=${spec%%:*} reference=${spec#*:} file
-    file="$dir/$name-${spec//:/-}.toml"
-    if [ "$method" = "$spec" ]; then
-      preset "$file" "$method" "$model" "$train" "batch_size = $batch" 'limit = 256'
-    else
-      preset "$file" "$method" "$model" "$train" "batch_size = $batch" 'limit = 256' \
-        "after = \"$name-sft\"" "reference = \"$reference\""
-    fi
-    files+=("$file")
-  done
-  timeout 200 $py -m vqabench.cli probe --preset "$(IFS=,; echo "${files[*]}")" --steps 5 --rounds 3 \
-    --warmup 2 --results "$out/results-probe-$name" >"$out/probe-$name.md" 2>"$out/probe-$name.err" || status=1
-  cat "$out/probe-$name.md"
-  tail -5 "$out/probe-$name.err"
-}
 if [ "${PROBE:-1}" = 1 ]; then
   probe smolvlm smolvlm-256m-random lm 8 sft dpo:copy dpo:precompute orpo
   probe qwen2vl qwen2-vl-2b-random lora 4 sft dpo:adapter orpo

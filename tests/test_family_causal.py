@@ -269,7 +269,9 @@ def test_real_size_variants_have_the_released_parameter_counts() -> None:
 
     tokenizer = qwen2_vl.qwen_tokenizer(TEXTS)
     with torch.device("meta"):
-        qwen = qwen2_vl.FAMILY.transformers_class()(qwen2_vl.qwen2_vl_2b_config(tokenizer))
+        qwen = qwen2_vl.FAMILY.transformers_class()(
+            qwen2_vl.asset_qwen_config(qwen2_vl.FAMILY, "qwen2-vl-2b-instruct.json", tokenizer)
+        )
         llava_tokenizer = llava.llava_tokenizer(TEXTS)
         big = llava.FAMILY.transformers_class()(
             llava.llava_config(asset_config("llava-1.5-7b-hf.json"), llava_tokenizer)

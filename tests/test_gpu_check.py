@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_check  # noqa: E402
+import probe_check  # noqa: E402
 
 H200_TOTAL = 143771.0  # MiB, what NVML reports for an H200
 
@@ -152,3 +153,56 @@ def test_without_a_gpu_the_script_says_so_and_exits_2(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr
+
+
+PROBE_STARTED = ev.ProbeStarted(
+    presets=["qwen7b-dpo-adapter"],
+    device="cuda (NVIDIA H100 80GB HBM3)",
+    torch_version="2.13.0",
+    model_source="qwen2-vl-7b-random",
+    batch_size=8,
+    steps=5,
+    warmup=2,
+    rounds=2,
+    cores=16,
+)
+
+
+def _round(number: int, peak_mib: float | None = 30_000.0, steps: list[float] | None = None) -> ev.ProbeMeasured:
+    return ev.ProbeMeasured(
+        preset="qwen7b-dpo-adapter",
+        method="dpo",
+        round=number,
+        step_ms=[410.0, 400.0, 420.0] if steps is None else steps,
+        peak_memory_mib=peak_mib,
+        memory_source="CUDA",
+        reference_strategy="adapter",
+        reference_bytes=0,
+        setup_seconds=0.0,
+    )
+
+
+def test_a_finished_probe_within_its_peak_limit_passes_and_prints_median_and_peak():
+    rounds = [_round(1), _round(2, peak_mib=38_000.0)]
+    assert probe_check.probe_violations(PROBE_STARTED, rounds, status="done", max_peak_gb=40) == []
+    # 38,000 MiB = 39.85e9 bytes: within 40 GB (decimal), the unit
+    assert probe_check.probe_figures(rounds) == [
+        "qwen7b-dpo-adapter: 410.0 ms/step (median of 6), CUDA peak 39.85 GB (38000 MiB)"
+    ]
+
+
+def test_a_probe_peak_over_the_limit_a_missing_round_or_a_failed_session_is_a_violation():
+    over = probe_check.probe_violations(
+        PROBE_STARTED, [_round(1), _round(2, peak_mib=38_200.0)], status="done", max_peak_gb=40
+    )
+    assert over == ["qwen7b-dpo-adapter: round 2 CUDA peak 40.06 GB > 40 GB"]
+    assert probe_check.probe_violations(PROBE_STARTED, [_round(1), _round(2, 38_200.0)], status="done") == []
+    found = probe_check.probe_violations(PROBE_STARTED, [_round(1, steps=[float("nan")])], status="failed")
+    assert found == [
+        "the probe session ended 'failed', not 'done'",
+        "qwen7b-dpo-adapter: measured in rounds [1], expected 1..2",
+        "qwen7b-dpo-adapter: round 1 step times [nan]",
+    ]
+    assert probe_check.probe_violations(None, [], status="done") == ["the session is not a probe (no probe_started)"]
+    no_peak = probe_check.probe_violations(PROBE_STARTED, [_round(1), _round(2, None)], status="done")
+    assert no_peak == ["qwen7b-dpo-adapter: round 2 has no peak memory"]

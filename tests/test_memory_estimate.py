@@ -128,7 +128,7 @@ def _lora_tensor_count(spec: RunSpec) -> int:
 
 def test_a_hub_model_without_a_same_sized_variant_is_refused_in_one_sentence() -> None:
     with pytest.raises(SpecError, match="built-in variants"):
-        meta_model(RunSpec(name="hub", method="sft", model="Qwen/Qwen2-VL-7B-Instruct"))
+        meta_model(RunSpec(name="hub", method="sft", model="Qwen/Qwen2-VL-72B-Instruct"))
 
 
 def test_each_released_checkpoint_maps_to_the_variant_that_states_its_architecture() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vqabench.models.causal import base_model
-from vqabench.models.registry import variants
+from vqabench.models.registry import FAMILY_MODULES, family_for, variants
 
 TEXTS = ["what colour is the square?", "how many circles are there?", "red", "two", "yes"]
 
@@ -21,6 +21,8 @@ PUBLISHED = {
     # the decoder's tied LM head a second time).
     "blip-vqa-base-random": 361.2e6,
     "qwen2-vl-2b-random": 2.21e9,  # Qwen/Qwen2-VL-2B-Instruct model card
+    "qwen2-vl-7b-random": 8.29e9,  # Qwen/Qwen2-VL-7B-Instruct model card: 8.29B
+    "qwen2.5-vl-3b-random": 3.75e9,  # Qwen/Qwen2.5-VL-3B-Instruct model card: 3.75B
     "llava-1.5-7b-random": 7.06e9,  # llava-hf/llava-1.5-7b-hf model card
     "smolvlm-256m-random": 256e6,  # HuggingFaceTB/SmolVLM-256M-Instruct: "256M"
     "paligemma-3b-random": 2.923e9,  # google/paligemma-3b-pt-224 hub page: 2.92B
@@ -32,6 +34,14 @@ REAL_SIZE = [name for name, variant in variants().items() if variant.real_size]
 
 def test_every_real_size_variant_has_a_published_size() -> None:
     assert sorted(REAL_SIZE) == sorted(PUBLISHED)
+
+
+def test_every_family_has_a_real_size_variant() -> None:
+    """Issue #23: one variant per family with a released checkpoint's architecture and sizes."""
+    families = {family_for(model_type).name for model_type in FAMILY_MODULES}
+    covered = {variants()[name].family for name in REAL_SIZE}
+    assert families - covered == set()
+    assert len(families) == 8  # blip, qwen2-vl, qwen2.5-vl, llava, idefics3, paligemma, gemma3, mllama
 
 
 @pytest.mark.parametrize("name", REAL_SIZE)

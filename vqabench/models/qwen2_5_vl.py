@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vqabench.models.qwen2_vl import Qwen2VLFamily, tiny_builder
+from vqabench.models.qwen2_vl import Qwen2VLFamily, real_size_builder, tiny_builder
 from vqabench.models.registry import Variant
 
 
@@ -49,5 +49,13 @@ VARIANTS = (
         "a tiny Qwen2.5-VL (random weights, tokenizer trained on the run's text) for tests",
         tiny_builder(FAMILY, "qwen2.5-vl-tiny-random"),
         needs_texts=True,
+    ),
+    Variant(
+        "qwen2.5-vl-3b-random",
+        "qwen2.5-vl",
+        "Qwen/Qwen2.5-VL-3B-Instruct's architecture, random weights, 448x448 images (256 image tokens)",
+        real_size_builder(FAMILY, "qwen2.5-vl-3b-instruct.json", "qwen2.5-vl-3b-random"),
+        needs_texts=True,
+        real_size=True,
     ),
 )

@@ -189,22 +189,28 @@ def tiny_builder(family: Qwen2VLFamily, name: str) -> Any:
     return make
 
 
-def qwen2_vl_2b_config(tokenizer: Any) -> Any:
-    """Qwen2-VL-2B-Instruct's architecture (assets/qwen2-vl-2b-instruct.json) with this tokenizer's token ids."""
-    from transformers import Qwen2VLConfig
+def asset_qwen_config(family: Qwen2VLFamily, filename: str, tokenizer: Any) -> Any:
+    """A released checkpoint's architecture (``assets/<filename>``) with this tokenizer's token ids."""
+    import transformers
 
     from vqabench.models.causal import asset_config
 
-    values = asset_config("qwen2-vl-2b-instruct.json")
+    values = asset_config(filename)
     values["text_config"]["pad_token_id"] = tokenizer.pad_token_id
     values["text_config"]["eos_token_id"] = tokenizer.eos_token_id
     values["text_config"]["bos_token_id"] = None
-    return Qwen2VLConfig(**(values | token_ids(tokenizer)))
+    config_class = getattr(transformers, family.model_class.replace("ForConditionalGeneration", "Config"))
+    return config_class(**(values | token_ids(tokenizer)))
 
 
-def _qwen2_vl_2b(seed: int, texts: Iterable[str] | None = None, tokenizer: Any | None = None) -> LoadedModel:
-    tokenizer = tokenizer or qwen_tokenizer(texts)
-    return build(FAMILY, qwen2_vl_2b_config(tokenizer), tokenizer, 448, seed, "qwen2-vl-2b-random")
+def real_size_builder(family: Qwen2VLFamily, filename: str, name: str) -> Any:
+    """A real-size variant: the asset's architecture, random weights, 448x448 images (256 image tokens)."""
+
+    def make(seed: int, texts: Iterable[str] | None = None, tokenizer: Any | None = None) -> LoadedModel:
+        tokenizer = tokenizer or qwen_tokenizer(texts)
+        return build(family, asset_qwen_config(family, filename, tokenizer), tokenizer, 448, seed, name)
+
+    return make
 
 
 VARIANTS = (
@@ -219,7 +225,15 @@ VARIANTS = (
         "qwen2-vl-2b-random",
         "qwen2-vl",
         "Qwen/Qwen2-VL-2B-Instruct's architecture, random weights, 448x448 images (256 image tokens)",
-        _qwen2_vl_2b,
+        real_size_builder(FAMILY, "qwen2-vl-2b-instruct.json", "qwen2-vl-2b-random"),
+        needs_texts=True,
+        real_size=True,
+    ),
+    Variant(
+        "qwen2-vl-7b-random",
+        "qwen2-vl",
+        "Qwen/Qwen2-VL-7B-Instruct's architecture, random weights, 448x448 images (256 image tokens)",
+        real_size_builder(FAMILY, "qwen2-vl-7b-instruct.json", "qwen2-vl-7b-random"),
         needs_texts=True,
         real_size=True,
     ),
