@@ -65,12 +65,18 @@ METHOD_COST = {"sft": 1.0, "dpo": 1.6, "orpo": 1.1, "ipo": 1.6, "kto": 1.7, "sim
 METHOD_QUALITY = {"sft": 0.60, "dpo": 0.64, "orpo": 0.66, "ipo": 0.63, "kto": 0.62, "simpo": 0.65}
 
 
+def trained_part(spec: dict[str, Any]) -> str:
+    """The spec's train value as the real worker resolves it for BLIP (the fake runs' family): "auto" is "decoder"."""
+    train = spec.get("train", "auto")
+    return "decoder" if train == "auto" else str(train)
+
+
 def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunStarted:
     method = spec["method"]
     reference = spec.get("reference", "copy") if method in ("dpo", "ipo", "kto") else None
     data: dict[str, Any] = {"train": 64, "eval": 16, "test": 32, "model_family": "blip"}
     if reference is not None:  # as the real worker decides, on a roomy disk
-        train = spec.get("train", "decoder")
+        train = trained_part(spec)
         choice = choose_reference(reference, train=train, epochs=epochs, table_bytes=1, free=2**40)
         reference = choice.chosen
         data["reference_choice"] = choice.to_dict()
@@ -89,7 +95,7 @@ def run_started(spec: dict[str, Any], epochs: int, cuda: bool = False) -> RunSta
         telemetry="n/a: device is CPU",
         data=data,
         pid=os.getpid(),
-        train=spec.get("train", "decoder"),
+        train=trained_part(spec),
         precision=spec.get("precision", "fp32"),
     )
 
@@ -224,7 +230,7 @@ def canned_probe(plan: dict[str, Any], fail_after_round: int | None = None) -> I
             cost = METHOD_COST.get(spec["method"], 1.0)
             reference = spec.get("reference") if spec["method"] in ("dpo", "ipo", "kto") else None
             if reference is not None:  # as the real probe resolves "auto", on a roomy disk
-                train, epochs = spec.get("train", "decoder"), spec.get("epochs", 3)
+                train, epochs = trained_part(spec), spec.get("epochs", 3)
                 reference = choose_reference(reference, train=train, epochs=epochs, table_bytes=1, free=2**40).chosen
             yield ProbeMeasured(
                 preset=spec["name"],

@@ -1,9 +1,10 @@
-"""The causal-VLM families on their tiny random variants, fp32: the seam's numerical promises, per family."""
+"""The causal-VLM families on their tiny random variants, fp32: the seam's numerical promises, per family;
+bad input, padding and train/eval modes on every family the registry lists."""
 
 from __future__ import annotations
 
 import copy
-import importlib
+import functools
 import json
 import math
 import re
@@ -12,12 +13,17 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
+from vqabench.engine.data.batching import encode
+from vqabench.engine.data.records import DataSplits, PreferencePair
+from vqabench.engine.trainer import Trainer
 from vqabench.models.causal import base_model, part
-from vqabench.models.family import LoadedModel, ModelError, sequence_scores
-from vqabench.models.registry import FAMILY_MODULES, Variant, family_for
+from vqabench.models.family import LoadedModel, ModelError, Savings, sequence_scores
+from vqabench.models.registry import family_for, variants
 from vqabench.models.tokenizers import train_byte_bpe
 from vqabench.objectives import dpo_loss
+from vqabench.spec import RunSpec
 
 TEXTS = [
     "what color is the shape?",
@@ -31,20 +37,25 @@ TEXTS = [
     "a green triangle",
 ]
 TINY = ["qwen2-vl-tiny-random", "qwen2.5-vl-tiny-random", "llava-tiny-random"]
+#: Every causal family's tiny variant, from the registry (tests/test_family_more.py covers the
+#: numerics of those outside TINY; the checks on bad input and modes below run on all of them).
+EVERY_TINY = sorted(name for name, v in variants().items() if v.family != "blip" and not v.real_size)
 
 
 @pytest.fixture(scope="module", params=TINY)
 def loaded(request: pytest.FixtureRequest) -> LoadedModel:
-    return tiny_variant(request.param).build(0, TEXTS, None)
+    return built(request.param)
 
 
-def tiny_variant(name: str) -> Variant:
-    """A causal family's variant (through the registry's modules, without importing the other families)."""
-    for model_type in ("qwen2_vl", "qwen2_5_vl", "llava"):
-        for found in importlib.import_module(FAMILY_MODULES[model_type]).VARIANTS:
-            if found.name == name:
-                return found
-    raise LookupError(name)
+@pytest.fixture(scope="module", params=EVERY_TINY)
+def any_family(request: pytest.FixtureRequest) -> LoadedModel:
+    return built(request.param)
+
+
+@functools.cache
+def built(name: str) -> LoadedModel:
+    """One build per variant for this module's fixtures (they share it)."""
+    return variants()[name].build(0, TEXTS, None)
 
 
 def batch(loaded: LoadedModel, questions: list[str], answers: list[str]) -> tuple[Any, Any, torch.Tensor]:
@@ -200,15 +211,26 @@ def test_save_then_load_by_folder_round_trips(loaded: LoadedModel, tmp_path: Pat
     assert torch.equal(scores(again, TEXTS[:2], TEXTS[3:5]), scores(loaded, TEXTS[:2], TEXTS[3:5]))
 
 
-def test_a_tokenizer_without_chat_template_is_refused(loaded: LoadedModel) -> None:
+def test_a_tokenizer_without_chat_template_is_refused_unless_the_family_supplies_its_own(
+    any_family: LoadedModel,
+) -> None:
+    loaded = any_family
     tokenizer = copy.deepcopy(loaded.tokenizer)
     tokenizer.chat_template = None
+    if loaded.family.name == "paligemma":  # its checkpoints ship none: its processor's prompt format serves
+        from vqabench.models.paligemma import PALIGEMMA_PROMPT_TEMPLATE
+
+        again = loaded.family.make_loaded(loaded.model, tokenizer, loaded.image, "tiny", None)
+        assert again.tokenizer.chat_template == PALIGEMMA_PROMPT_TEMPLATE
+        assert again.family.prompt_ids(again, TEXTS[0]) == loaded.family.prompt_ids(loaded, TEXTS[0])
+        return
     with pytest.raises(ModelError, match=r"has no chat template") as caught:
         loaded.family.make_loaded(loaded.model, tokenizer, loaded.image, "tiny", None)
     assert str(caught.value).count(". ") == 0
 
 
-def test_a_stated_image_token_count_that_disagrees_is_refused(loaded: LoadedModel, tmp_path: Path) -> None:
+def test_a_stated_image_token_count_that_disagrees_is_refused(any_family: LoadedModel, tmp_path: Path) -> None:
+    loaded = any_family
     loaded.model.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
     loaded.family.save_extra(loaded, tmp_path)
@@ -224,13 +246,22 @@ def test_a_stated_image_token_count_that_disagrees_is_refused(loaded: LoadedMode
     assert loaded.family.from_pretrained(str(tmp_path)).facts["image_tokens"] == right
 
 
-def test_features_whose_token_count_disagrees_with_the_prompt_are_refused(loaded: LoadedModel) -> None:
+def test_features_whose_token_count_disagrees_with_the_prompt_are_refused(any_family: LoadedModel) -> None:
+    """Projected features (what the encoder cache holds for lm and lora) one image position short: one sentence.
+
+    Mllama reads the image by cross-attention, so its features are checked against the tiles and
+    positions per tile its cross-attention mask is built for.
+    """
+    loaded = any_family
+    projected = Savings(projected_features=True)
     prompt, answer, pixels = batch(loaded, TEXTS[:1], TEXTS[3:4])
     with torch.no_grad():
-        features = loaded.family.features(loaded.model, pixels, *prompt)
-        unit = features.shape[1] // loaded.facts["image_tokens"]
-        with pytest.raises(ModelError, match=r"holds \d+ image tokens but the image features make \d+"):
-            loaded.family.answer_scores(loaded.model, features[:, : features.shape[1] - 4 * unit], prompt, answer)
+        features = loaded.family.features(loaded.model, pixels, *prompt, projected)
+        whole = loaded.family.answer_scores(loaded.model, features, prompt, answer, savings=projected)
+        assert bool(torch.isfinite(whole.logps).all())
+        with pytest.raises(ModelError, match=r"image features make \d+") as caught:
+            loaded.family.answer_scores(loaded.model, features[..., :-1, :], prompt, answer, savings=projected)
+    assert str(caught.value).count(". ") == 0 and str(caught.value).endswith(".")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
@@ -279,3 +310,77 @@ def test_real_size_variants_have_the_released_parameter_counts() -> None:
     for model, published in ((qwen, 2.21e9), (big, 7.06e9)):
         count = sum(p.numel() for p in {id(p): p for p in base_model(model).parameters()}.values())
         assert round(count / 1e7) == round(published / 1e7), count
+
+
+def tiny_splits(questions: list[str], answers: list[tuple[str, str]]) -> DataSplits:
+    """Train pairs only, one 8x8 image each (encode resizes them to the model's square)."""
+    pairs = [PreferencePair(f"img{i}", q, c, r) for i, (q, (c, r)) in enumerate(zip(questions, answers, strict=True))]
+    images = {p.image_id: Image.new("RGB", (8, 8), (40 * i, 90, 200)) for i, p in enumerate(pairs)}
+    return DataSplits(train=pairs, eval=[], test=[], images=images)
+
+
+def test_the_seam_only_ever_reads_right_padded_prompts_and_answers(any_family: LoadedModel) -> None:
+    """Why no test left-pads: encoding pads every prompt and answer on the right, and the batches that
+    training, scoring and generation read keep that (each mask row is ones then zeros, pad ids after)."""
+    loaded = any_family
+    questions = [TEXTS[1], "red?", TEXTS[0]]
+    data = tiny_splits(questions, [("red", "a green triangle"), ("a green triangle", "no"), ("two", "yes")])
+    encoded = encode(data, loaded, loaded.question_token_cap, 16)
+    split = encoded.splits["train"]
+    prompt_lengths = [len(loaded.family.prompt_ids(loaded, q)) for q in questions]
+    assert split.question_mask.sum(1).tolist() == prompt_lengths and len(set(prompt_lengths)) == 3
+    batch = encoded.batch("train", torch.tensor([1, 0]), torch.device("cpu"))
+    padded = [
+        (split.question_ids, split.question_mask),
+        (split.chosen_ids, split.chosen_mask),
+        (split.rejected_ids, split.rejected_mask),
+        batch.prompt,
+        batch.chosen,
+        batch.rejected,
+    ]
+    for ids, mask in padded:
+        lengths = mask.sum(1, keepdim=True)
+        assert torch.equal(mask, (torch.arange(mask.shape[1]) < lengths).long())
+        assert bool((ids[mask == 0] == loaded.pad_token_id).all())
+    assert all(bool((mask == 0).any()) for _, mask in padded)  # every one of them has padding to place
+
+
+@pytest.mark.parametrize("train", ["lm", "lm+projector"])
+def test_the_vision_tower_stays_in_eval_mode_while_the_rest_trains(any_family: LoadedModel, train: str) -> None:
+    """The vision tower stays frozen and in eval mode unless train = "all": each part's mode as it runs
+    in an SFT epoch's step (encoder cache off, so the tower runs), from a model left wholly in train mode."""
+    loaded = copy.copy(any_family)
+    loaded.model = copy.deepcopy(any_family.model)
+    loaded.savings = Savings(projected_features=loaded.family.projected_features(train))
+    family, model = loaded.family, loaded.model
+    encoded = encode(tiny_splits(TEXTS[:2], [("red", "blue"), ("yes", "no")]), loaded, loaded.question_token_cap, 8)
+    watched = {
+        "vision": [m for _, m in family.vision_parts(model)],
+        "projector": family.projector_parts(model),
+        "language model": [part(model, family.language_model_path)],
+    }
+    seen: dict[str, set[bool]] = {key: set() for key in watched}
+    for key, tops in watched.items():
+        for module in (m for top in tops for m in top.modules()):
+            module.register_forward_pre_hook(lambda m, _, key=key: seen[key].add(m.training))
+    spec = RunSpec(name="sft", method="sft", train=train, batch_size=2, epochs=1)
+    trainer = Trainer(spec, loaded, encoded, None, torch.device("cpu"))
+    model.train()
+    trainer.train_epoch(1)
+    assert seen == {"vision": {False}, "projector": {train == "lm+projector"}, "language model": {True}}
+    assert not any(p.requires_grad for _, m in family.vision_parts(model) for p in m.parameters())
+
+
+def test_the_worker_gives_a_spec_without_a_train_line_its_familys_default(tmp_path: Path) -> None:
+    """What a preset by hub id, not yet downloaded, leaves to the worker: "lm" for a causal VLM, "decoder" for BLIP."""
+    from vqabench.engine.prepare import load_model_and_data
+    from vqabench.models import blip
+    from vqabench.models.registry import default_train_of
+    from vqabench.spec import DatasetSpec
+
+    dataset = DatasetSpec(eval_size=4, test_size=4)
+    spec = RunSpec(name="sft", method="sft", model=TINY[0], train="auto", limit=8, dataset=dataset)
+    resolved, loaded, _ = load_model_and_data(spec, tmp_path, lambda event: None)
+    assert resolved.train == "lm" and loaded.savings.projected_features  # cut above the frozen projector
+    assert {default_train_of(built(name).family) for name in EVERY_TINY} == {"lm"}
+    assert default_train_of(blip.FAMILY) == "decoder"

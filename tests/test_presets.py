@@ -303,3 +303,42 @@ def test_scale_presets_are_the_studys_eight_runs_on_two_hub_models():
     order = [s.name for s in load_presets("scale")]
     assert sorted(order) == sorted(specs)
     assert all(order.index(specs[n].after) < order.index(n) for n in specs if specs[n].after)
+
+
+def test_a_preset_without_a_train_line_gets_its_model_familys_default(tmp_path):
+    """A causal VLM's is "lm", BLIP's stays "decoder"; a stated train is kept; a hub id whose config is not
+    cached keeps "auto" for the worker to resolve on loading (prepare.load_model_and_data)."""
+    folder = tmp_path / "smol"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "idefics3"}')
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    write(presets, "causal", 'method = "sft"\nmodel = "qwen2-vl-tiny-random"\n')
+    write(presets, "blip", 'method = "sft"\n')  # the embedded model
+    write(presets, "blipsized", 'method = "sft"\nmodel = "blip-vqa-base-random"\n')
+    write(presets, "local", f'method = "sft"\nmodel = "{folder}"\n')
+    write(presets, "stated", 'method = "sft"\nmodel = "qwen2-vl-tiny-random"\ntrain = "lora"\n')
+    write(presets, "hub", 'method = "sft"\nmodel = "nobody-here/never-downloaded-vl"\n')
+    trains = {s.name: s.train for s in load_presets(str(presets))}
+    assert trains == {
+        "causal": "lm",
+        "blip": "decoder",
+        "blipsized": "decoder",
+        "local": "lm",
+        "stated": "lora",
+        "hub": "auto",
+    }
+    # --set model= on a preset without a train line: the new model's default, unless --set names train too.
+    blip = str(presets / "blip.toml")
+    assert load_presets(blip, Overrides(settings=("model=qwen2-vl-tiny-random",)))[0].train == "lm"
+    assert load_presets(blip, Overrides(settings=("model=qwen2-vl-tiny-random", "train=lora")))[0].train == "lora"
+    stated = str(presets / "stated.toml")
+    assert load_presets(stated, Overrides(settings=("model=llava-tiny-random",)))[0].train == "lora"
+
+
+def test_every_packaged_preset_resolves_its_train_before_anything_runs():
+    from vqabench.presets import packaged_presets, read_preset
+
+    trains = {name: read_preset(path).spec.train for name, path in packaged_presets().items()}
+    assert "auto" not in trains.values()
+    assert {trains[name] for name in top_level_presets()} == {"decoder"}  # BLIP's runs, specs and keys unchanged

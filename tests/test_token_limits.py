@@ -124,3 +124,99 @@ def test_token_limit_keys_take_auto_or_a_positive_integer(value):
 def test_token_limit_keys_reject_anything_else_in_one_sentence(value):
     with pytest.raises(SpecError, match=r"key 'max_answer_tokens' has value .*; it must be \"auto\" or at least 1\.$"):
         spec_from_dict({"name": "x", "method": "sft", "max_answer_tokens": value})
+
+
+#: A causal VLM whose image tokens stand bare in the prompt, and one that frames them as a global tile.
+CAUSAL = ["qwen2-vl-tiny-random", "idefics3-tiny-random"]
+QUESTION = "what is it?"
+
+
+@pytest.fixture(scope="module", params=CAUSAL)
+def causal(request):
+    from vqabench.models.registry import variant
+
+    return variant(request.param).build(0, [QUESTION, "red", "blue", "yes", "no"], None)
+
+
+def causal_limits(data: DataSplits, loaded, text: TextEncoder):
+    """The limits as a run resolves them for a causal model: prompts never cut, answers capped by the positions."""
+    return resolve_token_limits(
+        data,
+        question_setting="auto",
+        answer_setting="auto",
+        question_length=text.question_length,
+        answer_length=text.answer_length,
+        question_cap=loaded.question_token_cap,
+        answer_cap=loaded.answer_token_cap,
+        prompts_can_be_cut=loaded.family.prompts_can_be_cut,
+    )
+
+
+def test_a_causal_prompt_longer_than_the_positions_fails_naming_split_row_and_image(causal):
+    long_question = " ".join(["describe the zebra"] * 200)  # well past the tiny models' 256 or 512 positions
+    pairs = [PreferencePair("img0", QUESTION, "red", "blue")] * 3
+    image = Image.new("RGB", (8, 8))
+    data = DataSplits(
+        train=pairs,
+        eval=pairs[:1],
+        test=[pairs[0], PreferencePair("img2", long_question, "red", "blue")],
+        images={"img0": image, "img2": image},
+    )
+    with pytest.raises(DataError) as caught:
+        causal_limits(data, causal, TextEncoder(causal))
+    message = str(caught.value)
+    assert message.startswith("test row 1 (image 'img2'): its prompt is ")
+    assert "prompts are never cut" in message and message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_causal_prompt_over_the_limit_is_refused_by_encode_not_cut(causal):
+    """The family refuses to cut a prompt (cut_prompt), and encoding names the row it met."""
+    pairs = [PreferencePair("img0", QUESTION, "red", "blue"), PreferencePair("img1", "is it blue?", "no", "yes")]
+    data = DataSplits(train=pairs, eval=[], test=[], images={f"img{i}": Image.new("RGB", (8, 8)) for i in range(2)})
+    prompt = len(causal.family.prompt_ids(causal, "is it blue?"))
+    with pytest.raises(DataError, match=r"^train row 1 \(image 'img1'\): a prompt of \d+ tokens .* never cut\.$"):
+        encode(data, causal, prompt - 1, 8)
+
+
+def test_a_long_causal_answer_is_cut_to_the_positions_and_counted_and_the_prompt_stays_whole(causal):
+    family, tokenizer = causal.family, causal.tokenizer
+    long_answer = " ".join(["blue"] * 600)  # 600 tokens or more, against the tiny models' 256 or 512 positions
+    pairs = [
+        PreferencePair("img0", QUESTION, long_answer, "red"),
+        PreferencePair("img1", QUESTION, "red", long_answer),
+        PreferencePair("img2", QUESTION, "yes", "no"),
+        PreferencePair("img0", QUESTION, "no", "yes"),
+    ]
+    image = Image.new("RGB", (8, 8), (200, 30, 30))
+    data = DataSplits(train=pairs[:2], eval=pairs[2:3], test=pairs[3:], images={f"img{i}": image for i in range(3)})
+    text = TextEncoder(causal)
+    limits = causal_limits(data, causal, text)
+
+    positions = causal.model.config.get_text_config().max_position_embeddings
+    prompt = family.prompt_ids(causal, QUESTION)
+    assert limits.question == len(prompt)
+    assert limits.answer == positions - len(prompt) - 1  # room for the prompt and an end token, no more
+    assert data.report.token_stats["truncated"] == 2  # the two long answers, counted in the Data table
+
+    encoded = encode(data, causal, limits.question, limits.answer, text)
+    assert encoded.answers_truncated == 2
+    train, end = encoded.splits["train"], causal.facts["end_id"]
+    cut = train.chosen_ids[0, : int(train.chosen_mask[0].sum())].tolist()
+    assert cut == text.answer_tokens(long_answer)[: limits.answer] and end not in cut  # cut: no end token
+    whole = train.rejected_ids[0, : int(train.rejected_mask[0].sum())].tolist()
+    assert whole == [*tokenizer("red", add_special_tokens=False)["input_ids"], end]
+    assert len(prompt) + len(cut) < positions
+
+    # The prompt is the whole untruncated one: the question and every image token are there.
+    for row in range(2):
+        ids = train.question_ids[row, : int(train.question_mask[row].sum())].tolist()
+        assert ids == prompt
+        assert QUESTION in tokenizer.decode(ids)
+    batch = encoded.batch("train", torch.arange(2), torch.device("cpu"))
+    with torch.no_grad():
+        features = family.features(causal.model, batch.pixel_values, *batch.prompt)
+        image_embeddings = family.image_embeddings(causal.model, features, causal.savings)
+        scores = family.answer_scores(causal.model, features, batch.prompt, batch.chosen)
+    assert prompt.count(causal.facts["image_token_id"]) == image_embeddings.shape[1]
+    assert scores.lengths.tolist() == [limits.answer, len(text.answer_tokens("red")) + 1]
+    assert bool(torch.isfinite(scores.logps).all())

@@ -54,7 +54,7 @@ class RunStarted(Event):
     backend: str | None = None  # torch.distributed backend: "nccl" (CUDA) or "gloo" (CPU); None for one process
     global_batch: int = 0  # batch_size: rows per optimizer step over all processes (0 = not reported)
     per_device_batch: int = 0  # rows per step on each process: global_batch / world_size
-    train: str = "decoder"  # what trains: "decoder", "all" or "lora" (adapters on the decoder)
+    train: str = "decoder"  # what trained, as the family resolved it: "decoder", "lm", "lm+projector", "lora" or "all"
     precision: str = "fp32"  # autocast dtype of the forward passes: "fp32", "bf16" or "fp16"
 
 

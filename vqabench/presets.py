@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vqabench.models.registry import supported_model_types, variant_names
-from vqabench.spec import TRACKER_MODULES, TRACKERS, RunSpec, SpecError, spec_from_dict
+from vqabench.models.registry import default_train, family_module_of, supported_model_types, variant_names
+from vqabench.spec import AUTO_TRAIN, TRACKER_MODULES, TRACKERS, RunSpec, SpecError, spec_from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,9 +110,13 @@ class Overrides:
                     raise SpecError(f"--set names '{'.'.join(path)}', but '{part}' is not a table of the run spec.")
                 table = table[part]
             table[path[-1]] = value
+        # A new model whose train was the old model's default (the preset had no train line) gets its own default.
+        keys = [path for path, _ in settings]
+        if ["model"] in keys and ["train"] not in keys and spec.train == _default_train_of_model(spec):
+            data["train"] = AUTO_TRAIN
         spec = spec_from_dict(data, where="--set")
         _check_sources(spec, Path("--set"))
-        return spec
+        return with_family_train(spec)
 
 
 def expand_seeds(specs: list[RunSpec], seeds: Sequence[int] | None = None) -> list[RunSpec]:
@@ -184,9 +188,36 @@ def read_preset(path: Path) -> Preset:
     except OSError as exc:
         raise SpecError(f"preset file {path} cannot be read ({exc.strerror}).") from None
     data.setdefault("name", path.stem)
+    data.setdefault("train", AUTO_TRAIN)  # no train line: the model family's default (with_family_train)
     spec = spec_from_dict(data, where=str(path))
     _check_sources(spec, path)
-    return Preset(spec, path)
+    return Preset(with_family_train(spec), path)
+
+
+def _default_train_of_model(spec: RunSpec) -> str:
+    """The train value a preset for `spec`'s model gets without a train line ("auto" when not known here)."""
+    return with_family_train(spec.replace(train=AUTO_TRAIN)).train
+
+
+def with_family_train(spec: RunSpec) -> RunSpec:
+    """A spec without a train line (train = "auto") gets its model family's default: BLIP "decoder", causal VLMs "lm".
+
+    Set here for every model whose family is known before anything loads (the embedded model, a
+    built-in variant, a local folder, a hub id whose config is in the local hub cache), so the
+    runs' recorded specs, setups and study names name it; the worker sets it for the rest on loading.
+    """
+    if spec.train != AUTO_TRAIN:
+        return spec
+    model_type = None
+    if spec.model != "embedded" and spec.model not in variant_names():
+        config = _model_config(spec.model)
+        try:
+            found = json.loads(config.read_text()) if config is not None else None
+        except (OSError, ValueError):
+            found = None  # a LoRA checkpoint's folder, or an unreadable config: the worker decides
+        model_type = found.get("model_type") if isinstance(found, dict) else None
+    module = family_module_of(spec.model, model_type)
+    return spec if module is None else spec.with_default_train(default_train(module))
 
 
 def _check_sources(spec: RunSpec, path: Path) -> None:

@@ -27,8 +27,11 @@ REFERENCE_METHODS = frozenset({"dpo", "ipo", "kto"})
 REFERENCE_STRATEGIES = ("auto", "copy", "precompute", "adapter")
 #: Which weights train (each family says which it supports): an encoder-decoder's answer "decoder"; a model's
 #: language model ("lm"), with its vision projector ("lm+projector"), LoRA adapters on the
-#: language model ("lora"), or every weight ("all").
-TRAIN_PARTS = ("decoder", "lm", "lm+projector", "lora", "all")
+#: language model ("lora"), or every weight ("all"). "auto" (what a preset without a train line
+#: gets): the model family's default, "decoder" for BLIP and "lm" for a causal VLM, set by
+#: ``presets.with_family_train`` where the host knows the family and by the worker on loading.
+TRAIN_PARTS = ("auto", "decoder", "lm", "lm+projector", "lora", "all")
+AUTO_TRAIN = "auto"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 JUDGES = ("auto", "exact", "semantic", "together", "openai")
@@ -105,7 +108,7 @@ class RunSpec:
     model: str = "embedded"
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     judge: JudgeSpec = field(default_factory=JudgeSpec)
-    train: str = "decoder"  # which part is trained; encoders frozen by default, as in the paper
+    train: str = "decoder"  # BLIP's answer decoder; a preset without a train line gets its family's default
     lora_r: int = 16  # train = "lora": adapter rank
     lora_alpha: int = 32  # adapter scaling is lora_alpha / lora_r
     lora_dropout: float = 0.05
@@ -149,7 +152,7 @@ class RunSpec:
     output_dir: str | None = None  # where the worker writes checkpoints and predictions
     cache_dir: str | None = None  # base checkpoints, reference, image and encoder caches; None = user cache
     num_workers: int = 0  # DataLoader worker processes gathering batches (0: in the worker itself)
-    encoder_cache: str = "auto"  # frozen-encoder outputs computed once; auto = on iff train = "decoder"
+    encoder_cache: str = "auto"  # frozen-encoder outputs computed once; auto = on unless train = "all"
     encoder_cache_dtype: str = "fp32"  # fp32 is exact; bf16 halves the file
     # Exact savings of causal VLMs, each switchable so the probe can show what it saves
     # (a family where one means nothing ignores it).
@@ -196,6 +199,10 @@ class RunSpec:
 
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
+
+    def with_default_train(self, default: str) -> RunSpec:
+        """This spec with train = "auto" replaced by `default`, its model family's (registry.default_train)."""
+        return self.replace(train=default) if self.train == AUTO_TRAIN else self
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -106,7 +106,7 @@ def meta_model(spec: RunSpec) -> LoadedModel:
         )
     with torch.device("meta"):
         loaded = variant.build(spec.seed, None, None)
-    loaded.family.check_train(spec.train)
+    loaded.family.check_train(spec.with_default_train(registry.default_train_of(loaded.family)).train)
     return loaded
 
 
@@ -165,6 +165,7 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     """
     loaded = loaded if loaded is not None else meta_model(spec)
     family = loaded.family
+    spec = spec.with_default_train(registry.default_train_of(family))  # a preset without a train line
     question, answer, prompt, notes = _token_counts(spec, loaded)
     parts.freeze_for_training(loaded, spec.train)
     reference = 0

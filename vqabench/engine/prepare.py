@@ -54,10 +54,12 @@ def load_data(spec: RunSpec, cache_dir: Path) -> DataSplits:
     return data if spec.score_test else dataclasses.replace(data, test=[])
 
 
-def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[LoadedModel, DataSplits]:
-    """The starting model (init checkpoint, embedded base, built-in variant or hub) and the data.
+def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[RunSpec, LoadedModel, DataSplits]:
+    """The spec with its ``train`` resolved, the starting model (init checkpoint, embedded base, built-in variant
+    or hub) and the data.
 
-    Raises ModelError when the model's family cannot train the spec's ``train`` value.
+    A spec without a train line (``"auto"``, a model the host could not place before loading)
+    gets its family's default here. Raises ModelError when the family cannot train the ``train`` value.
     """
     loaded: LoadedModel | None = None
     if spec.init_checkpoint is not None:
@@ -80,13 +82,14 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[Loa
         loaded = checkpoints.load_pretrained(str(folder))
     elif loaded is None:  # a built-in variant; a tiny one trains its tokenizer on the run's own text
         loaded = checkpoints.build_variant(spec.model, spec.seed, texts=fitting_texts(data))
+    spec = spec.with_default_train(registry.default_train_of(loaded.family))
     loaded.family.check_train(spec.train)
     loaded.savings = Savings(
         shared_prompt=spec.shared_prompt,
         answer_only_logits=spec.answer_only_logits,
         projected_features=loaded.family.projected_features(spec.train),
     )
-    return loaded, data
+    return spec, loaded, data
 
 
 def fitting_texts(data: DataSplits) -> list[str]:
@@ -127,12 +130,14 @@ def encode_for_run(
     return spec, encoded
 
 
-def data_and_model(spec: RunSpec, cache_dir: Path, device: torch.device, emit: Emit) -> tuple[LoadedModel, DataSplits]:
-    """The data, and the starting model on the run's device."""
-    loaded, data = load_model_and_data(spec, cache_dir, emit)
+def data_and_model(
+    spec: RunSpec, cache_dir: Path, device: torch.device, emit: Emit
+) -> tuple[RunSpec, LoadedModel, DataSplits]:
+    """The spec with its ``train`` resolved, the starting model on the run's device, and the data."""
+    spec, loaded, data = load_model_and_data(spec, cache_dir, emit)
     with explain_out_of_memory(f"moving the model to {device}", spec.batch_size):
         loaded.model.to(device)
-    return loaded, data
+    return spec, loaded, data
 
 
 def caches(

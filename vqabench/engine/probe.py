@@ -38,7 +38,7 @@ from vqabench.engine.reference_choice import choose_reference, free_bytes, preco
 from vqabench.engine.telemetry import peak_rss_since_reset_mib, release_free_memory, reset_peak_rss
 from vqabench.engine.timing import StepClock, usable_cores
 from vqabench.engine.trainer import Trainer, pick_device, synchronize
-from vqabench.models import lora, parts
+from vqabench.models import lora, parts, registry
 from vqabench.models.family import LoadedModel, Savings
 from vqabench.spec import ProbePlan, RunSpec, default_cache_dir
 
@@ -68,7 +68,7 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
     n_batches = plan.warmup + plan.steps
     dataset = dataclasses.replace(first.dataset, eval_size=bs, test_size=bs)
     start_spec = first.replace(dataset=dataset, limit=bs * n_batches, after=None)
-    start, data = load_model_and_data(start_spec, cache_dir, emit)
+    start_spec, start, data = load_model_and_data(start_spec, cache_dir, emit)
     _, encoded = encode_for_run(start_spec, data, start)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(first.seed))
     batches = [order[i * bs : (i + 1) * bs] for i in range(n_batches)]
@@ -84,7 +84,7 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
             batch_size=bs,
             device=device,
             store=ArrayStore(None),
-            train=first.train,
+            train=start_spec.train,
         )
         encodings, encoded.encodings = encoded.encodings, None
     return Probe(plan, start, encoded, batches, device, cache_dir, encodings)
@@ -94,6 +94,7 @@ def measure(probe: Probe, spec: RunSpec, round_number: int) -> ev.ProbeMeasured:
     """One preset's steps in one round: a fresh copy of the start model, its reference, the steps."""
     device, encoded = probe.device, probe.encoded
     spec = spec.replace(batch_size=probe.plan.specs[0].batch_size)
+    spec = spec.with_default_train(registry.default_train_of(probe.start.family))
     if spec.needs_reference:  # "auto" resolves as a run's does, so the probe times the step a run would take
         pairs = sum(len(split.pairs) for split in encoded.splits.values())
         choice = choose_reference(

@@ -55,7 +55,7 @@ def _execute(
     # Each node's first process builds the base checkpoint and fills the caches, while the others
     # wait for it outside any collective (preparing has no time limit; a collective has one).
     preparation.begin()
-    loaded, data = prepare.data_and_model(spec, cache_dir, device, emit)
+    spec, loaded, data = prepare.data_and_model(spec, cache_dir, device, emit)  # train resolved for the family
     prepared = prepare.caches(spec, data, loaded, device, cache_dir, emit, progress)
     preparation.done()  # caches complete, every process has its data: collectives may start
     torch.manual_seed(prepared.spec.seed)  # dropout and shuffling vary with the run seed only

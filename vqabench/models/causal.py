@@ -13,7 +13,10 @@ Layout: the right-padded prompt is followed by the right-padded answer, so a sho
 padding sits between its prompt and its answer. Position ids come from the attention mask
 (:meth:`position_ids`), never from the column, so a row scores the same alone and in any batch;
 the first answer token is predicted from each row's last prompt token, the others from the
-column before them, and only those hidden states reach the LM head.
+column before them, and only those hidden states reach the LM head. Left padding cannot occur:
+every prompt and answer the seam reads, in training, scoring and generation alike, is padded on
+the right by batching's ``_pad`` and :func:`pad_right`, and a row's last prompt token is found
+as its mask's sum less one (:func:`answer_columns`, :meth:`generate`), which holds only for that.
 
 Hooks a family overrides (LLaMA-Factory's ``mm_plugin`` and vLLM's model interfaces work the
 same way): the class attributes naming its transformers class and the paths of its parts,

@@ -112,20 +112,26 @@ class MllamaFamily(CausalVLMFamily):
 
         language_model = part(model, self.language_model_path)
         config = base_model(model).config
+        tiles, per_tile = int(config.vision_config.max_num_tiles), patch_count(config)
         states = None
         if cache is None:
             if features is None:
                 raise ModelError("an Mllama prompt pass needs the image features for its cross-attention.")
             projected = features.to(embeds.dtype)
+            if tuple(projected.shape[1:3]) != (tiles, per_tile):
+                raise ModelError(
+                    f"the image features make {projected.shape[1]} tiles of {projected.shape[2]} positions but "
+                    f"this model's cross-attention reads {tiles} tiles of {per_tile}; features must come from "
+                    f"this model's vision model."
+                )
             states = projected.reshape(projected.shape[0], -1, projected.shape[-1])
             sees = (ids == self.image_token_id(config)).long().cumsum(-1) > 0
         else:
             sees = torch.ones_like(ids, dtype=torch.bool)
-        tiles = int(config.vision_config.max_num_tiles)
         dense = torch.zeros(*ids.shape, 1, tiles, dtype=torch.long, device=ids.device)
         dense[..., 0, 0] = sees.long()
         cross_mask, rows = _prepare_cross_attention_mask(
-            dense, num_vision_tokens=patch_count(config), dtype=base_model(model).dtype
+            dense, num_vision_tokens=per_tile, dtype=base_model(model).dtype
         )
         kwargs = {_cache_argument(type(language_model).forward): cache} if cache is not None else {}
         out = language_model(

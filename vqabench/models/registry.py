@@ -48,6 +48,13 @@ VARIANT_MODULES: dict[str, str] = {
     "llama-3.2-11b-vision-random": "vqabench.models.mllama",
 }
 
+#: The ``train`` value a run whose preset names none gets, by family module: BLIP trains its
+#: answer decoder (the study's setting); every other family is a causal VLM and trains its
+#: language model (:data:`CAUSAL_DEFAULT_TRAIN`). Torch-free, so the host resolves it for the
+#: models it can place (:func:`vqabench.presets.with_family_train`) and the worker for the rest.
+DEFAULT_TRAIN: dict[str, str] = {"vqabench.models.blip": "decoder"}
+CAUSAL_DEFAULT_TRAIN = "lm"
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -90,6 +97,25 @@ def family_for(model_type: str) -> ModelFamily:
         )
     family: ModelFamily = _family_module(module_name).FAMILY
     return family
+
+
+def default_train(module_name: str) -> str:
+    """The ``train`` value that a family module's models get when a preset names none."""
+    return DEFAULT_TRAIN.get(module_name, CAUSAL_DEFAULT_TRAIN)
+
+
+def default_train_of(family: ModelFamily) -> str:
+    """The ``train`` value for a loaded model's family when its preset names none (the worker's case)."""
+    return default_train(type(family).__module__)
+
+
+def family_module_of(model: str, model_type: str | None = None) -> str | None:
+    """The family module serving a preset's `model`: a built-in variant's, or that of its config's `model_type`."""
+    if model == "embedded":
+        return FAMILY_MODULES["blip"]
+    if model in VARIANT_MODULES:
+        return VARIANT_MODULES[model]
+    return FAMILY_MODULES.get(model_type) if model_type is not None else None
 
 
 def family_named(name: str) -> ModelFamily:
