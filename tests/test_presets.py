@@ -278,6 +278,13 @@ def test_families_and_scale_are_groups_apart_from_all():
     chosen = select_presets("qwen2-vl-dpo,idefics3-orpo")
     assert [s.name for s in chosen.specs] == ["idefics3-orpo", "qwen2-vl-sft", "qwen2-vl-dpo"]
     assert chosen.added == ["qwen2-vl-sft"]
+    # The folder's name selects all 21, each DPO after its SFT; a misspelling gets the sentence naming the groups.
+    families = [s.name for s in load_presets("families")]
+    assert len(families) == 21 and all(
+        families.index(f"{n[:-4]}-sft") < families.index(n) for n in families if n.endswith("-dpo")
+    )
+    message = error_of("familes")
+    assert message.startswith("--preset names 'familes', which is not a preset or a file;") and " families, " in message
 
 
 def test_scale_presets_are_the_studys_eight_runs_on_two_hub_models():
