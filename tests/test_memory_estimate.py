@@ -116,8 +116,10 @@ def test_real_size_lora_bf16_estimate_takes_seconds_and_no_memory() -> None:
     predicted = estimate_memory(spec, meta_model(spec))
     seconds = time.perf_counter() - started
     assert seconds < 60
-    # Qwen2-VL-2B holds 2.21B parameters (its released count, tied embeddings once): 4 bytes each.
-    assert 8.0e9 < predicted.terms["weights"] < 9.5e9
+    # Qwen2-VL-2B holds 2.21B parameters (its released count, tied embeddings once). Under LoRA and
+    # bf16 its frozen Linears are stored at 2 bytes; the tied 151936 x 1536 embedding (0.23B), norms
+    # and the patch convolution at 4: about 2 * 1.98B + 4 * 0.23B bytes.
+    assert 4.4e9 < predicted.terms["weights"] < 5.5e9
     assert 0 < predicted.terms["gradients"] < 0.02 * predicted.terms["weights"]  # adapters only
     assert predicted.terms["optimizer"] == 2 * predicted.terms["gradients"] + 4 * _lora_tensor_count(spec)
     assert predicted.terms["autocast copies"] > 0

@@ -7,18 +7,21 @@ UI-free: :func:`estimate_memory` returns a :class:`MemoryEstimate`, a breakdown 
 
 Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored dtype):
 
-* ``weights``: ``b(every parameter and buffer)``, tied weights once. Weights stay at their stored
-  dtype (fp32) under every precision: :mod:`vqabench.engine.precision` autocasts the forward
-  passes and keeps no separate master copy, so there is no master-weights term.
+* ``weights``: ``b(every parameter and buffer)``, tied weights once, at the dtype the run stores
+  them in: fp32, except that under bf16/fp16 the frozen Linears whose weights no checkpoint holds
+  (with LoRA: all the frozen ones; see :func:`vqabench.engine.precision.low_frozen_weights`) are
+  stored in the autocast dtype. There is no master-weights term: the weights that train are fp32.
 * ``gradients``: ``b(trainable parameters)`` (a gradient has its parameter's dtype).
 * ``optimizer``: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter at its dtype,
   ``2 * b(trainable)``, plus its 4-byte ``step`` per trainable tensor; exactly what
   :func:`vqabench.engine.telemetry.optimizer_state_bytes` measures after the first step.
-* ``reference``: ``copy``: ``b(trainable part)``, the part taken before LoRA's adapters
+* ``reference``: ``copy``: ``b(trainable part)``, its Linears in the autocast dtype under bf16/fp16,
+  the part taken before LoRA's adapters
   (:class:`~vqabench.engine.reference.CopyReference` shares every frozen tensor); ``precompute``:
   its table, ``rows * 3 * 4`` (chosen, rejected, mismatched fp32 log-probs); ``adapter``: 0.
-* ``autocast copies`` (bf16/fp16 only): ``2 * N(Linear weights on the backward path)``: autocast
-  casts each weight once per forward and backward keeps the cast (to compute its input's gradient).
+* ``autocast copies`` (bf16/fp16 only): ``2 * N(fp32 Linear weights on the backward path)``: autocast
+  casts each weight once per forward and backward keeps the cast (to compute its input's gradient);
+  a weight already stored in the autocast dtype is used as it is.
 * ``activations``: ``ACTIVATION_FACTOR * act_bytes * sum(rows * tokens(l) * in_features(l))`` over
   the Linear layers ``l`` on the backward path (the trainable part; with LoRA, the part the adapters
   sit in): each Linear's input is saved for backward, and the factor covers what the layers
@@ -47,6 +50,7 @@ no grad), and temporaries that live inside one operation (attention's score matr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -56,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqabench.engine.precision import DTYPES, low_frozen_weights, store_frozen_linears_low
 from vqabench.models import lora, parts, registry
 from vqabench.models.family import LoadedModel
 from vqabench.spec import RunSpec, SpecError
@@ -182,7 +187,9 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     parts.freeze_for_training(loaded, spec.train)
     reference = 0
     if spec.needs_reference and spec.reference == "copy":  # taken before the adapters, as a run does
-        part = parts.trainable_part(loaded, spec.train)
+        part = copy.deepcopy(parts.trainable_part(loaded, spec.train)).requires_grad_(False)
+        if spec.precision != "fp32":  # a copy's Linears are stored in the autocast dtype (never saved)
+            store_frozen_linears_low(part, part, DTYPES[spec.precision])
         reference = _bytes([*part.parameters(), *part.buffers()])
     elif spec.needs_reference and spec.reference == "precompute":
         reference = cache_rows * 3 * 4
@@ -191,6 +198,7 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
             lora.attach(loaded, spec)
         parts.freeze_for_training(loaded, spec.train)
     model = loaded.model
+    low_frozen_weights(spec.precision, spec.train, model)  # as the trainer stores them
     params = _unique(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     weights = _bytes([*params, *model.buffers()])
@@ -236,7 +244,8 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
         activations = int(ACTIVATION_FACTOR * rows * act_bytes * _weighted(linears, vocab, tokens))
         head_rows_tokens = rows * head_tokens
         notes.append(f"sequence {seq} tokens x {rows} rows")
-    copies = 2 * sum(m.weight.numel() for _, m in linears) if low else 0
+    # A Linear stored in the autocast dtype is used as it is: no cast copy.
+    copies = 2 * sum(m.weight.numel() for _, m in linears if m.weight.dtype == torch.float32) if low else 0
     # fp32 log-softmax over the answer positions, kept for backward; with every column's logits
     # made (answer_only_logits off) also the full logits tensor (or its gradient) at the autocast dtype.
     logits = rows * answer * vocab * 4 * 2 + (0 if answer_only else head_rows_tokens * vocab * act_bytes)
