@@ -298,6 +298,10 @@ def test_lora_orpo_in_bf16_runs_end_to_end(vqa_cache, tmp_path):
     started = of_type(events, ev.RunStarted)[0]
     assert (started.train, started.precision, started.config["precision"]) == ("lora", "bf16", "bf16")
     assert isinstance(events[-1], ev.RunFinished) and of_type(events, ev.Evaluated)[0].n == 32
+    # The frozen Linears were stored in bf16 (exact under autocast): named with the bytes it saved,
+    # at most half the frozen weights (the run trains adapters only, so nearly all are frozen).
+    low = started.data["low_frozen_weights"]
+    assert low["dtype"] == "bf16" and 0 < low["bytes_saved"] < 4 * started.total_params / 2
 
 
 @pytest.mark.parametrize(

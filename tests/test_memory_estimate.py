@@ -9,6 +9,7 @@ excluded), measured with ``torch.autograd.graph.saved_tensors_hooks``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -28,7 +29,8 @@ CASES = [
     ("embedded", "decoder", "sft", "fp32"),
     ("embedded", "decoder", "dpo", "fp32"),
     ("embedded", "lora", "dpo", "bf16"),
-    ("qwen2-vl-tiny-random", "lm", "dpo", "fp32"),
+    ("qwen2-vl-tiny-random", "lm", "dpo", "fp32"),  # the shared prompt: one prompt pass, both answers on its cache
+    ("qwen2-vl-tiny-random", "lm", "dpo-full-rows", "fp32"),  # shared_prompt off: 2 x batch full rows
     ("qwen2-vl-tiny-random", "lora", "sft", "bf16"),
     ("idefics3-tiny-random", "lm+projector", "orpo", "fp32"),
 ]
@@ -66,9 +68,13 @@ def _saved_bytes(run, params: list[torch.Tensor]) -> int:
 def test_estimate_matches_one_real_training_step(data, model, train, method, precision) -> None:
     torch.manual_seed(0)
     texts = fitting_texts(data)
+    shared = not method.endswith("-full-rows")
+    method = method.removesuffix("-full-rows")
     spec = RunSpec(name="p", method=method, model=model, train=train, precision=precision, batch_size=4)
+    spec = spec.replace(shared_prompt=shared)
     spec = spec.replace(reference="copy", encoder_cache="off", lora_dropout=0.0)
     loaded = _build(model, texts)
+    loaded.savings = dataclasses.replace(loaded.savings, shared_prompt=shared)
     question_limit = 16 if loaded.family.prompts_can_be_cut else loaded.question_token_cap
     encoded = encode(data, loaded, question_limit, 4)
     batch = encoded.batch("train", torch.arange(4), torch.device("cpu"))
@@ -110,8 +116,10 @@ def test_real_size_lora_bf16_estimate_takes_seconds_and_no_memory() -> None:
     predicted = estimate_memory(spec, meta_model(spec))
     seconds = time.perf_counter() - started
     assert seconds < 60
-    # Qwen2-VL-2B holds 2.21B parameters (its released count, tied embeddings once): 4 bytes each.
-    assert 8.0e9 < predicted.terms["weights"] < 9.5e9
+    # Qwen2-VL-2B holds 2.21B parameters (its released count, tied embeddings once). Under LoRA and
+    # bf16 its frozen Linears are stored at 2 bytes; the tied 151936 x 1536 embedding (0.23B), norms
+    # and the patch convolution at 4: about 2 * 1.98B + 4 * 0.23B bytes.
+    assert 4.4e9 < predicted.terms["weights"] < 5.5e9
     assert 0 < predicted.terms["gradients"] < 0.02 * predicted.terms["weights"]  # adapters only
     assert predicted.terms["optimizer"] == 2 * predicted.terms["gradients"] + 4 * _lora_tensor_count(spec)
     assert predicted.terms["autocast copies"] > 0
@@ -137,3 +145,34 @@ def test_each_released_checkpoint_maps_to_the_variant_that_states_its_architectu
         assert variant is not None and variant.real_size
         stated = variant.description.split("'s architecture")[0]
         assert stated.removesuffix("-Instruct") == hub_id.removesuffix("-Instruct"), hub_id  # Instruct: same sizes
+
+
+def test_the_shared_prompt_saves_the_second_prompt_pass_in_the_dpo_estimate(data) -> None:
+    # One prompt pass per pair instead of two full rows: the estimate drops by the batch's prompt
+    # rows through every language-model Linear (q, k, v, o, gate, up: hidden wide; down: intermediate),
+    # less the key/value cache repeated for both answers. Answer rows and the LM head are unchanged.
+    texts = fitting_texts(data)
+    spec = RunSpec(name="p", method="dpo", model="qwen2-vl-tiny-random", train="lm", precision="bf16", batch_size=8)
+    spec = spec.replace(reference="precompute", max_question_tokens=32, max_answer_tokens=8)
+    on = estimate_memory(spec, _build(spec.model, texts, "meta"))
+    off = estimate_memory(spec.replace(shared_prompt=False), _build(spec.model, texts, "meta"))
+    loaded = _build(spec.model, texts, "meta")
+    text = loaded.model.config.text_config
+    hidden, layers, head_dim = text.hidden_size, text.num_hidden_layers, text.hidden_size // text.num_attention_heads
+    prompt = len(loaded.family.prompt_ids(loaded, "")) + 32  # the image's tokens and chat frame, and the question
+    linear_inputs = layers * (6 * hidden + text.intermediate_size)
+    kv_width = layers * 2 * text.num_key_value_heads * head_dim
+    batch, bf16 = 8, 2
+    second_prompt_pass = 2.0 * batch * prompt * linear_inputs * bf16  # ACTIVATION_FACTOR 2 of the saved inputs
+    repeated_cache = 2 * batch * prompt * kv_width * bf16
+    assert off.total - on.total == pytest.approx(second_prompt_pass - repeated_cache, abs=1)
+    assert {k: v for k, v in on.terms.items() if k != "activations"} == {
+        k: v for k, v in off.terms.items() if k != "activations"
+    }
+    assert any(note.startswith(f"shared prompt: {prompt} tokens x 8 rows") for note in on.assumptions)
+    assert any(note.startswith(f"sequence {prompt + 9} tokens x 16 rows") for note in off.assumptions)
+    # Every column's logits (answer_only_logits off): the prompt pass's and both answers', at bf16.
+    full = estimate_memory(spec.replace(answer_only_logits=False), _build(spec.model, texts, "meta"))
+    vocab = text.vocab_size
+    assert full.terms["logits"] - on.terms["logits"] == (batch * prompt + 2 * batch * 9) * vocab * bf16
+    assert full.terms["activations"] - on.terms["activations"] == 2 * batch * prompt * hidden * bf16

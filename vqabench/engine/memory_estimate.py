@@ -7,30 +7,39 @@ UI-free: :func:`estimate_memory` returns a :class:`MemoryEstimate`, a breakdown 
 
 Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored dtype):
 
-* ``weights``: ``b(every parameter and buffer)``, tied weights once. Weights stay at their stored
-  dtype (fp32) under every precision: :mod:`vqabench.engine.precision` autocasts the forward
-  passes and keeps no separate master copy, so there is no master-weights term.
+* ``weights``: ``b(every parameter and buffer)``, tied weights once, at the dtype the run stores
+  them in: fp32, except that under bf16/fp16 the frozen Linears whose weights no checkpoint holds
+  (with LoRA: all the frozen ones; see :func:`vqabench.engine.precision.low_frozen_weights`) are
+  stored in the autocast dtype. There is no master-weights term: the weights that train are fp32.
 * ``gradients``: ``b(trainable parameters)`` (a gradient has its parameter's dtype).
 * ``optimizer``: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter at its dtype,
   ``2 * b(trainable)``, plus its 4-byte ``step`` per trainable tensor; exactly what
   :func:`vqabench.engine.telemetry.optimizer_state_bytes` measures after the first step.
-* ``reference``: ``copy``: ``b(trainable part)``, the part taken before LoRA's adapters
+* ``reference``: ``copy``: ``b(trainable part)``, its Linears in the autocast dtype under bf16/fp16,
+  the part taken before LoRA's adapters
   (:class:`~vqabench.engine.reference.CopyReference` shares every frozen tensor); ``precompute``:
   its table, ``rows * 3 * 4`` (chosen, rejected, mismatched fp32 log-probs); ``adapter``: 0.
-* ``autocast copies`` (bf16/fp16 only): ``2 * N(Linear weights on the backward path)``: autocast
-  casts each weight once per forward and backward keeps the cast (to compute its input's gradient).
-* ``activations``: ``ACTIVATION_FACTOR * rows * act_bytes * sum(tokens(l) * in_features(l))`` over
+* ``autocast copies`` (bf16/fp16 only): ``2 * N(fp32 Linear weights on the backward path)``: autocast
+  casts each weight once per forward and backward keeps the cast (to compute its input's gradient);
+  a weight already stored in the autocast dtype is used as it is.
+* ``activations``: ``ACTIVATION_FACTOR * act_bytes * sum(rows * tokens(l) * in_features(l))`` over
   the Linear layers ``l`` on the backward path (the trainable part; with LoRA, the part the adapters
   sit in): each Linear's input is saved for backward, and the factor covers what the layers
-  between them save (norms, activation functions, attention inputs). ``rows`` is the batch, doubled
-  for methods that score chosen and rejected answers in one pass; ``act_bytes`` is 2 under
-  bf16/fp16, else 4. ``tokens(l)``: the answer tokens for the LM head, the question tokens for a
-  cross-attention key/value reading the encoded question (an encoder-decoder's answer decoder), the
-  image's feature tokens for a cross-attention key/value reading the image, and outside the language
-  model (a projector), and otherwise the sequence: image + question + answer tokens for a causal
-  VLM, the answer tokens for an encoder-decoder's answer decoder.
-* ``logits``: ``rows * answer_tokens * vocab * 4 * 2``: fp32 logits at the answer positions only,
-  and the log-softmax kept for backward.
+  between them save (norms, activation functions, attention inputs). ``act_bytes`` is 2 under
+  bf16/fp16, else 4. ``tokens(l)``: the LM head's, the answer tokens (with ``answer_only_logits``
+  off, a causal family's whole sequence); a cross-attention key/value reading the encoded question
+  (an encoder-decoder's answer decoder), the question tokens; one reading the image, and a layer
+  outside the language model (a projector), the image's feature tokens; any other, the sequence:
+  image + question + answer tokens for a causal VLM, the answer tokens for an encoder-decoder's
+  answer decoder. ``rows`` is the batch, doubled for methods that score chosen and rejected answers.
+  With ``shared_prompt`` (a pair method on a causal family that shares prompts) those rows are two
+  passes instead: the prompt (image + question tokens) once per pair, ``batch`` rows, then both
+  answers on its key/value cache, ``2 * batch`` rows of answer tokens (the projector and vision
+  layers run in the prompt pass only), plus the cache repeated per answer row that attention keeps,
+  ``2 * batch * prompt * (k_proj + v_proj widths) * act_bytes``.
+* ``logits``: ``rows * answer_tokens * vocab * 4 * 2``: fp32 logits at the answer positions, and the
+  log-softmax kept for backward; with ``answer_only_logits`` off (a causal family) also the logits
+  of every column the LM head read at the autocast dtype (the tensor, or its gradient, once).
 * ``encoder cache``: ``cache_rows * prod(features_shape) * dtype bytes`` when the frozen encoders'
   outputs are held in memory (the probe's cache); 0 when no rows are given (a run's file is mapped).
 
@@ -41,6 +50,7 @@ no grad), and temporaries that live inside one operation (attention's score matr
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -50,6 +60,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqabench.engine.precision import DTYPES, low_frozen_weights, store_frozen_linears_low
 from vqabench.models import lora, parts, registry
 from vqabench.models.family import LoadedModel
 from vqabench.spec import RunSpec, SpecError
@@ -143,17 +154,24 @@ def _backward_linears(loaded: LoadedModel, train: str) -> list[tuple[str, nn.Lin
     return [(n, m) for n, m in part.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _linear_tokens(name: str, layer: nn.Linear, *, seq: int, question: int, answer: int, image: int, vocab: int) -> int:
+def _linear_kind(name: str, layer: nn.Linear, vocab: int) -> str:
+    """What a Linear's tokens are: "head" (answer positions), "question", "image" (once per prompt:
+    a projector or vision layer), "cross" (a language model's key/value reading the image) or "seq"."""
     if layer.out_features == vocab:
-        return answer
+        return "head"
     last = name.rsplit(".", 1)[-1]
     if "crossattention" in name and last in ("key", "value"):  # a decoder reading the encoded question
-        return question
+        return "question"
     if "cross_attn" in name and last in ("k_proj", "v_proj"):  # a language model reading the image
-        return image
+        return "cross"
     if any(key in name for key in ("projector", "connector", "vision", "visual")):
-        return image
-    return seq
+        return "image"
+    return "seq"
+
+
+def _weighted(linears: list[tuple[str, nn.Linear]], vocab: int, tokens: dict[str, int]) -> int:
+    """``sum(tokens(l) * in_features(l))`` over `linears`, each Linear's tokens looked up by its kind."""
+    return sum(tokens[_linear_kind(n, m, vocab)] * m.in_features for n, m in linears)
 
 
 def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_rows: int = 0) -> MemoryEstimate:
@@ -170,7 +188,9 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     parts.freeze_for_training(loaded, spec.train)
     reference = 0
     if spec.needs_reference and spec.reference == "copy":  # taken before the adapters, as a run does
-        part = parts.trainable_part(loaded, spec.train)
+        part = copy.deepcopy(parts.trainable_part(loaded, spec.train)).requires_grad_(False)
+        if spec.precision != "fp32":  # a copy's Linears are stored in the autocast dtype (never saved)
+            store_frozen_linears_low(part, part, DTYPES[spec.precision])
         reference = _bytes([*part.parameters(), *part.buffers()])
     elif spec.needs_reference and spec.reference == "precompute":
         reference = cache_rows * 3 * 4
@@ -179,6 +199,7 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
             lora.attach(loaded, spec)
         parts.freeze_for_training(loaded, spec.train)
     model = loaded.model
+    low_frozen_weights(spec.precision, spec.train, model)  # as the trainer stores them
     params = _unique(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     weights = _bytes([*params, *model.buffers()])
@@ -187,27 +208,55 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
 
     low = spec.precision != "fp32"
     act_bytes = 2 if low else 4
-    rows = spec.batch_size * (2 if spec.method in PAIR_METHODS else 1)
+    pairs = spec.method in PAIR_METHODS
+    rows = spec.batch_size * (2 if pairs else 1)
     vocab = _vocab_size(model)
     prompt_width = question if family.features_read_question else prompt
     features_shape = family.features_shape(loaded, prompt_width)
     image = int(features_shape[0]) if len(features_shape) > 1 else 1
     seq = answer if family.features_read_question else prompt + answer
+    causal = not family.features_read_question
+    # Only a causal family's LM head can run on the answer positions alone (an answer decoder's are all answers).
+    answer_only = spec.answer_only_logits or not causal
+    shared = pairs and causal and spec.shared_prompt and bool(getattr(family, "shares_prompt", False))
     linears = _backward_linears(loaded, spec.train)
-    weighted = sum(
-        _linear_tokens(n, m, seq=seq, question=question, answer=answer, image=image, vocab=vocab) * m.in_features
-        for n, m in linears
-    )
-    activations = int(ACTIVATION_FACTOR * rows * act_bytes * weighted)
-    copies = 2 * sum(m.weight.numel() for _, m in linears) if low else 0
-    logits = rows * answer * vocab * 4 * 2
+    head_tokens = answer if answer_only else seq
+    if shared:
+        # One pass over each prompt (batch rows), then both answers (2 x batch rows) on its key/value
+        # cache, repeated per answer row; the LM head reads the prompt's last column and the answers'.
+        batch = spec.batch_size
+        prompt_pass = _weighted(
+            linears,
+            vocab,
+            {"head": 0 if answer_only else prompt, "question": question, "image": image, "cross": image, "seq": prompt},
+        )
+        answer_pass = _weighted(
+            linears, vocab, {"head": answer, "question": question, "image": 0, "cross": image, "seq": answer}
+        )
+        kv_width = sum(m.out_features for n, m in linears if _is_self_kv(n, m, vocab))
+        kv_cache = rows * prompt * kv_width * act_bytes  # the cache repeated per answer row, read by attention
+        activations = int(ACTIVATION_FACTOR * act_bytes * (batch * prompt_pass + rows * answer_pass)) + kv_cache
+        head_rows_tokens = rows * answer if answer_only else batch * prompt + rows * answer
+        notes.append(
+            f"shared prompt: {prompt} tokens x {batch} rows, then answers {answer} tokens x {rows} rows on its cache"
+        )
+    else:
+        tokens = {"head": head_tokens, "question": question, "image": image, "cross": image, "seq": seq}
+        activations = int(ACTIVATION_FACTOR * rows * act_bytes * _weighted(linears, vocab, tokens))
+        head_rows_tokens = rows * head_tokens
+        notes.append(f"sequence {seq} tokens x {rows} rows")
+    # A Linear stored in the autocast dtype is used as it is: no cast copy.
+    copies = 2 * sum(m.weight.numel() for _, m in linears if m.weight.dtype == torch.float32) if low else 0
+    # fp32 log-softmax over the answer positions, kept for backward; with every column's logits
+    # made (answer_only_logits off) also the full logits tensor (or its gradient) at the autocast dtype.
+    logits = rows * answer * vocab * 4 * 2 + (0 if answer_only else head_rows_tokens * vocab * act_bytes)
+    notes.append(f"vocabulary {vocab}; logits {'at answer positions only' if answer_only else 'at every position'}")
     cache = 0
     if spec.uses_encoder_cache and cache_rows:
         item = 2 if spec.encoder_cache_dtype == "bf16" else 4
         cache = cache_rows * math.prod(features_shape) * item
     if spec.model in SAME_SIZE_VARIANTS:
         notes.append(f"sized as {SAME_SIZE_VARIANTS[spec.model]}")
-    notes.append(f"sequence {seq} tokens x {rows} rows; vocabulary {vocab}")
     terms = {
         "weights": weights,
         "gradients": gradients,
@@ -219,6 +268,11 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
         "encoder cache": cache,
     }
     return MemoryEstimate(spec.name, terms, notes)
+
+
+def _is_self_kv(name: str, layer: nn.Linear, vocab: int) -> bool:
+    """A language model's own key or value projection (what a key/value cache holds)."""
+    return name.rsplit(".", 1)[-1] in ("k_proj", "v_proj") and _linear_kind(name, layer, vocab) == "seq"
 
 
 def _vocab_size(model: Any) -> int:

@@ -146,6 +146,10 @@ def start(run: Context, prepared: Prepared, reference_setup: ReferenceSetup) -> 
         "reference_seconds": reference_seconds,
         "encoder_cache": prepared.encoder_cache,
         "reference_choice": choice.to_dict() if choice is not None and ref is not None else None,
+        # frozen Linears stored in the autocast dtype (exact; engine/precision.py): which dtype, bytes saved
+        "low_frozen_weights": {"dtype": spec.precision, "bytes_saved": trainer.low_frozen_bytes}
+        if trainer.low_frozen_bytes
+        else None,
     }
     run.emit(
         ev.RunStarted(

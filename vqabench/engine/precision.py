@@ -1,9 +1,15 @@
 """Mixed precision (``precision = "fp32" | "bf16" | "fp16"``): autocast and, for fp16, a GradScaler.
 
-The weights and the optimizer stay fp32; autocast runs the forward passes' matrix products in
-bf16 or fp16. Log-probs are taken from fp32 logits (``answer_logps`` upcasts before its
-log-softmax) and the objectives compute in fp32, so the losses and their small differences
-keep full precision. fp16's narrow range needs a GradScaler; bf16 does not.
+The weights that train and the optimizer stay fp32; autocast runs the forward passes' matrix
+products in bf16 or fp16. A *frozen* ``nn.Linear`` whose weights are never saved (with LoRA: every
+frozen Linear, the adapters' base layers included; a copy reference's own Linears) is stored in
+that dtype instead (:func:`store_frozen_linears_low`): autocast casts a Linear's weight and bias to
+it at every forward anyway, so the results are bit-identical, and the weight takes half the bytes
+with no per-forward cast copy. Norms, embeddings and a Linear whose weight is tied to one stay
+fp32. Every forward pass through them must run under the run's autocast (the trainer's steps,
+eval, generation and the precompute pass all do). Log-probs are taken from fp32 logits
+(``answer_logps`` upcasts before its log-softmax) and the objectives compute in fp32, so the
+losses and their small differences keep full precision. fp16's narrow range needs a GradScaler; bf16 does not.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch import nn
 
 from vqabench.spec import SpecError
 
@@ -60,3 +67,51 @@ class Precision:
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+def _low_linear_params(scope: nn.Module, owners: nn.Module) -> list[torch.Tensor]:
+    """The weights and biases of `scope`'s frozen ``nn.Linear`` layers that no other kind of module
+    in `owners` holds (a weight tied to an embedding is read outside autocast, so it stays)."""
+    elsewhere = {id(p) for m in owners.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    found: dict[int, torch.Tensor] = {}
+    for m in scope.modules():
+        if type(m) is not nn.Linear:  # exactly nn.Linear: a subclass may read its weight outside F.linear
+            continue
+        params = [p for p in (m.weight, m.bias) if p is not None]
+        if any(p.requires_grad for p in params):
+            continue
+        found.update((id(p), p) for p in params if id(p) not in elsewhere and p.is_floating_point())
+    return list(found.values())
+
+
+def store_frozen_linears_low(scope: nn.Module, owners: nn.Module, dtype: torch.dtype) -> int:
+    """Store `scope`'s frozen Linear weights and biases in `dtype`, in place; returns the bytes saved.
+
+    In place (``param.data``), so a copy reference that shares a tensor with the policy keeps sharing it.
+    Exact only while every forward through them runs under autocast to `dtype`.
+    """
+    saved = 0
+    with torch.no_grad():
+        for p in _low_linear_params(scope, owners):
+            if p.dtype != dtype:
+                saved += p.numel() * (p.element_size() - torch.empty(0, dtype=dtype).element_size())
+                p.data = p.data.to(dtype)
+    return saved
+
+
+def low_frozen_weights(
+    precision: str, train: str, model: nn.Module, reference: tuple[nn.Module, nn.Module] | None = None
+) -> int:
+    """Store a run's frozen Linears in its autocast dtype where that changes no saved weight; bytes saved.
+
+    Under LoRA every frozen Linear of `model` (a checkpoint holds the adapters alone); for any other
+    `train` the frozen parts are saved in the full checkpoint, so they stay as they are. `reference`:
+    a copy reference's (part, whole model): its own part never reaches a checkpoint. fp32: nothing.
+    """
+    if precision == "fp32":
+        return 0
+    dtype = DTYPES[precision]
+    saved = store_frozen_linears_low(model, model, dtype) if train == "lora" else 0
+    if reference is not None:
+        saved += store_frozen_linears_low(reference[0], reference[1], dtype)
+    return saved

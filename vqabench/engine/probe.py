@@ -87,6 +87,9 @@ def prepare(plan: ProbePlan, emit: Emit) -> Probe:
             train=start_spec.train,
         )
         encodings, encoded.encodings = encoded.encodings, None
+        # Back to the CPU: every preset deep-copies the start model onto the device itself, and a
+        # start model left there would sit in every CUDA peak measured (a whole model: 31 GiB at 7B).
+        start.model.to("cpu")
     return Probe(plan, start, encoded, batches, device, cache_dir, encodings)
 
 

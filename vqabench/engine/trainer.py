@@ -28,8 +28,8 @@ from vqabench.engine.distributed import SINGLE, Ranks
 from vqabench.engine.errors import NumericsError
 from vqabench.engine.generation import greedy_answers
 from vqabench.engine.out_of_memory import OutOfMemory, explain_out_of_memory, out_of_memory_sentence
-from vqabench.engine.precision import Precision
-from vqabench.engine.reference import ReferenceLogps, mismatched_answers
+from vqabench.engine.precision import Precision, low_frozen_weights
+from vqabench.engine.reference import CopyReference, ReferenceLogps, mismatched_answers
 from vqabench.engine.telemetry import optimizer_state_bytes
 from vqabench.engine.timing import StepClock
 from vqabench.models import parts
@@ -219,6 +219,11 @@ class Trainer:
         self.device = device
         self.on_progress = on_progress or (lambda *a: None)
         parts.freeze_for_training(loaded, spec.train)
+        # Under bf16/fp16 the frozen Linears whose weights no checkpoint holds are stored in that
+        # dtype: exact (autocast casts them at every forward anyway), and half their bytes. Here,
+        # before DDP and the optimizer see the model, for the run and the probe alike.
+        copy_part = (reference.part, reference.model) if isinstance(reference, CopyReference) else None
+        self.low_frozen_bytes = low_frozen_weights(spec.precision, spec.train, loaded.model, copy_part)
         if spec.disable_dropout:
             parts.disable_dropout(loaded.model)
         self.step_fn = MethodStep(spec, loaded, encoded, reference, ranks)
