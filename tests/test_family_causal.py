@@ -264,6 +264,25 @@ def test_features_whose_token_count_disagrees_with_the_prompt_are_refused(any_fa
     assert str(caught.value).count(". ") == 0 and str(caught.value).endswith(".")
 
 
+def test_a_random_model_does_not_favour_repeating_its_last_prompt_token(any_family: LoadedModel) -> None:
+    """Random weights predict the first answer token about uniformly: no head favours the prompt's last token.
+
+    A head tied to the word embeddings of a narrow Gemma did (the last hidden state is nearly that
+    token's own embedding row): the tiny PaliGemma's greedy answers all began with its separator,
+    a newline that decodes to nothing, so one short fine-tune left every answer empty.
+    """
+    loaded, family = any_family, any_family.family
+    prompt, answer, pixels = batch(loaded, TEXTS[:3], ["red", "yes", "two"])
+    with torch.no_grad():
+        features = family.features(loaded.model, pixels, *prompt)
+        first = family.answer_logits(loaded.model, features, prompt, answer)[:, 0].log_softmax(-1)
+    last = prompt[0].gather(1, prompt[1].sum(1, keepdim=True) - 1)
+    uniform = -math.log(first.shape[-1])
+    # Untied random heads give it uniform ± 0.2; the tied tiny PaliGemma gave it uniform + 0.6, always the argmax.
+    assert (first.gather(1, last) < uniform + 0.3).all(), first.gather(1, last) - uniform
+    assert not (first.argmax(-1, keepdim=True) == last).any()
+
+
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_a_config_that_is_not_a_vlm_names_the_supported_types(model_type: str, tmp_path: Path) -> None:
     from transformers import BertConfig, LlamaConfig
