@@ -264,6 +264,57 @@ def test_features_whose_token_count_disagrees_with_the_prompt_are_refused(any_fa
     assert str(caught.value).count(". ") == 0 and str(caught.value).endswith(".")
 
 
+def test_a_random_model_does_not_favour_repeating_its_last_prompt_token(any_family: LoadedModel) -> None:
+    """Random weights predict the first answer token about uniformly: no head favours the prompt's last token.
+
+    A head tied to the word embeddings of a narrow Gemma did (the last hidden state is nearly that
+    token's own embedding row): the tiny PaliGemma's greedy answers all began with its separator,
+    a newline that decodes to nothing, so one short fine-tune left every answer empty.
+    """
+    loaded, family = any_family, any_family.family
+    prompt, answer, pixels = batch(loaded, TEXTS[:3], ["red", "yes", "two"])
+    with torch.no_grad():
+        features = family.features(loaded.model, pixels, *prompt)
+        first = family.answer_logits(loaded.model, features, prompt, answer)[:, 0].log_softmax(-1)
+    last = prompt[0].gather(1, prompt[1].sum(1, keepdim=True) - 1)
+    uniform = -math.log(first.shape[-1])
+    # Untied random heads give it uniform ± 0.2; the tied tiny PaliGemma gave it uniform + 0.6, always the argmax.
+    assert (first.gather(1, last) < uniform + 0.3).all(), first.gather(1, last) - uniform
+    assert not (first.argmax(-1, keepdim=True) == last).any()
+
+
+def test_greedy_generation_returns_the_answers_training_fitted(any_family: LoadedModel) -> None:
+    """After fitting two pairs, greedy tokens equal the trained answers and the teacher-forced argmax.
+
+    Cached and uncached generation agreeing cannot catch a prompt or decoding that differs from
+    training's: this reads generation against the scores the loss uses.
+    """
+    loaded, family, model = any_family, any_family.family, any_family.model
+    prompt, answer, pixels = batch(loaded, TEXTS[:2], ["red", "yes"])
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    params = [p for m in family.trainable_modules(model, "lm") for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    try:
+        with torch.no_grad():
+            features = family.features(model, pixels, *prompt)
+        for _ in range(40):
+            logits = family.answer_logits(model, features, prompt, answer)
+            if torch.equal(logits.argmax(-1) * answer[1], answer[0] * answer[1]):
+                break
+            loss = -sequence_scores(logits, *answer).logps.mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        fitted = family.answer_logits(model, features, prompt, answer).argmax(-1)
+        assert torch.equal(fitted * answer[1], answer[0] * answer[1]), "the two pairs were not fitted"
+        generated = family.generate(loaded, features, prompt, 4)
+        assert generated == [[int(t)] for t in answer[0][:, 0]]  # one answer token each, then the end
+        assert [loaded.tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated] == ["red", "yes"]
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
 def test_a_config_that_is_not_a_vlm_names_the_supported_types(model_type: str, tmp_path: Path) -> None:
     from transformers import BertConfig, LlamaConfig

@@ -155,7 +155,16 @@ def _with_tokens(values: dict[str, Any], tokenizer: Any) -> Any:
 
 
 def tiny_config(tokenizer: Any) -> Any:
-    """Two vision and two decoder layers, a 32-pixel image of 16 patches (16 image tokens)."""
+    """Two vision and two decoder layers, a 32-pixel image of 16 patches (16 image tokens), an untied LM head.
+
+    The released PaliGemma ties its LM head to its word embeddings (paligemma-3b-random keeps
+    that). At this width a tied head makes the random model repeat its input token: Gemma's
+    residual stream is the input embedding times sqrt(32), and its layers, initialised with std
+    0.02, add about 0.02·sqrt(32) ≈ 11% to it (about 90% at the released width 2048), so the last
+    hidden state is nearly the separator's own embedding row and the LM head ranks the separator
+    first. Greedy answers then start with the newline, which decodes to nothing, and a short
+    fine-tune does not undo it. Gemma 3's norms after each layer avoid this; its tiny variant stays tied.
+    """
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": 32,
@@ -175,8 +184,16 @@ def tiny_config(tokenizer: Any) -> Any:
         "num_key_value_heads": 1,
         "head_dim": 16,
         "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
     }
-    values = {"vision_config": vision, "text_config": text, "projection_dim": 32, "hidden_size": 32}
+    # transformers ties the head unless both flags are off.
+    values = {
+        "vision_config": vision,
+        "text_config": text,
+        "projection_dim": 32,
+        "hidden_size": 32,
+        "tie_word_embeddings": False,
+    }
     return _with_tokens(values, tokenizer)
 
 
