@@ -54,7 +54,8 @@ fi
 # allocated) and fails a peak over its limit; `vqabench probe --memory` prints the estimate beside it.
 #  a) Qwen2-VL-2B's architecture, batch 8;
 #  b) Qwen2-VL-7B's architecture, batch 8, the tower frozen (lora), its features cached, one prompt pass
-#     for both answers, logits only at the answers: the target is a peak within 40 GB on one GPU
+#     for both answers, logits only at the answers, each decoder MLP recomputed in backward
+#     (activation_checkpointing = "mlp"): the target is a peak within 40 GB on one GPU
 #     (LLaMA-Factory's 7B LoRA DPO runs out of memory on 8xA100-80G, its #5722).
 py=${PYTHON:-python}
 precision=${PRECISION:-bf16}
@@ -71,5 +72,6 @@ checked_probe() {  # checked_probe NAME MAX_PEAK_GB|- MODEL TRAIN BATCH SPEC...
 }
 checked_probe qwen2vl2b-lora-dpo - "${QWEN2VL_2B:-qwen2-vl-2b-random}" lora 8 sft dpo:adapter
 PROBE_TIMEOUT=${PROBE_TIMEOUT:-480} checked_probe qwen2vl7b-lora-dpo 40 "${QWEN2VL_7B:-qwen2-vl-7b-random}" lora 8 \
-  sft dpo:adapter 'encoder_cache = "on"' 'shared_prompt = true' 'answer_only_logits = true'
+  sft dpo:adapter 'encoder_cache = "on"' 'shared_prompt = true' 'answer_only_logits = true' \
+  'activation_checkpointing = "mlp"'
 exit $status

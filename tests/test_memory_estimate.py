@@ -176,3 +176,27 @@ def test_the_shared_prompt_saves_the_second_prompt_pass_in_the_dpo_estimate(data
     vocab = text.vocab_size
     assert full.terms["logits"] - on.terms["logits"] == (batch * prompt + 2 * batch * 9) * vocab * bf16
     assert full.terms["activations"] - on.terms["activations"] == 2 * batch * prompt * hidden * bf16
+
+
+def test_mlp_checkpointing_keeps_each_mlp_input_instead_of_its_internals(data) -> None:
+    # Each layer's MLP (gate and up read the hidden state, down the intermediate one) keeps only its
+    # hidden-wide input; one MLP's internals are recomputed at a time in backward, so they count once.
+    texts = fitting_texts(data)
+    spec = RunSpec(name="p", method="sft", model="qwen2-vl-tiny-random", train="lm", batch_size=8)
+    spec = spec.replace(max_question_tokens=32, max_answer_tokens=8)
+    off = estimate_memory(spec, _build(spec.model, texts, "meta"))
+    on = estimate_memory(spec.replace(activation_checkpointing="mlp"), _build(spec.model, texts, "meta"))
+    loaded = _build(spec.model, texts, "meta")
+    text = loaded.model.config.text_config
+    hidden, layers, inner = text.hidden_size, text.num_hidden_layers, text.intermediate_size
+    sequence = len(loaded.family.prompt_ids(loaded, "")) + 32 + 9  # frame and image, question, answer and end
+    rows, fp32 = 8, 4
+    internals = 2.0 * (2 * hidden + inner)  # ACTIVATION_FACTOR 2 of the saved Linear inputs
+    dropped = rows * sequence * fp32 * ((layers - 1) * internals - layers * hidden)
+    assert off.total - on.total == pytest.approx(dropped, abs=1)
+    assert {k: v for k, v in on.terms.items() if k != "activations"} == {
+        k: v for k, v in off.terms.items() if k != "activations"
+    }
+    assert f"activation checkpointing: {layers} MLP blocks keep only their input, recomputed in backward" in (
+        on.assumptions
+    )

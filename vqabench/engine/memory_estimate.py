@@ -37,6 +37,11 @@ Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored d
   answers on its key/value cache, ``2 * batch`` rows of answer tokens (the projector and vision
   layers run in the prompt pass only), plus the cache repeated per answer row that attention keeps,
   ``2 * batch * prompt * (k_proj + v_proj widths) * act_bytes``.
+  With ``activation_checkpointing = "mlp"`` each decoder layer's MLP (the family's
+  :meth:`~vqabench.models.family.ModelFamily.checkpointed_blocks`) keeps only its input, ``rows *
+  tokens * its first Linear's in_features * act_bytes`` (no factor: one tensor), instead of its
+  Linears' inputs and what lies between them; backward recomputes one MLP at a time, so one
+  block's internals (its Linears' term, with the factor) are added back once, in the larger pass.
 * ``logits``: ``rows * answer_tokens * vocab * 4 * 2``: fp32 logits at the answer positions, and the
   log-softmax kept for backward; with ``answer_only_logits`` off (a causal family) also the logits
   of every column the LM head read at the autocast dtype (the tensor, or its gradient, once).
@@ -62,7 +67,7 @@ from torch import nn
 
 from vqabench.engine.precision import DTYPES, low_frozen_weights, store_frozen_linears_low
 from vqabench.models import lora, parts, registry
-from vqabench.models.family import LoadedModel
+from vqabench.models.family import LoadedModel, ModelError
 from vqabench.spec import RunSpec, SpecError
 
 #: Saved bytes per Linear input byte on the backward path; calibrated on CPU against the tensors
@@ -220,29 +225,50 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
     answer_only = spec.answer_only_logits or not causal
     shared = pairs and causal and spec.shared_prompt and bool(getattr(family, "shares_prompt", False))
     linears = _backward_linears(loaded, spec.train)
+    blocks = _checkpointed(spec, loaded, linears)
+    inside = {id(m) for block in blocks for _, m in block}
+    kept = [(n, m) for n, m in linears if id(m) not in inside]
+    # A checkpointed block keeps its input (its first Linear's), once, without the factor.
+    boundaries = [(_linear_kind(*block[0], vocab), block[0][1].in_features) for block in blocks if block]
+
+    def saved(tokens: dict[str, int]) -> float:
+        """Bytes per row and act byte that one pass keeps for backward."""
+        kept_inputs = ACTIVATION_FACTOR * _weighted(kept, vocab, tokens)
+        return kept_inputs + sum(tokens[kind] * width for kind, width in boundaries)
+
+    def recomputed(tokens: dict[str, int]) -> float:
+        """One checkpointed block's internals, recomputed in backward (per row and act byte)."""
+        return max((ACTIVATION_FACTOR * _weighted(block, vocab, tokens) for block in blocks), default=0.0)
+
+    if blocks:
+        notes.append(
+            f"activation checkpointing: {len(blocks)} MLP blocks keep only their input, recomputed in backward"
+        )
     head_tokens = answer if answer_only else seq
     if shared:
         # One pass over each prompt (batch rows), then both answers (2 x batch rows) on its key/value
         # cache, repeated per answer row; the LM head reads the prompt's last column and the answers'.
         batch = spec.batch_size
-        prompt_pass = _weighted(
-            linears,
-            vocab,
-            {"head": 0 if answer_only else prompt, "question": question, "image": image, "cross": image, "seq": prompt},
-        )
-        answer_pass = _weighted(
-            linears, vocab, {"head": answer, "question": question, "image": 0, "cross": image, "seq": answer}
-        )
+        prompt_tokens = {
+            "head": 0 if answer_only else prompt,
+            "question": question,
+            "image": image,
+            "cross": image,
+            "seq": prompt,
+        }
+        answer_tokens = {"head": answer, "question": question, "image": 0, "cross": image, "seq": answer}
         kv_width = sum(m.out_features for n, m in linears if _is_self_kv(n, m, vocab))
         kv_cache = rows * prompt * kv_width * act_bytes  # the cache repeated per answer row, read by attention
-        activations = int(ACTIVATION_FACTOR * act_bytes * (batch * prompt_pass + rows * answer_pass)) + kv_cache
+        kept_passes = batch * saved(prompt_tokens) + rows * saved(answer_tokens)
+        recompute = max(batch * recomputed(prompt_tokens), rows * recomputed(answer_tokens))
+        activations = int(act_bytes * (kept_passes + recompute)) + kv_cache
         head_rows_tokens = rows * answer if answer_only else batch * prompt + rows * answer
         notes.append(
             f"shared prompt: {prompt} tokens x {batch} rows, then answers {answer} tokens x {rows} rows on its cache"
         )
     else:
         tokens = {"head": head_tokens, "question": question, "image": image, "cross": image, "seq": seq}
-        activations = int(ACTIVATION_FACTOR * rows * act_bytes * _weighted(linears, vocab, tokens))
+        activations = int(rows * act_bytes * (saved(tokens) + recomputed(tokens)))
         head_rows_tokens = rows * head_tokens
         notes.append(f"sequence {seq} tokens x {rows} rows")
     # A Linear stored in the autocast dtype is used as it is: no cast copy.
@@ -268,6 +294,20 @@ def estimate_memory(spec: RunSpec, loaded: LoadedModel | None = None, *, cache_r
         "encoder cache": cache,
     }
     return MemoryEstimate(spec.name, terms, notes)
+
+
+def _checkpointed(
+    spec: RunSpec, loaded: LoadedModel, linears: list[tuple[str, nn.Linear]]
+) -> list[list[tuple[str, nn.Linear]]]:
+    """The Linears on the backward path of each block ``activation_checkpointing`` recomputes, in order."""
+    if spec.activation_checkpointing != "mlp":
+        return []
+    try:
+        blocks = loaded.family.checkpointed_blocks(loaded.model)
+    except ModelError as exc:
+        raise SpecError(f"preset '{spec.name}': {exc}") from exc
+    members = [{id(x) for x in block.modules()} for block in blocks]
+    return [[(n, m) for n, m in linears if id(m) in ids] for ids in members]
 
 
 def _is_self_kv(name: str, layer: nn.Linear, vocab: int) -> bool:

@@ -84,6 +84,8 @@ def load_model_and_data(spec: RunSpec, cache_dir: Path, emit: Emit) -> tuple[Run
         loaded = checkpoints.build_variant(spec.model, spec.seed, texts=fitting_texts(data))
     spec = spec.with_default_train(registry.default_train_of(loaded.family))
     loaded.family.check_train(spec.train)
+    if spec.activation_checkpointing == "mlp":  # a family without such blocks refuses before any work
+        loaded.family.checkpointed_blocks(loaded.model)
     loaded.savings = Savings(
         shared_prompt=spec.shared_prompt,
         answer_only_logits=spec.answer_only_logits,

@@ -226,6 +226,8 @@ class Trainer:
         self.low_frozen_bytes = low_frozen_weights(spec.precision, spec.train, loaded.model, copy_part)
         if spec.disable_dropout:
             parts.disable_dropout(loaded.model)
+        if spec.activation_checkpointing == "mlp":  # before DDP wraps the part; a no-grad pass is untouched
+            parts.checkpoint_mlp_blocks(loaded)
         self.step_fn = MethodStep(spec, loaded, encoded, reference, ranks)
         self.ddp = ranks.wrap(parts.trainable_part(loaded, spec.train), device)
         self.sampler = ranks.train_sampler(len(encoded.splits["train"]), spec.seed)

@@ -136,6 +136,8 @@ class CausalVLMFamily(ModelFamily):
     vision_tower_path: ClassVar[str] = "model.vision_tower"
     projector_path: ClassVar[str] = "model.multi_modal_projector"
     lm_head_path: ClassVar[str] = "lm_head"
+    #: The attribute of each of the language model's ``layers`` that holds its MLP block.
+    mlp_attribute: ClassVar[str] = "mlp"
     #: The token the chat template writes for the image, expanded to :meth:`image_token_count` copies.
     image_placeholder: ClassVar[str] = "<image>"
     #: The token that ends an answer (the end of the assistant's turn); None: the tokenizer's EOS.
@@ -429,6 +431,11 @@ class CausalVLMFamily(ModelFamily):
 
     def lora_scope(self, model: nn.Module) -> str:
         return self.language_model_path
+
+    def checkpointed_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """Each decoder layer's MLP: it never reads the key/value cache, so recomputing it is exact."""
+        layers = part(model, self.language_model_path).layers
+        return [getattr(layer, self.mlp_attribute) for layer in layers]
 
     # -- forward passes ------------------------------------------------------------------------
     def features(

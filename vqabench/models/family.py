@@ -219,6 +219,10 @@ class ModelFamily:
         """The submodule path LoRA's targets are matched inside (the language model)."""
         raise NotImplementedError
 
+    def checkpointed_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks ``activation_checkpointing = "mlp"`` recomputes in backward: each decoder layer's MLP."""
+        raise ModelError(f"activation_checkpointing = 'mlp' is not available for {self.name} models; use 'off'.")
+
     def projected_features(self, train: str) -> bool:
         """Whether :meth:`features` for `train` are cut above a frozen projector (BLIP has none)."""
         return False

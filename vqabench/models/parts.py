@@ -7,7 +7,11 @@ that list, so the engine never names a model's parts.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vqabench.models.family import LoadedModel
 
@@ -51,6 +55,34 @@ def disable_dropout(model: nn.Module) -> int:
             module.p = 0.0
             count += 1
     return count
+
+
+class RecomputedForward:
+    """A block's forward that keeps only its inputs for backward and runs again there (under grad only).
+
+    Set as the block's ``forward`` attribute, so the block and its submodules (LoRA's adapters
+    included) stay where they are; non-reentrant checkpointing works under autocast and DDP.
+    """
+
+    def __init__(self, forward: Any):
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # eval, generation and the reference keep nothing anyway
+            return self.forward(*args, **kwargs)
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_mlp_blocks(loaded: LoadedModel) -> int:
+    """Recompute each decoder layer's MLP in backward (``activation_checkpointing = "mlp"``); returns how many.
+
+    ModelError when the family has none it can recompute; a block already wrapped stays as it is.
+    """
+    blocks = loaded.family.checkpointed_blocks(loaded.model)
+    for block in blocks:
+        if not isinstance(block.__dict__.get("forward"), RecomputedForward):
+            block.forward = RecomputedForward(block.forward)
+    return len(blocks)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
