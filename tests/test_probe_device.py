@@ -20,14 +20,14 @@ def test_prepare_leaves_the_start_model_on_the_cpu_after_the_encoding_pass(tmp_p
     real_load = probe_module.load_model_and_data
 
     def load(spec, cache_dir, emit):
-        start, data = real_load(spec, cache_dir, emit)
+        resolved, start, data = real_load(spec, cache_dir, emit)
 
         def to(device, *args, **kwargs):
             moves.append(str(torch.device(device)))
             return start.model
 
         start.model.to = to  # type: ignore[method-assign]
-        return start, data
+        return resolved, start, data
 
     def encode_pass(loaded, encoded, **kwargs):
         during_pass.append(moves[-1] if moves else "cpu")
