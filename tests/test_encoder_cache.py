@@ -226,3 +226,50 @@ def test_a_causal_familys_epoch_is_the_same_with_the_feature_cache_on_and_off(tm
     assert on.train_loss == pytest.approx(off.train_loss, abs=1e-6)
     assert on.eval_loss == pytest.approx(off.eval_loss, abs=1e-6)
     assert answers["auto"] == answers["off"]
+
+
+def test_a_causal_familys_entry_holds_each_image_once_and_serves_each_pair_its_images_features():
+    """Features that read the image only are encoded once per image, yet every pair reads its own image's."""
+    from vqabench.engine.data.records import DataSplits, PreferencePair
+    from vqabench.models import qwen2_vl
+    from vqabench.models.family import Savings
+
+    variant = {v.name: v for v in qwen2_vl.VARIANTS}["qwen2-vl-tiny-random"]
+    loaded = variant.build(0, ["what colour is it?", "is there a circle?", "red", "yes", "no"], None)
+    loaded.model.eval()
+    loaded.savings = Savings(projected_features=True)  # cut above the frozen projector, as for train = "lm"
+    source = easyvqa.load_splits(DatasetSpec(eval_size=2, test_size=2), seed=0, limit=3)
+    ids = [p.image_id for p in source.train[:3]]
+    questions = ["what colour is it?", "is there a circle?", "what shape?"]
+
+    def pairs(images):  # three questions about each image, images interleaved
+        return [PreferencePair(i, q, "red", "no") for q in questions for i in images]
+
+    data = DataSplits(pairs(ids[:2]), pairs(ids[1:]), pairs(ids[2:]), source.images, fingerprint="per-image")
+    encoded = encode(data, loaded, loaded.question_token_cap, 8, store=ArrayStore(None))
+    info = attach_encoder_cache(
+        loaded,
+        encoded,
+        data_fingerprint="per-image",
+        dtype="fp32",
+        batch_size=2,
+        device=CPU,
+        store=ArrayStore(None),
+        train="lm",
+    )
+    assert (info.pairs, info.images) == (6 + 6 + 3, 3)
+    entry = encoded.encodings
+    assert entry is not None and entry.specs["images"].shape[0] == 3  # one row per distinct image, not 15
+    assert "train" not in entry.specs  # no per-pair feature array
+    rows = torch.tensor([5, 0, 3, 2])  # images 1, 0, 1, 0 of train, out of order
+    cached = encoded.batch("train", rows, CPU)
+    encoded.num_workers = 1  # a DataLoader worker process reads the entry and the row map itself
+    [loader] = list(encoded.batches("train", [rows], CPU))
+    encoded.encodings = None
+    plain = encoded.batch("train", rows, CPU)
+    assert cached.features is not None and plain.pixel_values is not None
+    with torch.no_grad():
+        direct = loaded.family.features(loaded.model, plain.pixel_values, *plain.prompt, loaded.savings)
+    assert torch.allclose(cached.features, direct, rtol=0, atol=1e-6), (cached.features - direct).abs().max()
+    assert torch.equal(loader.features, cached.features)
+    assert not torch.allclose(direct[0], direct[1], atol=1e-3)  # two different images: the check can tell them apart

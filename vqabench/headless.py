@@ -293,7 +293,8 @@ class ConsoleView:
         elif isinstance(event, ProgressEvent):
             self._progress(run, task, event)
         elif isinstance(event, EncoderCached):
-            size = f"{event.bytes / 2**20:.1f} MiB {event.dtype}, {event.pairs:,} pairs"
+            images = f", {event.images:,} images" if event.images is not None else ""
+            size = f"{event.bytes / 2**20:.1f} MiB {event.dtype}, {event.pairs:,} pairs{images}"
             where = f"at {event.path}" if event.path else "in memory"
             if event.built:
                 self.say(run, f"encoder cache: encoded once in {event.seconds:.2f} s ({size}) {where}")

@@ -2,9 +2,9 @@
 
 One store for every derived array the engine would otherwise recompute: preprocessed images
 (``kind="images"``, uint8 ``[M, 3, S, S]``) and frozen-encoder outputs (``kind="encoder"``,
-``[N, Lq, hidden]`` per split). An entry is a folder of ``.npy`` files whose rows are read
-back by position as they are needed (:class:`Entry`), so resident memory does not grow with
-the dataset.
+``[N, Lq, hidden]`` per split, or one row per image plus an int64 row map per split). An entry is
+a folder of ``.npy`` files whose rows are read back by position as they are needed
+(:class:`Entry`), so resident memory does not grow with the dataset.
 
 * **Key.** :class:`CacheKey` names everything the values depend on (a dict of strings, plus
   the kind and this module's :data:`FORMAT_VERSION`); its hash is the entry's folder name.
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 #: Bump when the on-disk layout changes: old entries are then simply never found.
 FORMAT_VERSION = 1
 MARKER = "complete.json"
-_NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "bfloat16": np.uint16}
+_NUMPY_DTYPES = {"uint8": np.uint8, "int64": np.int64, "float32": np.float32, "bfloat16": np.uint16}
 #: A temporary left by a writer on another host (whose process cannot be asked whether it is
 #: alive) is removed once nothing in it has changed for this long.
 STALE_TEMPORARY_AGE_S = 24 * 60 * 60
@@ -166,7 +166,7 @@ class CacheKey:
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One array of an entry: its name, shape and dtype name (uint8, float32, bfloat16)."""
+    """One array of an entry: its name, shape and dtype name (uint8, int64, float32, bfloat16)."""
 
     name: str
     shape: tuple[int, ...]

@@ -4,8 +4,17 @@ Unless ``train = "all"`` a model's frozen part (vision and question encoders, or
 in eval mode and never changes, so its output for a row (the family's *features*:
 :meth:`~vqabench.models.family.ModelFamily.features`) never changes either. It is computed
 once, in one batched pass (progress phase ``encode``), into the array cache
-(:mod:`vqabench.engine.cache`, kind ``encoder``): one ``[pairs, *feature shape]`` array per
-split, read back by rows from the file. Training steps, eval, test generation, the
+(:mod:`vqabench.engine.cache`, kind ``encoder``), read back by rows from the file. Two layouts:
+
+* **Per pair** (BLIP, whose features read the question: ``family.features_read_question``): one
+  ``[pairs, *feature shape]`` array per split, named after the split.
+* **Per image** (a causal VLM, whose features are its vision tower's output: the image only): one
+  ``"images"`` array ``[images, *feature shape]`` holding each image that a present split refers to
+  once (easy-VQA asks about 10 questions per image), and per split an int64 array
+  ``"<split>.rows"`` ``[pairs]``: each pair's row of ``"images"``. The key says ``layout = image``
+  (a per-pair key has no layout field, so BLIP's entries keep their key).
+
+Training steps, eval, test generation, the
 precompute reference pass and KTO's mismatched pairs all read it through
 :meth:`vqabench.engine.data.batching.Batch.features_of`.
 
@@ -29,8 +38,8 @@ from typing import Any
 
 import torch
 
-from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey
-from vqabench.engine.data.batching import EncodedData
+from vqabench.engine.cache import ArraySpec, ArrayStore, CacheError, CacheKey, EntryWriter
+from vqabench.engine.data.batching import IMAGES, EncodedData, rows_array
 from vqabench.models.family import LoadedModel, fingerprint_modules
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,7 @@ class EncoderCacheInfo:
     dtype: str  # fp32 | bf16
     pairs: int
     warning: str | None = None  # one sentence when the cache folder could not be written
+    images: int | None = None  # images encoded, once each (per-image layout); None: one row per pair
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +70,16 @@ class EncoderCacheInfo:
 def present_splits(encoded: EncodedData) -> list[str]:
     """The splits a run holds, in order: a tuning trial holds no test split (RunSpec.score_test)."""
     return [name for name in SPLITS if name in encoded.splits]
+
+
+def per_image(loaded: LoadedModel) -> bool:
+    """Whether the entry holds one row per image: the family's features do not read the question."""
+    return not loaded.family.features_read_question
+
+
+def used_images(encoded: EncodedData) -> torch.Tensor:
+    """The rows of ``encoded.images`` that a present split refers to, ascending: the per-image entry's rows."""
+    return torch.unique(torch.cat([encoded.splits[n].image_index for n in present_splits(encoded)]))
 
 
 def encoder_fingerprint(loaded: LoadedModel, train: str) -> str:
@@ -77,6 +97,7 @@ def encoder_cache_key(
 ) -> CacheKey:
     import transformers
 
+    layout = {"layout": "image"} if per_image(loaded) else {}  # per pair: no field, BLIP's keys as before
     questions = hashlib.sha256()
     for name in present_splits(encoded):
         s = encoded.splits[name]
@@ -101,6 +122,7 @@ def encoder_cache_key(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "code": ENCODER_CACHE_VERSION,
+            **layout,
         },
     )
 
@@ -126,20 +148,26 @@ def attach_encoder_cache(
     key = encoder_cache_key(loaded, encoded, data_fingerprint, dtype, device, train)
     stored, torch_dtype = DTYPES[dtype]
     pairs = sum(len(encoded.splits[n]) for n in present_splits(encoded))
+    images = int(used_images(encoded).shape[0]) if per_image(loaded) else None
     entry = store.open(key)
     if entry is not None:
         log.info("question encodings read from %s", entry.path)
         encoded.encodings = entry
-        return EncoderCacheInfo(False, 0.0, str(entry.path), entry.nbytes, dtype, pairs)
+        return EncoderCacheInfo(False, 0.0, str(entry.path), entry.nbytes, dtype, pairs, images=images)
     family = loaded.family
-    specs = [
-        ArraySpec(
-            n,
-            (len(encoded.splits[n]), *family.features_shape(loaded, int(encoded.splits[n].question_ids.shape[1]))),
-            stored,
-        )
-        for n in present_splits(encoded)
-    ]
+    if images is not None:
+        specs = [ArraySpec(IMAGES, (images, *family.features_shape(loaded, 0)), stored)] + [
+            ArraySpec(rows_array(n), (len(encoded.splits[n]),), "int64") for n in present_splits(encoded)
+        ]
+    else:
+        specs = [
+            ArraySpec(
+                n,
+                (len(encoded.splits[n]), *family.features_shape(loaded, int(encoded.splits[n].question_ids.shape[1]))),
+                stored,
+            )
+            for n in present_splits(encoded)
+        ]
     start = time.perf_counter()
     warning = None
     try:
@@ -153,7 +181,7 @@ def attach_encoder_cache(
         entry = _encode_all(loaded, encoded, ArrayStore(None), key, specs, torch_dtype, batch_size, device, progress)
     encoded.encodings = entry
     path = str(entry.path) if entry.path is not None else None
-    return EncoderCacheInfo(True, time.perf_counter() - start, path, entry.nbytes, dtype, pairs, warning)
+    return EncoderCacheInfo(True, time.perf_counter() - start, path, entry.nbytes, dtype, pairs, warning, images)
 
 
 def _encode_all(
@@ -171,6 +199,15 @@ def _encode_all(
     model = loaded.model
     was_training = model.training
     model.eval()
+    if IMAGES in writer.specs:
+        try:
+            _encode_images(loaded, encoded, writer, torch_dtype, batch_size, device, progress)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            model.train(was_training)
     total = sum(-(-len(encoded.splits[n]) // batch_size) for n in present_splits(encoded))
     done = 0
     try:
@@ -195,3 +232,26 @@ def _encode_all(
         raise
     finally:
         model.train(was_training)
+
+
+def _encode_images(
+    loaded: LoadedModel,
+    encoded: EncodedData,
+    writer: EntryWriter,
+    torch_dtype: torch.dtype,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """The per-image layout: each used image through the frozen part once, then each split's pair -> row map."""
+    used = used_images(encoded)
+    blocks = [torch.arange(lo, min(lo + batch_size, len(used))) for lo in range(0, len(used), batch_size)]
+    with torch.no_grad():
+        for done, pixels in enumerate(encoded.image_batches(used, blocks, device), start=1):
+            none = torch.zeros((pixels.shape[0], 0), dtype=torch.long, device=device)  # the question is not read
+            features = loaded.family.features(loaded.model, pixels, none, none, loaded.savings)
+            writer.write(IMAGES, features.to(torch_dtype))
+            if progress is not None:
+                progress(done, len(blocks))
+    for name in present_splits(encoded):
+        writer.write(rows_array(name), torch.searchsorted(used, encoded.splits[name].image_index))

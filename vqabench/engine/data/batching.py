@@ -6,8 +6,8 @@ memory does not grow with the number of images. Text is tokenized once and kept 
 (small). Batches come from a ``torch.utils.data.DataLoader`` (``num_workers`` from the spec;
 pinned memory on CUDA) that gathers a batch's uint8 images; they are copied to the device
 as uint8 and converted and normalised there. With the frozen-encoder cache on
-(:mod:`vqabench.engine.encoder_cache`) a batch carries the cached question encodings
-instead of images.
+(:mod:`vqabench.engine.encoder_cache`) a batch carries the cached features instead of images
+(its pairs' rows, or its pairs' images' rows where the features read the image only).
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ from vqabench.models.family import ALL_SAVINGS, LoadedModel, ModelError, ModelFa
 #: Names the image preprocessing; part of every key derived from preprocessed pixels.
 IMAGE_PREPROCESSING = "rgb-bicubic-uint8-v1"
 IMAGE_BLOCK = 64  # images decoded and written per block
+#: The per-image encoder cache's feature array (:mod:`vqabench.engine.encoder_cache`).
+IMAGES = "images"
+
+
+def rows_array(split: str) -> str:
+    """The per-image encoder cache's array mapping each pair of `split` to its image's feature row."""
+    return f"{split}.rows"
 
 
 @dataclass
@@ -107,18 +114,26 @@ class Batch:
 
 
 class BatchRows(torch.utils.data.Dataset):
-    """What a DataLoader worker gathers for one batch of rows: uint8 images, or cached features."""
+    """What a DataLoader worker gathers for one batch of rows: uint8 images, or cached features.
+
+    Cached features come one row per pair (named after the split) or, where the entry holds one
+    row per image, from the image row its split's row map names."""
 
     def __init__(self, images: Entry, image_index: torch.Tensor, encodings: Entry | None, split: str):
         self.images, self.image_index, self.encodings, self.split = images, image_index, encodings, split
+        self.feature_rows: torch.Tensor | None = None  # pair -> row of the per-image array
+        if encodings is not None and IMAGES in encodings.specs:
+            self.feature_rows = encodings.rows(rows_array(split), slice(None))
 
     def __len__(self) -> int:
         return int(self.image_index.shape[0])
 
     def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.encodings is not None:
-            return {"rows": rows, "features": self.encodings.rows(self.split, rows)}
-        return {"rows": rows, "pixels": self.images.rows("pixels", self.image_index[rows])}
+        if self.encodings is None:
+            return {"rows": rows, "pixels": self.images.rows("pixels", self.image_index[rows])}
+        if self.feature_rows is not None:
+            return {"rows": rows, "features": self.encodings.rows(IMAGES, self.feature_rows[rows])}
+        return {"rows": rows, "features": self.encodings.rows(self.split, rows)}
 
 
 @dataclass
@@ -152,18 +167,37 @@ class EncodedData:
         for item in loader:
             yield self._to_batch(split, item, device, pinned)
 
+    def image_batches(
+        self, image_rows: torch.Tensor, blocks: Sequence[torch.Tensor], device: torch.device
+    ) -> Iterator[torch.Tensor]:
+        """Normalised pixels of `image_rows` (rows of `images`), one block (positions in it) at a time."""
+        pinned = device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            BatchRows(self.images, image_rows, None, ""),
+            batch_size=None,
+            sampler=[b.cpu() for b in blocks],
+            num_workers=self.num_workers,
+            pin_memory=pinned,
+        )
+        for item in loader:
+            yield self._pixels(item["pixels"], device, pinned)
+
     def _sources(self, split: str) -> tuple[Entry, torch.Tensor, Entry | None, str]:
         return self.images, self.splits[split].image_index, self.encodings, split
+
+    def _pixels(self, uint8: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+        """uint8 over the bus, float and normalised on the device."""
+        if self.mean.device != device:  # once per device, not once per batch
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        pixels = uint8.to(device, non_blocking=pinned).to(torch.float32)
+        return (pixels / 255.0 - self.mean) / self.std
 
     def _to_batch(self, split: str, item: dict[str, torch.Tensor], device: torch.device, pinned: bool) -> Batch:
         s = self.splits[split]
         rows = item["rows"]
-        if self.mean.device != device:  # once per device, not once per batch
-            self.mean, self.std = self.mean.to(device), self.std.to(device)
         pixels = embeds = None
-        if "pixels" in item:  # uint8 over the bus, float and normalised on the device
-            pixels = item["pixels"].to(device, non_blocking=pinned).to(torch.float32)
-            pixels = (pixels / 255.0 - self.mean) / self.std
+        if "pixels" in item:
+            pixels = self._pixels(item["pixels"], device, pinned)
         else:
             embeds = item["features"].to(device, non_blocking=pinned).to(torch.float32)
 
