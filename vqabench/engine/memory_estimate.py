@@ -47,6 +47,8 @@ Each term (``N(...)`` is a parameter count, ``b(...)`` its bytes at the stored d
   of every column the LM head read at the autocast dtype (the tensor, or its gradient, once).
 * ``encoder cache``: ``cache_rows * prod(features_shape) * dtype bytes`` when the frozen encoders'
   outputs are held in memory (the probe's cache); 0 when no rows are given (a run's file is mapped).
+  ``cache_rows`` counts pairs: a family whose features read the image only keeps one row per distinct
+  image, so for it this term is an upper bound.
 
 Left out: the framework's own overhead (CUDA context, cuBLAS workspace, allocator fragmentation),
 the eval and generation passes, the frozen encoders' forward when no cache is used (transient,
