@@ -93,7 +93,7 @@ class EncoderCached(Event):
     pairs: int  # (image, question) pairs encoded, all splits
     warning: str | None = None  # one sentence when the cache folder could not be written
     # Images encoded, once each, where the features read the image only (a causal VLM's); None:
-    # one row per pair (BLIP). Optional: added within schema version 1.
+    # one row per pair (features that read the question). Optional: added within schema version 1.
     images: int | None = None
 
 

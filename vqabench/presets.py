@@ -200,7 +200,8 @@ def _default_train_of_model(spec: RunSpec) -> str:
 
 
 def with_family_train(spec: RunSpec) -> RunSpec:
-    """A spec without a train line (train = "auto") gets its model family's default: BLIP "decoder", causal VLMs "lm".
+    """A spec without a train line (train = "auto") gets its model family's default
+    ("decoder" for an encoder-decoder, "lm" for a causal VLM).
 
     Set here for every model whose family is known before anything loads (the embedded model, a
     built-in variant, a local folder, a hub id whose config is in the local hub cache), so the

@@ -28,7 +28,7 @@ REFERENCE_STRATEGIES = ("auto", "copy", "precompute", "adapter")
 #: Which weights train (each family says which it supports): an encoder-decoder's answer "decoder"; a model's
 #: language model ("lm"), with its vision projector ("lm+projector"), LoRA adapters on the
 #: language model ("lora"), or every weight ("all"). "auto" (what a preset without a train line
-#: gets): the model family's default, "decoder" for BLIP and "lm" for a causal VLM, set by
+#: gets): the model family's default, "decoder" for an encoder-decoder and "lm" for a causal VLM, set by
 #: ``presets.with_family_train`` where the host knows the family and by the worker on loading.
 TRAIN_PARTS = ("auto", "decoder", "lm", "lm+projector", "lora", "all")
 AUTO_TRAIN = "auto"
@@ -110,7 +110,7 @@ class RunSpec:
     model: str = "embedded"
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     judge: JudgeSpec = field(default_factory=JudgeSpec)
-    train: str = "decoder"  # BLIP's answer decoder; a preset without a train line gets its family's default
+    train: str = "decoder"  # the answer decoder; a preset without a train line gets its family's default
     lora_r: int = 16  # train = "lora": adapter rank
     lora_alpha: int = 32  # adapter scaling is lora_alpha / lora_r
     lora_dropout: float = 0.05

@@ -6,13 +6,13 @@ in eval mode and never changes, so its output for a row (the family's *features*
 once, in one batched pass (progress phase ``encode``), into the array cache
 (:mod:`vqabench.engine.cache`, kind ``encoder``), read back by rows from the file. Two layouts:
 
-* **Per pair** (BLIP, whose features read the question: ``family.features_read_question``): one
+* **Per pair** (an encoder-decoder, whose features read the question: ``family.features_read_question``): one
   ``[pairs, *feature shape]`` array per split, named after the split.
 * **Per image** (a causal VLM, whose features are its vision tower's output: the image only): one
   ``"images"`` array ``[images, *feature shape]`` holding each image that a present split refers to
   once (easy-VQA asks about 10 questions per image), and per split an int64 array
   ``"<split>.rows"`` ``[pairs]``: each pair's row of ``"images"``. The key says ``layout = image``
-  (a per-pair key has no layout field, so BLIP's entries keep their key).
+  (a per-pair key has no layout field, so per-pair entries keep the key they had).
 
 Training steps, eval, test generation, the
 precompute reference pass and KTO's mismatched pairs all read it through
@@ -97,7 +97,7 @@ def encoder_cache_key(
 ) -> CacheKey:
     import transformers
 
-    layout = {"layout": "image"} if per_image(loaded) else {}  # per pair: no field, BLIP's keys as before
+    layout = {"layout": "image"} if per_image(loaded) else {}  # per pair: no field, keys as before
     questions = hashlib.sha256()
     for name in present_splits(encoded):
         s = encoded.splits[name]
