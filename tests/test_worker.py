@@ -110,32 +110,36 @@ def test_same_seed_on_cpu_gives_the_same_numbers(sft_run, vqa_cache, tmp_path):
     assert [e.train_loss for e in of_type(other, ev.EpochEnded)] != [t for t, _, _ in first]
 
 
-def _failure(events: list, rc: int) -> ev.RunFailed:
+def _failure(events: list, rc: int, stderr: str) -> ev.RunFailed:
     assert rc != 0
     failed = of_type(events, ev.RunFailed)
     assert len(failed) == 1 and events[-1] is failed[0]
     assert "\n" not in failed[0].message and failed[0].message.endswith((".", ")"))
+    # An explained failure is its sentence: the worker's log (shown under a failed run) holds it
+    # without a stack trace, which stays in the event for the store.
+    assert failed[0].message in stderr and "Traceback" not in stderr and 'File "' not in stderr, stderr
+    assert "Traceback" in failed[0].traceback
     return failed[0]
 
 
 def test_unknown_method_fails_with_one_sentence(vqa_cache, tmp_path):
-    f = _failure(*run_worker(tiny_spec("x", "rlhf"), tmp_path, vqa_cache)[:2])
+    f = _failure(*run_worker(tiny_spec("x", "rlhf"), tmp_path, vqa_cache))
     assert f.error_kind == "config" and "'rlhf'" in f.message and "sft" in f.message
 
 
 def test_dpo_without_an_sft_checkpoint_fails_with_one_sentence(vqa_cache, tmp_path):
-    f = _failure(*run_worker(tiny_spec("dpo", "dpo"), tmp_path, vqa_cache)[:2])
+    f = _failure(*run_worker(tiny_spec("dpo", "dpo"), tmp_path, vqa_cache))
     assert f.error_kind == "config" and "after" in f.message
 
 
 def test_dpo_with_a_missing_checkpoint_folder_fails_with_one_sentence(vqa_cache, tmp_path):
     spec = tiny_spec("dpo", "dpo", init_checkpoint=str(tmp_path / "nowhere"))
-    f = _failure(*run_worker(spec, tmp_path, vqa_cache)[:2])
+    f = _failure(*run_worker(spec, tmp_path, vqa_cache))
     assert f.error_kind == "model" and "nowhere" in f.message
 
 
 def test_non_finite_loss_stops_and_names_epoch_and_step(vqa_cache, tmp_path):
-    f = _failure(*run_worker(tiny_spec("nan", "orpo", lr=1e30), tmp_path, vqa_cache)[:2])
+    f = _failure(*run_worker(tiny_spec("nan", "orpo", lr=1e30), tmp_path, vqa_cache))
     assert f.error_kind == "numerics"
     assert "epoch 1, step" in f.message
 

@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # every failure becomes one run_failed event
         kind, message = classify(exc)
         tb = traceback.format_exc()
-        logging.getLogger("vqabench.worker").error("%s\n%s", message, tb)
+        # An explained failure (a bad setting, data, a model that cannot do what was asked) is its
+        # sentence: the log, which the host shows under a failed run, does not repeat it as a stack
+        # trace. The event keeps the traceback for the store either way.
+        logging.getLogger("vqabench.worker").error("%s\n%s", message, tb if kind == "internal" else "")
         if os.environ.get("RANK", "0") == "0":  # one run, one event stream: rank 0's (torchrun names the rank)
             emit(ev.RunFailed(error_kind=kind, message=message, traceback=tb))
         return 130 if kind == "cancelled" else 1
