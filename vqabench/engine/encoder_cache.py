@@ -199,39 +199,47 @@ def _encode_all(
     model = loaded.model
     was_training = model.training
     model.eval()
-    if IMAGES in writer.specs:
-        try:
-            _encode_images(loaded, encoded, writer, torch_dtype, batch_size, device, progress)
-            return writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            model.train(was_training)
-    total = sum(-(-len(encoded.splits[n]) // batch_size) for n in present_splits(encoded))
-    done = 0
     try:
-        with torch.no_grad():
-            for name in present_splits(encoded):
-                s = encoded.splits[name]
-                n = len(s)
-                blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-                for batch in encoded.batches(name, blocks, device):
-                    # The split's full prompt width, whatever width a batch is trimmed to: the
-                    # family trims what a batch reads (a question encoding: its first positions).
-                    q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
-                    assert batch.pixel_values is not None
-                    q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask, loaded.savings)
-                    writer.write(name, q.to(torch_dtype))
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+        if IMAGES in writer.specs:
+            _encode_images(loaded, encoded, writer, torch_dtype, batch_size, device, progress)
+        else:
+            _encode_pairs(loaded, encoded, writer, torch_dtype, batch_size, device, progress)
         return writer.commit()
     except BaseException:
         writer.abort()
         raise
     finally:
         model.train(was_training)
+
+
+def _encode_pairs(
+    loaded: LoadedModel,
+    encoded: EncodedData,
+    writer: EntryWriter,
+    torch_dtype: torch.dtype,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """One feature row per pair, split by split (features that read the question)."""
+    model = loaded.model
+    total = sum(-(-len(encoded.splits[n]) // batch_size) for n in present_splits(encoded))
+    done = 0
+    with torch.no_grad():
+        for name in present_splits(encoded):
+            s = encoded.splits[name]
+            n = len(s)
+            blocks = [torch.arange(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+            for batch in encoded.batches(name, blocks, device):
+                # The split's full prompt width, whatever width a batch is trimmed to: the
+                # family trims what a batch reads (a question encoding: its first positions).
+                q_ids, q_mask = s.question_ids[batch.rows].to(device), s.question_mask[batch.rows].to(device)
+                assert batch.pixel_values is not None
+                q = loaded.family.features(model, batch.pixel_values, q_ids, q_mask, loaded.savings)
+                writer.write(name, q.to(torch_dtype))
+                done += 1
+                if progress is not None:
+                    progress(done, total)
 
 
 def _encode_images(
