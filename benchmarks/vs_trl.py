@@ -90,6 +90,27 @@ SIDES = (
     Side("TRL defaults: all trained, grad. ckpt", "trl", "all", "copy (TRL's)", gradient_checkpointing=True),
 )
 VQABENCH_TOWER_FROZEN = "vqabench, tower frozen"  # also divided by TRL's defaults
+# --sides: which pairings run. A real-size model whose tower-frozen pairing does not fit in memory
+# (the start model, each side's copy, TRL's reference copy, gradients and Adam's moments, all fp32)
+# can still be compared under LoRA.
+SIDE_GROUPS = {
+    "frozen": ("TRL, tower frozen", VQABENCH_TOWER_FROZEN),
+    "lora": ("TRL, LoRA", "vqabench, LoRA"),
+    "defaults": ("TRL defaults: all trained, grad. ckpt",),
+}
+
+
+def sides_for(groups: str) -> tuple[Side, ...]:
+    """The sides of a comma list of SIDE_GROUPS names ("all": every side), in SIDES's order."""
+    names = set(SIDE_GROUPS) if groups == "all" else {g.strip() for g in groups.split(",") if g.strip()}
+    unknown = names - set(SIDE_GROUPS)
+    if unknown or not names:
+        named = ", ".join(sorted(unknown)) or "nothing"
+        raise SystemExit(f"--sides names {named}; allowed: all or {', '.join(SIDE_GROUPS)}")
+    if "defaults" in names and "frozen" not in names:
+        raise SystemExit("--sides defaults divides vqabench's tower-frozen step by TRL's default one: add frozen")
+    wanted = {side for g in names for side in SIDE_GROUPS[g]}
+    return tuple(s for s in SIDES if s.name in wanted)
 
 
 @dataclass
@@ -336,7 +357,8 @@ def precompute_refusal(probe: Probe, dataset: Any, processor: Any, args: argpars
 def compare(model: str, args: argparse.Namespace) -> tuple[ReportTable, str]:
     from datasets import Dataset
 
-    vq_sides = [s for s in SIDES if s.engine == "vqabench"]
+    sides = sides_for(args.sides)
+    vq_sides = [s for s in sides if s.engine == "vqabench"]
     plan = ProbePlan(
         [vqabench_spec(s, model, args) for s in vq_sides], steps=args.steps, rounds=args.rounds, warmup=args.warmup
     )
@@ -350,9 +372,9 @@ def compare(model: str, args: argparse.Namespace) -> tuple[ReportTable, str]:
     dataset = Dataset.from_list(rows)
     refusal = precompute_refusal(probe, dataset, processor, args)
     specs = {s.name: spec for s, spec in zip(vq_sides, plan.specs, strict=True)}
-    results = {s.name: Measured() for s in SIDES}
+    results = {s.name: Measured() for s in sides}
     for r in range(1, args.rounds + 1):
-        for side in SIDES if r % 2 else tuple(reversed(SIDES)):
+        for side in sides if r % 2 else tuple(reversed(sides)):
             release_free_memory()
             before = process_rss_mib() or math.nan
             if side.engine == "vqabench":
@@ -386,7 +408,7 @@ def table(model: str, results: dict[str, Measured], refusal: str) -> ReportTable
     columns = ["Model", "Side", "Trains", "Reference", "ms/step (p10 … p90)", "vqabench ÷ TRL [95%]",
                "Reference [MiB]", "Peak RSS [MiB]", "Above start [MiB]"]  # fmt: skip
     rows = []
-    for side in SIDES:
+    for side in (s for s in SIDES if s.name in results):
         got = results[side.name]
         times = [ms for unit in got.step_ms for ms in unit]
         p10, mid, p90 = quantiles(times, (0.1, 0.5, 0.9))
@@ -420,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"tiny: {', '.join(TINY)}; real: {', '.join(REAL)}; all: both")  # fmt: skip
     p.add_argument("--qwen2-vl-2b", action="store_true", help=f"also {HEAVY} (heavy on a small CPU)")
     p.add_argument("--models", default="", help="comma list of built-in qwen2-vl/idefics3 variants (overrides --size)")
+    p.add_argument("--sides", default="all",
+                   help=f"comma list of the pairings to run: {', '.join(SIDE_GROUPS)} (default all)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step, both sides")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side per round")
@@ -427,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0, help="the random model's weights (and TRL's seed)")
     args = p.parse_args(argv)
+    sides_for(args.sides)  # a bad --sides fails before any model is built
     try:
         import trl
     except ImportError:

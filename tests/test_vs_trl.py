@@ -50,3 +50,23 @@ def test_one_round_of_one_step_gives_finite_figures_for_both_sides(capsys):
         assert float(rows[vq][5]) == pytest.approx(medians[vq] / medians[trl], rel=0.02, abs=0.006)
     assert rows["TRL, precomputed reference"][4] == "cannot: refused for vision data"
     assert "`precompute_ref_log_probs=True` is not supported for vision datasets" in out
+
+
+def test_sides_picks_pairings_in_table_order_and_refuses_what_it_cannot_divide():
+    names = [s.name for s in vs_trl.sides_for("lora")]
+    assert names == ["TRL, LoRA", "vqabench, LoRA"]
+    assert [s.name for s in vs_trl.sides_for("lora, frozen")] == [s.name for s in vs_trl.SIDES[:4]]
+    assert vs_trl.sides_for("all") == vs_trl.SIDES
+    with pytest.raises(SystemExit, match="allowed: all or frozen, lora, defaults"):
+        vs_trl.sides_for("lora,bogus")
+    with pytest.raises(SystemExit, match="add frozen"):
+        vs_trl.sides_for("defaults")
+
+
+def test_a_lora_only_comparison_prints_only_its_pairing(capsys):
+    argv = ["--models", "idefics3-tiny-random", "--sides", "lora", "--steps", "1", "--warmup", "0", "--rounds", "1",
+            "--batch-size", "2"]  # fmt: skip
+    assert vs_trl.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [_cells(line)[1] for line in out.splitlines() if line.startswith("| idefics3-tiny-random")]
+    assert rows == ["TRL, LoRA", "vqabench, LoRA", "TRL, precomputed reference"]
