@@ -40,6 +40,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import os
 import sys
 import tempfile
 import time
@@ -190,6 +191,23 @@ def image_only_qwen2_vl_processor() -> Any:
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return ImageOnly
+
+
+def start_on_disk(probe: Probe, folder: str) -> None:
+    """Back the start model's weights by a memory-mapped file instead of the process's own memory.
+
+    Every side deep-copies the start model, so a resident start costs a whole model for the
+    whole run; file-backed pages are dropped under memory pressure and read again when the next
+    copy is made. What the copies, the steps and the references take is unchanged. The mapped
+    pages count in RSS while they are resident, on both sides alike.
+    """
+    path = os.path.join(folder, "start.pt")
+    model = probe.start.model
+    torch.save(model.state_dict(), path)
+    model.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # assign=True gives tied parameters separate objects over one storage
+    release_free_memory()
 
 
 def probe_data(plan: ProbePlan, probe: Probe) -> DataSplits:
@@ -365,6 +383,8 @@ def compare(model: str, args: argparse.Namespace) -> tuple[ReportTable, str]:
     plan.validate()
     torch.manual_seed(args.seed)
     probe = prepare(plan, lambda event: None)
+    if args.start_on_disk:
+        start_on_disk(probe, args.start_on_disk)
     data = probe_data(plan, probe)
     rows = trl_rows(probe, data)
     processor = trl_processor(probe.start)
@@ -444,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="", help="comma list of built-in qwen2-vl/idefics3 variants (overrides --size)")
     p.add_argument("--sides", default="all",
                    help=f"comma list of the pairings to run: {', '.join(SIDE_GROUPS)} (default all)")  # fmt: skip
+    p.add_argument("--start-on-disk", default="", metavar="FOLDER",
+                   help="keep the start model's weights memory-mapped from a file in FOLDER, not in RAM "
+                        "(a model whose start and working copies do not fit together)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step, both sides")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side per round")

@@ -63,10 +63,36 @@ def test_sides_picks_pairings_in_table_order_and_refuses_what_it_cannot_divide()
         vs_trl.sides_for("defaults")
 
 
-def test_a_lora_only_comparison_prints_only_its_pairing(capsys):
+def test_a_lora_only_comparison_prints_only_its_pairing(capsys, tmp_path):
     argv = ["--models", "idefics3-tiny-random", "--sides", "lora", "--steps", "1", "--warmup", "0", "--rounds", "1",
-            "--batch-size", "2"]  # fmt: skip
+            "--batch-size", "2", "--start-on-disk", str(tmp_path)]  # fmt: skip
     assert vs_trl.main(argv) == 0
     out = capsys.readouterr().out
     rows = [_cells(line)[1] for line in out.splitlines() if line.startswith("| idefics3-tiny-random")]
     assert rows == ["TRL, LoRA", "vqabench, LoRA", "TRL, precomputed reference"]
+
+
+def test_a_start_model_on_disk_keeps_its_weights_and_their_ties(tmp_path):
+    import argparse
+
+    import torch
+
+    from vqabench.engine.probe import prepare
+    from vqabench.spec import ProbePlan
+
+    args = argparse.Namespace(batch_size=2)
+    side = vs_trl.sides_for("lora")[1]
+    plan = ProbePlan([vs_trl.vqabench_spec(side, "gemma3-tiny-random", args)], steps=1, rounds=1, warmup=0)
+    probe = prepare(plan, lambda event: None)
+    model = probe.start.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    shared = {n for n, p in model.named_parameters(remove_duplicate=False)} - set(grads)
+    assert shared == {"lm_head.weight"}  # this family ties its head to the embeddings
+    vs_trl.start_on_disk(probe, str(tmp_path))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert {n for n, p in model.named_parameters(remove_duplicate=False)} - set(grads) == shared  # ties kept
+    assert (tmp_path / "start.pt").stat().st_size > sum(v.numel() for v in before.values())
