@@ -32,6 +32,7 @@ model and the data; "above start" subtracts the RSS read just before the side ma
 
     python benchmarks/vs_trl.py                              # the two tiny models
     python benchmarks/vs_trl.py --size real --steps 5 --rounds 3 --batch-size 4
+    python benchmarks/vs_trl.py --models qwen2-vl-2b-random --sides lora --start-on-disk /tmp --batch-size 2
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def start_on_disk(probe: Probe, folder: str) -> None:
     model = probe.start.model
     torch.save(model.state_dict(), path)
     model.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    os.unlink(path)  # the mapping keeps the pages readable; the file goes when the process does
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # assign=True gives tied parameters separate objects over one storage
     release_free_memory()
