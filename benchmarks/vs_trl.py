@@ -494,9 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(markdown_table(dataclasses.replace(tables[0], title="vqabench vs TRL", cells=cells))))
     print()
+    defaults = any(side.gradient_checkpointing for side in sides_for(args.sides))
     print(
-        "vqabench ÷ TRL: the ratio of median ms/step, paired by round, with a 95% t-interval over rounds; "
-        "the TRL defaults row divides vqabench's tower-frozen step by TRL's default one."
+        "vqabench ÷ TRL: the ratio of median ms/step, paired by round, with a 95% t-interval over rounds"
+        + ("; the TRL defaults row divides vqabench's tower-frozen step by TRL's default one." if defaults else ".")
     )
     if refusal:
         print(f"TRL, asked for precompute_ref_log_probs=True on these pairs: {refusal!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 import sys
@@ -13,7 +14,11 @@ pytest.importorskip("trl", reason="TRL is the optional 'compare' extra (pip inst
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import torch
 import vs_trl
+
+from vqabench.engine.probe import prepare
+from vqabench.spec import ProbePlan
 
 
 def _cells(line: str) -> list[str]:
@@ -70,16 +75,10 @@ def test_a_lora_only_comparison_prints_only_its_pairing(capsys, tmp_path):
     out = capsys.readouterr().out
     rows = [_cells(line)[1] for line in out.splitlines() if line.startswith("| idefics3-tiny-random")]
     assert rows == ["TRL, LoRA", "vqabench, LoRA", "TRL, precomputed reference"]
+    assert "t-interval over rounds." in out and "TRL defaults row" not in out  # no note on a row not run
 
 
 def test_a_start_model_on_disk_keeps_its_weights_and_their_ties(tmp_path):
-    import argparse
-
-    import torch
-
-    from vqabench.engine.probe import prepare
-    from vqabench.spec import ProbePlan
-
     args = argparse.Namespace(batch_size=2)
     side = vs_trl.sides_for("lora")[1]
     plan = ProbePlan([vs_trl.vqabench_spec(side, "gemma3-tiny-random", args)], steps=1, rounds=1, warmup=0)
